@@ -1,0 +1,105 @@
+"""The ``huscf`` command: train, cuts, data.
+
+Every user-facing problem is a ``HuscfError``: printed as one line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from huscf.errors import HuscfError
+
+DEFAULT_CONFIG = "default"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from huscf.config import load_config
+    from huscf.engine.trainer import Trainer
+
+    if args.resume:
+        if args.config is not None:
+            raise HuscfError("give either CONFIG or --resume RUN_DIR, not both (a resumed run keeps its config)")
+        trainer = Trainer.resume(Path(args.resume), args.set, quiet=args.quiet)
+    else:
+        cfg = load_config(_config_path(args.config), args.set)
+        if args.data_dir:
+            cfg.data.data_dir = args.data_dir
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainer = Trainer.new(cfg, out, quiet=args.quiet)
+    trainer.fit()
+    return 0
+
+
+def _config_path(name: str | None) -> Path | None:
+    """A config argument is a path, or the name of a shipped config (``configs/NAME.yaml``)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    shipped = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    return shipped if shipped.exists() else p
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from huscf.data import download, known_domains, resolve_data_dir
+
+    if args.data_cmd == "download":
+        for name in args.names:
+            paths = download(name, args.data_dir)
+            print(f"{name}: {len(paths)} files verified in {resolve_data_dir(args.data_dir) / name}")
+    else:
+        for name in known_domains():
+            print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="huscf", description="HuSCF-GAN: split, clustered federated cGAN training")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train HuSCF-GAN (default: the offline digits config)")
+    train.add_argument("config", nargs="?", help="YAML config file or a shipped config name (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.rounds=3 (repeatable)")
+    train.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--data-dir", help="folder with the datasets (default: $HUSCF_DATA or ~/.cache/huscf/data)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or round summaries")
+    train.set_defaults(func=_cmd_train)
+
+    data = sub.add_parser("data", help="list or download datasets")
+    data_sub = data.add_subparsers(dest="data_cmd", required=True)
+    dl = data_sub.add_parser("download", help="download and sha256-verify datasets (needs internet)")
+    dl.add_argument("names", nargs="+")
+    dl.add_argument("--data-dir")
+    data_sub.add_parser("list", help="list known domains")
+    data.set_defaults(func=_cmd_data)
+
+    try:
+        from huscf.cuts import cli as cuts_cli
+    except ImportError:  # pragma: no cover - the cuts module is part of the package
+        cuts_cli = None
+    if cuts_cli is not None:
+        cuts_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HuscfError as err:
+        print(f"huscf: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("huscf: interrupted; finished rounds are saved (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

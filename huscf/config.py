@@ -1,0 +1,195 @@
+"""The run configuration: typed, validated sections loaded from YAML, with ``--set`` overrides.
+
+Every key is declared here with its type, default and bounds. Unknown keys and impossible values
+are rejected with one line naming the dotted key (``HuscfError``). ``RunConfig.dump()`` writes the
+fully resolved config that a run directory keeps next to its results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from huscf.errors import HuscfError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which domains, where their files are, and how they are split across clients."""
+
+    domains: list[str] = Field(default_factory=lambda: ["digits", "digits_inverted"], min_length=1)
+    data_dir: str | None = None  # None: $HUSCF_DATA, else ~/.cache/huscf/data
+    scenario: Literal["iid", "noniid", "highly_noniid"] = "iid"
+    clients_per_domain: int = Field(4, ge=1, le=10_000)
+    limit_per_domain: int | None = Field(None, ge=1)  # use only the first N training images of a domain
+
+
+class ModelConfig(_Section):
+    """The conditional GAN: a shipped block-list architecture and its channel width multiplier."""
+
+    arch: Literal["cgan28", "dcgan32"] = "cgan28"
+    width: float = Field(1.0, gt=0, le=8)
+
+
+class TrainConfig(_Section):
+    """The paper's iteration: batch, optimiser, local epochs, rounds."""
+
+    rounds: int = Field(50, ge=1)
+    local_epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    max_iters_per_epoch: int | None = Field(None, ge=1)  # cap on iterations per local epoch (smoke runs)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class CutsConfig(_Section):
+    """How each client's four cut points are chosen.
+
+    ``fixed``: ``fixed`` holds one [hg, tg, hd, td] for every client or one list per client.
+    ``random``: a seeded random valid configuration per client (heterogeneous by design).
+    ``milp`` / ``ga`` / ``brute``: chosen from the device profiles by the latency optimiser.
+    """
+
+    method: Literal["fixed", "random", "milp", "ga", "brute"] = "random"
+    fixed: list[int] | list[list[int]] | None = None
+
+    @model_validator(mode="after")
+    def _fixed_needs_values(self) -> "CutsConfig":
+        if self.method == "fixed" and self.fixed is None:
+            raise ValueError("cuts.method 'fixed' needs cuts.fixed: [hg, tg, hd, td] or one such list per client")
+        return self
+
+
+class DevicesConfig(_Section):
+    """Device profiles (for the latency model and cut selection) and their assignment to clients."""
+
+    profiles: str = "paper"  # "paper" = the paper's seven devices, else a YAML path
+    assignment: Literal["round_robin", "shuffle"] | list[int] = "round_robin"
+    alpha: float = Field(1.0, ge=0)  # weight of client-side time in the latency objective
+    gamma: float = Field(0.5, ge=0)  # weight of server time
+
+
+class FederationConfig(_Section):
+    """Round-end aggregation: clustering, KLD weights, warm-up FedAvg rounds."""
+
+    strategy: Literal["clustered_kld", "fedavg"] = "clustered_kld"
+    alpha: float = Field(1.0, ge=0)  # w_i = n_i * exp(-alpha * KLD_i)
+    warmup_rounds: int = Field(2, ge=0)  # plain size-weighted FedAvg over everyone before clustering
+    clusters: int | str = "auto"  # "auto": chosen by silhouette over k = 1..max_clusters
+    max_clusters: int = Field(8, ge=2)
+    min_silhouette: float = Field(0.35, ge=-1, le=1)  # below this, "auto" keeps one cluster
+    kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"
+
+    @field_validator("clusters")
+    @classmethod
+    def _clusters_auto_or_positive(cls, v: int | str) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be 'auto' or an integer >= 1")
+
+
+class OutputConfig(_Section):
+    """What a run writes besides metrics and checkpoints."""
+
+    samples_every: int = Field(1, ge=0)  # 0: no sample grids
+    samples_per_class: int = Field(8, ge=1, le=32)
+    # every round keeps a checkpoint; only the newest N keep optimiser states (0: all of them)
+    keep_full_checkpoints: int = Field(2, ge=0)
+
+
+class RunConfig(_Section):
+    """The whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cuts: CutsConfig = Field(default_factory=CutsConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.data.domains) * self.data.clients_per_domain
+
+    def dump(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(config)"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = "" if first["type"] == "value_error" and len(first["loc"]) <= 1 else f", got {first.get('input')!r}"
+    extra = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    return f"config key '{key}': {msg}{got}{extra}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise HuscfError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise HuscfError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise HuscfError(f"--set {key}: cannot parse value {raw!r} ({exc.__class__.__name__})") from None
+    return key.strip().split("."), value
+
+
+def build_config(raw: dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Validate a raw mapping plus ``key=value`` overrides into a ``RunConfig``."""
+    raw = dict(raw or {})
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise HuscfError(f"--set {'.'.join(path)}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise HuscfError(_one_line(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise HuscfError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise HuscfError(f"config file {p}{where}: invalid YAML") from None
+        if not isinstance(raw, dict):
+            raise HuscfError(f"config file {p}: top level must be a mapping of sections")
+    return build_config(raw, overrides)

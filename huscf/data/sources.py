@@ -1,0 +1,244 @@
+"""Domains: where each one's images come from, its train/test split, and the official-file download.
+
+IDX domains are read from ``<data_dir>/<name>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``. A domain
+with only the t10k files gets a fixed, stratified 80/20 split of them (8,000 / 2,000 for the 10k files).
+The ``digits*`` domains are built from scikit-learn's bundled 8x8 digits and need no files.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from huscf.data import checksums
+from huscf.data.idx import read_idx
+from huscf.errors import HuscfError
+
+CARVE_SEED = 0  # fixed, independent of any run seed: the carved test set never changes
+CARVE_TRAIN_FRACTION = 0.8
+DIGITS_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+_TEN = tuple(str(i) for i in range(10))
+_IDX_CLASSES: dict[str, tuple[str, ...]] = {
+    "mnist": _TEN,
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    "notmnist": tuple("ABCDEFGHIJ"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Domain:
+    """One split of one domain. ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 are read-only."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def resolve_data_dir(explicit: str | Path | None = None) -> Path:
+    """The data folder: ``explicit``, else ``$HUSCF_DATA``, else ``~/.cache/huscf/data``."""
+    value = explicit if explicit not in (None, "") else os.environ.get("HUSCF_DATA") or None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "huscf" / "data"
+
+
+# ---- IDX domains -------------------------------------------------------------------------------
+
+def _idx_paths(root: Path, name: str, prefix: str) -> tuple[Path, Path]:
+    d = root / name
+    return d / f"{prefix}-images-idx3-ubyte.gz", d / f"{prefix}-labels-idx1-ubyte.gz"
+
+
+def _require(name: str, paths: tuple[Path, ...]) -> None:
+    for p in paths:
+        if not p.is_file():
+            raise HuscfError(f"data for '{name}' not found: {p} is missing "
+                             f"(set --data-dir or HUSCF_DATA, or run 'huscf data download {name}')")
+
+
+@functools.lru_cache(maxsize=16)
+def _read_pair(images_path: Path, labels_path: Path, _stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise HuscfError(f"IDX file {images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise HuscfError(f"IDX file {labels_path}: expected uint8 labels (N,), got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise HuscfError(f"IDX file {labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+    return images, labels
+
+
+def _read(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (images_path, labels_path))
+    return _read_pair(images_path, labels_path, stamp)
+
+
+def carve_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified 80/20 (train, test) index split of a t10k-only domain; same result on every call."""
+    return train_test_split(np.arange(len(labels)), train_size=CARVE_TRAIN_FRACTION,
+                            stratify=labels, random_state=CARVE_SEED)
+
+
+def _load_idx(name: str, split: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    train, t10k = _idx_paths(root, name, "train"), _idx_paths(root, name, "t10k")
+    if all(p.is_file() for p in train):
+        files = train if split == "train" else t10k
+        _require(name, files)
+        return _read(*files)
+    if any(p.is_file() for p in train) or not any(p.is_file() for p in t10k):
+        _require(name, train)  # names the first missing train file
+    _require(name, t10k)
+    images, labels = _read(*t10k)
+    idx = carve_split(labels)[0 if split == "train" else 1]
+    return images[idx], labels[idx]
+
+
+# ---- offline domains (scikit-learn digits) -----------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _digits_28() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1797 8x8 digits (0..16) -> 0..255, bilinear 8x8->20x20, zero-padded 4 px to 28x28."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    x = F.pad(F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
+    return x.round().clamp(0, 255).to(torch.uint8).numpy(), bunch.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=2)
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = _digits_28()
+    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
+                                   stratify=labels, random_state=DIGITS_SEED)
+    idx = train if split == "train" else test
+    return images[idx], labels[idx]
+
+
+_OFFLINE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "digits": lambda x: x,
+    "digits_inverted": lambda x: 255 - x,
+    "digits_rotated": lambda x: np.ascontiguousarray(np.rot90(x, k=1, axes=(2, 3))),  # 90 deg counter-clockwise
+}
+
+
+def known_domains() -> tuple[str, ...]:
+    return tuple(_IDX_CLASSES) + tuple(_OFFLINE)
+
+
+def _unknown(name: str) -> HuscfError:
+    return HuscfError(f"unknown domain {name!r}; known domains: {', '.join(known_domains())}")
+
+
+@functools.lru_cache(maxsize=32)
+def _load_offline(name: str, split: str) -> Domain:
+    images, labels = _digits_split(split)
+    return _frozen(name, _OFFLINE[name](images), labels, _TEN)
+
+
+def _frozen(name: str, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> Domain:
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim == 3:
+        images = images[:, None]  # (N, H, W) -> (N, 1, H, W), a view
+    labels = np.asarray(labels, dtype=np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return Domain(name, images, labels, len(class_names), class_names)
+
+
+def load_domain(name: str, split: str = "train", data_dir: str | Path | None = None) -> Domain:
+    """Load the ``"train"`` or ``"test"`` split of domain ``name`` (see ``known_domains()``)."""
+    if split not in ("train", "test"):
+        raise HuscfError(f"split must be 'train' or 'test', got {split!r}")
+    if name in _OFFLINE:
+        return _load_offline(name, split)
+    if name not in _IDX_CLASSES:
+        raise _unknown(name)
+    images, labels = _load_idx(name, split, resolve_data_dir(data_dir))
+    class_names = _IDX_CLASSES[name]
+    if labels.size and labels.max() >= len(class_names):
+        raise HuscfError(f"data for '{name}': label {labels.max()} out of range 0..{len(class_names) - 1}")
+    return _frozen(name, images, labels, class_names)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, C, H, W) in 0..255 -> float32 tensor in [-1, 1], same shape."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float32)) / 127.5 - 1.0
+
+
+# ---- download ----------------------------------------------------------------------------------
+
+def _fetch(url: str, dest_dir: Path) -> tuple[Path, str]:
+    """Stream ``url`` into a temp file in ``dest_dir``; return (temp path, sha256 hex)."""
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp), digest.hexdigest()
+
+
+def download(name: str, data_dir: str | Path | None = None, quiet: bool = False) -> list[Path]:
+    """Download and SHA-256-verify the official IDX files of ``name`` into ``<data_dir>/<name>/``."""
+    if name == "notmnist":
+        raise HuscfError("notmnist has no official IDX download: get t10k-images-idx3-ubyte.gz and "
+                         "t10k-labels-idx1-ubyte.gz from github.com/davidflanagan/notMNIST-to-MNIST "
+                         "and put them in <data_dir>/notmnist/")
+    if name in _OFFLINE:
+        if not quiet:
+            print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
+        return []
+    if name not in checksums.MIRRORS:
+        raise _unknown(name)
+    dest = resolve_data_dir(data_dir) / name
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname in checksums.IDX_FILES:
+        expected, target = checksums.SHA256[name][fname], dest / fname
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == expected:
+            written.append(target)
+            continue
+        errors = []
+        for base in checksums.MIRRORS[name]:
+            url = base + fname
+            if not quiet:
+                print(f"downloading {url}", file=sys.stderr)
+            try:
+                tmp, got = _fetch(url, dest)
+            except (urllib.error.URLError, OSError) as exc:
+                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+                continue
+            if got != expected:
+                tmp.unlink(missing_ok=True)
+                raise HuscfError(f"download of {name}/{fname} from {url} failed verification: "
+                                 f"sha256 {got}, expected {expected}")
+            os.replace(tmp, target)
+            written.append(target)
+            break
+        else:
+            raise HuscfError(f"could not download {name}/{fname}: {'; '.join(errors)}")
+    return written

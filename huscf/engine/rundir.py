@@ -1,0 +1,104 @@
+"""The run directory: resolved config, metrics.jsonl, checkpoints, samples, and resuming.
+
+Layout::
+
+    RUN_DIR/config.yaml            the fully resolved config of the run
+    RUN_DIR/clients.json           per client: domain, size, excluded classes, cuts, device, latency
+    RUN_DIR/metrics.jsonl          one JSON line per finished round
+    RUN_DIR/samples/round_NNNN_cluster_K.png
+    RUN_DIR/checkpoints/round_NNNN.pt
+
+Every file is written to a temporary name and renamed, so a killed run never leaves a
+half-written checkpoint; a round's metrics line is appended only after its checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from huscf.errors import HuscfError
+
+_CKPT = re.compile(r"round_(\d{4,})\.pt$")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+        self.metrics = self.path / "metrics.jsonl"
+        self.config = self.path / "config.yaml"
+
+    def create(self) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            raise HuscfError(f"output directory {self.path} is not empty: pick another --out or use --resume {self.path}")
+        for p in (self.path, self.checkpoints, self.samples):
+            p.mkdir(parents=True, exist_ok=True)
+
+    def write_json(self, name: str, obj) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.replace(self.path / name)
+
+    def save_checkpoint(self, round_no: int, state: dict, keep_full: int = 0) -> None:
+        """Write round ``round_no``'s checkpoint. With ``keep_full > 0``, checkpoints older than the
+        newest ``keep_full`` are slimmed to the model weights (optimiser states dropped): every
+        round's weights stay available for evaluation, the disk holds few optimiser states."""
+        path = self.checkpoints / f"round_{round_no:04d}.pt"
+        self._atomic_save(state, path)
+        older = self.list_checkpoints()[:-keep_full] if keep_full else []
+        if older:  # only the one that just left the window can still be full
+            saved = torch.load(older[-1][1], map_location="cpu", weights_only=False)
+            if not saved.get("slim"):
+                self._atomic_save({"round": saved["round"], "slim": True,
+                                   "engine": {"model": saved["engine"]["model"]}}, older[-1][1])
+
+    @staticmethod
+    def _atomic_save(state: dict, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        found = [(int(m.group(1)), p) for p in self.checkpoints.glob("round_*.pt") if (m := _CKPT.search(p.name))]
+        return sorted(found)
+
+    def latest_checkpoint(self) -> tuple[int, dict] | None:
+        """The newest full checkpoint that loads (a damaged newest one is skipped)."""
+        for round_no, path in reversed(self.list_checkpoints()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - a truncated file from a kill: fall back to the previous one
+                continue
+            if not state.get("slim"):
+                return round_no, state
+        return None
+
+    def append_metrics(self, row: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: everything after it is dropped
+        return rows
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Keep only the metrics of rounds <= last_round (the ones the checkpoint contains)."""
+        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.metrics)

@@ -1,0 +1,211 @@
+"""All clients in one process: the reference numerics of one HuSCF-GAN iteration.
+
+One iteration, every participating client at once (the server's blocks accumulate the sum of
+all clients' gradients, then each optimiser steps once):
+
+1. fake_i = G_i(z_i, y_i) through client head -> server body -> client tail;
+2. D step: L_D = sum_i BCE(D_i(fake_i.detach(), y_i), 0) + BCE(D_i(x_i, y_i), 1);
+3. G step: L_G = sum_i BCE(D_i(fake_i, y_i), 1).
+
+Losses are computed at the client tails only. An epoch is a real pass over each client's own
+partition (shuffled, without replacement, remainder dropped): client i has n_i // B batches, the
+epoch runs max_i of that, and a client whose batches are used up sits out the rest of the epoch.
+All randomness of a round is drawn from generators keyed by (seed, round, ...), so a resumed run
+replays exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from huscf.errors import HuscfError
+from huscf.split.segments import NETS, SplitGAN
+
+
+@dataclass
+class ClientData:
+    """One client's private training data (never leaves the client in a real deployment)."""
+
+    x: torch.Tensor  # (n, C, H, W) float in [-1, 1]
+    y: torch.Tensor  # (n,) int64
+    domain: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class FeatureStats:
+    """Per-client running mean and variance of the server's D activation at the common depth,
+    over every real batch of an epoch: the server's view of each client for clustering."""
+
+    def __init__(self, n: int):
+        self.sum: list[torch.Tensor | None] = [None] * n
+        self.sumsq: list[torch.Tensor | None] = [None] * n
+        self.count = np.zeros(n, dtype=np.int64)
+
+    def add(self, client: int, act: torch.Tensor) -> None:
+        a = act.double()
+        s, q = a.sum(0), a.square().sum(0)
+        if self.sum[client] is None:
+            self.sum[client], self.sumsq[client] = s, q
+        else:
+            self.sum[client] += s
+            self.sumsq[client] += q
+        self.count[client] += len(a)
+
+    def mean_and_noise(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n, C, H, W) means, and the variance of each mean (sample variance / count)."""
+        if (self.count == 0).any():
+            raise RuntimeError("a client contributed no features this epoch")
+        mean = np.stack([(s / c).numpy() for s, c in zip(self.sum, self.count)])
+        sq = np.stack([(q / c).numpy() for q, c in zip(self.sumsq, self.count)])
+        return mean, np.maximum(sq - mean**2, 0) / self.count.reshape(-1, *([1] * (mean.ndim - 1)))
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(list(key))
+
+
+class SimulationEngine:
+    """Owns the split model's optimisers and runs epochs of the iteration above."""
+
+    def __init__(self, model: SplitGAN, data: list[ClientData], batch_size: int, lr: float,
+                 betas: tuple[float, float], z_dim: int, seed: int, max_iters_per_epoch: int | None = None):
+        if len(data) != len(model.clients):
+            raise ValueError("one ClientData per client is required")
+        self.model, self.data, self.batch_size, self.z_dim, self.seed = model, data, batch_size, z_dim, seed
+        self.max_iters = max_iters_per_epoch
+
+        def adam(params):
+            return torch.optim.Adam(list(params), lr=lr, betas=betas)
+
+        self.client_opts = [{net: adam(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
+        self.server_opts = {net: adam(model.server_parameters(net)) for net in NETS}
+        # when set (to a depth), the server collects clustering features from the real D passes
+        self.feature_depth: int | None = None
+        self.features = FeatureStats(len(data))
+
+    # -- epochs --------------------------------------------------------------------------------
+    def batches_per_client(self) -> list[int]:
+        return [max(1, len(d) // self.batch_size) for d in self.data]
+
+    def iterations_per_epoch(self) -> int:
+        n = max(self.batches_per_client())
+        return min(n, self.max_iters) if self.max_iters else n
+
+    def run_epoch(self, round_idx: int, epoch: int, on_iteration=None,
+                  collect_features: bool = False) -> dict[str, list[float]]:
+        """One local epoch; returns the per-client mean D and G losses over the epoch. With
+        ``collect_features``, ``self.features`` holds the epoch's clustering features afterwards."""
+        if collect_features:
+            self.features = FeatureStats(len(self.data))
+        nb = self.batches_per_client()
+        perms = []
+        for i, d in enumerate(self.data):
+            perm = torch.from_numpy(_rng(self.seed, round_idx, epoch, i).permutation(len(d)))
+            perms.append(perm)
+        noise = torch.Generator().manual_seed(int(_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
+        sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
+        counts = np.zeros(len(self.data))
+        for t in range(self.iterations_per_epoch()):
+            batch = {}
+            for i, d in enumerate(self.data):
+                if t < nb[i]:
+                    idx = perms[i][t * self.batch_size:(t + 1) * self.batch_size]
+                    batch[i] = (d.x[idx], d.y[idx])
+            losses = self.iteration(batch, noise, where=(round_idx, epoch, t), collect_features=collect_features)
+            for i, (ld, lg) in losses.items():
+                sums["d"][i] += ld
+                sums["g"][i] += lg
+                counts[i] += 1
+            if on_iteration is not None:
+                on_iteration(losses)
+        counts = np.maximum(counts, 1)
+        return {"d": (sums["d"] / counts).tolist(), "g": (sums["g"] / counts).tolist()}
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
+                  where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
+        """The paper's iteration for the clients in ``batch``; returns {client: (L_D, L_G)}."""
+        m = self.model
+        clients = sorted(batch)
+        fakes = {}
+        for i in clients:
+            x, y = batch[i]
+            z = torch.randn(len(y), self.z_dim, generator=noise)
+            fakes[i] = m.generate(i, z, y)
+
+        # discriminator step (fakes detached: no gradient reaches G)
+        self._zero_grad("D", clients)
+        d_losses, seen = {}, {}
+        for i in clients:
+            x, y = batch[i]
+            received: list[torch.Tensor] = []
+            out_fake = m.discriminate(i, fakes[i].detach(), y)
+            out_real = m.discriminate(i, x, y, server_input=received)
+            seen[i] = received[0]
+            d_losses[i] = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+                           + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
+        self._check_finite(d_losses, "discriminator", where)
+        torch.stack(list(d_losses.values())).sum().backward()
+        self._step("D", clients)
+        if collect_features and self.feature_depth is not None:
+            for i, act in m.server_features(seen, self.feature_depth).items():
+                self.features.add(i, act)
+
+        # generator step (fakes labelled real); D's weights are not trained here
+        self._zero_grad("G", clients)
+        self._requires_grad("D", False)
+        g_losses = {}
+        for i in clients:
+            out = m.discriminate(i, fakes[i], batch[i][1])
+            g_losses[i] = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        self._check_finite(g_losses, "generator", where)
+        torch.stack(list(g_losses.values())).sum().backward()
+        self._requires_grad("D", True)
+        self._step("G", clients)
+        return {i: (d_losses[i].item(), g_losses[i].item()) for i in clients}
+
+    def _opts(self, net: str, clients: list[int]):
+        return [self.client_opts[i][net] for i in clients] + [self.server_opts[net]]
+
+    def _zero_grad(self, net: str, clients: list[int]) -> None:
+        for opt in self._opts(net, clients):
+            opt.zero_grad(set_to_none=True)
+
+    def _step(self, net: str, clients: list[int]) -> None:
+        for opt in self._opts(net, clients):
+            opt.step()
+
+    def _requires_grad(self, net: str, flag: bool) -> None:
+        for c in self.model.clients:
+            c.nets[net].requires_grad_(flag)
+        self.model.server.nets[net].requires_grad_(flag)
+
+    @staticmethod
+    def _check_finite(losses: dict[int, torch.Tensor], what: str, where: tuple) -> None:
+        bad = [i for i, v in losses.items() if not torch.isfinite(v)]
+        if bad:
+            r, e, t = where if len(where) == 3 else ("?", "?", "?")
+            raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {bad[0]} at round {r}, "
+                             f"epoch {e}, iteration {t}: lower train.lr or check the data")
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "client_opts": [{net: o.state_dict() for net, o in opts.items()} for opts in self.client_opts],
+            "server_opts": {net: o.state_dict() for net, o in self.server_opts.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for opts, saved in zip(self.client_opts, state["client_opts"]):
+            for net, o in opts.items():
+                o.load_state_dict(saved[net])
+        for net, o in self.server_opts.items():
+            o.load_state_dict(state["server_opts"][net])

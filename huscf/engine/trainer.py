@@ -1,0 +1,282 @@
+"""The round loop of ``huscf train``: build everything from a config, train, federate, record.
+
+``Trainer(cfg, run_dir).fit()`` builds the data partition, the template G/D (one initialisation
+broadcast to every client), the cuts, the split model, the engine and the strategy; then runs
+rounds of ``local_epochs`` epochs, ends each round with clustering + weighted averaging, and
+writes the round's checkpoint, sample grids and metrics line. ``Trainer.resume(run_dir)``
+continues from the newest checkpoint and replays exactly what an uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_rand_score
+from tqdm import tqdm
+
+from huscf.config import RunConfig, load_config
+from huscf.cuts import assign_devices, evaluate_latency, load_profiles, plan_cuts
+from huscf.data import load_domain, partition, to_tensor
+from huscf.engine.rundir import RunDir
+from huscf.engine.simulation import ClientData, SimulationEngine
+from huscf.errors import HuscfError
+from huscf.federation.averaging import apply_aggregation
+from huscf.federation.clustering import common_feature_depth
+from huscf.federation.strategies import RoundState, make_strategy
+from huscf.metrics.quick import LabelProbe
+from huscf.models import build_architecture
+from huscf.report.grids import save_grid
+from huscf.split.plan import Cuts, all_cuts, validate_cuts
+from huscf.split.segments import SplitGAN
+
+
+@dataclass
+class Setup:
+    """Everything derived from the config before training starts (deterministic in the seed)."""
+
+    arch: object
+    data: list[ClientData]
+    partitions: list
+    domains: list[str]
+    cuts: list[Cuts]
+    latency: dict
+    cut_method: str
+    probes: dict[str, LabelProbe]
+
+
+def _choose_cuts(cfg: RunConfig, arch, g_middle: int, d_middle: int, devices, server) -> tuple[list[Cuts], str]:
+    n = cfg.num_clients
+    c = cfg.cuts
+    if c.method == "fixed":
+        rows = c.fixed if c.fixed and isinstance(c.fixed[0], list) else [c.fixed] * n
+        if len(rows) != n:
+            raise HuscfError(f"config key 'cuts.fixed': {len(rows)} cut lists for {n} clients")
+        return [validate_cuts(r, g_middle, d_middle, client=i) for i, r in enumerate(rows)], "fixed"
+    if c.method == "random":
+        options = all_cuts(g_middle, d_middle)
+        rng = random.Random(cfg.seed)
+        return [rng.choice(options) for _ in range(n)], "random"
+    plan = plan_cuts(arch, cfg.train.batch_size, devices, server, method=c.method,
+                     alpha=cfg.devices.alpha, gamma=cfg.devices.gamma, seed=cfg.seed)
+    return list(plan.cuts), f"{c.method} ({plan.solve_seconds:.2f} s)"
+
+
+def build_setup(cfg: RunConfig) -> Setup:
+    train, test = {}, {}
+    for name in cfg.data.domains:
+        train[name] = load_domain(name, "train", cfg.data.data_dir)
+        test[name] = load_domain(name, "test", cfg.data.data_dir)
+    shapes = {d.images.shape[1:] for d in train.values()}
+    if len(shapes) != 1:
+        raise HuscfError(f"config key 'data.domains': domains have different image shapes {sorted(shapes)}")
+    num_classes = max(d.num_classes for d in train.values())
+    try:
+        arch = build_architecture(cfg.model.arch, cfg.model.width, num_classes, tuple(shapes.pop()))
+    except ValueError as exc:
+        raise HuscfError(f"config key 'model.arch': {exc}") from None
+
+    labels = {name: d.labels[: cfg.data.limit_per_domain] for name, d in train.items()}
+    parts = partition(labels, cfg.data.clients_per_domain, cfg.data.scenario, cfg.seed,
+                      {name: d.num_classes for name, d in train.items()})
+    x_all = {name: to_tensor(d.images[: cfg.data.limit_per_domain]) for name, d in train.items()}
+    data = [ClientData(x_all[p.domain][torch.from_numpy(p.indices)],
+                       torch.from_numpy(labels[p.domain][p.indices]).long(), p.domain) for p in parts]
+
+    server, device_list = load_profiles(cfg.devices.profiles)
+    devices = assign_devices(device_list, cfg.num_clients, cfg.devices.assignment, cfg.seed)
+    g_middle = len(arch.g_middle)
+    d_middle = len(arch.d_middle)
+    cuts, method = _choose_cuts(cfg, arch, g_middle, d_middle, devices, server)
+    report = evaluate_latency(arch, cfg.train.batch_size, cuts, devices, server, cfg.devices.alpha, cfg.devices.gamma)
+
+    probes = {name: LabelProbe.fit(x_all[name], torch.tensor(labels[name]).long(),
+                                   to_tensor(test[name].images), torch.tensor(test[name].labels).long(),
+                                   seed=cfg.seed) for name in cfg.data.domains}
+    return Setup(arch, data, parts, list(cfg.data.domains), cuts, report.to_dict() | {"devices": [
+        getattr(d, "name", str(d)) for d in devices]}, method, probes)
+
+
+class Trainer:
+    """Runs (or resumes) one training run into a run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, quiet: bool = False):
+        self.cfg, self.run, self.quiet = cfg, RunDir(run_dir), quiet
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.setup = build_setup(cfg)
+        s = self.setup
+        torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
+        g, d = s.arch.generator(), s.arch.discriminator()
+        self.model = SplitGAN(g, d, s.cuts)
+        self.engine = SimulationEngine(self.model, s.data, cfg.train.batch_size, cfg.train.lr, cfg.train.betas,
+                                       s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch)
+        self.strategy = make_strategy(cfg.federation)
+        self.sizes = np.array([len(c) for c in s.data])
+        self.true_domains = [c.domain for c in s.data]
+        self.feature_depth = common_feature_depth(s.cuts)
+        self.engine.feature_depth = self.feature_depth
+        self.start_round = 1
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def new(cls, cfg: RunConfig, run_dir: Path, quiet: bool = False) -> "Trainer":
+        rd = RunDir(run_dir)
+        rd.create()
+        cfg.dump(rd.config)
+        t = cls(cfg, run_dir, quiet)
+        t._write_clients()
+        return t
+
+    @classmethod
+    def resume(cls, run_dir: Path, overrides: list[str] = (), quiet: bool = False) -> "Trainer":
+        rd = RunDir(run_dir)
+        if not rd.config.is_file():
+            raise HuscfError(f"cannot resume {run_dir}: no config.yaml there (not a huscf run directory)")
+        bad = [o for o in overrides if not o.startswith("train.rounds=")]
+        if bad:
+            raise HuscfError(f"--resume only accepts --set train.rounds=N (to extend a run), got {bad[0]!r}")
+        cfg = load_config(rd.config, overrides)
+        t = cls(cfg, run_dir, quiet)
+        ckpt = rd.latest_checkpoint()
+        if ckpt is not None:
+            round_no, state = ckpt
+            t.engine.load_state_dict(state["engine"])
+            t.start_round = round_no + 1
+            rd.truncate_metrics(round_no)
+        else:
+            rd.truncate_metrics(0)
+        if overrides:
+            cfg.dump(rd.config)
+        return t
+
+    def _write_clients(self) -> None:
+        s = self.setup
+        lat = s.latency
+        self.run.write_json("clients.json", {
+            "cut_method": s.cut_method,
+            "feature_depth": self.feature_depth,
+            "probe_real_test_accuracy": {n: round(p.real_test_accuracy, 4) for n, p in s.probes.items()},
+            "latency_per_iteration": {k: v for k, v in lat.items() if k != "devices"},
+            "clients": [
+                {"client": p.client_id, "domain": p.domain, "size": len(p.indices),
+                 "excluded_classes": list(p.excluded_classes), "cuts": list(c), "device": dev}
+                for p, c, dev in zip(s.partitions, s.cuts, lat["devices"])
+            ],
+        })
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg = self.cfg
+        rounds, epochs = cfg.train.rounds, cfg.train.local_epochs
+        iters = self.engine.iterations_per_epoch()
+        if self.start_round > rounds:
+            self._say(f"run {self.run.path} already has all {rounds} rounds")
+            return self.run.path
+        bar = tqdm(total=rounds * epochs * iters, initial=(self.start_round - 1) * epochs * iters, unit="it",
+                   disable=self.quiet, dynamic_ncols=True, file=sys.stderr, desc="huscf")
+        last = {}
+        try:
+            for r in range(self.start_round, rounds + 1):
+                t0 = time.perf_counter()
+                per_epoch = []
+                for e in range(epochs):
+                    bar.set_description(f"round {r}/{rounds} epoch {e + 1}/{epochs}")
+
+                    def tick(losses, bar=bar):
+                        ld = np.mean([v[0] for v in losses.values()])
+                        lg = np.mean([v[1] for v in losses.values()])
+                        last.update(D=f"{ld:.3f}", G=f"{lg:.3f}")
+                        bar.set_postfix(last, refresh=False)
+                        bar.update()
+
+                    per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
+                row = self._end_round(r, per_epoch, time.perf_counter() - t0)
+                if not self.quiet:
+                    bar.write(self._summary(row), file=sys.stderr)
+        finally:
+            bar.close()
+        self._say(f"done: {self.run.path}")
+        return self.run.path
+
+    def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float) -> dict:
+        s, cfg = self.setup, self.cfg
+        feats, noise = self.engine.features.mean_and_noise()
+        state = RoundState(round=r - 1, sizes=self.sizes, features=feats, feature_noise=noise, seed=cfg.seed + r)
+        agg = self.strategy.aggregate(state)
+        apply_aggregation(self.model, agg)
+
+        iters = self.engine.iterations_per_epoch() * cfg.train.local_epochs
+        lat = s.latency
+        row = {
+            "round": r,
+            "loss_d": float(np.mean([ep["d"] for ep in per_epoch])),
+            "loss_g": float(np.mean([ep["g"] for ep in per_epoch])),
+            "loss_d_per_client": np.mean([ep["d"] for ep in per_epoch], axis=0).round(5).tolist(),
+            "loss_g_per_client": np.mean([ep["g"] for ep in per_epoch], axis=0).round(5).tolist(),
+            "clusters": agg.groups.tolist(),
+            "num_clusters": int(agg.info.get("k", len(set(agg.groups.tolist())))),
+            "ari_vs_domains": float(adjusted_rand_score(self.true_domains, agg.groups)),
+            "cluster_weights": agg.cluster_weights.round(6).tolist(),
+            "global_weights": agg.global_weights.round(6).tolist(),
+            "federation": agg.info,
+            "label_accuracy": self._label_accuracy(r),
+            "iterations": iters,
+            "latency_s_per_iteration": lat["total_s"],
+            "latency_s_round": lat["total_s"] * iters,
+            "bytes_round_per_client": [b * iters for b in lat["bytes_per_client"]],
+            "train_seconds": round(train_seconds, 3),
+        }
+        if cfg.output.samples_every and r % cfg.output.samples_every == 0:
+            self._save_samples(r, agg.groups)
+        self.run.save_checkpoint(r, {"round": r, "engine": self.engine.state_dict()}, cfg.output.keep_full_checkpoints)
+        self.run.append_metrics(row)
+        return row
+
+    # -- measurements ------------------------------------------------------------------------------
+    def _fixed_inputs(self, per_class: int):
+        k = self.setup.arch.num_classes
+        y = torch.arange(k).repeat_interleave(per_class)
+        z = torch.randn(len(y), self.setup.arch.z_dim, generator=torch.Generator().manual_seed(self.cfg.seed + 7))
+        return z, y
+
+    @torch.no_grad()
+    def _sample(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Samples from a client's full generator (a copy; batch statistics, as in training)."""
+        return self.model.assemble(client, "G")(z, y)
+
+    def _label_accuracy(self, r: int) -> dict[str, float]:
+        z, y = self._fixed_inputs(10)
+        acc: dict[str, list[float]] = {}
+        for i, c in enumerate(self.setup.data):
+            acc.setdefault(c.domain, []).append(self.setup.probes[c.domain].label_accuracy(self._sample(i, z, y), y))
+        return {d: round(float(np.mean(v)), 4) for d, v in acc.items()}
+
+    def _save_samples(self, r: int, groups: np.ndarray) -> None:
+        z, y = self._fixed_inputs(self.cfg.output.samples_per_class)
+        for g in sorted(set(groups.tolist())):
+            first = int(np.flatnonzero(groups == g)[0])
+            save_grid(self._sample(first, z, y), self.setup.arch.num_classes,
+                      self.run.samples / f"round_{r:04d}_cluster_{g}.png")
+
+    # -- output ------------------------------------------------------------------------------------
+    def _summary(self, row: dict) -> str:
+        acc = " ".join(f"{d}={v:.2f}" for d, v in row["label_accuracy"].items())
+        return (f"round {row['round']:>3}: D {row['loss_d']:.3f}  G {row['loss_g']:.3f}  "
+                f"clusters k={row['num_clusters']} ARI={row['ari_vs_domains']:.2f}  label-acc {acc}  "
+                f"sim-latency {row['latency_s_round']:.1f} s  ({row['train_seconds']:.1f} s)")
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return RunDir(run_dir).read_metrics()
+
+

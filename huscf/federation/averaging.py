@@ -1,0 +1,58 @@
+"""Apply an ``Aggregation`` to a ``SplitGAN``: weighted averages of block weights.
+
+* Client-side blocks: for each block and each group, the members that hold the block get the
+  average of the members' copies, weighted by their cluster weights renormalised over the holders
+  (a member holds exactly the blocks it held before; nothing moves between client and server).
+* Server blocks (middle blocks): the average over *all* clients with the global weights, where a
+  client that holds a copy of the block locally contributes its copy and every other client
+  contributes the server's copy (the one it used).
+Floating-point parameters and buffers (BatchNorm running statistics) are averaged; integer
+buffers (BatchNorm's batch counter) take the maximum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from huscf.federation.strategies import Aggregation
+from huscf.split.segments import NETS, SplitGAN
+
+
+def _average(states: list[dict[str, torch.Tensor]], weights: np.ndarray) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            w = torch.as_tensor(weights, dtype=first.dtype).view(-1, *([1] * first.dim()))
+            out[key] = (torch.stack([s[key] for s in states]) * w).sum(0)
+        else:
+            out[key] = torch.stack([s[key] for s in states]).amax(0)
+    return out
+
+
+@torch.no_grad()
+def apply_aggregation(model: SplitGAN, agg: Aggregation) -> None:
+    n = len(model.clients)
+    groups = np.asarray(agg.groups)
+    for net in NETS:
+        for b in range(model.num_blocks[net]):
+            key = str(b)
+            holders = [i for i in range(n) if model.clients[i].holds(net, b)]
+            local = {i: model.clients[i].nets[net][key].state_dict() for i in holders}
+            new_local = {}
+            for g in np.unique(groups):
+                members = [i for i in holders if groups[i] == g]
+                if not members:
+                    continue
+                w = agg.cluster_weights[members]
+                avg = _average([local[i] for i in members], w / w.sum())
+                new_local.update({i: avg for i in members})
+            if key in model.server.nets[net]:
+                server_block = model.server.nets[net][key]
+                # clients without a local copy all contribute the same server copy: one term
+                server_weight = 1.0 - float(agg.global_weights[holders].sum())
+                states = [local[i] for i in holders] + [server_block.state_dict()]
+                weights = np.append(agg.global_weights[holders], max(server_weight, 0.0))
+                server_block.load_state_dict(_average(states, weights))
+            for i, state in new_local.items():
+                model.clients[i].nets[net][key].load_state_dict(state)

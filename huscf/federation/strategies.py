@@ -1,0 +1,94 @@
+"""Aggregation policies, each a small class with one hook (in the spirit of Flower strategies).
+
+``aggregate(state) -> Aggregation`` decides, from what the server saw this round, which clients
+are averaged together (groups) and with which weights. ``averaging.apply_aggregation`` then does
+the averaging. Policies never see raw data or labels; the true domain of a client is not an
+input (it is used only for reporting, by the engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from huscf.federation.clustering import cluster_clients, whiten
+from huscf.federation.weights import kld_scores, kld_weights, spatial_distributions
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What the server knows at the end of a round."""
+
+    round: int  # 0-based
+    sizes: np.ndarray  # (n,) training set size n_i per client
+    features: np.ndarray  # (n, C, H, W) mean server-side D activation per client, common depth
+    feature_noise: np.ndarray | None = None  # (n, C, H, W) variance of that batch mean (var / batch)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    groups: np.ndarray  # (n,) cluster id per client
+    cluster_weights: np.ndarray  # (n,) weights for client-side segments, sum to 1 within each group
+    global_weights: np.ndarray  # (n,) weights for the server body, sum to 1
+    info: dict = field(default_factory=dict)  # JSON-able details for metrics.jsonl
+
+
+def _size_weights(sizes: np.ndarray) -> np.ndarray:
+    s = np.asarray(sizes, dtype=np.float64)
+    return s / s.sum()
+
+
+class FedAvg:
+    """One group, weights proportional to dataset size (McMahan et al.)."""
+
+    name = "fedavg"
+
+    def aggregate(self, state: RoundState) -> Aggregation:
+        w = _size_weights(state.sizes)
+        return Aggregation(np.zeros(len(w), dtype=int), w, w, {"phase": "fedavg", "k": 1})
+
+
+class ClusteredKLD:
+    """HuSCF-GAN: k-means clusters from D activations, KLD-weighted averaging within clusters,
+    a globally KLD-weighted server body; plain FedAvg during the first ``warmup_rounds``."""
+
+    name = "clustered_kld"
+
+    def __init__(self, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
+                 max_clusters: int = 8, min_silhouette: float = 0.35,
+                 kld_direction: str = "client_to_cluster"):
+        self.alpha, self.warmup_rounds = alpha, warmup_rounds
+        self.clusters, self.max_clusters, self.min_silhouette = clusters, max_clusters, min_silhouette
+        self.kld_direction = kld_direction
+
+    def aggregate(self, state: RoundState) -> Aggregation:
+        n = len(state.sizes)
+        if state.round < self.warmup_rounds:
+            agg = FedAvg().aggregate(state)
+            return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights, {"phase": "warmup", "k": 1})
+        feats = np.asarray(state.features, dtype=np.float64)
+        x = feats.reshape(n, -1) if state.feature_noise is None else whiten(feats, state.feature_noise)
+        result = cluster_clients(x, self.clusters, self.max_clusters, self.min_silhouette, state.seed)
+        p = spatial_distributions(feats)
+        kld = kld_scores(p, result.labels, self.kld_direction)
+        kld_global = kld_scores(p, np.zeros(n, dtype=int), self.kld_direction)
+        return Aggregation(
+            groups=result.labels,
+            cluster_weights=kld_weights(state.sizes, kld, result.labels, self.alpha),
+            global_weights=kld_weights(state.sizes, kld_global, np.zeros(n, dtype=int), self.alpha),
+            info={
+                "phase": "clustered", "k": result.k,
+                "silhouette": {str(k): round(v, 4) for k, v in result.silhouette.items()},
+                "kld": kld.round(6).tolist(), "kld_global": kld_global.round(6).tolist(),
+            },
+        )
+
+
+def make_strategy(cfg) -> FedAvg | ClusteredKLD:
+    """Build the strategy named in a ``FederationConfig``."""
+    if cfg.strategy == "fedavg":
+        return FedAvg()
+    return ClusteredKLD(cfg.alpha, cfg.warmup_rounds, cfg.clusters, cfg.max_clusters, cfg.min_silhouette,
+                        cfg.kld_direction)

@@ -1,0 +1,49 @@
+"""KLD scores of clients against their cluster and the weights n_i * exp(-alpha * KLD_i).
+
+P_i is one distribution per channel: the softmax over spatial positions of client i's mean
+server-side D activation (C, H, W) -> (C, H*W). Q_i is the mean of P_j over the *other* members
+of its group. KLD_i is the KL divergence averaged over channels. huscf uses KL(P_i || Q_i)
+("client_to_cluster": how surprising client i is to its cluster); the authors' code, through
+torch's ``kl_div`` argument order, computes KL(Q_i || P_i) ("cluster_to_client"). Both are offered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import rel_entr, softmax
+
+
+def spatial_distributions(mean_activations: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) or (n, C) -> (n, C, positions) with a softmax over positions per channel."""
+    a = np.asarray(mean_activations, dtype=np.float64)
+    a = a.reshape(a.shape[0], a.shape[1], -1)
+    return softmax(a, axis=2)
+
+
+def kld_scores(p: np.ndarray, groups: np.ndarray, direction: str = "client_to_cluster") -> np.ndarray:
+    """KLD_i of each client against the mean of the other members of its group (0 when alone)."""
+    n = len(p)
+    out = np.zeros(n)
+    groups = np.asarray(groups)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if len(members) < 2:
+            continue
+        total = p[members].sum(axis=0)
+        for i in members:
+            q = (total - p[i]) / (len(members) - 1)
+            a, b = (p[i], q) if direction == "client_to_cluster" else (q, p[i])
+            out[i] = rel_entr(a, b).sum(axis=-1).mean()
+    return out
+
+
+def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """w_i = n_i * exp(-alpha * KLD_i), normalised to sum to 1 within each group."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    raw = sizes * np.exp(-alpha * np.asarray(kld, dtype=np.float64))
+    w = np.empty_like(raw)
+    groups = np.asarray(groups)
+    for g in np.unique(groups):
+        m = groups == g
+        w[m] = raw[m] / raw[m].sum()
+    return w

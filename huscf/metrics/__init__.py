@@ -1,0 +1,1 @@
+"""Measurements of generators: the cheap in-training label probe (quick.py)."""

@@ -1,0 +1,70 @@
+"""The seam: the one place tensors cross between a client and the server.
+
+Every activation a client sends to the server (and every activation the server returns) passes
+through ``Seam.cross``. In the simulation engine this is an identity autograd function, so the
+split model computes exactly what the unsplit model computes, and the matching gradients cross
+back through the same function on the backward pass. With a ``SeamRecorder`` attached, every
+crossing (both directions, forward and backward) is logged: the privacy test inspects it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Crossing:
+    """One tensor that crossed the network."""
+
+    kind: str  # "activation" or "gradient"
+    direction: str  # "client->server" or "server->client"
+    client: int
+    net: str  # "G" or "D"
+    block: int  # index of the block whose output this is (or whose output's gradient)
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    tensor: torch.Tensor | None = None  # kept only when the recorder captures tensors
+
+
+@dataclass
+class SeamRecorder:
+    """Collects every crossing; ``capture=True`` also keeps a detached copy of each tensor."""
+
+    capture: bool = False
+    crossings: list[Crossing] = field(default_factory=list)
+
+    def record(self, kind: str, direction: str, client: int, net: str, block: int, t: torch.Tensor) -> None:
+        self.crossings.append(Crossing(
+            kind, direction, client, net, block, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+            t.numel() * t.element_size(), t.detach().clone() if self.capture else None,
+        ))
+
+
+class _Cross(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, recorder, direction, client, net, block):
+        ctx.meta = (recorder, direction, client, net, block)
+        recorder.record("activation", direction, client, net, block, x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        recorder, direction, client, net, block = ctx.meta
+        back = "server->client" if direction == "client->server" else "client->server"
+        recorder.record("gradient", back, client, net, block, grad)
+        return grad, None, None, None, None, None
+
+
+class Seam:
+    """Moves tensors across the client/server boundary (identity in one process)."""
+
+    def __init__(self) -> None:
+        self.recorder: SeamRecorder | None = None
+
+    def cross(self, x: torch.Tensor, direction: str, client: int, net: str, block: int) -> torch.Tensor:
+        if self.recorder is None:
+            return x
+        return _Cross.apply(x, self.recorder, direction, client, net, block)

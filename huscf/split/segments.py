@@ -1,0 +1,133 @@
+"""Client segments and the server body, built from one template G/D and every client's cuts.
+
+``SplitGAN`` holds, for each client, the head and tail blocks it computes (its own copies) and
+one ``server`` copy of every middle block of G and D, shared by all clients whose activations
+pass through it. All copies start from the same template weights (one initialisation broadcast
+to everyone, as in FedAvg).
+
+Server-side BatchNorm: the server runs each client's activations through its blocks separately,
+so BatchNorm statistics are computed per client, never over a mix of clients. A client's forward
+pass therefore equals the unsplit network's forward on that client's batch (tested), no client's
+normalisation depends on another client's data, and a server block behaves the same whether a
+client runs it locally or the server runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from huscf.models.blocks import BlockNet
+from huscf.split.plan import Cuts, SegmentRange, segment_ranges
+from huscf.split.seam import Seam
+
+NETS = ("G", "D")
+
+
+class ClientSegments(nn.Module):
+    """The blocks one client holds, keyed by block index: ``self.nets["G"][str(b)]``."""
+
+    def __init__(self, cuts: Cuts, g: BlockNet, d: BlockNet):
+        super().__init__()
+        self.cuts = cuts
+        self.ranges = {
+            "G": segment_ranges(cuts.hg, cuts.tg, g.num_middle),
+            "D": segment_ranges(cuts.hd, cuts.td, d.num_middle),
+        }
+        self.nets = nn.ModuleDict({
+            name: nn.ModuleDict({
+                str(b): copy.deepcopy(net.blocks[b]) for b in (*self.ranges[name].head, *self.ranges[name].tail)
+            })
+            for name, net in (("G", g), ("D", d))
+        })
+
+    def holds(self, net: str, block: int) -> bool:
+        return str(block) in self.nets[net]
+
+
+class ServerBody(nn.Module):
+    """One copy of every middle block of G and D."""
+
+    def __init__(self, g: BlockNet, d: BlockNet):
+        super().__init__()
+        self.nets = nn.ModuleDict({
+            name: nn.ModuleDict({str(b): copy.deepcopy(net.blocks[b]) for b in range(1, net.num_middle + 1)})
+            for name, net in (("G", g), ("D", d))
+        })
+
+
+class SplitGAN(nn.Module):
+    """All clients' segments plus the shared server body, and the U-shaped forward pass."""
+
+    def __init__(self, g: BlockNet, d: BlockNet, cuts: list[Cuts]):
+        super().__init__()
+        self.num_blocks = {"G": len(g.blocks), "D": len(d.blocks)}
+        self.clients = nn.ModuleList([ClientSegments(c, g, d) for c in cuts])
+        self.server = ServerBody(g, d)
+        self.seam = Seam()
+
+    @property
+    def cuts(self) -> list[Cuts]:
+        return [c.cuts for c in self.clients]
+
+    def ranges(self, client: int, net: str) -> SegmentRange:
+        return self.clients[client].ranges[net]
+
+    def forward_net(self, net: str, client: int, inputs: tuple, server_input: list | None = None) -> torch.Tensor:
+        """Head (client) -> seam -> body (server) -> seam -> tail (client) for one client.
+
+        When ``server_input`` is a list, the activation the server received is appended to it
+        (detached): the server's own view, used for clustering at the end of a round.
+        """
+        r = self.ranges(client, net)
+        own, body = self.clients[client].nets[net], self.server.nets[net]
+        h = own["0"](*inputs)
+        for b in r.head[1:]:
+            h = own[str(b)](h)
+        h = self.seam.cross(h, "client->server", client, net, r.head[-1])
+        if server_input is not None:
+            server_input.append(h.detach())
+        for b in r.server:
+            h = body[str(b)](h)
+        h = self.seam.cross(h, "server->client", client, net, r.server[-1])
+        for b in r.tail:
+            h = own[str(b)](h)
+        return h
+
+    def generate(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.forward_net("G", client, (z, y))
+
+    def discriminate(self, client: int, x: torch.Tensor, y: torch.Tensor, server_input: list | None = None) -> torch.Tensor:
+        return self.forward_net("D", client, (x, y), server_input)
+
+    def client_parameters(self, client: int, net: str):
+        return self.clients[client].nets[net].parameters()
+
+    def server_parameters(self, net: str):
+        return self.server.nets[net].parameters()
+
+    def assemble(self, client: int, net: str) -> BlockNet:
+        """A standalone copy of client ``client``'s full network (its blocks + the server's)."""
+        own, body = self.clients[client].nets[net], self.server.nets[net]
+        blocks = [copy.deepcopy(own[str(b)] if str(b) in own else body[str(b)]) for b in range(self.num_blocks[net])]
+        return BlockNet(blocks)
+
+    @torch.no_grad()
+    def server_features(self, inputs: dict[int, torch.Tensor], depth: int) -> dict[int, torch.Tensor]:
+        """The server's D activation after block ``depth`` for the given clients.
+
+        ``inputs[i]`` is the activation client i sent to the server. The server pushes it through
+        its own copies of blocks ``hd_i+1 .. depth``, so every client's features come from the same
+        weights at the same depth whatever its cuts. BatchNorm uses batch statistics (train mode),
+        exactly as in the training forward pass and as in the clients' own copies of the blocks;
+        a throw-away copy of the body keeps the real running statistics untouched.
+        """
+        body = copy.deepcopy(self.server.nets["D"]).train()
+        out = {}
+        for client, h in inputs.items():
+            for b in range(self.ranges(client, "D").head[-1] + 1, depth + 1):
+                h = body[str(b)](h)
+            out[client] = h
+        return out

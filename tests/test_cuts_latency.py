@@ -1,0 +1,62 @@
+"""The latency model, hand-checked on a two-client example, and the profiles / assignment."""
+
+import math
+
+import pytest
+
+from huscf.cuts import LatencyModel, assign_devices, evaluate_latency, load_profiles
+from huscf.cuts.devices import DeviceProfile, ServerProfile
+from huscf.cuts.profile import ArchProfile, NetProfile
+from huscf.split.plan import Cuts
+
+
+def test_two_clients_by_hand():
+    g = NetProfile(fwd_flops=(1e6, 2e6, 3e6, 4e6), bwd_flops=(2e6, 4e6, 6e6, 8e6), out_bytes=(100, 200, 300, 400))
+    d = NetProfile(fwd_flops=(1e5, 2e5, 3e5), bwd_flops=(2e5, 4e5, 6e5), out_bytes=(50, 60, 70))
+    a = DeviceProfile("a", cpu_mhz=1, flops_per_cycle=1, data_rate=100)  # 1e6 FLOP/s, 100 B/s
+    b = DeviceProfile("b", cpu_mhz=2, flops_per_cycle=1, data_rate=200)  # 2e6 FLOP/s, 200 B/s
+    server = ServerProfile(computational_frequency_ghz=0.001, cpu_cycles_per_flop=10, transmission_rate_bps=1000)
+    model = LatencyModel(ArchProfile(g, d, batch_size=1), [a, b], server, alpha=1.0, gamma=0.5)
+    rep = model.report([Cuts(1, 0, 0, 0), Cuts(0, 0, 0, 0)])
+    expected = {
+        # G, one pass. a: head g0+g1, server g2, tail g3. b: head g0, server g1+g2, tail g3.
+        "g_fwd_head": max(3 + 200 / 100, 0.5 + 100 / 200),  # 5
+        "g_fwd_server": 3e6 / 1e7 + 5e6 / 1e7,  # 0.8
+        "g_fwd_tail": max(300 / 1000 + 4, 300 / 1000 + 2),  # 4.3
+        "g_bwd_tail": max(8 + 300 / 100, 4 + 300 / 200),  # 11
+        "g_bwd_server": 6e6 / 1e7 + 10e6 / 1e7,  # 1.6
+        "g_bwd_head": max(200 / 1000 + 6, 100 / 1000 + 1),  # 6.2
+        # D, three passes, both clients head d0, server d1, tail d2
+        "d_fwd_head": 3 * max(0.1 + 0.5, 0.05 + 0.25),
+        "d_fwd_server": 3 * 2 * 0.02,
+        "d_fwd_tail": 3 * max(0.06 + 0.3, 0.06 + 0.15),
+        "d_bwd_tail": 3 * max(0.6 + 0.6, 0.3 + 0.3),
+        "d_bwd_server": 3 * 2 * 0.04,
+        "d_bwd_head": 3 * max(0.05 + 0.2, 0.05 + 0.1),
+    }
+    assert rep.stages == pytest.approx(expected)
+    assert rep.total_s == pytest.approx(36.49)
+    assert rep.server_s == pytest.approx(2.76)
+    assert rep.objective == pytest.approx(33.73 + 0.5 * 2.76)
+    assert rep.bytes_per_client == [2 * (200 + 300) + 6 * (50 + 60), 2 * (100 + 300) + 6 * (50 + 60)]
+    assert rep.to_dict()["stages"] == rep.stages
+
+
+def test_paper_profiles_and_assignment():
+    server, devices = load_profiles("paper")
+    assert server.flops_per_s == 42e9 * 16 and server.rate == 1e9
+    assert [(d.cpu_mhz, d.flops_per_cycle, d.data_rate) for d in devices] == [
+        (480, 1, 50e6), (6000, 8, 150e6), (15600, 8, 1e9), (5720, 8, 300e6), (4000, 4, 50e6),
+        (9000, 4, 100e6), (12000, 10, 800e6)]
+    rr = assign_devices(devices, 10)
+    assert [d.name for d in rr[:8]] == [f"device{i}" for i in (1, 2, 3, 4, 5, 6, 7, 1)]
+    sh = assign_devices(devices, 10, "shuffle", seed=1)
+    assert sorted(d.name for d in sh) == sorted(d.name for d in rr) and sh == assign_devices(devices, 10, "shuffle", seed=1)
+    assert [d.name for d in assign_devices(devices, 3, [2, "device7", 0])] == ["device3", "device7", "device1"]
+
+
+def test_evaluate_latency_on_real_arch():
+    server, devices = load_profiles("paper")
+    rep = evaluate_latency("dcgan32", 16, [Cuts(0, 0, 0, 0), Cuts(1, 2, 3, 0)], devices[:2], server)
+    assert math.isclose(rep.total_s, sum(rep.stages.values())) and rep.objective > 0
+    assert all(b > 0 for b in rep.bytes_per_client)
