@@ -22,7 +22,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config is not None:
             raise HuscfError("give either CONFIG or --resume RUN_DIR, not both (a resumed run keeps its config)")
-        trainer = Trainer.resume(Path(args.resume), args.set, quiet=args.quiet)
+        trainer = Trainer.resume(Path(args.resume), args.set, quiet=args.quiet, data_dir=args.data_dir)
     else:
         cfg = load_config(_config_path(args.config), args.set)
         if args.data_dir:

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from huscf.config import build_config
+from huscf.engine.rundir import RunDir
 from huscf.engine.trainer import Trainer, build_setup
 from huscf.errors import HuscfError
 from huscf.split.seam import SeamRecorder
 
 TINY = [
+    "output.keep_full_checkpoints=1",
     "data.clients_per_domain=2", "model.width=0.125", "train.rounds=3", "train.local_epochs=1",
     "train.batch_size=32", "train.max_iters_per_epoch=2", "federation.warmup_rounds=1",
     "output.samples_per_class=2", "cuts.method=random",
@@ -45,7 +47,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     full.fit()
     # a "killed" run: same config, stopped after round 2 (its round-3 files never written)
     part_dir = tmp_path / "part"
-    Trainer.new(_cfg("train.rounds=2"), part_dir, quiet=True).fit()
+    part = Trainer.new(_cfg("train.rounds=2"), part_dir, quiet=True)
+    part.fit()
+    # the full run's round-2 checkpoint was slimmed (deduplicated weights only): still exact
+    slim = RunDir(tmp_path / "full").load_model_state(2)
+    assert torch.load(tmp_path / "full" / "checkpoints" / "round_0001.pt", weights_only=False)["slim"]
+    assert slim.keys() == part.model.state_dict().keys()
+    for k, v in part.model.state_dict().items():
+        torch.testing.assert_close(slim[k], v, rtol=0, atol=0, msg=k)
     (part_dir / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text())
     with (part_dir / "metrics.jsonl").open("a") as f:
         f.write('{"round": 3, "cut sho')  # a line cut short by the kill

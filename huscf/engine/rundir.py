@@ -6,14 +6,17 @@ Layout::
     RUN_DIR/clients.json           per client: domain, size, excluded classes, cuts, device, latency
     RUN_DIR/metrics.jsonl          one JSON line per finished round
     RUN_DIR/samples/round_NNNN_cluster_K.png
-    RUN_DIR/checkpoints/round_NNNN.pt
+    RUN_DIR/checkpoints/round_NNNN.pt   every round; the newest ``keep_full`` with optimiser states,
+                                        older ones slimmed to the (deduplicated) model weights
 
 Every file is written to a temporary name and renamed, so a killed run never leaves a
-half-written checkpoint; a round's metrics line is appended only after its checkpoint exists.
+half-written checkpoint. A round appends its metrics line, then writes its checkpoint; resuming
+keeps the metrics of the rounds the newest checkpoint contains and recomputes the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +29,21 @@ from huscf.errors import HuscfError
 _CKPT = re.compile(r"round_(\d{4,})\.pt$")
 
 
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Store each distinct tensor once. After clustered averaging every member of a cluster holds
+    identical copies of its blocks, so a round's weights shrink to about one copy per cluster."""
+    tensors: list[torch.Tensor] = []
+    seen: dict[tuple, int] = {}
+    index = {}
+    for key, t in state.items():
+        sig = (t.dtype, tuple(t.shape), hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).digest())
+        if sig not in seen:
+            seen[sig] = len(tensors)
+            tensors.append(t)
+        index[key] = seen[sig]
+    return tensors, index
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -34,9 +52,12 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.config = self.path / "config.yaml"
 
-    def create(self) -> None:
-        if self.path.exists() and any(self.path.iterdir()):
+    def check_new(self) -> None:
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise HuscfError(f"output directory {self.path} is not empty: pick another --out or use --resume {self.path}")
+
+    def create(self) -> None:
+        self.check_new()
         for p in (self.path, self.checkpoints, self.samples):
             p.mkdir(parents=True, exist_ok=True)
 
@@ -55,8 +76,19 @@ class RunDir:
         if older:  # only the one that just left the window can still be full
             saved = torch.load(older[-1][1], map_location="cpu", weights_only=False)
             if not saved.get("slim"):
-                self._atomic_save({"round": saved["round"], "slim": True,
-                                   "engine": {"model": saved["engine"]["model"]}}, older[-1][1])
+                tensors, index = _dedupe(saved["engine"]["model"])
+                self._atomic_save({"round": saved["round"], "slim": True, "tensors": tensors, "index": index},
+                                  older[-1][1])
+
+    def load_model_state(self, round_no: int) -> dict[str, torch.Tensor]:
+        """The split model's weights after round ``round_no`` (from a full or a slim checkpoint)."""
+        path = self.checkpoints / f"round_{round_no:04d}.pt"
+        if not path.exists():
+            raise HuscfError(f"run {self.path} has no checkpoint for round {round_no}")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved.get("slim"):
+            return {key: saved["tensors"][i] for key, i in saved["index"].items()}
+        return saved["engine"]["model"]
 
     @staticmethod
     def _atomic_save(state: dict, path: Path) -> None:

@@ -127,20 +127,26 @@ class Trainer:
     @classmethod
     def new(cls, cfg: RunConfig, run_dir: Path, quiet: bool = False) -> "Trainer":
         rd = RunDir(run_dir)
+        rd.check_new()
+        t = cls(cfg, run_dir, quiet)  # everything that can fail on bad input fails before we write
         rd.create()
         cfg.dump(rd.config)
-        t = cls(cfg, run_dir, quiet)
         t._write_clients()
         return t
 
     @classmethod
-    def resume(cls, run_dir: Path, overrides: list[str] = (), quiet: bool = False) -> "Trainer":
+    def resume(cls, run_dir: Path, overrides: list[str] = (), quiet: bool = False,
+               data_dir: str | None = None) -> "Trainer":
+        """Continue ``run_dir`` from its newest full checkpoint. Only ``train.rounds`` (to extend a
+        run) and the data location may change: anything else would not be the same run."""
         rd = RunDir(run_dir)
         if not rd.config.is_file():
             raise HuscfError(f"cannot resume {run_dir}: no config.yaml there (not a huscf run directory)")
         bad = [o for o in overrides if not o.startswith("train.rounds=")]
         if bad:
             raise HuscfError(f"--resume only accepts --set train.rounds=N (to extend a run), got {bad[0]!r}")
+        if data_dir:
+            overrides = [*overrides, f"data.data_dir={data_dir}"]
         cfg = load_config(rd.config, overrides)
         t = cls(cfg, run_dir, quiet)
         ckpt = rd.latest_checkpoint()
@@ -234,8 +240,10 @@ class Trainer:
         }
         if cfg.output.samples_every and r % cfg.output.samples_every == 0:
             self._save_samples(r, agg.groups)
-        self.run.save_checkpoint(r, {"round": r, "engine": self.engine.state_dict()}, cfg.output.keep_full_checkpoints)
+        # metrics first: a kill between the two leaves a metrics row without a checkpoint, which
+        # resume drops and recomputes (the reverse order would lose the row for good)
         self.run.append_metrics(row)
+        self.run.save_checkpoint(r, {"round": r, "engine": self.engine.state_dict()}, cfg.output.keep_full_checkpoints)
         return row
 
     # -- measurements ------------------------------------------------------------------------------

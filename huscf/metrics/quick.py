@@ -9,11 +9,13 @@ is a progress signal, not the paper's generation score or FID (see the evaluatio
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 
@@ -34,7 +36,9 @@ class LabelProbe:
             max_train: int = 5000, seed: int = 0) -> "LabelProbe":
         idx = np.random.default_rng(seed).permutation(len(y_train))[:max_train]
         clf = LogisticRegression(max_iter=300, C=0.5)
-        clf.fit(_features(x_train[idx]), y_train[idx].numpy())
+        with warnings.catch_warnings():  # a probe a little short of convergence is fine: its accuracy is reported
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(_features(x_train[idx]), y_train[idx].numpy())
         acc = float((clf.predict(_features(x_test)) == y_test.numpy()).mean())
         return cls(clf, acc, int(y_train.max()) + 1)
 
