@@ -1,4 +1,4 @@
-"""The ``huscf`` command: train, cuts, data.
+"""The ``huscf`` command: train, evaluate, report, cuts, data.
 
 Every user-facing problem is a ``HuscfError``: printed as one line, exit code 2, no traceback.
 """
@@ -57,6 +57,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from huscf.metrics.evaluate import evaluate_run
+
+    evaluate_run(Path(args.run_dir), rounds=args.rounds, samples=args.samples, tstr_samples=args.tstr_samples,
+                 tstr_epochs=args.tstr_epochs, client=args.client, seed=args.seed, data_dir=args.data_dir,
+                 quiet=args.quiet)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from huscf.report.html import write_report
+
+    html, md = write_report(Path(args.run_dir))
+    print(f"wrote {html} and {md}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="huscf", description="HuSCF-GAN: split, clustered federated cGAN training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="folder with the datasets (default: $HUSCF_DATA or ~/.cache/huscf/data)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or round summaries")
     train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score a run's generators: generation score, FID, TSTR -> eval.json/.csv")
+    ev.add_argument("run_dir")
+    ev.add_argument("--rounds", default="all", help="all (default), last, every:N, or a list like 5,10,20")
+    ev.add_argument("--samples", type=int, default=5000, help="samples per generator for score and FID (5000)")
+    ev.add_argument("--tstr-samples", type=int, default=30000,
+                    help="synthetic training images per domain for TSTR (30000, as in the paper; 0 skips TSTR)")
+    ev.add_argument("--tstr-epochs", type=int, default=3)
+    ev.add_argument("--client", type=int, help="evaluate this client's generator instead of one per cluster")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--data-dir", help="folder with the datasets (default: the run's, $HUSCF_DATA)")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    rep = sub.add_parser("report", help="write report.html and report.md for a run")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="list or download datasets")
     data_sub = data.add_subparsers(dest="data_cmd", required=True)

@@ -111,6 +111,10 @@ class OutputConfig(_Section):
 
     samples_every: int = Field(1, ge=0)  # 0: no sample grids
     samples_per_class: int = Field(8, ge=1, le=32)
+    # every N rounds, the generation score of each cluster's generator with the domain classifier
+    # (trained once and cached; see docs/evaluation.md); 0: off
+    eval_every: int = Field(0, ge=0)
+    eval_samples: int = Field(1000, ge=10)
     # every round keeps a checkpoint; only the newest N keep optimiser states (0: all of them)
     keep_full_checkpoints: int = Field(2, ge=0)
 

@@ -122,6 +122,11 @@ class Trainer:
         self.feature_depth = common_feature_depth(s.cuts)
         self.engine.feature_depth = self.feature_depth
         self.start_round = 1
+        self.classifiers = {}
+        if cfg.output.eval_every:
+            from huscf.metrics.classifiers import load_or_train
+
+            self.classifiers = {d: load_or_train(d, cfg.data.data_dir)[0] for d in s.domains}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -238,6 +243,8 @@ class Trainer:
             "bytes_round_per_client": [b * iters for b in lat["bytes_per_client"]],
             "train_seconds": round(train_seconds, 3),
         }
+        if cfg.output.eval_every and r % cfg.output.eval_every == 0:
+            row["generation_score"] = self._generation_score(r, agg.groups)
         if cfg.output.samples_every and r % cfg.output.samples_every == 0:
             self._save_samples(r, agg.groups)
         # metrics first: a kill between the two leaves a metrics row without a checkpoint, which
@@ -264,6 +271,21 @@ class Trainer:
         for i, c in enumerate(self.setup.data):
             acc.setdefault(c.domain, []).append(self.setup.probes[c.domain].label_accuracy(self._sample(i, z, y), y))
         return {d: round(float(np.mean(v)), 4) for d, v in acc.items()}
+
+    def _generation_score(self, r: int, groups: np.ndarray) -> dict[str, float]:
+        """The paper's score of each cluster's generator (mean per majority domain)."""
+        from huscf.metrics.evaluate import cluster_generators, sample_generator
+        from huscf.metrics.scores import classifier_probs, generation_score
+
+        scores: dict[str, list[float]] = {}
+        for gen in cluster_generators(groups.tolist(), self.true_domains, r):
+            num_classes = self.setup.probes[gen["domain"]].num_classes
+            x, _ = sample_generator(self.model.assemble(gen["client"], "G"), num_classes,
+                                    self.setup.arch.z_dim, self.cfg.output.eval_samples, self.cfg.seed,
+                                    what=f"the generator of cluster {gen['cluster']} at round {r}")
+            probs = classifier_probs(self.classifiers[gen["domain"]], x)
+            scores.setdefault(gen["domain"], []).append(generation_score(probs))
+        return {d: round(float(np.mean(v)), 4) for d, v in scores.items()}
 
     def _save_samples(self, r: int, groups: np.ndarray) -> None:
         z, y = self._fixed_inputs(self.cfg.output.samples_per_class)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 
 def _features(x: torch.Tensor) -> np.ndarray:
@@ -36,7 +37,9 @@ class LabelProbe:
             max_train: int = 5000, seed: int = 0) -> "LabelProbe":
         idx = np.random.default_rng(seed).permutation(len(y_train))[:max_train]
         clf = LogisticRegression(max_iter=300, C=0.5)
-        with warnings.catch_warnings():  # a probe a little short of convergence is fine: its accuracy is reported
+        # a probe a little short of convergence is fine (its accuracy is reported); one BLAS thread:
+        # the fit is small, and threads spinning beside torch's only slow it down
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf.fit(_features(x_train[idx]), y_train[idx].numpy())
         acc = float((clf.predict(_features(x_test)) == y_test.numpy()).mean())

@@ -1,0 +1,233 @@
+"""``huscf evaluate``: score a run's generators per round and in full at its last round.
+
+Which generator is a domain's? After clustered averaging the members of a cluster share their
+client-side blocks, so one generator per cluster is evaluated: that of its first member holding
+the cluster's majority domain, assembled from the member's own blocks and the server's. Any
+single client's generator can be evaluated instead (``client=``).
+
+Per evaluated round and generator: the generation score (exp E KL(p(y|x) || p(y)) with the real
+domain's classifier) and the classifier-feature FID against the real test split. At the final
+evaluated round additionally: train-on-synthetic-test-on-real (TSTR) metrics and the same CNN
+trained on as many real images (the ceiling). Everything is computed before anything is written;
+``eval.json``, ``eval.csv`` and ``eval_samples/`` then appear together.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from huscf.config import load_config
+from huscf.data import load_domain, to_tensor
+from huscf.engine.rundir import RunDir
+from huscf.errors import HuscfError
+from huscf.metrics.classifiers import load_or_train
+from huscf.metrics.scores import classifier_fid, classifier_probs, generation_score, inception_fid_available
+from huscf.metrics.tstr import tstr
+from huscf.models import build_architecture
+from huscf.models.blocks import BlockNet
+from huscf.report.grids import save_grid
+from huscf.split.plan import Cuts
+from huscf.split.segments import SplitGAN
+
+
+def sample_generator(g: BlockNet, num_classes: int, z_dim: int, n: int, seed: int, chunk: int = 500,
+                     what: str = "generator") -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` samples with labels drawn uniformly (seeded), in chunks with batch-statistics BatchNorm
+    as in training; raises ``HuscfError`` if the generator emits NaN or inf."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    z = torch.randn(n, z_dim, generator=gen)
+    g = g.train()
+    with torch.no_grad():
+        x = torch.cat([g(z[i:i + chunk], y[i:i + chunk]) for i in range(0, n, chunk)])
+    if not torch.isfinite(x).all():
+        raise HuscfError(f"{what} emitted non-finite values (NaN/inf): it cannot be evaluated")
+    return x, y
+
+
+def cluster_generators(groups: list[int], domains: list[str], r: int, client: int | None = None) -> list[dict]:
+    """[{round, cluster, client, domain, members}]: for each cluster, its first member that holds
+    the cluster's majority domain; or only ``client``'s own generator."""
+    if client is not None:
+        if not 0 <= client < len(domains):
+            raise HuscfError(f"--client {client}: the run has clients 0..{len(domains) - 1}")
+        members = [i for i, g in enumerate(groups) if g == groups[client]]
+        return [{"round": r, "cluster": groups[client], "client": client, "domain": domains[client],
+                 "members": members}]
+    out = []
+    for g in sorted(set(groups)):
+        members = [i for i, gi in enumerate(groups) if gi == g]
+        domain = Counter(domains[i] for i in members).most_common(1)[0][0]
+        rep = next(i for i in members if domains[i] == domain)
+        out.append({"round": r, "cluster": g, "client": rep, "domain": domain, "members": members})
+    return out
+
+
+def _parse_rounds(spec: str, available: list[int]) -> list[int]:
+    if spec == "all":
+        return available
+    if spec == "last":
+        return available[-1:]
+    if spec.startswith("every:"):
+        step = int(spec.split(":", 1)[1])
+        return sorted({r for r in available if r % step == 0} | {available[-1]})
+    try:
+        wanted = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise HuscfError(f"--rounds: expected all, last, every:N or a comma list of rounds, got {spec!r}") from None
+    missing = [r for r in wanted if r not in available]
+    if missing:
+        raise HuscfError(f"--rounds: no checkpoint for round(s) {missing}; available: {available[0]}..{available[-1]}")
+    return wanted
+
+
+class RunEvaluator:
+    """Loads a run's split model at any checkpointed round and picks its generators."""
+
+    def __init__(self, run_dir: Path, data_dir: str | None = None):
+        self.run = RunDir(run_dir)
+        if not self.run.config.is_file() or not (self.run.path / "clients.json").is_file():
+            raise HuscfError(f"{run_dir} is not a huscf run directory (config.yaml or clients.json missing)")
+        self.cfg = load_config(self.run.config, [f"data.data_dir={data_dir}"] if data_dir else [])
+        self.clients = json.loads((self.run.path / "clients.json").read_text())["clients"]
+        self.rows = {r["round"]: r for r in self.run.read_metrics()}
+        self.rounds = [r for r, _ in self.run.list_checkpoints() if r in self.rows]
+        if not self.rounds:
+            raise HuscfError(f"run {run_dir} has no finished round with a checkpoint: nothing to evaluate")
+        self.test = {d: load_domain(d, "test", self.cfg.data.data_dir) for d in self.cfg.data.domains}
+        first = next(iter(self.test.values()))
+        num_classes = max(t.num_classes for t in self.test.values())
+        self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
+                                       tuple(first.images.shape[1:]))
+        cuts = [Cuts(*c["cuts"]) for c in self.clients]
+        self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts)
+
+    def load_round(self, r: int) -> None:
+        self.model.load_state_dict(self.run.load_model_state(r))
+
+    def generators(self, r: int, client: int | None = None) -> list[dict]:
+        """The generators to evaluate at round r (one per cluster, or one client's)."""
+        domains = [c["domain"] for c in self.clients]
+        return cluster_generators(self.rows[r]["clusters"], domains, r, client)
+
+    def sample(self, gen: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        what = f"the generator of cluster {gen['cluster']} (client {gen['client']}) at round {gen['round']}"
+        nc = self.test[gen["domain"]].num_classes
+        return sample_generator(self.model.assemble(gen["client"], "G"), nc, self.arch.z_dim, n, seed, what=what)
+
+
+def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_samples: int = 30000,
+                 tstr_epochs: int = 3, client: int | None = None, seed: int = 0, data_dir: str | None = None,
+                 quiet: bool = False, tstr_min_steps: int = 600) -> Path:
+    """Evaluate a run; writes ``eval.json``, ``eval.csv`` and ``eval_samples/`` in the run dir."""
+    if samples < 10 or tstr_samples < 0:
+        raise HuscfError("--samples must be >= 10 and --tstr-samples >= 0")
+    ev = RunEvaluator(run_dir, data_dir)
+    todo = _parse_rounds(rounds, ev.rounds)
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    classifiers, clf_info = {}, {}
+    for d in ev.cfg.data.domains:
+        say(f"classifier for {d} ...")
+        classifiers[d], info = load_or_train(d, ev.cfg.data.data_dir, progress=not quiet)
+        clf_info[d] = {"test_accuracy": info["test_accuracy"], "data_hash": info["data_hash"]}
+    real_test = {d: (to_tensor(t.images), torch.as_tensor(np.array(t.labels))) for d, t in ev.test.items()}
+
+    per_round, final, grids = [], [], {}
+    t0 = time.perf_counter()
+    for k, r in enumerate(todo):
+        ev.load_round(r)
+        for gen in ev.generators(r, client):
+            x, _ = ev.sample(gen, samples, seed)
+            clf = classifiers[gen["domain"]]
+            row = {**{k2: gen[k2] for k2 in ("round", "cluster", "client", "domain")},
+                   "generation_score": round(generation_score(classifier_probs(clf, x)), 4),
+                   "fid": round(classifier_fid(clf, real_test[gen["domain"]][0], x), 4)}
+            per_round.append(row)
+        say(f"round {r}: " + ", ".join(f"{p['domain']}/c{p['cluster']} score {p['generation_score']:.2f} "
+                                       f"FID {p['fid']:.1f}" for p in per_round if p["round"] == r)
+            + f"  ({k + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
+
+    last = todo[-1]
+    ev.load_round(last)
+    generators = ev.generators(last, client)
+    for gen in generators:
+        d = gen["domain"]
+        scores = next(p for p in per_round if p["round"] == last and p["client"] == gen["client"])
+        entry = {**scores, "tstr": None, "real_ceiling": None}
+        nc = ev.test[d].num_classes
+        if tstr_samples:
+            say(f"TSTR for {d} (cluster {gen['cluster']}): {tstr_samples} synthetic images ...")
+            xs, ys = ev.sample(gen, tstr_samples, seed + 1)
+            entry["tstr"] = tstr(xs, ys, *real_test[d], nc, epochs=tstr_epochs, seed=seed, min_steps=tstr_min_steps)
+            train = load_domain(d, "train", ev.cfg.data.data_dir)
+            idx = np.random.default_rng(seed).permutation(len(train))[:tstr_samples]
+            entry["real_ceiling"] = tstr(to_tensor(train.images[idx]), torch.as_tensor(train.labels[idx]),
+                                         *real_test[d], nc, epochs=tstr_epochs, seed=seed, min_steps=tstr_min_steps)
+            entry["real_ceiling"]["train_images"] = int(len(idx))
+        final.append(entry)
+        if d not in grids:
+            per_class = 8
+            g = ev.model.assemble(gen["client"], "G").train()
+            y = torch.arange(nc).repeat_interleave(per_class)
+            z = torch.randn(len(y), ev.arch.z_dim, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                grids[d] = (g(z, y), nc)
+
+    available, reason = inception_fid_available()
+    result = {
+        "run_dir": str(ev.run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "settings": {"samples": samples, "tstr_samples": tstr_samples, "tstr_epochs": tstr_epochs, "seed": seed,
+                     "rounds": todo, "client": client},
+        "classifiers": clf_info,
+        "inception_fid": {"available": available, "reason": reason},
+        "generators": generators,
+        "per_round": per_round,
+        "final": final,
+        "samples": {d: f"eval_samples/{d}.png" for d in grids},
+    }
+    _write_outputs(ev.run.path, result, grids)
+    say(f"wrote {ev.run.path / 'eval.json'} and eval.csv")
+    return ev.run.path / "eval.json"
+
+
+CSV_FIELDS = ["round", "domain", "cluster", "client", "generation_score", "fid", "tstr_accuracy", "tstr_precision",
+              "tstr_recall", "tstr_f1", "tstr_fpr", "real_accuracy", "real_precision", "real_recall", "real_f1",
+              "real_fpr"]
+
+
+def _csv_text(final: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for e in final:
+        row = {k: e[k] for k in ("round", "domain", "cluster", "client", "generation_score", "fid")}
+        for prefix, key in (("tstr", "tstr"), ("real", "real_ceiling")):
+            for m in ("accuracy", "precision", "recall", "f1", "fpr"):
+                row[f"{prefix}_{m}"] = e[key][m] if e[key] else ""
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _write_outputs(run: Path, result: dict, grids: dict) -> None:
+    stage = run / ".eval.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "eval_samples").mkdir(parents=True)
+    for d, (images, rows) in grids.items():
+        save_grid(images, rows, stage / "eval_samples" / f"{d}.png")
+    (stage / "eval.json").write_text(json.dumps(result, indent=1))
+    (stage / "eval.csv").write_text(_csv_text(result["final"]))
+    shutil.rmtree(run / "eval_samples", ignore_errors=True)
+    (stage / "eval_samples").replace(run / "eval_samples")
+    (stage / "eval.csv").replace(run / "eval.csv")
+    (stage / "eval.json").replace(run / "eval.json")
+    stage.rmdir()

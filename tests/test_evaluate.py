@@ -1,0 +1,105 @@
+"""``huscf evaluate``: which generators, what it writes, and its bad-input handling."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from huscf.cli import main
+from huscf.config import build_config
+from huscf.engine.trainer import Trainer
+from huscf.errors import HuscfError
+from huscf.metrics.evaluate import cluster_generators, evaluate_run
+
+TINY = ["data.clients_per_domain=2", "model.width=0.125", "train.rounds=3", "train.local_epochs=1",
+        "train.batch_size=32", "train.max_iters_per_epoch=2", "federation.warmup_rounds=1",
+        "output.samples_per_class=2", "cuts.method=random"]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture()
+def tiny_run(tmp_path, monkeypatch, cache_env):
+    monkeypatch.setenv("HUSCF_CACHE", str(cache_env))
+    run = tmp_path / "run"
+    Trainer.new(build_config({}, TINY), run, quiet=True).fit()
+    return run
+
+
+def test_cluster_generators_pick_the_majority_domain():
+    gens = cluster_generators([0, 0, 0, 1, 1], ["a", "b", "b", "a", "a"], 4)
+    assert [(g["cluster"], g["client"], g["domain"], g["members"]) for g in gens] == [
+        (0, 1, "b", [0, 1, 2]), (1, 3, "a", [3, 4])]
+    assert cluster_generators([0, 1], ["a", "b"], 1, client=1)[0]["domain"] == "b"
+    with pytest.raises(HuscfError, match="--client 5"):
+        cluster_generators([0, 1], ["a", "b"], 1, client=5)
+
+
+def test_evaluate_writes_json_csv_and_grids(tiny_run):
+    evaluate_run(tiny_run, samples=200, tstr_samples=300, tstr_epochs=1, quiet=True, tstr_min_steps=60)
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    rows = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ev["settings"]["rounds"] == [1, 2, 3]
+    assert {p["round"] for p in ev["per_round"]} == {1, 2, 3}
+    assert len(ev["final"]) == len(set(rows["clusters"]))
+    for e in ev["final"]:
+        assert 1.0 <= e["generation_score"] <= 10.0 and e["fid"] >= 0
+        assert 0 <= e["tstr"]["accuracy"] <= 1 and e["real_ceiling"]["train_images"] == 300
+        assert e["real_ceiling"]["accuracy"] > e["tstr"]["accuracy"]  # 3 tiny rounds cannot match real data
+    assert set(ev["classifiers"]) == {"digits", "digits_inverted"}
+    assert ev["inception_fid"]["available"] in (True, False) and ev["inception_fid"]["reason"]
+    table = list(csv.DictReader((tiny_run / "eval.csv").open()))
+    assert len(table) == len(ev["final"]) and float(table[0]["tstr_accuracy"]) == ev["final"][0]["tstr"]["accuracy"]
+    for d, path in ev["samples"].items():
+        assert (tiny_run / path).stat().st_size > 0
+    assert not (tiny_run / ".eval.tmp").exists()
+
+
+def test_evaluate_one_client_and_selected_rounds(tiny_run, capsys):
+    assert main(["evaluate", str(tiny_run), "--rounds", "2,3", "--client", "3", "--samples", "100",
+                 "--tstr-samples", "0", "--quiet"]) == 0
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    assert [(p["round"], p["client"]) for p in ev["per_round"]] == [(2, 3), (3, 3)]
+    assert ev["final"][0]["tstr"] is None and ev["final"][0]["domain"] == "digits_inverted"
+
+
+def test_evaluate_bad_input(tiny_run, tmp_path, capsys):
+    def fails(argv, pattern):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and pattern in err, err
+
+    fails(["evaluate", str(tmp_path / "nothing")], "not a huscf run directory")
+    fails(["evaluate", str(tiny_run), "--rounds", "9"], "no checkpoint for round(s) [9]")
+    for ckpt in (tiny_run / "checkpoints").iterdir():
+        ckpt.rename(tmp_path / ckpt.name)
+    fails(["evaluate", str(tiny_run), "--quiet"], "no finished round with a checkpoint")
+    assert not (tiny_run / "eval.json").exists()
+
+
+def test_generator_emitting_nan_is_refused_and_nothing_is_written(tiny_run, capsys):
+    path = tiny_run / "checkpoints" / "round_0003.pt"
+    state = torch.load(path, weights_only=False)
+    for k, v in state["engine"]["model"].items():
+        if k.startswith("clients.") and ".nets.G.0." in k and v.is_floating_point():
+            v.fill_(float("nan"))
+    torch.save(state, path)
+    assert main(["evaluate", str(tiny_run), "--rounds", "last", "--samples", "50", "--tstr-samples", "0",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "emitted non-finite values" in err and "round 3" in err
+    assert not (tiny_run / "eval.json").exists() and not (tiny_run / "eval_samples").exists()
+
+
+def test_training_records_the_generation_score_when_asked(tmp_path, monkeypatch, cache_env):
+    monkeypatch.setenv("HUSCF_CACHE", str(cache_env))
+    run = tmp_path / "run"
+    Trainer.new(build_config({}, TINY + ["output.eval_every=2", "output.eval_samples=100"]), run, quiet=True).fit()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "generation_score" not in rows[0] and "generation_score" not in rows[2]
+    assert set(rows[1]["generation_score"]) <= {"digits", "digits_inverted"}
+    assert all(1.0 <= v <= 10.0 for v in rows[1]["generation_score"].values())
