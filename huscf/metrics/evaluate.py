@@ -32,7 +32,7 @@ from huscf.engine.rundir import RunDir
 from huscf.errors import HuscfError
 from huscf.metrics.classifiers import load_or_train
 from huscf.metrics.scores import classifier_fid, classifier_probs, generation_score, inception_fid_available
-from huscf.metrics.tstr import tstr
+from huscf.metrics.tstr import real_ceiling, tstr
 from huscf.models import build_architecture
 from huscf.models.blocks import BlockNet
 from huscf.report.grids import save_grid
@@ -169,11 +169,10 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
             say(f"TSTR for {d} (cluster {gen['cluster']}): {tstr_samples} synthetic images ...")
             xs, ys = ev.sample(gen, tstr_samples, seed + 1)
             entry["tstr"] = tstr(xs, ys, *real_test[d], nc, epochs=tstr_epochs, seed=seed, min_steps=tstr_min_steps)
-            train = load_domain(d, "train", ev.cfg.data.data_dir)
-            idx = np.random.default_rng(seed).permutation(len(train))[:tstr_samples]
-            entry["real_ceiling"] = tstr(to_tensor(train.images[idx]), torch.as_tensor(train.labels[idx]),
-                                         *real_test[d], nc, epochs=tstr_epochs, seed=seed, min_steps=tstr_min_steps)
-            entry["real_ceiling"]["train_images"] = int(len(idx))
+            n_real = min(tstr_samples, len(load_domain(d, "train", ev.cfg.data.data_dir)))
+            entry["real_ceiling"] = real_ceiling(d, n_real, data_dir=ev.cfg.data.data_dir, epochs=tstr_epochs,
+                                                 seed=seed, min_steps=tstr_min_steps)
+            entry["real_ceiling"]["train_images"] = n_real
         final.append(entry)
         if d not in grids:
             per_class = 8
