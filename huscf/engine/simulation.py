@@ -139,7 +139,9 @@ class SimulationEngine:
             z = torch.randn(len(y), self.z_dim, generator=noise)
             fakes[i] = m.generate(i, z, y)
 
-        # discriminator step (fakes detached: no gradient reaches G)
+        # discriminator step (fakes detached: no gradient reaches G). Each client's loss is
+        # back-propagated as soon as it exists, freeing its graph: the server's gradient is the
+        # same sum over clients, but only one client's D activations are alive at a time.
         self._zero_grad("D", clients)
         d_losses, seen = {}, {}
         for i in clients:
@@ -148,27 +150,30 @@ class SimulationEngine:
             out_fake = m.discriminate(i, fakes[i].detach(), y)
             out_real = m.discriminate(i, x, y, server_input=received)
             seen[i] = received[0]
-            d_losses[i] = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
-                           + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
-        self._check_finite(d_losses, "discriminator", where)
-        torch.stack(list(d_losses.values())).sum().backward()
+            loss = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+                    + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
+            self._check_finite(loss, i, "discriminator", where)
+            loss.backward()
+            d_losses[i] = loss.item()
         self._step("D", clients)
         if collect_features and self.feature_depth is not None:
             for i, act in m.server_features(seen, self.feature_depth).items():
                 self.features.add(i, act)
 
-        # generator step (fakes labelled real); D's weights are not trained here
+        # generator step (fakes labelled real); D's weights are not trained here. Backward per
+        # client again: client i's generator graph is freed right after its loss.
         self._zero_grad("G", clients)
         self._requires_grad("D", False)
         g_losses = {}
         for i in clients:
-            out = m.discriminate(i, fakes[i], batch[i][1])
-            g_losses[i] = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-        self._check_finite(g_losses, "generator", where)
-        torch.stack(list(g_losses.values())).sum().backward()
+            out = m.discriminate(i, fakes.pop(i), batch[i][1])
+            loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+            self._check_finite(loss, i, "generator", where)
+            loss.backward()
+            g_losses[i] = loss.item()
         self._requires_grad("D", True)
         self._step("G", clients)
-        return {i: (d_losses[i].item(), g_losses[i].item()) for i in clients}
+        return {i: (d_losses[i], g_losses[i]) for i in clients}
 
     def _opts(self, net: str, clients: list[int]):
         return [self.client_opts[i][net] for i in clients] + [self.server_opts[net]]
@@ -187,11 +192,10 @@ class SimulationEngine:
         self.model.server.nets[net].requires_grad_(flag)
 
     @staticmethod
-    def _check_finite(losses: dict[int, torch.Tensor], what: str, where: tuple) -> None:
-        bad = [i for i, v in losses.items() if not torch.isfinite(v)]
-        if bad:
+    def _check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:
+        if not torch.isfinite(loss):
             r, e, t = where if len(where) == 3 else ("?", "?", "?")
-            raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {bad[0]} at round {r}, "
+            raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
                              f"epoch {e}, iteration {t}: lower train.lr or check the data")
 
     # -- state -----------------------------------------------------------------------------------

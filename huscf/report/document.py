@@ -120,7 +120,8 @@ def _block_html(b: Block) -> str:
     if isinstance(b, Table):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
         body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in b.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        thead = f"<thead><tr>{head}</tr></thead>" if any(b.header) else ""  # a key/value table has none
+        return f"<table>{thead}<tbody>{body}</tbody></table>"
     if isinstance(b, Image):
         src = "data:image/png;base64," + base64.b64encode(b.png).decode("ascii")
         cap = f"<figcaption>{html.escape(b.caption)}</figcaption>" if b.caption else ""

@@ -211,7 +211,7 @@ def section_summary(run: Run) -> Section:
         ["simulated latency, all rounds", seconds(sum(_finite(r.get("latency_s_round")) or 0.0 for r in run.metrics))],
         ["evaluation", f"eval.json, created {ev.get('created', '?')}" if ev else f"none yet (run {run.evaluate_hint()})"],
     ]
-    blocks: list[Block] = [Table(["", ""], rows)]
+    blocks: list[Block] = [Table(["", ""], rows)]  # no header row: a key/value table
     blocks += _clients_table(run)
     probe = _get(run.clients, "probe_real_test_accuracy")
     if isinstance(probe, dict) and probe:
