@@ -189,6 +189,7 @@ class Trainer:
         if self.start_round > rounds:
             self._say(f"run {self.run.path} already has all {rounds} rounds")
             return self.run.path
+        self._say(self._header())
         bar = tqdm(total=rounds * epochs * iters, initial=(self.start_round - 1) * epochs * iters, unit="it",
                    disable=self.quiet, dynamic_ncols=True, file=sys.stderr, desc="huscf")
         last = {}
@@ -212,7 +213,7 @@ class Trainer:
                     bar.write(self._summary(row), file=sys.stderr)
         finally:
             bar.close()
-        self._say(f"done: {self.run.path}")
+        self._say(f"done: {self.run.path}\nnext: huscf evaluate {self.run.path} && huscf report {self.run.path}")
         return self.run.path
 
     def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float) -> dict:
@@ -295,6 +296,17 @@ class Trainer:
                       self.run.samples / f"round_{r:04d}_cluster_{g}.png")
 
     # -- output ------------------------------------------------------------------------------------
+    def _header(self) -> str:
+        s, cfg = self.setup, self.cfg
+        per_domain = ", ".join(f"{d} x{sum(c.domain == d for c in s.data)}" for d in s.domains)
+        distinct = sorted({tuple(c) for c in s.cuts})
+        start = f"resuming at round {self.start_round}" if self.start_round > 1 else "starting"
+        return (f"huscf: {start} {self.run.path}: {len(s.data)} clients ({per_domain}, {cfg.data.scenario}), "
+                f"{cfg.model.arch} width {cfg.model.width}, {cfg.train.rounds} rounds x {cfg.train.local_epochs} "
+                f"epochs x {self.engine.iterations_per_epoch()} iterations\n"
+                f"huscf: cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated "
+                f"latency {s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}")
+
     def _summary(self, row: dict) -> str:
         acc = " ".join(f"{d}={v:.2f}" for d, v in row["label_accuracy"].items())
         return (f"round {row['round']:>3}: D {row['loss_d']:.3f}  G {row['loss_g']:.3f}  "
