@@ -152,3 +152,8 @@ def test_fixed_cuts_are_validated(tmp_path):
         build_setup(_cfg("cuts.method=fixed", "cuts.fixed=[2,1,0,0]"))
     with pytest.raises(HuscfError, match="3 cut lists for 4 clients"):
         build_setup(_cfg("cuts.method=fixed", "cuts.fixed=[[0,0,0,0],[0,0,0,0],[0,0,0,0]]"))
+
+
+def test_a_client_with_one_sample_is_refused():
+    with pytest.raises(HuscfError, match=r"client \d+ \(digits\) has 1 training sample"):
+        build_setup(_cfg("data.domains=[digits]", "data.limit_per_domain=3"))

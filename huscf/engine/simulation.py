@@ -104,10 +104,8 @@ class SimulationEngine:
         if collect_features:
             self.features = FeatureStats(len(self.data))
         nb = self.batches_per_client()
-        perms = []
-        for i, d in enumerate(self.data):
-            perm = torch.from_numpy(_rng(self.seed, round_idx, epoch, i).permutation(len(d)))
-            perms.append(perm)
+        perms = [torch.from_numpy(_rng(self.seed, round_idx, epoch, i).permutation(len(d)))
+                 for i, d in enumerate(self.data)]
         noise = torch.Generator().manual_seed(int(_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
         counts = np.zeros(len(self.data))

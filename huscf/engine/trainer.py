@@ -88,6 +88,11 @@ def build_setup(cfg: RunConfig) -> Setup:
     data = [ClientData(x_all[p.domain][torch.from_numpy(p.indices)],
                        torch.from_numpy(labels[p.domain][p.indices]).long(), p.domain) for p in parts]
 
+    tiny = next((c for c, d in enumerate(data) if len(d) < 2), None)
+    if tiny is not None:  # BatchNorm cannot normalise a batch of one
+        raise HuscfError(f"client {tiny} ({data[tiny].domain}) has {len(data[tiny])} training sample(s), BatchNorm needs "
+                         f"at least 2: lower data.clients_per_domain or raise data.limit_per_domain")
+
     server, device_list = load_profiles(cfg.devices.profiles)
     devices = assign_devices(device_list, cfg.num_clients, cfg.devices.assignment, cfg.seed)
     g_middle = len(arch.g_middle)
