@@ -29,9 +29,12 @@ from huscf.errors import HuscfError
 from huscf.federation.averaging import apply_aggregation
 from huscf.federation.clustering import common_feature_depth
 from huscf.federation.strategies import RoundState, make_strategy
+from huscf.metrics.classifiers import load_or_train
+from huscf.metrics.evaluate import cluster_generators, sample_generator
 from huscf.metrics.quick import LabelProbe
+from huscf.metrics.scores import classifier_probs, generation_score
 from huscf.models import build_architecture
-from huscf.report.grids import save_grid
+from huscf.report.grids import class_grid_inputs, save_grid
 from huscf.split.plan import Cuts, all_cuts, validate_cuts
 from huscf.split.segments import SplitGAN
 
@@ -129,8 +132,6 @@ class Trainer:
         self.start_round = 1
         self.classifiers = {}
         if cfg.output.eval_every:
-            from huscf.metrics.classifiers import load_or_train
-
             self.classifiers = {d: load_or_train(d, cfg.data.data_dir)[0] for d in s.domains}
 
     # -- construction ------------------------------------------------------------------------------
@@ -261,10 +262,7 @@ class Trainer:
 
     # -- measurements ------------------------------------------------------------------------------
     def _fixed_inputs(self, per_class: int):
-        k = self.setup.arch.num_classes
-        y = torch.arange(k).repeat_interleave(per_class)
-        z = torch.randn(len(y), self.setup.arch.z_dim, generator=torch.Generator().manual_seed(self.cfg.seed + 7))
-        return z, y
+        return class_grid_inputs(self.setup.arch.num_classes, per_class, self.setup.arch.z_dim, self.cfg.seed + 7)
 
     @torch.no_grad()
     def _sample(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -280,9 +278,6 @@ class Trainer:
 
     def _generation_score(self, r: int, groups: np.ndarray) -> dict[str, float]:
         """The paper's score of each cluster's generator (mean per majority domain)."""
-        from huscf.metrics.evaluate import cluster_generators, sample_generator
-        from huscf.metrics.scores import classifier_probs, generation_score
-
         scores: dict[str, list[float]] = {}
         for gen in cluster_generators(groups.tolist(), self.true_domains, r):
             num_classes = self.setup.probes[gen["domain"]].num_classes

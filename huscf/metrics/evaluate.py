@@ -35,7 +35,7 @@ from huscf.metrics.scores import classifier_fid, classifier_probs, generation_sc
 from huscf.metrics.tstr import real_ceiling, tstr
 from huscf.models import build_architecture
 from huscf.models.blocks import BlockNet
-from huscf.report.grids import save_grid
+from huscf.report.grids import class_grid_inputs, save_grid
 from huscf.split.plan import Cuts
 from huscf.split.segments import SplitGAN
 
@@ -177,8 +177,7 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
         if d not in grids:
             per_class = 8
             g = ev.model.assemble(gen["client"], "G").train()
-            y = torch.arange(nc).repeat_interleave(per_class)
-            z = torch.randn(len(y), ev.arch.z_dim, generator=torch.Generator().manual_seed(seed))
+            z, y = class_grid_inputs(nc, per_class, ev.arch.z_dim, seed)
             with torch.no_grad():
                 grids[d] = (g(z, y), nc)
 

@@ -1,4 +1,4 @@
-"""Sample grids as PNG: one row per class, images in [-1, 1] mapped to 0..255."""
+"""Sample grids as PNG: one row per class, images in [-1, 1] mapped to 0..255; their fixed inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+def class_grid_inputs(num_classes: int, per_class: int, z_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed ``(z, y)`` for a grid with one row per class (the same noise every round, seeded)."""
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    z = torch.randn(len(y), z_dim, generator=torch.Generator().manual_seed(seed))
+    return z, y
 
 
 def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
