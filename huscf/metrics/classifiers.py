@@ -135,11 +135,15 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
 
 
 @torch.no_grad()
+def predict(model: DomainClassifier, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """The predicted class of every image of ``x`` (eval mode, in batches)."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
 def accuracy(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     """Fraction of ``x`` that ``model`` labels as ``y``."""
-    model.eval()
-    pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
-    return float((pred == torch.as_tensor(y)).double().mean())
+    return float((predict(model, x, batch) == torch.as_tensor(y)).double().mean())
 
 
 def data_hash(*arrays: np.ndarray) -> str:

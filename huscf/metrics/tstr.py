@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from huscf.data import load_domain
 from huscf.errors import HuscfError
-from huscf.metrics.classifiers import DEFAULT_RECIPE, train_classifier
+from huscf.metrics.classifiers import DEFAULT_RECIPE, predict, train_classifier
 from huscf.metrics.scores import as_images
 
 
@@ -73,8 +73,7 @@ def tstr(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = DE
     start = time.perf_counter()
     model = train_classifier(x, y, num_classes, epochs=epochs, seed=seed, min_steps=min_steps, shift=shift)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        pred = torch.cat([model(xt[i:i + 1000]).argmax(1) for i in range(0, len(xt), 1000)])
+    pred = predict(model, xt)
     report = classification_report_dict(yt.numpy(), pred.numpy(), num_classes)
     return {**report, "n_train": len(x), "n_test": len(xt), "num_classes": num_classes, "epochs": epochs,
             "min_steps": min_steps, "seed": seed, "trained_seconds": round(seconds, 2)}
