@@ -141,20 +141,22 @@ class SimulationEngine:
         # back-propagated as soon as it exists, freeing its graph: the server's gradient is the
         # same sum over clients, but only one client's D activations are alive at a time.
         self._zero_grad("D", clients)
+        collect = collect_features and self.feature_depth is not None
         d_losses, seen = {}, {}
         for i in clients:
             x, y = batch[i]
-            received: list[torch.Tensor] = []
+            received: list[torch.Tensor] | None = [] if collect else None
             out_fake = m.discriminate(i, fakes[i].detach(), y)
             out_real = m.discriminate(i, x, y, server_input=received)
-            seen[i] = received[0]
+            if collect:  # keep the server's input only when it is needed: it pins that activation
+                seen[i] = received[0]
             loss = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
                     + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
             self._check_finite(loss, i, "discriminator", where)
             loss.backward()
             d_losses[i] = loss.item()
         self._step("D", clients)
-        if collect_features and self.feature_depth is not None:
+        if collect:
             for i, act in m.server_features(seen, self.feature_depth).items():
                 self.features.add(i, act)
 
