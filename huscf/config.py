@@ -106,6 +106,20 @@ class FederationConfig(_Section):
         raise ValueError("must be 'auto' or an integer >= 1")
 
 
+class ComputeConfig(_Section):
+    """Where and how the iteration runs (none of it changes the method; see docs/performance.md)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees one
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward, fp32 weights and optimiser
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC convolutions; auto: on
+    # run the generator twice per iteration instead of keeping every client's graph through the
+    # D step; auto: on for more than 16 clients (per-client loop) or when clients run in chunks
+    recompute_generator: bool | Literal["auto"] = "auto"
+    clients: Literal["auto", "loop", "batched"] = "auto"  # auto: loop on CPU, batched on CUDA
+    client_chunk: int | None = Field(None, ge=1)  # batched: clients per block call (None: all)
+    cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (helped bf16, hurt fp32 on an H100)
+
+
 class OutputConfig(_Section):
     """What a run writes besides metrics and checkpoints."""
 
@@ -130,6 +144,7 @@ class RunConfig(_Section):
     cuts: CutsConfig = Field(default_factory=CutsConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @property

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from huscf.config import RunConfig, load_config
 from huscf.cuts import assign_devices, evaluate_latency, load_profiles, plan_cuts
 from huscf.data import load_domain, partition, to_tensor
+from huscf.engine.batched import BatchedEngine
+from huscf.engine.execution import Execution
 from huscf.engine.rundir import RunDir
 from huscf.engine.simulation import ClientData, SimulationEngine
 from huscf.errors import HuscfError
@@ -117,13 +119,17 @@ class Trainer:
         self.cfg, self.run, self.quiet = cfg, RunDir(run_dir), quiet
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        c = cfg.compute  # resolved first: a device that is not there fails before any data loads
+        self.execution = Execution.resolve(c.device, c.precision, c.channels_last, c.recompute_generator, c.clients,
+                                           c.client_chunk, cfg.num_clients, c.cudnn_benchmark)
         self.setup = build_setup(cfg)
         s = self.setup
         torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
         g, d = s.arch.generator(), s.arch.discriminator()
         self.model = SplitGAN(g, d, s.cuts)
-        self.engine = SimulationEngine(self.model, s.data, cfg.train.batch_size, cfg.train.lr, cfg.train.betas,
-                                       s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch)
+        engine = BatchedEngine if self.execution.batch_clients else SimulationEngine
+        self.engine = engine(self.model, s.data, cfg.train.batch_size, cfg.train.lr, cfg.train.betas,
+                             s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch, self.execution)
         self.strategy = make_strategy(cfg.federation)
         self.sizes = np.array([len(c) for c in s.data])
         self.true_domains = [c.domain for c in s.data]
@@ -266,8 +272,9 @@ class Trainer:
 
     @torch.no_grad()
     def _sample(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Samples from a client's full generator (a copy; batch statistics, as in training)."""
-        return self.model.assemble(client, "G")(z, y)
+        """Samples from a client's generator, on the training device (batch statistics, as in training)."""
+        dev = self.engine.device
+        return self.model.generate(client, z.to(dev), y.to(dev)).float().cpu()
 
     def _label_accuracy(self, r: int) -> dict[str, float]:
         z, y = self._fixed_inputs(10)
@@ -281,7 +288,7 @@ class Trainer:
         scores: dict[str, list[float]] = {}
         for gen in cluster_generators(groups.tolist(), self.true_domains, r):
             num_classes = self.setup.probes[gen["domain"]].num_classes
-            x, _ = sample_generator(self.model.assemble(gen["client"], "G"), num_classes,
+            x, _ = sample_generator(self.model.assemble(gen["client"], "G").cpu(), num_classes,
                                     self.setup.arch.z_dim, self.cfg.output.eval_samples, self.cfg.seed,
                                     what=f"the generator of cluster {gen['cluster']} at round {r}")
             probs = classifier_probs(self.classifiers[gen["domain"]], x)
@@ -305,7 +312,14 @@ class Trainer:
                 f"{cfg.model.arch} width {cfg.model.width}, {cfg.train.rounds} rounds x {cfg.train.local_epochs} "
                 f"epochs x {self.engine.iterations_per_epoch()} iterations\n"
                 f"huscf: cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated "
-                f"latency {s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}")
+                f"latency {s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}\n"
+                f"huscf: compute {self._compute_line()}")
+
+    def _compute_line(self) -> str:
+        ex = self.execution
+        how = f"batched clients (chunk {ex.client_chunk or 'all'})" if ex.batch_clients else "per-client loop"
+        return (f"{ex.device}, {ex.precision}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
+                f"generator recompute {'on' if ex.recompute_generator else 'off'}, {torch.get_num_threads()} threads")
 
     def _summary(self, row: dict) -> str:
         acc = " ".join(f"{d}={v:.2f}" for d, v in row["label_accuracy"].items())

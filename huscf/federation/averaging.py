@@ -23,7 +23,7 @@ def _average(states: list[dict[str, torch.Tensor]], weights: np.ndarray) -> dict
     out = {}
     for key, first in states[0].items():
         if first.is_floating_point():
-            w = torch.as_tensor(weights, dtype=first.dtype).view(-1, *([1] * first.dim()))
+            w = torch.as_tensor(weights, dtype=first.dtype, device=first.device).view(-1, *([1] * first.dim()))
             out[key] = (torch.stack([s[key] for s in states]) * w).sum(0)
         else:
             out[key] = torch.stack([s[key] for s in states]).amax(0)

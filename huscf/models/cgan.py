@@ -36,7 +36,7 @@ class GeneratorHead(nn.Module):
         self.channels, self.size = channels, size
         self.embed = nn.Embedding(num_classes, num_classes)
         self.fc = nn.Linear(z_dim + num_classes, channels * size * size)
-        self.bn = nn.BatchNorm1d(channels * size * size)
+        self.bn = nn.BatchNorm1d(channels * size * size, track_running_stats=False)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1))
@@ -58,14 +58,24 @@ class DiscriminatorHead(nn.Module):
         return self.conv(torch.cat([x, label_plane], dim=1))
 
 
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm that always normalises with the batch's own statistics (no running averages).
+
+    huscf never switches a GAN to eval-mode statistics (samples are drawn in train mode, as in
+    training), so running averages would be state that nothing reads: dropping them keeps every
+    execution path (per-client loop, batched clients, any device) holding the same state.
+    """
+    return nn.BatchNorm2d(channels, track_running_stats=False)
+
+
 def conv_block(cin: int, spec: Conv) -> nn.Sequential:
     cout, k, s, p = spec
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, p), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, p), batch_norm(cout), nn.LeakyReLU(0.2))
 
 
 def convt_block(cin: int, spec: ConvT) -> nn.Sequential:
     cout, k, s, p, op = spec
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, k, s, p, op), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, k, s, p, op), batch_norm(cout), nn.ReLU())
 
 
 def _conv_out(size: int, k: int, s: int, p: int) -> int:

@@ -58,6 +58,25 @@ class _Cross(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+class _CrossRows(torch.autograd.Function):
+    """``_Cross`` for a stacked tensor (clients, batch, ...): rows ``rows`` belong to ``clients``."""
+
+    @staticmethod
+    def forward(ctx, x, recorder, direction, clients, rows, net, block):
+        ctx.meta = (recorder, direction, clients, rows, net, block)
+        for client, row in zip(clients, rows):
+            recorder.record("activation", direction, client, net, block, x[row])
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        recorder, direction, clients, rows, net, block = ctx.meta
+        back = "server->client" if direction == "client->server" else "client->server"
+        for client, row in zip(clients, rows):
+            recorder.record("gradient", back, client, net, block, grad[row])
+        return grad, None, None, None, None, None, None
+
+
 class Seam:
     """Moves tensors across the client/server boundary (identity in one process)."""
 
@@ -68,3 +87,10 @@ class Seam:
         if self.recorder is None:
             return x
         return _Cross.apply(x, self.recorder, direction, client, net, block)
+
+    def cross_rows(self, x: torch.Tensor, direction: str, clients: list[int], rows: list[int], net: str,
+                   block: int) -> torch.Tensor:
+        """``cross`` for the batched engine: row ``rows[k]`` of ``x`` is client ``clients[k]``'s tensor."""
+        if self.recorder is None or not rows:
+            return x
+        return _CrossRows.apply(x, self.recorder, direction, clients, rows, net, block)

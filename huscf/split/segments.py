@@ -120,11 +120,10 @@ class SplitGAN(nn.Module):
 
         ``inputs[i]`` is the activation client i sent to the server. The server pushes it through
         its own copies of blocks ``hd_i+1 .. depth``, so every client's features come from the same
-        weights at the same depth whatever its cuts. BatchNorm uses batch statistics (train mode),
-        exactly as in the training forward pass and as in the clients' own copies of the blocks;
-        a throw-away copy of the body keeps the real running statistics untouched.
+        weights at the same depth whatever its cuts. BatchNorm uses batch statistics, exactly as in
+        the training forward pass (the GANs keep no running statistics, so nothing is mutated).
         """
-        body = copy.deepcopy(self.server.nets["D"]).train()
+        body = self.server.nets["D"]
         out = {}
         for client, h in inputs.items():
             for b in range(self.ranges(client, "D").head[-1] + 1, depth + 1):

@@ -1,0 +1,109 @@
+"""Wall time of a shipped scenario at full scale: seconds per iteration and the projected full run.
+
+Run:  python benchmarks/bench_scenario.py configs/6_multi_domain_iid.yaml [--set compute.precision=bf16 ...]
+                                          [--iters N] [--out DIR]
+
+Builds the scenario exactly as ``huscf train`` does (real data, its clients, cuts and model), then
+
+1. runs one round of one local epoch capped at ``--warmup`` iterations through ``Trainer.fit``:
+   warm-up, plus the cost of a round's end (clustering, averaging, probes, samples, checkpoint),
+   measured as that round's wall time minus its training time;
+2. times one real local epoch (the first ``--iters`` iterations of it when given; clients whose
+   data runs out sit out, as in training) for the seconds per iteration;
+3. projects the configured run: rounds x (local_epochs x iterations per epoch x s/iteration +
+   round end). A capped epoch keeps every client busy, so ``--iters`` projects pessimistically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from huscf.config import load_config  # noqa: E402
+from huscf.engine.trainer import Trainer, read_metrics  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_round_end(trainer) -> dict[str, float]:
+    """Wrap the pieces of a round's end with timers (results filled in as they run)."""
+    parts: dict[str, float] = {}
+
+    def timed(obj, name, label):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                _sync()
+                parts[label] = parts.get(label, 0.0) + time.perf_counter() - start
+        setattr(obj, name, wrapper)
+
+    timed(trainer.strategy, "aggregate", "clustering")
+    timed(trainer, "_label_accuracy", "label probes")
+    timed(trainer, "_save_samples", "sample grids")
+    timed(trainer.run, "save_checkpoint", "checkpoint")
+    return parts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--iters", type=int, default=None, help="time only this many iterations of the epoch")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    full = load_config(args.config, args.set)
+    short = load_config(args.config, args.set + ["train.rounds=1", "train.local_epochs=1",
+                                                 f"train.max_iters_per_epoch={args.warmup}"])
+    out = Path(args.out or tempfile.mkdtemp(prefix="huscf-bench-")) / "run"
+    start = time.perf_counter()
+    trainer = Trainer.new(short, out, quiet=True)
+    setup_s = time.perf_counter() - start
+    parts = _time_round_end(trainer)
+    start = time.perf_counter()
+    trainer.fit()
+    round_s = time.perf_counter() - start
+    round_end_s = round_s - read_metrics(out)[-1]["train_seconds"]
+
+    engine = trainer.engine
+    engine.max_iters = None
+    per_epoch = engine.iterations_per_epoch() if full.train.max_iters_per_epoch is None else min(
+        engine.iterations_per_epoch(), full.train.max_iters_per_epoch)
+    engine.max_iters = args.iters or per_epoch
+    _sync()
+    start = time.perf_counter()
+    engine.run_epoch(round_idx=1, epoch=0)
+    _sync()
+    timed = engine.iterations_per_epoch()
+    sec_per_iter = (time.perf_counter() - start) / timed
+
+    c = full.train
+    projected = c.rounds * (c.local_epochs * per_epoch * sec_per_iter + round_end_s)
+    print(f"scenario {full.name}: {full.num_clients} clients, {full.model.arch} width {full.model.width}, batch "
+          f"{c.batch_size}; {trainer._compute_line()}")
+    print(f"device: {torch.cuda.get_device_name() if engine.device.type == 'cuda' else 'cpu'}")
+    print(f"setup {setup_s:.1f} s; first round ({args.warmup} iterations + round end) {round_s:.1f} s; "
+          f"round end {round_end_s:.2f} s ({', '.join(f'{k} {v:.2f} s' for k, v in parts.items())})")
+    print(f"{sec_per_iter:.4f} s per iteration over {timed} iterations of a local epoch "
+          f"({per_epoch} iterations per epoch)")
+    print(f"projected: {c.rounds} rounds x {c.local_epochs} epochs x {per_epoch} iterations = "
+          f"{projected:.0f} s ({projected / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

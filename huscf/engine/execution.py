@@ -1,0 +1,81 @@
+"""How an engine executes the iteration on the hardware: device, precision, memory layout, memory.
+
+None of these change the mathematics of HuSCF-GAN; they change where and how fast it runs:
+
+* ``device``: ``cpu`` or ``cuda`` (the split model and the clients' data move there);
+* ``precision``: ``fp32`` (exact, the default) or ``bf16`` (forward matmuls and convolutions
+  under ``torch.autocast``; weights, optimiser states and losses stay fp32);
+* ``channels_last``: NHWC memory layout for convolutions (oneDNN and cuDNN's fast layout);
+* ``recompute_generator``: run the generator forward of the discriminator step without a graph
+  and recompute it in the generator step (same noise and weights, so the same fakes), so that no
+  client's generator graph stays alive through the discriminator step;
+* ``batch_clients``: run every block once for a chunk of ``client_chunk`` clients
+  (``BatchedEngine``, vmapped over the clients' weights) instead of once per client;
+* ``cudnn_benchmark``: let cuDNN time its algorithms for each new shape (CUDA only).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from huscf.errors import HuscfError
+
+
+@dataclass(frozen=True)
+class Execution:
+    device: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool = False
+    recompute_generator: bool = False
+    batch_clients: bool = False
+    client_chunk: int | None = None
+    cudnn_benchmark: bool = False
+
+    def __post_init__(self):
+        if self.channels_last and self.batch_clients:
+            raise HuscfError("channels_last is not supported with batched clients (torch.func.vmap)")
+        if self.precision not in ("fp32", "bf16"):
+            raise HuscfError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise HuscfError("compute.device is 'cuda' but torch sees no CUDA device: use 'cpu' or 'auto'")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def autocast(self):
+        """The forward-pass context: bf16 autocast, or nothing for fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.torch_device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch in the configured memory layout (a no-op unless channels_last)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
+                recompute_generator: bool | str = "auto", clients: str = "auto", client_chunk: int | None = None,
+                num_clients: int = 1, cudnn_benchmark: bool = False) -> "Execution":
+        """Turn the config's ``auto`` choices into concrete ones (see docs/performance.md)."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        on_cuda = torch.device(device).type == "cuda"
+        batch = on_cuda if clients == "auto" else clients == "batched"
+        if channels_last == "auto":
+            channels_last = not batch
+        elif channels_last and batch:  # torch.func.vmap cannot query NHWC strides (BatchNorm on CUDA)
+            raise HuscfError("compute.channels_last is not supported with batched clients: "
+                             "set compute.channels_last to false or 'auto', or compute.clients to 'loop'")
+        if recompute_generator == "auto":
+            # retained generator graphs grow with the clients of an iteration; past a handful of
+            # clients on a CPU the memory is worth more than the ~20% extra generator FLOPs
+            recompute_generator = (not batch and num_clients > 16) or (batch and client_chunk is not None
+                                                                         and client_chunk < num_clients)
+        return cls(device, precision, bool(channels_last), bool(recompute_generator), batch, client_chunk,
+                   cudnn_benchmark)
