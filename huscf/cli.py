@@ -34,13 +34,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _config_path(name: str | None) -> Path | None:
-    """A config argument is a path, or the name of a shipped config (``configs/NAME.yaml``)."""
+    """A config argument is a path, or the name of a shipped config (``huscf/configs/NAME.yaml``,
+    installed with the package; ``configs/`` in a checkout links there)."""
     if name is None:
         return None
     p = Path(name)
     if p.exists() or p.suffix in (".yaml", ".yml"):
         return p
-    shipped = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    shipped = Path(__file__).resolve().parent / "configs" / f"{name}.yaml"
     return shipped if shipped.exists() else p
 
 

@@ -122,3 +122,18 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.equal(a[k], b[k]), k
     rows = [json.loads(line)["round"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3]
+
+
+def test_shipped_config_names_resolve_inside_the_installed_package(tmp_path):
+    import zipfile
+
+    import huscf
+    from huscf.cli import _config_path
+
+    resolved = _config_path("3_two_domain_iid")
+    assert resolved.is_file() and resolved.parent == Path(huscf.__file__).resolve().parent / "configs"
+    # the wheel carries them, so a non-editable install finds them too
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("huscf-*.whl"))).namelist()
+    assert {f"huscf/configs/{n}.yaml" for n in ("default", "3_two_domain_iid", "7_multi_domain_noniid")} <= set(names)
