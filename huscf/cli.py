@@ -1,4 +1,4 @@
-"""The ``huscf`` command: train, evaluate, report, cuts, data.
+"""The ``huscf`` command: train, evaluate, compare, report, cuts, data.
 
 Every user-facing problem is a ``HuscfError``: printed as one line, exit code 2, no traceback.
 """
@@ -67,6 +67,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from huscf.baselines.compare import compare
+
+    compare(_config_path(args.config), args.methods, Path(args.out), args.set, eval_rounds=args.rounds,
+            samples=args.samples, tstr_samples=args.tstr_samples, data_dir=args.data_dir, quiet=args.quiet)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from huscf.report.html import write_report
 
@@ -101,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="folder with the datasets (default: the run's, $HUSCF_DATA)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
+
+    cmp_ = sub.add_parser("compare", help="train + evaluate several methods on one config, tabulate them")
+    cmp_.add_argument("config", nargs="?", help="YAML config file or a shipped config name (default: default)")
+    cmp_.add_argument("--methods", nargs="+", required=True,
+                      help="huscf fedgan mdgan hflgan pflgan local centralized, or ablations huscf-noclust huscf-nokld "
+                           "huscf-homocuts")
+    cmp_.add_argument("--out", required=True, help="folder for one run directory per method and the comparison")
+    cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method")
+    cmp_.add_argument("--rounds", default="all", help="rounds to evaluate: all (default), last, every:N, a list")
+    cmp_.add_argument("--samples", type=int, default=2000, help="samples per generator for score and FID (2000)")
+    cmp_.add_argument("--tstr-samples", type=int, default=10000, help="synthetic images for TSTR (10000; 0 skips)")
+    cmp_.add_argument("--data-dir")
+    cmp_.add_argument("--quiet", action="store_true")
+    cmp_.set_defaults(func=_cmd_compare)
 
     rep = sub.add_parser("report", help="write report.html and report.md for a run")
     rep.add_argument("run_dir")

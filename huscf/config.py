@@ -120,6 +120,12 @@ class ComputeConfig(_Section):
     cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (helped bf16, hurt fp32 on an H100)
 
 
+class BaselinesConfig(_Section):
+    """Settings of the baseline methods (``method`` other than huscf; see docs/baselines.md)."""
+
+    pfl_temperature: float = Field(0.1, gt=0)  # PFL-GAN: W_ij ~ n_j exp(cos_sim_ij / temperature)
+
+
 class OutputConfig(_Section):
     """What a run writes besides metrics and checkpoints."""
 
@@ -138,6 +144,8 @@ class RunConfig(_Section):
 
     name: str = "default"
     seed: int = 0
+    # huscf, or a baseline run on the same partition, blocks and evaluation (docs/baselines.md)
+    method: Literal["huscf", "fedgan", "mdgan", "hflgan", "pflgan", "local", "centralized"] = "huscf"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -145,6 +153,7 @@ class RunConfig(_Section):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @property

@@ -30,10 +30,10 @@ def tiny_run(tmp_path, monkeypatch, cache_env):
     return run
 
 
-def test_cluster_generators_pick_the_majority_domain():
+def test_cluster_generators_score_every_domain_of_every_cluster():
     gens = cluster_generators([0, 0, 0, 1, 1], ["a", "b", "b", "a", "a"], 4)
     assert [(g["cluster"], g["client"], g["domain"], g["members"]) for g in gens] == [
-        (0, 1, "b", [0, 1, 2]), (1, 3, "a", [3, 4])]
+        (0, 0, "a", [0, 1, 2]), (0, 1, "b", [0, 1, 2]), (1, 3, "a", [3, 4])]
     assert cluster_generators([0, 1], ["a", "b"], 1, client=1)[0]["domain"] == "b"
     with pytest.raises(HuscfError, match="--client 5"):
         cluster_generators([0, 1], ["a", "b"], 1, client=5)

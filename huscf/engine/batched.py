@@ -55,8 +55,9 @@ class BatchedEngine(SimulationEngine):
 
     def __init__(self, model: SplitGAN, data: list[ClientData], batch_size: int, lr: float,
                  betas: tuple[float, float], z_dim: int, seed: int, max_iters_per_epoch: int | None = None,
-                 execution: Execution | None = None):
-        super().__init__(model, data, batch_size, lr, betas, z_dim, seed, max_iters_per_epoch, execution)
+                 execution: Execution | None = None, shared_generator: bool = False):
+        super().__init__(model, data, batch_size, lr, betas, z_dim, seed, max_iters_per_epoch, execution,
+                         shared_generator)
         self._params: dict[tuple, dict[str, list[torch.nn.Parameter]]] = {}
 
     # -- one block, one net ----------------------------------------------------------------------
@@ -105,7 +106,7 @@ class BatchedEngine(SimulationEngine):
         h = inputs
         for b in range(m.num_blocks[net]):
             out = self._block(net, b, clients, h)
-            to_server = [k for k, r in enumerate(ranges) if r.head[-1] == b]
+            to_server = [k for k, r in enumerate(ranges) if r.server and r.head[-1] == b]
             if to_server:
                 out = m.seam.cross_rows(out, "client->server", [clients[k] for k in to_server], to_server, net, b)
                 if server_input is not None:

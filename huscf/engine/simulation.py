@@ -16,6 +16,7 @@ replays exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -72,12 +73,28 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+class _NoOptimizer:
+    """The optimiser slot of a client that holds no trainable copy of a network (MD-GAN's G)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class SimulationEngine:
     """Owns the split model's optimisers and runs epochs of the iteration above."""
 
     def __init__(self, model: SplitGAN, data: list[ClientData], batch_size: int, lr: float,
                  betas: tuple[float, float], z_dim: int, seed: int, max_iters_per_epoch: int | None = None,
-                 execution: Execution | None = None):
+                 execution: Execution | None = None, shared_generator: bool = False):
         if len(data) != len(model.clients):
             raise ValueError("one ClientData per client is required")
         self.ex = execution or Execution()
@@ -98,8 +115,14 @@ class SimulationEngine:
         def adam(params):
             return torch.optim.Adam(list(params), lr=lr, betas=betas, fused=fused or None)
 
-        self.client_opts = [{net: adam(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
-        self.server_opts = {net: adam(model.server_parameters(net)) for net in NETS}
+        self.shared_generator = shared_generator
+        if shared_generator:  # MD-GAN: one generator (the server's) that every client's G slot points to
+            self.client_opts = [{"G": _NoOptimizer(), "D": adam(model.client_parameters(i, "D"))}
+                                for i in range(len(data))]
+            self.server_opts = {"G": adam(model.client_parameters(0, "G")), "D": adam(model.server_parameters("D"))}
+        else:
+            self.client_opts = [{net: adam(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
+            self.server_opts = {net: adam(model.server_parameters(net)) for net in NETS}
         # when set (to a depth), the server collects clustering features from the real D passes
         self.feature_depth: int | None = None
         self.features = FeatureStats(len(data))
@@ -167,8 +190,9 @@ class SimulationEngine:
                 out_real = m.discriminate(i, x, y, server_input=received)
             if collect:  # keep the server's input only when it is needed: it pins that activation
                 seen[i] = received[0].float()
-            loss = (F.binary_cross_entropy_with_logits(out_fake.float(), torch.zeros_like(out_fake, dtype=torch.float))
-                    + F.binary_cross_entropy_with_logits(out_real.float(), torch.ones_like(out_real, dtype=torch.float)))
+            out_fake, out_real = out_fake.float(), out_real.float()
+            loss = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
+                    + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
             self._check_finite(loss, i, "discriminator", where)
             loss.backward()
             d_losses[i] = loss.item()
@@ -188,7 +212,8 @@ class SimulationEngine:
                 if ex.recompute_generator:
                     fake = m.generate(i, z[i], batch[i][1])
                 out = m.discriminate(i, fake, batch[i][1])
-            loss = F.binary_cross_entropy_with_logits(out.float(), torch.ones_like(out, dtype=torch.float))
+            out = out.float()
+            loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
             self._check_finite(loss, i, "generator", where)
             loss.backward()
             g_losses[i] = loss.item()
@@ -218,6 +243,15 @@ class SimulationEngine:
             r, e, t = where if len(where) == 3 else ("?", "?", "?")
             raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
                              f"epoch {e}, iteration {t}: lower train.lr or check the data")
+
+    def swap_discriminators(self, perm: list[int]) -> None:
+        """MD-GAN's peer-to-peer swap: client i continues with client perm[i]'s discriminator
+        (weights and Adam state)."""
+        states = [copy.deepcopy(c.nets["D"].state_dict()) for c in self.model.clients]
+        opt_states = [copy.deepcopy(o["D"].state_dict()) for o in self.client_opts]
+        for i, j in enumerate(perm):
+            self.model.clients[i].nets["D"].load_state_dict(states[j])
+            self.client_opts[i]["D"].load_state_dict(opt_states[j])
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -20,6 +20,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from tqdm import tqdm
 
+from huscf.baselines import get_method
 from huscf.config import RunConfig, load_config
 from huscf.cuts import assign_devices, evaluate_latency, load_profiles, plan_cuts
 from huscf.data import load_domain, partition, to_tensor
@@ -30,14 +31,14 @@ from huscf.engine.simulation import ClientData, SimulationEngine
 from huscf.errors import HuscfError
 from huscf.federation.averaging import apply_aggregation
 from huscf.federation.clustering import common_feature_depth
-from huscf.federation.strategies import RoundState, make_strategy
+from huscf.federation.strategies import RoundState
 from huscf.metrics.classifiers import load_or_train
 from huscf.metrics.evaluate import cluster_generators, sample_generator
 from huscf.metrics.quick import LabelProbe
 from huscf.metrics.scores import classifier_probs, generation_score
 from huscf.models import build_architecture
 from huscf.report.grids import class_grid_inputs, save_grid
-from huscf.split.plan import Cuts, all_cuts, validate_cuts
+from huscf.split.plan import Cuts, all_cuts, validate_cuts, whole_network_cuts
 from huscf.split.segments import SplitGAN
 
 
@@ -86,9 +87,12 @@ def build_setup(cfg: RunConfig) -> Setup:
     except ValueError as exc:
         raise HuscfError(f"config key 'model.arch': {exc}") from None
 
+    method = get_method(cfg.method)
     labels = {name: d.labels[: cfg.data.limit_per_domain] for name, d in train.items()}
-    parts = partition(labels, cfg.data.clients_per_domain, cfg.data.scenario, cfg.seed,
-                      {name: d.num_classes for name, d in train.items()})
+    # the centralised baseline pools each domain's data on one machine (one client per domain)
+    per_domain, scenario = (1, "iid") if method.pooled else (cfg.data.clients_per_domain, cfg.data.scenario)
+    parts = partition(labels, per_domain, scenario, cfg.seed, {name: d.num_classes for name, d in train.items()})
+    method.check(len(parts))
     x_all = {name: to_tensor(d.images[: cfg.data.limit_per_domain]) for name, d in train.items()}
     data = [ClientData(x_all[p.domain][torch.from_numpy(p.indices)],
                        torch.from_numpy(labels[p.domain][p.indices]).long(), p.domain) for p in parts]
@@ -99,17 +103,32 @@ def build_setup(cfg: RunConfig) -> Setup:
                          f"at least 2: lower data.clients_per_domain or raise data.limit_per_domain")
 
     server, device_list = load_profiles(cfg.devices.profiles)
-    devices = assign_devices(device_list, cfg.num_clients, cfg.devices.assignment, cfg.seed)
+    devices = assign_devices(device_list, len(parts), cfg.devices.assignment, cfg.seed)
     g_middle = len(arch.g_middle)
     d_middle = len(arch.d_middle)
-    cuts, method = _choose_cuts(cfg, arch, g_middle, d_middle, devices, server)
-    report = evaluate_latency(arch, cfg.train.batch_size, cuts, devices, server, cfg.devices.alpha, cfg.devices.gamma)
+    if method.split:
+        cuts, cut_method = _choose_cuts(cfg, arch, g_middle, d_middle, devices, server)
+        latency = evaluate_latency(arch, cfg.train.batch_size, cuts, devices, server, cfg.devices.alpha,
+                                   cfg.devices.gamma).to_dict()
+    else:  # whole networks on every client: no cut, no per-iteration traffic to simulate
+        cuts = [whole_network_cuts(g_middle, d_middle)] * len(parts)
+        cut_method = f"none ({method.name}: whole networks)"
+        latency = {"total_s": None, "server_s": None, "bytes_per_client": None, "stages": {}}
 
     probes = {name: LabelProbe.fit(x_all[name], torch.tensor(labels[name]).long(),
                                    to_tensor(test[name].images), torch.tensor(test[name].labels).long(),
                                    seed=cfg.seed) for name in cfg.data.domains}
-    return Setup(arch, data, parts, list(cfg.data.domains), cuts, report.to_dict() | {"devices": [
-        getattr(d, "name", str(d)) for d in devices]}, method, probes)
+    return Setup(arch, data, parts, list(cfg.data.domains), cuts, latency | {"devices": [
+        getattr(d, "name", str(d)) for d in devices]}, cut_method, probes)
+
+
+def _derangement(n: int, *key: int) -> list[int]:
+    """A seeded permutation with no fixed point: every client gets another client's discriminator."""
+    rng = np.random.default_rng([*key, 7])
+    while True:
+        perm = rng.permutation(n)
+        if n < 2 or not (perm == np.arange(n)).any():
+            return perm.tolist()
 
 
 class Trainer:
@@ -126,14 +145,19 @@ class Trainer:
         s = self.setup
         torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
         g, d = s.arch.generator(), s.arch.discriminator()
+        self.method = get_method(cfg.method)
         self.model = SplitGAN(g, d, s.cuts)
+        if self.method.shared_generator:
+            self.model.tie_generators()
         engine = BatchedEngine if self.execution.batch_clients else SimulationEngine
         self.engine = engine(self.model, s.data, cfg.train.batch_size, cfg.train.lr, cfg.train.betas,
-                             s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch, self.execution)
-        self.strategy = make_strategy(cfg.federation)
+                             s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch, self.execution,
+                             self.method.shared_generator)
+        self.strategy = self.method.strategy(cfg)
         self.sizes = np.array([len(c) for c in s.data])
         self.true_domains = [c.domain for c in s.data]
-        self.feature_depth = common_feature_depth(s.cuts)
+        # the server's view for clustering exists only when it computes part of D
+        self.feature_depth = common_feature_depth(s.cuts) if self.method.split else None
         self.engine.feature_depth = self.feature_depth
         self.start_round = 1
         self.classifiers = {}
@@ -220,6 +244,8 @@ class Trainer:
                         bar.update()
 
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
+                    if self.method.swap_discriminators:  # MD-GAN: a seeded derangement after every epoch
+                        self.engine.swap_discriminators(_derangement(len(self.sizes), cfg.seed, r, e))
                 row = self._end_round(r, per_epoch, time.perf_counter() - t0)
                 if not self.quiet:
                     bar.write(self._summary(row), file=sys.stderr)
@@ -230,8 +256,12 @@ class Trainer:
 
     def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float) -> dict:
         s, cfg = self.setup, self.cfg
-        feats, noise = self.engine.features.mean_and_noise()
-        state = RoundState(round=r - 1, sizes=self.sizes, features=feats, feature_noise=noise, seed=cfg.seed + r)
+        feats, noise = self.engine.features.mean_and_noise() if self.feature_depth is not None else (None, None)
+        params = None if self.method.split else np.stack([
+            torch.cat([p.detach().float().flatten() for p in self.model.client_parameters(i, "D")]).cpu().numpy()
+            for i in range(len(self.sizes))])
+        state = RoundState(round=r - 1, sizes=self.sizes, features=feats, feature_noise=noise, seed=cfg.seed + r,
+                           client_params=params)
         agg = self.strategy.aggregate(state)
         apply_aggregation(self.model, agg)
 
@@ -251,9 +281,11 @@ class Trainer:
             "federation": agg.info,
             "label_accuracy": self._label_accuracy(r),
             "iterations": iters,
+            "method": cfg.method,
             "latency_s_per_iteration": lat["total_s"],
-            "latency_s_round": lat["total_s"] * iters,
-            "bytes_round_per_client": [b * iters for b in lat["bytes_per_client"]],
+            "latency_s_round": None if lat["total_s"] is None else lat["total_s"] * iters,
+            "bytes_round_per_client": None if lat["bytes_per_client"] is None else [
+                b * iters for b in lat["bytes_per_client"]],
             "train_seconds": round(train_seconds, 3),
         }
         if cfg.output.eval_every and r % cfg.output.eval_every == 0:
@@ -311,9 +343,15 @@ class Trainer:
         return (f"huscf: {start} {self.run.path}: {len(s.data)} clients ({per_domain}, {cfg.data.scenario}), "
                 f"{cfg.model.arch} width {cfg.model.width}, {cfg.train.rounds} rounds x {cfg.train.local_epochs} "
                 f"epochs x {self.engine.iterations_per_epoch()} iterations\n"
-                f"huscf: cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated "
-                f"latency {s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}\n"
+                f"huscf: method {self.method.title}; {self._split_line(distinct)}\n"
                 f"huscf: compute {self._compute_line()}")
+
+    def _split_line(self, distinct: list) -> str:
+        s = self.setup
+        if not self.method.split:
+            return f"no split: every client holds all of G and D; shares {self.method.shares}"
+        return (f"cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated latency "
+                f"{s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}")
 
     def _compute_line(self) -> str:
         ex = self.execution
@@ -325,7 +363,8 @@ class Trainer:
         acc = " ".join(f"{d}={v:.2f}" for d, v in row["label_accuracy"].items())
         return (f"round {row['round']:>3}: D {row['loss_d']:.3f}  G {row['loss_g']:.3f}  "
                 f"clusters k={row['num_clusters']} ARI={row['ari_vs_domains']:.2f}  label-acc {acc}  "
-                f"sim-latency {row['latency_s_round']:.1f} s  ({row['train_seconds']:.1f} s)")
+                + (f"sim-latency {row['latency_s_round']:.1f} s  " if row["latency_s_round"] is not None else "")
+                + f"({row['train_seconds']:.1f} s)")
 
     def _say(self, msg: str) -> None:
         if not self.quiet:

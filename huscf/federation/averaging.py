@@ -3,6 +3,7 @@
 * Client-side blocks: for each block and each group, the members that hold the block get the
   average of the members' copies, weighted by their cluster weights renormalised over the holders
   (a member holds exactly the blocks it held before; nothing moves between client and server).
+  With a personalised ``mixing`` matrix instead, holder i gets sum_j m_ij theta_j over the holders.
 * Server blocks (middle blocks): the average over *all* clients with the global weights, where a
   client that holds a copy of the block locally contributes its copy and every other client
   contributes the server's copy (the one it used).
@@ -40,7 +41,11 @@ def apply_aggregation(model: SplitGAN, agg: Aggregation) -> None:
             holders = [i for i in range(n) if model.clients[i].holds(net, b)]
             local = {i: model.clients[i].nets[net][key].state_dict() for i in holders}
             new_local = {}
-            for g in np.unique(groups):
+            if agg.mixing is not None:  # personalised: every holder gets its own mix of the holders
+                for i in holders:
+                    w = np.asarray(agg.mixing)[i, holders]
+                    new_local[i] = _average([local[j] for j in holders], w / w.sum())
+            for g in ([] if agg.mixing is not None else np.unique(groups)):
                 members = [i for i in holders if groups[i] == g]
                 if not members:
                     continue

@@ -22,9 +22,11 @@ class RoundState:
 
     round: int  # 0-based
     sizes: np.ndarray  # (n,) training set size n_i per client
-    features: np.ndarray  # (n, C, H, W) mean server-side D activation per client, common depth
+    features: np.ndarray | None  # (n, C, H, W) mean server-side D activation per client, common depth
     feature_noise: np.ndarray | None = None  # (n, C, H, W) variance of that batch mean (var / batch)
     seed: int = 0
+    # (n, P) each client's flattened discriminator: what a whole-model baseline's server receives
+    client_params: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class Aggregation:
     cluster_weights: np.ndarray  # (n,) weights for client-side segments, sum to 1 within each group
     global_weights: np.ndarray  # (n,) weights for the server body, sum to 1
     info: dict = field(default_factory=dict)  # JSON-able details for metrics.jsonl
+    # (n, n) row-stochastic personalised mixing of client-side blocks (client i gets sum_j m_ij theta_j);
+    # when set it replaces the group averages
+    mixing: np.ndarray | None = None
 
 
 def _size_weights(sizes: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +55,9 @@ def sample_generator(g: BlockNet, num_classes: int, z_dim: int, n: int, seed: in
 
 
 def cluster_generators(groups: list[int], domains: list[str], r: int, client: int | None = None) -> list[dict]:
-    """[{round, cluster, client, domain, members}]: for each cluster, its first member that holds
-    the cluster's majority domain; or only ``client``'s own generator."""
+    """[{round, cluster, client, domain, members}]: for each cluster and each domain among its
+    members, the first member of that domain (so every domain is scored, also when one model is
+    shared by all domains, as in FedGAN); or only ``client``'s own generator."""
     if client is not None:
         if not 0 <= client < len(domains):
             raise HuscfError(f"--client {client}: the run has clients 0..{len(domains) - 1}")
@@ -67,9 +67,9 @@ def cluster_generators(groups: list[int], domains: list[str], r: int, client: in
     out = []
     for g in sorted(set(groups)):
         members = [i for i, gi in enumerate(groups) if gi == g]
-        domain = Counter(domains[i] for i in members).most_common(1)[0][0]
-        rep = next(i for i in members if domains[i] == domain)
-        out.append({"round": r, "cluster": g, "client": rep, "domain": domain, "members": members})
+        for domain in dict.fromkeys(domains[i] for i in members):
+            rep = next(i for i in members if domains[i] == domain)
+            out.append({"round": r, "cluster": g, "client": rep, "domain": domain, "members": members})
     return out
 
 

@@ -208,7 +208,8 @@ def section_summary(run: Run) -> Section:
         ["iterations per round", str(last.get("iterations", DASH))],
         ["clusters in the last round", f"k = {last.get('num_clusters', DASH)}, ARI vs domains = {num(last.get('ari_vs_domains'), 2)}"],
         ["training wall time", seconds(sum(_finite(r.get("train_seconds")) or 0.0 for r in run.metrics))],
-        ["simulated latency, all rounds", seconds(sum(_finite(r.get("latency_s_round")) or 0.0 for r in run.metrics))],
+        ["simulated latency, all rounds", seconds(sum(_finite(r.get("latency_s_round")) or 0.0 for r in run.metrics))
+         if any(r.get("latency_s_round") is not None for r in run.metrics) else "n/a (networks not split)"],
         ["evaluation", f"eval.json, created {ev.get('created', '?')}" if ev else f"none yet (run {run.evaluate_hint()})"],
     ]
     blocks: list[Block] = [Table(["", ""], rows)]  # no header row: a key/value table
@@ -397,7 +398,10 @@ def section_losses(run: Run) -> Section:
 def section_latency(run: Run) -> Section:
     blocks: list[Block] = []
     lat = _get(run.clients, "latency_per_iteration")
-    if isinstance(lat, dict):
+    if isinstance(lat, dict) and lat.get("total_s") is None:
+        blocks.append(para("This method keeps whole networks on every client: there is no per-iteration traffic "
+                           "to simulate (its models travel once per round).", note=True))
+    elif isinstance(lat, dict):
         blocks.append(Table(["per iteration (simulated)", "value"], [
             ["total", seconds(lat.get("total_s"))], ["server stages", seconds(lat.get("server_s"))],
             ["client stages", seconds(lat.get("client_s"))], ["cut-selection objective", num(lat.get("objective"), 4)]]))

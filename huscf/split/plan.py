@@ -63,3 +63,9 @@ def all_cut_pairs(num_middle: int) -> list[tuple[int, int]]:
 def all_cuts(g_middle: int, d_middle: int) -> list[Cuts]:
     """Every valid four-number cut configuration."""
     return [Cuts(hg, tg, hd, td) for (hg, tg), (hd, td) in itertools.product(all_cut_pairs(g_middle), all_cut_pairs(d_middle))]
+
+
+def whole_network_cuts(g_middle: int, d_middle: int) -> Cuts:
+    """The client holds every block of G and D and the server none: the non-split baselines
+    (FedGAN, local, centralised, ...). Never a valid HuSCF-GAN cut (``validate_cuts`` refuses it)."""
+    return Cuts(g_middle, 0, d_middle, 0)

@@ -68,6 +68,14 @@ class SplitGAN(nn.Module):
         self.server = ServerBody(g, d)
         self.seam = Seam()
 
+    def tie_generators(self) -> None:
+        """Make every client's G blocks the same modules as client 0's: one generator that all
+        clients' generator passes run through (MD-GAN's server-side G). Needs whole-network cuts."""
+        for c in self.clients[1:]:
+            if c.cuts != self.clients[0].cuts:
+                raise ValueError("tying generators needs identical cuts on every client")
+            c.nets["G"] = self.clients[0].nets["G"]
+
     @property
     def cuts(self) -> list[Cuts]:
         return [c.cuts for c in self.clients]
@@ -86,12 +94,13 @@ class SplitGAN(nn.Module):
         h = own["0"](*inputs)
         for b in r.head[1:]:
             h = own[str(b)](h)
-        h = self.seam.cross(h, "client->server", client, net, r.head[-1])
-        if server_input is not None:
-            server_input.append(h.detach())
-        for b in r.server:
-            h = body[str(b)](h)
-        h = self.seam.cross(h, "server->client", client, net, r.server[-1])
+        if r.server:  # a client that holds the whole network (a non-split baseline) sends nothing
+            h = self.seam.cross(h, "client->server", client, net, r.head[-1])
+            if server_input is not None:
+                server_input.append(h.detach())
+            for b in r.server:
+                h = body[str(b)](h)
+            h = self.seam.cross(h, "server->client", client, net, r.server[-1])
         for b in r.tail:
             h = own[str(b)](h)
         return h

@@ -1,0 +1,146 @@
+"""``huscf compare``: train and evaluate several methods on one config, then tabulate them.
+
+Every method runs on the same config (same partition seed, cGAN blocks, rounds, batch) in its own
+run directory ``OUT/METHOD``, one after the other. Re-running the same command resumes: a
+finished method is skipped, a killed one continues from its last checkpoint, and a method whose
+``eval.json`` covers its last round is not evaluated again. Outputs in ``OUT``:
+
+* ``compare.md`` / ``compare.csv``: per method and domain, the final round's generation score,
+  classifier FID, TSTR accuracy / F1 (means over that domain's generators; a local-only run has
+  one generator per client), with the number of generators and the training wall time;
+* ``compare_scores.png``: generation score per round, one panel per domain, one line per method.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from huscf.baselines.methods import ABLATIONS, METHODS
+from huscf.config import load_config
+from huscf.engine.rundir import RunDir
+from huscf.engine.trainer import Trainer, read_metrics
+from huscf.errors import HuscfError
+from huscf.metrics.evaluate import evaluate_run
+
+FIELDS = ["method", "domain", "generators", "generation_score", "fid", "tstr_accuracy", "tstr_f1", "rounds",
+          "train_seconds"]
+
+
+def resolve(name: str) -> tuple[str, tuple[str, ...]]:
+    """A method or ablation name -> (config method, extra overrides)."""
+    if name in METHODS:
+        return name, ()
+    if name in ABLATIONS:
+        return ABLATIONS[name][0], ABLATIONS[name][1]
+    raise HuscfError(f"unknown method '{name}': choose from {', '.join([*METHODS, *ABLATIONS])}")
+
+
+def _train(config: Path | None, name: str, run_dir: Path, overrides: list[str], data_dir: str | None,
+           quiet: bool) -> None:
+    method, extra = resolve(name)
+    if (run_dir / "config.yaml").is_file():
+        trainer = Trainer.resume(run_dir, quiet=quiet, data_dir=data_dir)
+    else:
+        cfg = load_config(config, [*overrides, f"method={method}", *extra])
+        if data_dir:
+            cfg.data.data_dir = data_dir
+        trainer = Trainer.new(cfg, run_dir, quiet=quiet)
+    trainer.fit()
+
+
+def _evaluated(run_dir: Path) -> bool:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return False
+    last = RunDir(run_dir).list_checkpoints()[-1][0]
+    return json.loads(path.read_text())["settings"]["rounds"][-1] == last
+
+
+def summarise(out: Path, names: list[str]) -> list[dict]:
+    """One row per method and domain from the methods' eval.json and metrics."""
+    rows = []
+    for name in names:
+        run_dir = out / name
+        ev = json.loads((run_dir / "eval.json").read_text())
+        metrics = read_metrics(run_dir)
+        seconds = sum(r["train_seconds"] for r in metrics)
+        by_domain: dict[str, list[dict]] = {}
+        for entry in ev["final"]:
+            by_domain.setdefault(entry["domain"], []).append(entry)
+        for domain, entries in by_domain.items():
+            def mean(get):
+                vals = [get(e) for e in entries if get(e) is not None]
+                return round(float(np.mean(vals)), 4) if vals else None
+
+            rows.append({
+                "method": name, "domain": domain, "generators": len(entries),
+                "generation_score": mean(lambda e: e["generation_score"]), "fid": mean(lambda e: e["fid"]),
+                "tstr_accuracy": mean(lambda e: e["tstr"]["accuracy"] if e["tstr"] else None),
+                "tstr_f1": mean(lambda e: e["tstr"]["f1"] if e["tstr"] else None),
+                "rounds": metrics[-1]["round"], "train_seconds": round(seconds, 1),
+            })
+    return rows
+
+
+def _markdown(rows: list[dict], title: str) -> str:
+    def fmt(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    lines = [f"# {title}", "", "| " + " | ".join(FIELDS) + " |", "|" + " --- |" * len(FIELDS)]
+    lines += ["| " + " | ".join(fmt(r[f]) for f in FIELDS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(out: Path, names: list[str]) -> None:
+    from huscf.report import plots
+
+    panels: dict[str, plots.Panel] = {}
+    for name in names:
+        ev = json.loads((out / name / "eval.json").read_text())
+        per: dict[str, dict[int, list[float]]] = {}
+        for p in ev["per_round"]:
+            per.setdefault(p["domain"], {}).setdefault(p["round"], []).append(p["generation_score"])
+        for domain, series in per.items():
+            rounds = sorted(series)
+            panel = panels.setdefault(domain, plots.Panel(f"generation score: {domain}", ylabel="score"))
+            panel.lines.append(plots.Line(name, rounds, [float(np.mean(series[r])) for r in rounds]))
+    (out / "compare_scores.png").write_bytes(plots.curves(list(panels.values())))
+
+
+def compare(config: Path | None, names: list[str], out: Path, overrides: list[str] = (), eval_rounds: str = "all",
+            samples: int = 2000, tstr_samples: int = 10000, data_dir: str | None = None, quiet: bool = False) -> Path:
+    if not names:
+        raise HuscfError("--methods: name at least one method")
+    for name in names:
+        resolve(name)  # every name checked before anything trains
+    if len(set(names)) != len(names):
+        raise HuscfError("--methods: a method is named twice")
+    load_config(config, list(overrides))  # a bad config or override fails before the first run
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    for k, name in enumerate(names, 1):
+        run_dir = out / name
+        say(f"== {name} ({k}/{len(names)}): {run_dir}")
+        _train(config, name, run_dir, list(overrides), data_dir, quiet)
+        if _evaluated(run_dir):
+            say(f"{name}: eval.json is up to date")
+        else:
+            evaluate_run(run_dir, rounds=eval_rounds, samples=samples, tstr_samples=tstr_samples, data_dir=data_dir,
+                         quiet=quiet)
+    rows = summarise(out, names)
+    title = f"Comparison on {config or 'the default config'} ({', '.join(overrides) or 'no overrides'})"
+    (out / "compare.md").write_text(_markdown(rows, title))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / "compare.csv").write_text(buf.getvalue())
+    _plot(out, names)
+    say(f"wrote {out / 'compare.md'}, compare.csv and compare_scores.png")
+    return out / "compare.md"

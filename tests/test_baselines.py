@@ -1,0 +1,144 @@
+"""Baselines: each trains through the same config, reads only its own clients' data, and compares."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from huscf.baselines.compare import compare
+from huscf.baselines.strategies import HierarchicalFedAvg, PersonalizedSimilarity
+from huscf.cli import main
+from huscf.config import build_config
+from huscf.engine.trainer import Trainer, read_metrics
+from huscf.federation.averaging import apply_aggregation
+from huscf.federation.strategies import RoundState
+
+TINY = ["data.clients_per_domain=3", "model.width=0.125", "train.local_epochs=1", "train.batch_size=16",
+        "train.max_iters_per_epoch=2", "federation.warmup_rounds=1", "output.samples_every=0",
+        "cuts.method=random"]
+BASELINES = ["fedgan", "mdgan", "hflgan", "pflgan", "local", "centralized"]
+
+
+def _trainer(tmp_path, method, *extra):
+    return Trainer.new(build_config({}, [*TINY, f"method={method}", *extra]), tmp_path / method, quiet=True)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_each_baseline_trains_and_its_models_change(tmp_path, method):
+    t = _trainer(tmp_path, method, "train.rounds=2")
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    after = t.model.state_dict()
+    changed = [k for k in before if k.startswith("clients.") and not torch.equal(before[k], after[k])]
+    assert changed, "no client weight moved"
+    for i in range(len(t.model.clients)):  # every client holds (and trained) whole networks
+        assert any(k.startswith(f"clients.{i}.nets.G.") for k in changed)
+        assert any(k.startswith(f"clients.{i}.nets.D.") for k in changed)
+    assert all(c.cuts.hg == 3 and c.cuts.hd == 3 for c in t.model.clients)  # nothing runs on a server
+    rows = read_metrics(tmp_path / method)
+    assert [r["method"] for r in rows] == [method, method] and rows[-1]["latency_s_round"] is None
+    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in rows)
+    if method == "centralized":
+        assert len(t.model.clients) == 2 and sorted(len(d) for d in t.setup.data) == [1437, 1437]
+    if method == "mdgan":  # one generator for everyone, discriminators still one per client
+        g = [dict(c.nets["G"].named_parameters()) for c in t.model.clients]
+        assert all(g[0][k] is gi[k] for gi in g for k in g[0])
+        assert not torch.equal(after["clients.0.nets.D.0.conv.0.weight"], after["clients.1.nets.D.0.conv.0.weight"])
+
+
+@pytest.mark.parametrize("method", ["huscf", *BASELINES])
+def test_no_method_reads_another_clients_data(tmp_path, method):
+    t = _trainer(tmp_path, method, "train.rounds=1")
+    markers = [-0.95 + 0.05 * i for i in range(len(t.engine.data))]
+    for d, m in zip(t.engine.data, markers):
+        d.x.fill_(m)  # client i's real images are all the value markers[i]
+    seen = {i: set() for i in range(len(markers))}
+
+    def hook(i):
+        def record(_module, args):
+            values = set(torch.unique(args[0]).tolist())
+            seen[i].update(v for v in values if any(abs(v - m) < 1e-6 for m in markers))
+        return record
+
+    for i, c in enumerate(t.model.clients):
+        c.nets["D"]["0"].register_forward_pre_hook(hook(i))
+    t.engine.run_epoch(0, 0)
+    for i, m in enumerate(markers):
+        assert seen[i] and all(abs(v - m) < 1e-6 for v in seen[i]), (i, seen[i])
+
+
+def test_centralised_beats_local_only_on_a_tiny_run(tmp_path):
+    acc = {}
+    for method in ("local", "centralized"):
+        t = Trainer.new(build_config({}, ["model.width=0.25", "train.rounds=3", "train.local_epochs=1",
+                                          "output.samples_every=0", f"method={method}"]), tmp_path / method,
+                        quiet=True)
+        t.fit()
+        acc[method] = np.mean(list(read_metrics(tmp_path / method)[-1]["label_accuracy"].values()))
+    assert acc["centralized"] > acc["local"] + 0.1, acc
+
+
+def test_mdgan_swaps_discriminators_between_clients(tmp_path):
+    t = _trainer(tmp_path, "mdgan", "train.rounds=1")
+    for i, c in enumerate(t.model.clients):
+        for p in c.nets["D"].parameters():
+            p.data.fill_(float(i))
+    t.engine.swap_discriminators([1, 2, 0, 4, 5, 3])
+    got = [next(c.nets["D"].parameters()).flatten()[0].item() for c in t.model.clients]
+    assert got == [1, 2, 0, 4, 5, 3]
+
+
+def test_hierarchical_and_personalised_aggregation():
+    rng = np.random.default_rng(0)
+    params = np.concatenate([rng.normal(0, 1, (3, 20)) * 0.01 + 1, rng.normal(0, 1, (3, 20)) * 0.01 - 1])
+    state = RoundState(round=3, sizes=np.array([10, 20, 30, 10, 10, 40]), features=None, client_params=params)
+    hfl = HierarchicalFedAvg().aggregate(state)
+    assert hfl.info["edges"] in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
+    # each edge gets half of the global vote, split inside the edge by data size
+    np.testing.assert_allclose(hfl.global_weights, [1 / 12, 2 / 12, 3 / 12, 1 / 12, 1 / 12, 4 / 12])
+    pfl = PersonalizedSimilarity(0.1).aggregate(state)
+    np.testing.assert_allclose(pfl.mixing.sum(1), 1)
+    assert pfl.mixing[0, :3].sum() > 0.99 and pfl.mixing[5, 3:].sum() > 0.99  # like mixes with like
+
+
+def test_personalised_mixing_is_applied_per_client(tmp_path):
+    t = _trainer(tmp_path, "pflgan", "train.rounds=1")
+    for i, c in enumerate(t.model.clients):
+        for p in c.parameters():
+            p.data.fill_(float(i))
+    n = len(t.model.clients)
+    mixing = np.eye(n) * 0.5 + 0.5 / n
+    from huscf.federation.strategies import Aggregation
+    apply_aggregation(t.model, Aggregation(np.arange(n), np.ones(n), np.ones(n) / n, mixing=mixing))
+    expected = mixing @ np.arange(n)
+    for i, c in enumerate(t.model.clients):
+        assert all(torch.allclose(p, torch.full_like(p, expected[i])) for p in c.parameters())
+
+
+def test_compare_resumes_and_tabulates(tmp_path):
+    out = tmp_path / "cmp"
+    args = dict(overrides=[*TINY, "train.rounds=1"], samples=50, tstr_samples=0, quiet=True)
+    compare(None, ["fedgan", "huscf-homocuts"], out, **args)
+    table = (out / "compare.md").read_text()
+    assert "| fedgan | digits |" in table and "| huscf-homocuts | digits_inverted |" in table
+    cuts = json.loads((out / "huscf-homocuts" / "clients.json").read_text())["clients"]
+    assert {tuple(c["cuts"]) for c in cuts} == {(1, 0, 1, 0)}
+    stamp = (out / "fedgan" / "eval.json").stat().st_mtime_ns
+    compare(None, ["fedgan", "huscf-homocuts"], out, **args)  # everything done: nothing is redone
+    assert (out / "fedgan" / "eval.json").stat().st_mtime_ns == stamp
+    rows = (out / "compare.csv").read_text().splitlines()
+    assert rows[0].startswith("method,domain") and len(rows) == 5
+    assert (out / "compare_scores.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--set", "method=mdgann"], "config key 'method'"),
+    (["compare", "--methods", "fedgan", "nope", "--out", "{tmp}/c"], "unknown method 'nope'"),
+    (["train", "--set", "method=hflgan", "--set", "data.clients_per_domain=1", "--set", "data.domains=[digits]",
+      "--out", "{tmp}/r"], "needs at least 3 clients"),
+])
+def test_bad_method_input_is_one_line(tmp_path, capsys, argv, needle):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
