@@ -108,7 +108,8 @@ def _plot(out: Path, names: list[str]) -> None:
             per.setdefault(p["domain"], {}).setdefault(p["round"], []).append(p["generation_score"])
         for domain, series in per.items():
             rounds = sorted(series)
-            panel = panels.setdefault(domain, plots.Panel(f"generation score: {domain}", ylabel="score"))
+            panel = panels.setdefault(domain, plots.Panel(f"generation score: {domain}", ylabel="score",
+                                                                  legend_outside=True))
             panel.lines.append(plots.Line(name, rounds, [float(np.mean(series[r])) for r in rounds]))
     (out / "compare_scores.png").write_bytes(plots.curves(list(panels.values())))
 
