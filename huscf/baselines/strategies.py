@@ -22,6 +22,7 @@ class NoAggregation:
     """Local-only training (and the centralised baseline): every client keeps its own model."""
 
     name = "none"
+    uses_client_params = False
 
     def aggregate(self, state: RoundState) -> Aggregation:
         n = len(state.sizes)
@@ -35,6 +36,7 @@ class HierarchicalFedAvg:
     and sends the result to everyone."""
 
     name = "hierarchical"
+    uses_client_params = True
 
     def __init__(self, max_edges: int = 8, min_silhouette: float = 0.35):
         self.max_edges, self.min_silhouette = max_edges, min_silhouette
@@ -60,6 +62,7 @@ class PersonalizedSimilarity:
     centred discriminator weights (the similarity is learned from the models, not from data)."""
 
     name = "personalized"
+    uses_client_params = True
 
     def __init__(self, temperature: float = 0.1):
         self.temperature = temperature

@@ -126,7 +126,7 @@ class BatchedEngine(SimulationEngine):
         values = losses.tolist()
         bad = next((i for i, v in zip(clients, values) if not math.isfinite(v)), None)
         if bad is not None:
-            self._check_finite(torch.tensor(math.nan), bad, what, where)
+            self._not_finite(bad, what, where)
         return values
 
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,

@@ -35,8 +35,10 @@ class Execution:
     cudnn_benchmark: bool = False
 
     def __post_init__(self):
+        # torch.func.vmap cannot query NHWC strides (BatchNorm on CUDA)
         if self.channels_last and self.batch_clients:
-            raise HuscfError("channels_last is not supported with batched clients (torch.func.vmap)")
+            raise HuscfError("compute.channels_last is not supported with batched clients: "
+                             "set compute.channels_last to false or 'auto', or compute.clients to 'loop'")
         if self.precision not in ("fp32", "bf16"):
             raise HuscfError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
@@ -69,9 +71,6 @@ class Execution:
         batch = on_cuda if clients == "auto" else clients == "batched"
         if channels_last == "auto":
             channels_last = not batch
-        elif channels_last and batch:  # torch.func.vmap cannot query NHWC strides (BatchNorm on CUDA)
-            raise HuscfError("compute.channels_last is not supported with batched clients: "
-                             "set compute.channels_last to false or 'auto', or compute.clients to 'loop'")
         if recompute_generator == "auto":
             # retained generator graphs grow with the clients of an iteration; past a handful of
             # clients on a CPU the memory is worth more than the ~20% extra generator FLOPs

@@ -115,7 +115,6 @@ class SimulationEngine:
         def adam(params):
             return torch.optim.Adam(list(params), lr=lr, betas=betas, fused=fused or None)
 
-        self.shared_generator = shared_generator
         if shared_generator:  # MD-GAN: one generator (the server's) that every client's G slot points to
             self.client_opts = [{"G": _NoOptimizer(), "D": adam(model.client_parameters(i, "D"))}
                                 for i in range(len(data))]
@@ -240,9 +239,13 @@ class SimulationEngine:
     @staticmethod
     def _check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:
         if not torch.isfinite(loss):
-            r, e, t = where if len(where) == 3 else ("?", "?", "?")
-            raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
-                             f"epoch {e}, iteration {t}: lower train.lr or check the data")
+            SimulationEngine._not_finite(client, what, where)
+
+    @staticmethod
+    def _not_finite(client: int, what: str, where: tuple) -> None:
+        r, e, t = where if len(where) == 3 else ("?", "?", "?")
+        raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
+                         f"epoch {e}, iteration {t}: lower train.lr or check the data")
 
     def swap_discriminators(self, perm: list[int]) -> None:
         """MD-GAN's peer-to-peer swap: client i continues with client perm[i]'s discriminator

@@ -257,7 +257,7 @@ class Trainer:
     def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float) -> dict:
         s, cfg = self.setup, self.cfg
         feats, noise = self.engine.features.mean_and_noise() if self.feature_depth is not None else (None, None)
-        params = None if self.method.split else np.stack([
+        params = None if not self.strategy.uses_client_params else np.stack([
             torch.cat([p.detach().float().flatten() for p in self.model.client_parameters(i, "D")]).cpu().numpy()
             for i in range(len(self.sizes))])
         state = RoundState(round=r - 1, sizes=self.sizes, features=feats, feature_noise=noise, seed=cfg.seed + r,

@@ -43,15 +43,16 @@ def apply_aggregation(model: SplitGAN, agg: Aggregation) -> None:
             new_local = {}
             if agg.mixing is not None:  # personalised: every holder gets its own mix of the holders
                 for i in holders:
-                    w = np.asarray(agg.mixing)[i, holders]
+                    w = agg.mixing[i, holders]
                     new_local[i] = _average([local[j] for j in holders], w / w.sum())
-            for g in ([] if agg.mixing is not None else np.unique(groups)):
-                members = [i for i in holders if groups[i] == g]
-                if not members:
-                    continue
-                w = agg.cluster_weights[members]
-                avg = _average([local[i] for i in members], w / w.sum())
-                new_local.update({i: avg for i in members})
+            else:
+                for g in np.unique(groups):
+                    members = [i for i in holders if groups[i] == g]
+                    if not members:
+                        continue
+                    w = agg.cluster_weights[members]
+                    avg = _average([local[i] for i in members], w / w.sum())
+                    new_local.update({i: avg for i in members})
             if key in model.server.nets[net]:
                 server_block = model.server.nets[net][key]
                 # clients without a local copy all contribute the same server copy: one term

@@ -49,6 +49,7 @@ class FedAvg:
     """One group, weights proportional to dataset size (McMahan et al.)."""
 
     name = "fedavg"
+    uses_client_params = False  # reads RoundState.client_params (whole-model baselines only)
 
     def aggregate(self, state: RoundState) -> Aggregation:
         w = _size_weights(state.sizes)
@@ -60,6 +61,7 @@ class ClusteredKLD:
     a globally KLD-weighted server body; plain FedAvg during the first ``warmup_rounds``."""
 
     name = "clustered_kld"
+    uses_client_params = False
 
     def __init__(self, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,

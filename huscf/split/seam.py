@@ -44,36 +44,22 @@ class SeamRecorder:
 
 
 class _Cross(torch.autograd.Function):
+    """Identity that records ``x[part]`` as client ``clients[k]``'s crossing for every ``parts[k]``
+    (``...`` for a tensor that is one client's; a row index for the batched engine's stacks)."""
+
     @staticmethod
-    def forward(ctx, x, recorder, direction, client, net, block):
-        ctx.meta = (recorder, direction, client, net, block)
-        recorder.record("activation", direction, client, net, block, x)
+    def forward(ctx, x, recorder, direction, clients, parts, net, block):
+        ctx.meta = (recorder, direction, clients, parts, net, block)
+        for client, part in zip(clients, parts):
+            recorder.record("activation", direction, client, net, block, x[part])
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        recorder, direction, client, net, block = ctx.meta
+        recorder, direction, clients, parts, net, block = ctx.meta
         back = "server->client" if direction == "client->server" else "client->server"
-        recorder.record("gradient", back, client, net, block, grad)
-        return grad, None, None, None, None, None
-
-
-class _CrossRows(torch.autograd.Function):
-    """``_Cross`` for a stacked tensor (clients, batch, ...): rows ``rows`` belong to ``clients``."""
-
-    @staticmethod
-    def forward(ctx, x, recorder, direction, clients, rows, net, block):
-        ctx.meta = (recorder, direction, clients, rows, net, block)
-        for client, row in zip(clients, rows):
-            recorder.record("activation", direction, client, net, block, x[row])
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        recorder, direction, clients, rows, net, block = ctx.meta
-        back = "server->client" if direction == "client->server" else "client->server"
-        for client, row in zip(clients, rows):
-            recorder.record("gradient", back, client, net, block, grad[row])
+        for client, part in zip(clients, parts):
+            recorder.record("gradient", back, client, net, block, grad[part])
         return grad, None, None, None, None, None, None
 
 
@@ -86,11 +72,11 @@ class Seam:
     def cross(self, x: torch.Tensor, direction: str, client: int, net: str, block: int) -> torch.Tensor:
         if self.recorder is None:
             return x
-        return _Cross.apply(x, self.recorder, direction, client, net, block)
+        return _Cross.apply(x, self.recorder, direction, [client], [...], net, block)
 
     def cross_rows(self, x: torch.Tensor, direction: str, clients: list[int], rows: list[int], net: str,
                    block: int) -> torch.Tensor:
         """``cross`` for the batched engine: row ``rows[k]`` of ``x`` is client ``clients[k]``'s tensor."""
         if self.recorder is None or not rows:
             return x
-        return _CrossRows.apply(x, self.recorder, direction, clients, rows, net, block)
+        return _Cross.apply(x, self.recorder, direction, clients, rows, net, block)
