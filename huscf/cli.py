@@ -6,6 +6,7 @@ Every user-facing problem is a ``HuscfError``: printed as one line, exit code 2,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from huscf.config import load_config
     from huscf.engine.trainer import Trainer
 
+    runtime = ([f"runtime.engine={args.engine}"] if args.engine else []) + (
+        [f"runtime.address={args.address}"] if args.address else [])
+    if args.address and args.engine != "ray":
+        raise HuscfError("--address joins a Ray cluster: use it with --engine ray")
+    args.set = [*args.set, *runtime]
     if args.resume:
         if args.config is not None:
             raise HuscfError("give either CONFIG or --resume RUN_DIR, not both (a resumed run keeps its config)")
@@ -31,6 +37,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer.new(cfg, out, quiet=args.quiet)
     trainer.fit()
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from huscf.runtime.audit import format_summary, summarise
+
+    summary = summarise(Path(args.run_dir))
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0 if not summary["violations"] else 1
 
 
 def _config_path(name: str | None) -> Path | None:
@@ -95,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     train.add_argument("--data-dir", help="folder with the datasets (default: $HUSCF_DATA or ~/.cache/huscf/data)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or round summaries")
+    train.add_argument("--engine", choices=["simulation", "ray"],
+                       help="simulation: one process (default); ray: client and server actors (docs/runtime.md)")
+    train.add_argument("--address", help="with --engine ray: join this Ray cluster (auto or HOST:PORT) "
+                                         "instead of starting a local one")
     train.set_defaults(func=_cmd_train)
+
+    aud = sub.add_parser("audit", help="what crossed between processes in a --engine ray run (audit.jsonl)")
+    aud.add_argument("run_dir")
+    aud.add_argument("--json", action="store_true", help="the summary as JSON")
+    aud.set_defaults(func=_cmd_audit)
 
     ev = sub.add_parser("evaluate", help="score a run's generators: generation score, FID, TSTR -> eval.json/.csv")
     ev.add_argument("run_dir")

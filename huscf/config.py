@@ -120,6 +120,36 @@ class ComputeConfig(_Section):
     cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (helped bf16, hurt fp32 on an H100)
 
 
+class RuntimeConfig(_Section):
+    """Where the clients and the server run (see docs/runtime.md). ``simulation``: one process,
+    the reference numerics. ``ray``: every client in a Ray actor process that alone loads and holds
+    its partition and segments, the server body in a server actor, the driver orchestrating."""
+
+    engine: Literal["simulation", "ray"] = "simulation"
+    address: str | None = None  # ray: None starts a local Ray; "auto" or host:port joins a cluster
+    clients_per_actor: int | Literal["auto"] = "auto"  # auto: clients spread over max(2, CPUs - 1) actors
+    threads_per_actor: int | Literal["auto"] = "auto"  # torch threads in each actor; auto: CPUs / actors
+    # custom Ray resources each client actor asks for (pins client actors to nodes started with
+    # ``ray start --resources '{"edge": 4}'``), and the same for the server actor
+    client_resources: dict[str, float] = Field(default_factory=dict)
+    server_resources: dict[str, float] = Field(default_factory=dict)
+    on_failure: Literal["restart", "drop"] = "restart"  # a dead client actor's clients next round
+    call_timeout_s: float = Field(300.0, gt=0)  # an actor call slower than this counts as a failure
+    # a client that has not handed its discriminator gradient to the server this many seconds
+    # after its iteration began skips the iteration (None: wait for everyone)
+    deadline_s: float | None = Field(None, gt=0)
+    # fault injection for experiments: seconds of extra work per iteration, by client id
+    # (emulates a slow device; combine with deadline_s to study stragglers)
+    inject_delay_s: dict[int, float] = Field(default_factory=dict)
+
+    @field_validator("clients_per_actor", "threads_per_actor")
+    @classmethod
+    def _auto_or_positive(cls, v: int | str) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be 'auto' or an integer >= 1")
+
+
 class BaselinesConfig(_Section):
     """Settings of the baseline methods (``method`` other than huscf; see docs/baselines.md)."""
 
@@ -154,6 +184,7 @@ class RunConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @property

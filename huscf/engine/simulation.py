@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from huscf.engine.execution import Execution
 from huscf.errors import HuscfError
+from huscf.federation.features import FeatureStats
+from huscf.federation.rounds import federate
 from huscf.split.segments import NETS, SplitGAN
 
 
@@ -39,34 +41,6 @@ class ClientData:
 
     def __len__(self) -> int:
         return len(self.y)
-
-
-class FeatureStats:
-    """Per-client running mean and variance of the server's D activation at the common depth,
-    over every real batch of an epoch: the server's view of each client for clustering."""
-
-    def __init__(self, n: int):
-        self.sum: list[torch.Tensor | None] = [None] * n
-        self.sumsq: list[torch.Tensor | None] = [None] * n
-        self.count = np.zeros(n, dtype=np.int64)
-
-    def add(self, client: int, act: torch.Tensor) -> None:
-        a = act.detach().to("cpu", torch.float64)
-        s, q = a.sum(0), a.square().sum(0)
-        if self.sum[client] is None:
-            self.sum[client], self.sumsq[client] = s, q
-        else:
-            self.sum[client] += s
-            self.sumsq[client] += q
-        self.count[client] += len(a)
-
-    def mean_and_noise(self) -> tuple[np.ndarray, np.ndarray]:
-        """(n, C, H, W) means, and the variance of each mean (sample variance / count)."""
-        if (self.count == 0).any():
-            raise RuntimeError("a client contributed no features this epoch")
-        mean = np.stack([(s / c).numpy() for s, c in zip(self.sum, self.count)])
-        sq = np.stack([(q / c).numpy() for q, c in zip(self.sumsq, self.count)])
-        return mean, np.maximum(sq - mean**2, 0) / self.count.reshape(-1, *([1] * (mean.ndim - 1)))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -246,6 +220,17 @@ class SimulationEngine:
         r, e, t = where if len(where) == 3 else ("?", "?", "?")
         raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
                          f"epoch {e}, iteration {t}: lower train.lr or check the data")
+
+    def federate(self, strategy, sizes: np.ndarray, round_idx: int, seed: int, use_features: bool):
+        """The round-end aggregation, applied to ``self.model`` (see ``federation.rounds``)."""
+        return federate(self.model, strategy, sizes, round_idx, seed, self.features if use_features else None)
+
+    def round_events(self) -> dict:
+        """Faults and skipped iterations of the round (none in one process)."""
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def swap_discriminators(self, perm: list[int]) -> None:
         """MD-GAN's peer-to-peer swap: client i continues with client perm[i]'s discriminator

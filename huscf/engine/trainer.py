@@ -29,9 +29,7 @@ from huscf.engine.execution import Execution
 from huscf.engine.rundir import RunDir
 from huscf.engine.simulation import ClientData, SimulationEngine
 from huscf.errors import HuscfError
-from huscf.federation.averaging import apply_aggregation
 from huscf.federation.clustering import common_feature_depth
-from huscf.federation.strategies import RoundState
 from huscf.metrics.classifiers import load_or_train
 from huscf.metrics.evaluate import cluster_generators, sample_generator
 from huscf.metrics.quick import LabelProbe
@@ -73,6 +71,29 @@ def _choose_cuts(cfg: RunConfig, arch, g_middle: int, d_middle: int, devices, se
     return list(plan.cuts), f"{c.method} ({plan.solve_seconds:.2f} s)"
 
 
+def _partition(cfg: RunConfig, train: dict) -> tuple[dict, list]:
+    """The run's client partition (deterministic in the config): (labels per domain, parts)."""
+    labels = {name: d.labels[: cfg.data.limit_per_domain] for name, d in train.items()}
+    # the centralised baseline pools each domain's data on one machine (one client per domain)
+    per_domain, scenario = (1, "iid") if get_method(cfg.method).pooled else (cfg.data.clients_per_domain,
+                                                                              cfg.data.scenario)
+    return labels, partition(labels, per_domain, scenario, cfg.seed,
+                             {name: d.num_classes for name, d in train.items()})
+
+
+def load_client_data(cfg: RunConfig, clients: list[int]) -> dict[int, ClientData]:
+    """What a client process loads for itself: its own partition of its domain's training split,
+    read from its own copy of the dataset (the same partition rule as ``build_setup``)."""
+    train = {name: load_domain(name, "train", cfg.data.data_dir) for name in cfg.data.domains}
+    labels, parts = _partition(cfg, train)
+    out = {}
+    for i in clients:
+        p = parts[i]
+        images = train[p.domain].images[: cfg.data.limit_per_domain][p.indices]
+        out[i] = ClientData(to_tensor(images), torch.from_numpy(labels[p.domain][p.indices]).long(), p.domain)
+    return out
+
+
 def build_setup(cfg: RunConfig) -> Setup:
     train, test = {}, {}
     for name in cfg.data.domains:
@@ -88,10 +109,7 @@ def build_setup(cfg: RunConfig) -> Setup:
         raise HuscfError(f"config key 'model.arch': {exc}") from None
 
     method = get_method(cfg.method)
-    labels = {name: d.labels[: cfg.data.limit_per_domain] for name, d in train.items()}
-    # the centralised baseline pools each domain's data on one machine (one client per domain)
-    per_domain, scenario = (1, "iid") if method.pooled else (cfg.data.clients_per_domain, cfg.data.scenario)
-    parts = partition(labels, per_domain, scenario, cfg.seed, {name: d.num_classes for name, d in train.items()})
+    labels, parts = _partition(cfg, train)
     method.check(len(parts))
     x_all = {name: to_tensor(d.images[: cfg.data.limit_per_domain]) for name, d in train.items()}
     data = [ClientData(x_all[p.domain][torch.from_numpy(p.indices)],
@@ -122,6 +140,19 @@ def build_setup(cfg: RunConfig) -> Setup:
         getattr(d, "name", str(d)) for d in devices]}, cut_method, probes)
 
 
+def _losses(per_epoch: list[dict]) -> dict:
+    """Mean losses of the round, overall and per client (None for a client with no finished
+    iteration, which only the Ray engine's faults and deadlines produce)."""
+    out = {}
+    for k in ("d", "g"):
+        a = np.array([ep[k] for ep in per_epoch], dtype=float)
+        seen = ~np.isnan(a)
+        per = np.where(seen.any(0), np.nansum(a, 0) / np.maximum(seen.sum(0), 1), np.nan)
+        out[f"loss_{k}"] = float(a[seen].mean())
+        out[f"loss_{k}_per_client"] = [None if np.isnan(v) else round(float(v), 5) for v in per]
+    return out
+
+
 def _derangement(n: int, *key: int) -> list[int]:
     """A seeded permutation with no fixed point: every client gets another client's discriminator."""
     rng = np.random.default_rng([*key, 7])
@@ -149,16 +180,24 @@ class Trainer:
         self.model = SplitGAN(g, d, s.cuts)
         if self.method.shared_generator:
             self.model.tie_generators()
-        engine = BatchedEngine if self.execution.batch_clients else SimulationEngine
-        self.engine = engine(self.model, s.data, cfg.train.batch_size, cfg.train.lr, cfg.train.betas,
-                             s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch, self.execution,
-                             self.method.shared_generator)
         self.strategy = self.method.strategy(cfg)
         self.sizes = np.array([len(c) for c in s.data])
         self.true_domains = [c.domain for c in s.data]
         # the server's view for clustering exists only when it computes part of D
         self.feature_depth = common_feature_depth(s.cuts) if self.method.split else None
-        self.engine.feature_depth = self.feature_depth
+        if cfg.runtime.engine == "ray":
+            from huscf.runtime.engine import RayEngine
+
+            # the client actors load their own partitions: the driver keeps none of the tensors
+            s.data = [ClientData(torch.empty(0), torch.empty(0, dtype=torch.long), c.domain) for c in s.data]
+            self.engine = RayEngine(cfg, s.arch, self.model, self.sizes.tolist(), self.feature_depth, run_dir,
+                                    self.method.shared_generator)
+        else:
+            engine = BatchedEngine if self.execution.batch_clients else SimulationEngine
+            self.engine = engine(self.model, s.data, cfg.train.batch_size, cfg.train.lr, cfg.train.betas,
+                                 s.arch.z_dim, cfg.seed, cfg.train.max_iters_per_epoch, self.execution,
+                                 self.method.shared_generator)
+            self.engine.feature_depth = self.feature_depth
         self.start_round = 1
         self.classifiers = {}
         if cfg.output.eval_every:
@@ -183,9 +222,10 @@ class Trainer:
         rd = RunDir(run_dir)
         if not rd.config.is_file():
             raise HuscfError(f"cannot resume {run_dir}: no config.yaml there (not a huscf run directory)")
-        bad = [o for o in overrides if not o.startswith("train.rounds=")]
+        bad = [o for o in overrides if not o.startswith(("train.rounds=", "runtime."))]
         if bad:
-            raise HuscfError(f"--resume only accepts --set train.rounds=N (to extend a run), got {bad[0]!r}")
+            raise HuscfError(f"--resume only accepts --set train.rounds=N (to extend a run) and runtime.* "
+                             f"(where it runs), got {bad[0]!r}")
         if data_dir:
             overrides = [*overrides, f"data.data_dir={data_dir}"]
         cfg = load_config(rd.config, overrides)
@@ -251,31 +291,23 @@ class Trainer:
                     bar.write(self._summary(row), file=sys.stderr)
         finally:
             bar.close()
+            self.engine.close()
         self._say(f"done: {self.run.path}\nnext: huscf evaluate {self.run.path} && huscf report {self.run.path}")
         return self.run.path
 
     def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float) -> dict:
         s, cfg = self.setup, self.cfg
-        feats, noise = self.engine.features.mean_and_noise() if self.feature_depth is not None else (None, None)
-        params = None if not self.strategy.uses_client_params else np.stack([
-            torch.cat([p.detach().float().flatten() for p in self.model.client_parameters(i, "D")]).cpu().numpy()
-            for i in range(len(self.sizes))])
-        state = RoundState(round=r - 1, sizes=self.sizes, features=feats, feature_noise=noise, seed=cfg.seed + r,
-                           client_params=params)
-        agg = self.strategy.aggregate(state)
-        apply_aggregation(self.model, agg)
+        agg = self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, self.feature_depth is not None)
+        present = agg.groups >= 0  # a client whose actor failed this round took no part (Ray engine)
 
         iters = self.engine.iterations_per_epoch() * cfg.train.local_epochs
         lat = s.latency
         row = {
             "round": r,
-            "loss_d": float(np.mean([ep["d"] for ep in per_epoch])),
-            "loss_g": float(np.mean([ep["g"] for ep in per_epoch])),
-            "loss_d_per_client": np.mean([ep["d"] for ep in per_epoch], axis=0).round(5).tolist(),
-            "loss_g_per_client": np.mean([ep["g"] for ep in per_epoch], axis=0).round(5).tolist(),
+            **_losses(per_epoch),
             "clusters": agg.groups.tolist(),
             "num_clusters": int(agg.info.get("k", len(set(agg.groups.tolist())))),
-            "ari_vs_domains": float(adjusted_rand_score(self.true_domains, agg.groups)),
+            "ari_vs_domains": float(adjusted_rand_score(np.array(self.true_domains)[present], agg.groups[present])),
             "cluster_weights": agg.cluster_weights.round(6).tolist(),
             "global_weights": agg.global_weights.round(6).tolist(),
             "federation": agg.info,
@@ -287,7 +319,7 @@ class Trainer:
             "bytes_round_per_client": None if lat["bytes_per_client"] is None else [
                 b * iters for b in lat["bytes_per_client"]],
             "train_seconds": round(train_seconds, 3),
-        }
+        } | self.engine.round_events()
         if cfg.output.eval_every and r % cfg.output.eval_every == 0:
             row["generation_score"] = self._generation_score(r, agg.groups)
         if cfg.output.samples_every and r % cfg.output.samples_every == 0:
@@ -329,7 +361,7 @@ class Trainer:
 
     def _save_samples(self, r: int, groups: np.ndarray) -> None:
         z, y = self._fixed_inputs(self.cfg.output.samples_per_class)
-        for g in sorted(set(groups.tolist())):
+        for g in sorted(set(groups.tolist()) - {-1}):
             first = int(np.flatnonzero(groups == g)[0])
             save_grid(self._sample(first, z, y), self.setup.arch.num_classes,
                       self.run.samples / f"round_{r:04d}_cluster_{g}.png")

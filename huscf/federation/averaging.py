@@ -7,6 +7,9 @@
 * Server blocks (middle blocks): the average over *all* clients with the global weights, where a
   client that holds a copy of the block locally contributes its copy and every other client
   contributes the server's copy (the one it used).
+With ``clients`` given, only those clients take part (the others, e.g. a client whose actor died
+during the round, keep their weights and contribute nothing), and ``agg``'s arrays are indexed by
+position in ``clients``.
 Floating-point parameters and buffers (BatchNorm running statistics) are averaged; integer
 buffers (BatchNorm's batch counter) take the maximum.
 """
@@ -32,33 +35,34 @@ def _average(states: list[dict[str, torch.Tensor]], weights: np.ndarray) -> dict
 
 
 @torch.no_grad()
-def apply_aggregation(model: SplitGAN, agg: Aggregation) -> None:
-    n = len(model.clients)
+def apply_aggregation(model: SplitGAN, agg: Aggregation, clients: list[int] | None = None) -> None:
+    ids = list(range(len(model.clients))) if clients is None else list(clients)
     groups = np.asarray(agg.groups)
     for net in NETS:
         for b in range(model.num_blocks[net]):
             key = str(b)
-            holders = [i for i in range(n) if model.clients[i].holds(net, b)]
-            local = {i: model.clients[i].nets[net][key].state_dict() for i in holders}
+            # positions (into agg's arrays) of the participating clients that hold block b
+            holders = [k for k, i in enumerate(ids) if model.clients[i].holds(net, b)]
+            local = {k: model.clients[ids[k]].nets[net][key].state_dict() for k in holders}
             new_local = {}
             if agg.mixing is not None:  # personalised: every holder gets its own mix of the holders
-                for i in holders:
-                    w = agg.mixing[i, holders]
-                    new_local[i] = _average([local[j] for j in holders], w / w.sum())
+                for k in holders:
+                    w = agg.mixing[k, holders]
+                    new_local[k] = _average([local[j] for j in holders], w / w.sum())
             else:
                 for g in np.unique(groups):
-                    members = [i for i in holders if groups[i] == g]
+                    members = [k for k in holders if groups[k] == g]
                     if not members:
                         continue
                     w = agg.cluster_weights[members]
-                    avg = _average([local[i] for i in members], w / w.sum())
-                    new_local.update({i: avg for i in members})
+                    avg = _average([local[k] for k in members], w / w.sum())
+                    new_local.update({k: avg for k in members})
             if key in model.server.nets[net]:
                 server_block = model.server.nets[net][key]
                 # clients without a local copy all contribute the same server copy: one term
                 server_weight = 1.0 - float(agg.global_weights[holders].sum())
-                states = [local[i] for i in holders] + [server_block.state_dict()]
+                states = [local[k] for k in holders] + [server_block.state_dict()]
                 weights = np.append(agg.global_weights[holders], max(server_weight, 0.0))
                 server_block.load_state_dict(_average(states, weights))
-            for i, state in new_local.items():
-                model.clients[i].nets[net][key].load_state_dict(state)
+            for k, state in new_local.items():
+                model.clients[ids[k]].nets[net][key].load_state_dict(state)

@@ -39,6 +39,14 @@ class Aggregation:
     # when set it replaces the group averages
     mixing: np.ndarray | None = None
 
+    def expand(self, clients: list[int], n: int) -> "Aggregation":
+        """This aggregation over ``clients`` written out for all ``n`` clients: an absent client
+        has group -1 and weight 0 (for the metrics; absent clients were not averaged)."""
+        groups = np.full(n, -1, dtype=int)
+        cw, gw = np.zeros(n), np.zeros(n)
+        groups[clients], cw[clients], gw[clients] = self.groups, self.cluster_weights, self.global_weights
+        return Aggregation(groups, cw, gw, self.info | {"absent": sorted(set(range(n)) - set(clients))})
+
 
 def _size_weights(sizes: np.ndarray) -> np.ndarray:
     s = np.asarray(sizes, dtype=np.float64)

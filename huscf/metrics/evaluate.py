@@ -65,7 +65,7 @@ def cluster_generators(groups: list[int], domains: list[str], r: int, client: in
         return [{"round": r, "cluster": groups[client], "client": client, "domain": domains[client],
                  "members": members}]
     out = []
-    for g in sorted(set(groups)):
+    for g in sorted(set(groups) - {-1}):  # -1: a client absent from that round's aggregation
         members = [i for i, gi in enumerate(groups) if gi == g]
         for domain in dict.fromkeys(domains[i] for i in members):
             rep = next(i for i in members if domains[i] == domain)

@@ -46,6 +46,25 @@ class ClientSegments(nn.Module):
     def holds(self, net: str, block: int) -> bool:
         return str(block) in self.nets[net]
 
+    def sends(self, net: str) -> bool:
+        """Whether this client's ``net`` passes through the server (False for whole-network cuts)."""
+        return bool(self.ranges[net].server)
+
+    def run_head(self, net: str, inputs: tuple) -> torch.Tensor:
+        """Blocks 0..head of ``net`` on the client's own copies (block 0 takes the label)."""
+        own, r = self.nets[net], self.ranges[net]
+        h = own["0"](*inputs)
+        for b in r.head[1:]:
+            h = own[str(b)](h)
+        return h
+
+    def run_tail(self, net: str, h: torch.Tensor) -> torch.Tensor:
+        """The tail blocks of ``net`` (those after the server's)."""
+        own = self.nets[net]
+        for b in self.ranges[net].tail:
+            h = own[str(b)](h)
+        return h
+
 
 class ServerBody(nn.Module):
     """One copy of every middle block of G and D."""
@@ -56,6 +75,13 @@ class ServerBody(nn.Module):
             name: nn.ModuleDict({str(b): copy.deepcopy(net.blocks[b]) for b in range(1, net.num_middle + 1)})
             for name, net in (("G", g), ("D", d))
         })
+
+    def run(self, net: str, h: torch.Tensor, blocks) -> torch.Tensor:
+        """The server's copies of ``blocks`` of ``net``, in order."""
+        body = self.nets[net]
+        for b in blocks:
+            h = body[str(b)](h)
+        return h
 
 
 class SplitGAN(nn.Module):
@@ -89,21 +115,15 @@ class SplitGAN(nn.Module):
         When ``server_input`` is a list, the activation the server received is appended to it
         (detached): the server's own view, used for clustering at the end of a round.
         """
-        r = self.ranges(client, net)
-        own, body = self.clients[client].nets[net], self.server.nets[net]
-        h = own["0"](*inputs)
-        for b in r.head[1:]:
-            h = own[str(b)](h)
+        seg, r = self.clients[client], self.ranges(client, net)
+        h = seg.run_head(net, inputs)
         if r.server:  # a client that holds the whole network (a non-split baseline) sends nothing
             h = self.seam.cross(h, "client->server", client, net, r.head[-1])
             if server_input is not None:
                 server_input.append(h.detach())
-            for b in r.server:
-                h = body[str(b)](h)
+            h = self.server.run(net, h, r.server)
             h = self.seam.cross(h, "server->client", client, net, r.server[-1])
-        for b in r.tail:
-            h = own[str(b)](h)
-        return h
+        return seg.run_tail(net, h)
 
     def generate(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward_net("G", client, (z, y))
@@ -132,10 +152,5 @@ class SplitGAN(nn.Module):
         weights at the same depth whatever its cuts. BatchNorm uses batch statistics, exactly as in
         the training forward pass (the GANs keep no running statistics, so nothing is mutated).
         """
-        body = self.server.nets["D"]
-        out = {}
-        for client, h in inputs.items():
-            for b in range(self.ranges(client, "D").head[-1] + 1, depth + 1):
-                h = body[str(b)](h)
-            out[client] = h
-        return out
+        return {client: self.server.run("D", h, range(self.ranges(client, "D").head[-1] + 1, depth + 1))
+                for client, h in inputs.items()}

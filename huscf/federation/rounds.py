@@ -1,0 +1,30 @@
+"""The end of a round on the server: build what it knows into a ``RoundState``, ask the strategy
+for an ``Aggregation`` and apply it to the model. Shared by the single-process engines and the
+Ray server actor, so both federate with exactly the same code."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from huscf.federation.averaging import apply_aggregation
+from huscf.federation.features import FeatureStats
+from huscf.federation.strategies import Aggregation, RoundState
+from huscf.split.segments import SplitGAN
+
+
+def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: int,
+             features: FeatureStats | None, clients: list[int] | None = None) -> Aggregation:
+    """Aggregate ``clients`` (default: all) of ``model`` in place; returns the aggregation written
+    out for every client (group -1 for a client that took no part)."""
+    n = len(sizes)
+    ids = list(range(n)) if clients is None else sorted(clients)
+    feats, noise = features.mean_and_noise(ids) if features is not None else (None, None)
+    params = None if not strategy.uses_client_params else np.stack([
+        torch.cat([p.detach().float().flatten() for p in model.client_parameters(i, "D")]).cpu().numpy()
+        for i in ids])
+    state = RoundState(round=round_idx, sizes=np.asarray(sizes)[ids], features=feats, feature_noise=noise,
+                       seed=seed, client_params=params)
+    agg = strategy.aggregate(state)
+    apply_aggregation(model, agg, ids)
+    return agg if len(ids) == n else agg.expand(ids, n)

@@ -1,0 +1,419 @@
+"""The two kinds of process of the Ray runtime (plain classes; ``engine.py`` makes them actors).
+
+``ClientHost`` hosts one or more clients. For each it alone loads and holds the partition, the
+head and tail segments of G and D and their optimisers, and it computes the losses. ``ServerNode``
+holds the server body, its optimisers, the clustering features and the round-end aggregation.
+
+One iteration is the simulation engine's (``engine/simulation.py``), cut at the seams: the
+driver calls ``phase_a`` (G forward, D step) on every host, ``ServerNode.step("D")``, then
+``phase_b`` (G step) and ``step("G")``. Inside a phase a host sends one batch of messages per
+seam crossing for all its clients, and the server keeps each client's graph between the forward
+and the backward call. Only activations and their gradients cross; every payload goes through
+``messages.Wire``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from huscf.baselines import get_method
+from huscf.config import RunConfig
+from huscf.engine.execution import Execution
+from huscf.engine.simulation import SimulationEngine, _rng
+from huscf.federation.features import FeatureStats
+from huscf.federation.rounds import federate
+from huscf.models.cgan import Architecture
+from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, unpack_state
+from huscf.split.plan import Cuts
+from huscf.split.segments import NETS, ClientSegments, SplitGAN
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every actor builds its part from: the config, the architecture and the cuts (no data)."""
+
+    config: dict
+    arch: Architecture
+    cuts: tuple[Cuts, ...]
+    sizes: tuple[int, ...]
+    feature_depth: int | None
+    threads: int
+
+    def setup(self) -> tuple[RunConfig, Execution, torch.nn.Module, torch.nn.Module]:
+        torch.set_num_threads(self.threads)
+        cfg = RunConfig.model_validate(self.config)
+        c = cfg.compute
+        ex = Execution.resolve(c.device, c.precision, c.channels_last, c.recompute_generator, "loop", None,
+                               len(self.cuts), c.cudnn_benchmark)
+        torch.manual_seed(cfg.seed)  # the same initialisation as the driver's and every other process's
+        return cfg, ex, self.arch.generator(), self.arch.discriminator()
+
+
+def _adam(params, cfg: RunConfig, device: torch.device):
+    return torch.optim.Adam(list(params), lr=cfg.train.lr, betas=cfg.train.betas,
+                            fused=(device.type == "cuda") or None)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _bce(out: torch.Tensor, target: float) -> torch.Tensor:
+    out = out.float()
+    return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target))
+
+
+class ClientHost:
+    """Several clients in one process (one process per client does not scale: 350-400 MB each)."""
+
+    def __init__(self, spec: RunSpec, clients: list[int], server, index: int):
+        from huscf.engine.trainer import load_client_data
+
+        self.cfg, self.ex, g, d = spec.setup()
+        self.ids, self.server, self.index = list(clients), server, index
+        self.device = self.ex.torch_device
+        self.segs = {i: ClientSegments(spec.cuts[i], g, d).to(self.device) for i in self.ids}
+        if self.ex.channels_last:
+            for seg in self.segs.values():
+                seg.to(memory_format=torch.channels_last)
+        self.data = {i: (self.ex.layout(c.x.to(self.device)), c.y.to(self.device))
+                     for i, c in load_client_data(self.cfg, self.ids).items()}
+        self.opts = {i: {net: _adam(self.segs[i].nets[net].parameters(), self.cfg, self.device) for net in NETS}
+                     for i in self.ids}
+        self.wire = Wire(f"host:{index}", PrivacyGuard(spec.arch.image_shape))
+        self.batch_size = self.cfg.train.batch_size
+        self.delay = {int(k): v for k, v in self.cfg.runtime.inject_delay_s.items()}
+        self.perms: dict[int, torch.Tensor] = {}
+        self._g: dict = {}  # per-client generator graph kept from phase A to phase B
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sizes(self) -> dict[int, int]:
+        return {i: len(y) for i, (_, y) in self.data.items()}
+
+    def begin_epoch(self, msg: Message) -> None:
+        r, e = msg.meta["round"], msg.meta["epoch"]
+        self.wire.audit.round = r + 1
+        self.perms = {i: torch.from_numpy(_rng(self.cfg.seed, r, e, i).permutation(len(y)))
+                      for i, (_, y) in self.data.items()}
+
+    def _batch(self, i: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.perms[i][t * self.batch_size:(t + 1) * self.batch_size]
+        x, y = self.data[i]
+        return x[idx], y[idx]
+
+    def _send(self, method, kind: str, net: str, payload: dict[int, dict[str, torch.Tensor]],
+              meta: dict | None = None) -> dict[int, Message]:
+        """One batched crossing to the server for the clients in ``payload``; replies by client."""
+        if not payload:
+            return {}
+        msgs = [self.wire.pack(kind, "server", i, tensors, {"net": net, **(meta or {})}, src=f"client:{i}")
+                for i, tensors in payload.items()]
+        import ray
+
+        return {m.client: m for m in ray.get(method.remote(msgs))}
+
+    def _finite(self, loss: torch.Tensor, i: int, what: str, where: tuple) -> None:
+        if not torch.isfinite(loss):
+            SimulationEngine._not_finite(i, what, where)
+
+    # -- phase A: generator forward, discriminator step --------------------------------------------
+    def phase_a(self, control: Message, noise: list[Message]) -> Message:
+        t0 = time.monotonic()
+        meta = control.meta
+        where = (meta["round"], meta["epoch"], meta["t"])
+        deadline = meta.get("deadline_s")
+        z = {m.client: m.tensor("z", self.device) for m in noise}
+        clients = sorted(z)
+        for i in clients:  # fault injection: an emulated slow device
+            if self.delay.get(i):
+                time.sleep(self.delay[i])
+
+        def late() -> bool:
+            return deadline is not None and time.monotonic() - t0 > deadline
+
+        ex, s = self.ex, self.segs
+        batch = {i: self._batch(i, meta["t"]) for i in clients}
+        self._g = {}
+        if late():
+            return self._reply_a(clients, {})
+        # generator: head -> server body -> tail (graph kept for phase B)
+        with ex.autocast():
+            heads = {i: s[i].run_head("G", (z[i], batch[i][1])) for i in clients}
+        replies = self._send(self.server.g_forward, "activation", "G",
+                             {i: {"h": heads[i]} for i in clients if s[i].sends("G")})
+        fakes = {}
+        for i in clients:
+            b = _leaf(replies[i].tensor("h", self.device)) if i in replies else heads[i]
+            with ex.autocast():
+                fakes[i] = s[i].run_tail("G", b)
+            self._g[i] = (heads[i], b, fakes[i])
+
+        # discriminator step: D(fake.detach()) -> 0, D(x) -> 1
+        for i in clients:
+            self.opts[i]["D"].zero_grad(set_to_none=True)
+        with ex.autocast():
+            dh = {i: (s[i].run_head("D", (fakes[i].detach(), batch[i][1])),
+                      s[i].run_head("D", batch[i])) for i in clients}
+        if late():
+            return self._reply_a(clients, {})
+        replies = self._send(self.server.d_forward, "activation", "D",
+                             {i: {"fake": dh[i][0], "real": dh[i][1]} for i in clients if s[i].sends("D")},
+                             {"collect": meta["collect"]})
+        losses, grads = {}, {}
+        for i in clients:
+            if i in replies:
+                lf, lr = _leaf(replies[i].tensor("fake", self.device)), _leaf(replies[i].tensor("real", self.device))
+            else:
+                lf, lr = dh[i]
+            with ex.autocast():
+                out_f, out_r = s[i].run_tail("D", lf), s[i].run_tail("D", lr)
+            loss = _bce(out_f, 0.0) + _bce(out_r, 1.0)
+            self._finite(loss, i, "discriminator", where)
+            loss.backward()
+            losses[i] = loss.item()
+            if i in replies:
+                grads[i] = {"fake": lf.grad, "real": lr.grad}
+        if late():  # the D gradient is the commitment: a client past the deadline keeps out
+            return self._reply_a(clients, {})
+        replies = self._send(self.server.d_backward, "gradient", "D", grads)
+        for i in clients:
+            if i in replies:
+                torch.autograd.backward(list(dh[i]), [replies[i].tensor("fake", self.device),
+                                                      replies[i].tensor("real", self.device)])
+            self.opts[i]["D"].step()
+        return self._reply_a(clients, losses)
+
+    def _reply_a(self, clients: list[int], losses: dict[int, float]) -> Message:
+        skipped = [i for i in clients if i not in losses]
+        for i in skipped:
+            self._g.pop(i, None)
+        return self.wire.pack("metric", "driver", None, meta={"loss_d": {str(i): v for i, v in losses.items()},
+                                                              "skipped": skipped})
+
+    # -- phase B: generator step -------------------------------------------------------------------
+    def phase_b(self, control: Message) -> Message:
+        meta = control.meta
+        where = (meta["round"], meta["epoch"], meta["t"])
+        clients = sorted(self._g)
+        ex, s = self.ex, self.segs
+        for i in clients:
+            self.opts[i]["G"].zero_grad(set_to_none=True)
+            s[i].nets["D"].requires_grad_(False)
+        with ex.autocast():
+            dh = {i: s[i].run_head("D", (self._g[i][2], self._batch(i, meta["t"])[1])) for i in clients}
+        replies = self._send(self.server.dg_forward, "activation", "D",
+                             {i: {"fake": dh[i]} for i in clients if s[i].sends("D")})
+        losses, grads = {}, {}
+        for i in clients:
+            lf = _leaf(replies[i].tensor("fake", self.device)) if i in replies else dh[i]
+            with ex.autocast():
+                out = s[i].run_tail("D", lf)
+            loss = _bce(out, 1.0)
+            self._finite(loss, i, "generator", where)
+            loss.backward()
+            losses[i] = loss.item()
+            if i in replies:
+                grads[i] = {"fake": lf.grad}
+        replies = self._send(self.server.dg_backward, "gradient", "D", grads)
+        g_grads = {}
+        for i in clients:
+            head, b, _ = self._g[i]
+            if i in replies:
+                torch.autograd.backward(dh[i], replies[i].tensor("fake", self.device))
+            if s[i].sends("G"):
+                g_grads[i] = {"h": b.grad}
+        replies = self._send(self.server.g_backward, "gradient", "G", g_grads)
+        for i in clients:
+            if i in replies:
+                torch.autograd.backward(self._g[i][0], replies[i].tensor("h", self.device))
+            self.opts[i]["G"].step()
+            s[i].nets["D"].requires_grad_(True)
+        self._g = {}
+        return self.wire.pack("metric", "driver", None, meta={"loss_g": {str(i): v for i, v in losses.items()}})
+
+    # -- round end and state -----------------------------------------------------------------------
+    def _segment_state(self, i: int) -> dict[str, torch.Tensor]:
+        return {f"clients.{i}.{k}": v for k, v in self.segs[i].state_dict().items()}
+
+    def push_weights(self) -> None:
+        import ray
+
+        msgs = [self.wire.pack("weights", "server", i, self._segment_state(i), src=f"client:{i}") for i in self.ids]
+        ray.get(self.server.receive_weights.remote(msgs))
+
+    def pull_weights(self) -> None:
+        import ray
+
+        for m in ray.get(self.server.send_weights.remote(self.ids)):
+            prefix = f"clients.{m.client}."
+            self.segs[m.client].load_state_dict({k.removeprefix(prefix): v for k, v in m.tensors(self.device).items()})
+
+    def get_state(self) -> list[Message]:
+        out = []
+        for i in self.ids:
+            tensors, meta = pack_state(self._segment_state(i), self.opts[i])
+            out.append(self.wire.pack("state", "driver", i, tensors, meta, src=f"client:{i}"))
+        return out
+
+    def set_state(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            model, opts = unpack_state(m.tensors(self.device), m.meta)
+            prefix = f"clients.{m.client}."
+            self.segs[m.client].load_state_dict({k.removeprefix(prefix): v for k, v in model.items()})
+            for net, st in opts.items():
+                self.opts[m.client][net].load_state_dict(st)
+
+    def drain_audit(self) -> list[dict]:
+        return self.wire.audit.drain()
+
+
+class ServerNode:
+    """The server: one body shared by all clients, its optimisers, clustering and aggregation."""
+
+    def __init__(self, spec: RunSpec):
+        self.cfg, self.ex, g, d = spec.setup()
+        self.device = self.ex.torch_device
+        # the body plus every client's segments: the segments are only filled at the round end,
+        # when the clients send their weights for aggregation
+        self.model = SplitGAN(g, d, list(spec.cuts)).to(self.device)
+        if self.ex.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.opts = {net: _adam(self.model.server_parameters(net), self.cfg, self.device) for net in NETS}
+        self.sizes = np.asarray(spec.sizes)
+        self.feature_depth = spec.feature_depth
+        self.features = FeatureStats(len(spec.cuts))
+        self.strategy = get_method(self.cfg.method).strategy(self.cfg)
+        self.wire = Wire("server")
+        self.pending: dict[tuple[str, int], tuple] = {}
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def _body(self, net: str, client: int, h: torch.Tensor) -> torch.Tensor:
+        with self.ex.autocast():
+            return self.model.server.run(net, h, self.model.ranges(client, net).server)
+
+    def _reply(self, kind: str, m: Message, tensors: dict[str, torch.Tensor]) -> Message:
+        return self.wire.pack(kind, f"client:{m.client}", m.client, tensors, {"net": m.meta["net"]})
+
+    def begin_epoch(self, msg: Message) -> None:
+        self.wire.audit.round = msg.meta["round"] + 1
+        if msg.meta.get("collect"):
+            self.features = FeatureStats(len(self.sizes))
+
+    # forward/backward of the body for each client; the graph waits in ``pending`` in between
+    def g_forward(self, msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            h = _leaf(m.tensor("h", self.device))
+            y = self._body("G", m.client, h)
+            self.pending[("g", m.client)] = (h, y)
+            out.append(self._reply("activation", m, {"h": y.detach()}))
+        return out
+
+    def d_forward(self, msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            f, r = _leaf(m.tensor("fake", self.device)), _leaf(m.tensor("real", self.device))
+            yf, yr = self._body("D", m.client, f), self._body("D", m.client, r)
+            self.pending[("d", m.client)] = (f, r, yf, yr)
+            if m.meta.get("collect") and self.feature_depth is not None:
+                self.seen[m.client] = r.detach().float()
+            out.append(self._reply("activation", m, {"fake": yf.detach(), "real": yr.detach()}))
+        return out
+
+    def d_backward(self, msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            f, r, yf, yr = self.pending.pop(("d", m.client))
+            torch.autograd.backward([yf, yr], [m.tensor("fake", self.device), m.tensor("real", self.device)])
+            out.append(self._reply("gradient", m, {"fake": f.grad, "real": r.grad}))
+        return out
+
+    def dg_forward(self, msgs: list[Message]) -> list[Message]:
+        self.model.server.nets["D"].requires_grad_(False)  # the G step does not train D
+        out = []
+        for m in msgs:
+            f = _leaf(m.tensor("fake", self.device))
+            y = self._body("D", m.client, f)
+            self.pending[("dg", m.client)] = (f, y)
+            out.append(self._reply("activation", m, {"fake": y.detach()}))
+        return out
+
+    def dg_backward(self, msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            f, y = self.pending.pop(("dg", m.client))
+            torch.autograd.backward(y, m.tensor("fake", self.device))
+            out.append(self._reply("gradient", m, {"fake": f.grad}))
+        return out
+
+    def g_backward(self, msgs: list[Message]) -> list[Message]:
+        out = []
+        for m in msgs:
+            h, y = self.pending.pop(("g", m.client))
+            torch.autograd.backward(y, m.tensor("h", self.device))
+            out.append(self._reply("gradient", m, {"h": h.grad}))
+        return out
+
+    def step(self, net: str) -> None:
+        """Every client of the iteration is done with ``net``: one optimiser step on the summed
+        gradient. Graphs of clients that failed or skipped are dropped here."""
+        self.opts[net].step()
+        self.opts[net].zero_grad(set_to_none=True)
+        if net == "D":
+            self.pending = {k: v for k, v in self.pending.items() if k[0] == "g"}
+            if self.seen:  # the clustering features, through the stepped weights (as in one process)
+                with torch.no_grad():
+                    for i, act in self.model.server_features(self.seen, self.feature_depth).items():
+                        self.features.add(i, act)
+                self.seen = {}
+        else:
+            self.pending = {}
+            self.model.server.nets["D"].requires_grad_(True)
+
+    # -- round end ---------------------------------------------------------------------------------
+    def receive_weights(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            prefix = f"clients.{m.client}."
+            self.model.clients[m.client].load_state_dict(
+                {k.removeprefix(prefix): v for k, v in m.tensors(self.device).items()})
+
+    def federate(self, control: Message) -> Message:
+        meta = control.meta
+        clients = meta["clients"]
+        use_features = meta["use_features"]
+        if use_features:
+            clients = [i for i in clients if i in set(self.features.seen())]
+        if not clients:
+            raise RuntimeError("no client finished an iteration this round: nothing to aggregate")
+        agg = federate(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
+                       self.features if use_features else None, clients)
+        return self.wire.pack("control", "driver", None, meta={
+            "groups": agg.groups.tolist(), "cluster_weights": agg.cluster_weights.tolist(),
+            "global_weights": agg.global_weights.tolist(), "info": agg.info})
+
+    def send_weights(self, clients: list[int]) -> list[Message]:
+        return [self.wire.pack("weights", f"client:{i}", i,
+                               {f"clients.{i}.{k}": v for k, v in self.model.clients[i].state_dict().items()})
+                for i in clients]
+
+    def get_state(self) -> Message:
+        tensors, meta = pack_state({f"server.{k}": v for k, v in self.model.server.state_dict().items()}, self.opts)
+        return self.wire.pack("state", "driver", None, tensors, meta)
+
+    def set_state(self, msg: Message) -> None:
+        model, opts = unpack_state(msg.tensors(self.device), msg.meta)
+        self.model.server.load_state_dict({k.removeprefix("server."): v for k, v in model.items()})
+        for net, st in opts.items():
+            self.opts[net].load_state_dict(st)
+
+    def drain_audit(self) -> list[dict]:
+        return self.wire.audit.drain()

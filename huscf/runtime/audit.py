@@ -1,0 +1,97 @@
+"""``huscf audit RUN_DIR``: what crossed between processes in a Ray run, from ``audit.jsonl``.
+
+Per client: tensor bytes per finished iteration of the cut-layer traffic (activations and
+gradients, both directions; message headers counted apart), next to the latency model's prediction for its cuts
+(``clients.json``), and the round-end traffic (aggregation weights, checkpoint state). Overall:
+bytes by kind and direction, and the privacy verdict: every kind a client sent must be one of
+``messages.CLIENT_KINDS`` and no array it sent may be integer-typed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from huscf.errors import HuscfError
+from huscf.runtime.messages import CLIENT_KINDS
+
+_FLOATS = {"float32", "float16", "bfloat16", "float64", "json", ""}
+
+
+def read_audit(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "audit.jsonl"
+    if not path.is_file():
+        raise HuscfError(f"{run_dir}: no audit.jsonl (only runs with --engine ray write one)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _client_of(end: str) -> int | None:
+    return int(end.split(":", 1)[1]) if end.startswith("client:") else None
+
+
+def summarise(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    rows = read_audit(run_dir)
+    clients_json = json.loads((run_dir / "clients.json").read_text()) if (run_dir / "clients.json").is_file() else {}
+    predicted = (clients_json.get("latency_per_iteration") or {}).get("bytes_per_client") or []
+    iterations: dict[int, int] = defaultdict(int)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            for i, n in enumerate(row.get("iterations_per_client") or []):
+                iterations[i] += n
+    per_client: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    sent_by_clients: set[str] = set()
+    violations = []
+    for r in rows:
+        src, dst = _client_of(r["src"]), _client_of(r["dst"])
+        direction = "from client" if src is not None else ("to client" if dst is not None else "other")
+        by_kind[r["kind"]][direction] += r["bytes"]
+        c = src if src is not None else dst
+        if c is not None:  # the tensors by kind; the small JSON headers apart
+            per_client[c]["meta" if r["name"] == "meta" else r["kind"]] += r["bytes"]
+        if src is not None or r["src"].startswith("host:"):  # a client, or the actor hosting clients
+            sent_by_clients.add(r["kind"])
+            if r["kind"] not in CLIENT_KINDS or r["dtype"] not in _FLOATS:
+                violations.append(r)
+    clients = []
+    for c in sorted(per_client):
+        cut = per_client[c]["activation"] + per_client[c]["gradient"]
+        n = iterations.get(c, 0)
+        row = {"client": c, "iterations": n, "bytes_by_kind": dict(per_client[c]),
+               "cut_bytes_per_iteration": cut / n if n else None,
+               "predicted_bytes_per_iteration": predicted[c] if c < len(predicted) else None}
+        p = row["predicted_bytes_per_iteration"]
+        row["measured_over_predicted"] = (row["cut_bytes_per_iteration"] / p
+                                          if p and row["cut_bytes_per_iteration"] is not None else None)
+        clients.append(row)
+    return {"run_dir": str(run_dir), "records": len(rows), "clients": clients,
+            "bytes_by_kind": {k: dict(v) for k, v in by_kind.items()},
+            "kinds_sent_by_clients": sorted(sent_by_clients), "violations": violations}
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:.3f} MB" if b >= 1e5 else f"{b / 1e3:.1f} kB"
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"audit of {s['run_dir']}: {s['records']} records"]
+    lines.append(f"{'client':>6} {'iters':>6} {'cut bytes/iter':>15} {'predicted':>12} {'ratio':>6}  round-end traffic")
+    for c in s["clients"]:
+        k = c["bytes_by_kind"]
+        per = c["cut_bytes_per_iteration"]
+        pred = c["predicted_bytes_per_iteration"]
+        ratio = c["measured_over_predicted"]
+        lines.append(f"{c['client']:>6} {c['iterations']:>6} {_mb(per) if per is not None else '-':>15} "
+                     f"{_mb(pred) if pred else '-':>12} {f'{ratio:.3f}' if ratio is not None else '-':>6}  "
+                     f"weights {_mb(k.get('weights', 0))}, state {_mb(k.get('state', 0))}")
+    lines.append("bytes by kind:")
+    for kind, dirs in sorted(s["bytes_by_kind"].items()):
+        lines.append(f"  {kind:<10} " + ", ".join(f"{d} {_mb(b)}" for d, b in sorted(dirs.items())))
+    verdict = "OK" if not s["violations"] else f"{len(s['violations'])} VIOLATION(S)"
+    lines.append(f"privacy: clients sent only {', '.join(s['kinds_sent_by_clients'])}: {verdict} "
+                 f"(never images, labels, synthetic images or discriminator outputs)")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Starting or joining Ray.
+
+Without an address huscf starts a private Ray on this machine, bound to loopback (127.0.0.1),
+with usage statistics off and no dashboard; ``HUSCF_RAY_TMPDIR`` chooses its temp folder. With
+an address (``auto`` or ``HOST:PORT`` of a ``ray start --head`` node) it joins that cluster and
+leaves it running afterwards. If Ray is already initialised in this process it is used as is.
+"""
+
+from __future__ import annotations
+
+import os
+
+from huscf.errors import HuscfError
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise HuscfError("the ray engine needs Ray: pip install 'huscf[ray]' (or pip install ray)") from None
+    return ray
+
+
+def connect(address: str | None):
+    """(the ray module, whether this call started Ray, CPUs of the cluster)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:  # read at import: without it Ray advertises the host's address, not loopback
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = _import_ray()
+    owns = False
+    if not ray.is_initialized():
+        kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
+                  "logging_level": "warning"}
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                tmp = os.environ.get("HUSCF_RAY_TMPDIR")
+                ray.init(_node_ip_address="127.0.0.1", _temp_dir=tmp, **kwargs)
+                owns = True
+        except ConnectionError as exc:
+            raise HuscfError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return ray, owns, cpus

@@ -1,0 +1,303 @@
+"""``RayEngine``: the driver of the Ray runtime. It starts (or joins) Ray, places the client hosts
+and the server actor, and runs the simulation engine's epochs and round ends across them; it holds
+no client's training data.
+
+The driver only orchestrates: it sends control messages and the iteration's latent noise, collects
+scalar losses, and at the end of each round collects every actor's state for the run's checkpoint
+(and the driver's mirror of the model, which the trainer's monitoring samples from).
+
+Faults: a client host that dies or does not answer within ``runtime.call_timeout_s`` is recorded,
+the round finishes with the other clients and the aggregation renormalises over them; with
+``runtime.on_failure: restart`` its clients come back next round in a new actor from the last
+aggregated weights, with ``drop`` they leave the run. Stragglers: see ``runtime.deadline_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from huscf.errors import HuscfError
+from huscf.federation.strategies import Aggregation
+from huscf.runtime.actors import ClientHost, RunSpec, ServerNode
+from huscf.runtime.cluster import connect
+from huscf.runtime.messages import Message, Wire, pack_state, unpack_state
+from huscf.split.segments import SplitGAN
+
+
+def plan_hosts(num_clients: int, clients_per_actor: int | str, cpus: int) -> list[list[int]]:
+    """Split clients 0..n-1 into contiguous groups, one group per client actor (``auto``: spread
+    over max(2, CPUs - 1) actors, at most one per client)."""
+    if clients_per_actor == "auto":
+        hosts = min(num_clients, max(2, cpus - 1))
+        per = math.ceil(num_clients / hosts)
+    else:
+        per = int(clients_per_actor)
+    return [list(range(s, min(s + per, num_clients))) for s in range(0, num_clients, per)]
+
+
+class RayEngine:
+    """Same interface as ``SimulationEngine`` (epochs, round-end federation, state), on Ray."""
+
+    def __init__(self, cfg, arch, model: SplitGAN, sizes: list[int], feature_depth: int | None,
+                 run_dir: Path, shared_generator: bool = False):
+        if shared_generator:
+            raise HuscfError(f"method {cfg.method!r} shares one generator between all clients, which the ray "
+                             f"engine does not place: use runtime.engine=simulation")
+        self.cfg, self.model, self.sizes = cfg, model, list(sizes)
+        self.batch_size, self.z_dim, self.seed = cfg.train.batch_size, arch.z_dim, cfg.seed
+        self.max_iters, self.feature_depth = cfg.train.max_iters_per_epoch, feature_depth
+        self.device = torch.device("cpu")  # the driver's mirror, for monitoring samples
+        self.audit_path = Path(run_dir) / "audit.jsonl"
+        rt = cfg.runtime
+        self.ray, self._owns_ray, cpus = connect(rt.address)
+        self.groups = plan_hosts(len(sizes), rt.clients_per_actor, cpus)
+        threads = rt.threads_per_actor if rt.threads_per_actor != "auto" else max(1, cpus // (len(self.groups) + 1))
+        self.spec = RunSpec(cfg.model_dump(mode="json"), arch, tuple(model.cuts), tuple(self.sizes), feature_depth,
+                            threads)
+        self.wire = Wire("driver")
+        self.server = self.ray.remote(ServerNode).options(
+            num_cpus=0, resources=dict(rt.server_resources) or None, max_concurrency=1).remote(self.spec)
+        self.hosts: dict[int, object] = {}  # group index -> actor handle, for the groups in the run
+        self.dropped: set[int] = set()
+        for k in range(len(self.groups)):
+            self.hosts[k] = self._start_host(k)
+        self._check_sizes()
+        self._last_state = self._collect_state()
+        self.after_iteration = []  # callables (round, epoch, t): monitoring and fault-injection tests
+        self._events = self._no_events()
+
+    # -- actors ------------------------------------------------------------------------------------
+    def _start_host(self, k: int):
+        rt = self.cfg.runtime
+        return self.ray.remote(ClientHost).options(
+            num_cpus=0, resources=dict(rt.client_resources) or None, name=None,
+        ).remote(self.spec, self.groups[k], self.server, k)
+
+    def _check_sizes(self) -> None:
+        got = {}
+        for k in self.hosts:
+            got.update({int(i): n for i, n in self._call(self.hosts[k].sizes.remote(), "startup").items()})
+        bad = [i for i, n in got.items() if n != self.sizes[i]]
+        if bad:
+            raise HuscfError(f"client {bad[0]} loaded {got[bad[0]]} training samples, the driver planned "
+                             f"{self.sizes[bad[0]]}: every node needs the same copy of the dataset")
+
+    def host_pids(self) -> dict[int, int]:
+        """Process id of each live client actor (group index -> pid)."""
+        return {k: self._call(h.pid.remote(), "pid") for k, h in self.hosts.items()}
+
+    def _call(self, ref, what: str):
+        """``ray.get`` with the runtime's timeout; errors raised inside an actor come back as one line."""
+        ray = self.ray
+        try:
+            return ray.get(ref, timeout=self.cfg.runtime.call_timeout_s)
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, HuscfError):
+                raise HuscfError(str(cause)) from None
+            if isinstance(cause, ray.exceptions.RayActorError):
+                raise HuscfError(f"the server actor failed during {what} ({type(cause).__name__}): the run "
+                                 f"keeps its finished rounds; continue with huscf train --resume RUN_DIR") from None
+            raise HuscfError(f"an actor failed during {what}: {type(cause).__name__}: {cause}") from None
+
+    def _gather(self, refs: dict[int, object], where: tuple) -> dict[int, object]:
+        """Results of one call per client host; a host that died or timed out is recorded and
+        leaves the round (its clients with it)."""
+        ray, out = self.ray, {}
+        for k, ref in refs.items():
+            try:
+                out[k] = self._call(ref, f"round {where[0] + 1}")
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                self._fail(k, where, type(err).__name__)
+        return out
+
+    def _fail(self, k: int, where: tuple, error: str) -> None:
+        r, e, t = where
+        self._events["failures"].append({"actor": k, "clients": self.groups[k], "round": r + 1, "epoch": e + 1,
+                                         "iteration": t, "error": error})
+        self._failed.add(k)
+        try:
+            self.ray.kill(self.hosts[k])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    # -- epochs ------------------------------------------------------------------------------------
+    def batches_per_client(self) -> list[int]:
+        return [max(1, n // self.batch_size) for n in self.sizes]
+
+    def iterations_per_epoch(self) -> int:
+        n = max(self.batches_per_client())
+        return min(n, self.max_iters) if self.max_iters else n
+
+    def _live(self) -> dict[int, object]:
+        return {k: h for k, h in self.hosts.items() if k not in self._failed}
+
+    def _no_events(self) -> dict:
+        self._failed: set[int] = set()
+        self._done = np.zeros(len(self.sizes), dtype=int)
+        return {"failures": [], "skipped_iterations": {}}
+
+    def run_epoch(self, round_idx: int, epoch: int, on_iteration=None, collect_features: bool = False) -> dict:
+        from huscf.engine.simulation import _rng
+
+        rt = self.cfg.runtime
+        control = self.wire.pack("control", "all", meta={"round": round_idx, "epoch": epoch,
+                                                         "collect": collect_features})
+        self.wire.audit.round = round_idx + 1
+        self._call(self.server.begin_epoch.remote(control), "epoch start")
+        self._gather({k: h.begin_epoch.remote(control) for k, h in self._live().items()}, (round_idx, epoch, 0))
+        nb = self.batches_per_client()
+        n = len(self.sizes)
+        noise = torch.Generator().manual_seed(int(_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
+        sums = {"d": np.zeros(n), "g": np.zeros(n)}
+        counts = np.zeros(n)
+        for t in range(self.iterations_per_epoch()):
+            where = (round_idx, epoch, t)
+            # the simulation's noise stream, whoever takes part: the same z for the same client
+            z = {i: torch.randn(self.batch_size, self.z_dim, generator=noise) for i in range(n) if t < nb[i]}
+            ctl = self.wire.pack("control", "hosts", meta={"round": round_idx, "epoch": epoch, "t": t,
+                                                           "collect": collect_features, "deadline_s": rt.deadline_s})
+            refs = {}
+            for k, h in self._live().items():
+                msgs = [self.wire.pack("noise", f"client:{i}", i, {"z": z[i]}) for i in self.groups[k] if i in z]
+                if msgs:
+                    refs[k] = h.phase_a.remote(ctl, msgs)
+            res_a = self._gather(refs, where)
+            self._call(self.server.step.remote("D"), "the discriminator step")
+            res_b = self._gather({k: self.hosts[k].phase_b.remote(ctl) for k in res_a if k not in self._failed}, where)
+            self._call(self.server.step.remote("G"), "the generator step")
+            losses = {}
+            for k, msg in res_b.items():
+                ld = res_a[k].meta["loss_d"]
+                for i, lg in msg.meta["loss_g"].items():
+                    losses[int(i)] = (ld[i], lg)
+                for i in res_a[k].meta["skipped"]:
+                    self._events["skipped_iterations"][str(i)] = self._events["skipped_iterations"].get(str(i), 0) + 1
+            for i, (ld, lg) in losses.items():
+                sums["d"][i] += ld
+                sums["g"][i] += lg
+                counts[i] += 1
+                self._done[i] += 1
+            if on_iteration is not None and losses:
+                on_iteration(dict(sorted(losses.items())))
+            for hook in self.after_iteration:
+                hook(round_idx, epoch, t)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"d": (sums["d"] / counts).tolist(), "g": (sums["g"] / counts).tolist()}
+
+    # -- round end ---------------------------------------------------------------------------------
+    def federate(self, strategy, sizes: np.ndarray, round_idx: int, seed: int, use_features: bool) -> Aggregation:
+        """Round end on the server actor (the strategy there is built from the same config), then
+        failed hosts restarted or dropped, and every actor's state collected for the checkpoint."""
+        live = self._live()
+        where = (round_idx, -1, -1)
+        self._gather({k: h.push_weights.remote() for k, h in live.items()}, where)
+        live = self._live()
+        clients = sorted(i for k in live for i in self.groups[k] if self._done[i] > 0)
+        ctl = self.wire.pack("control", "server", meta={"round": round_idx, "seed": seed, "clients": clients,
+                                                        "use_features": use_features})
+        m = self._call(self.server.federate.remote(ctl), "aggregation")
+        self._gather({k: h.pull_weights.remote() for k, h in self._live().items()}, where)
+        agg = Aggregation(np.asarray(m.meta["groups"]), np.asarray(m.meta["cluster_weights"]),
+                          np.asarray(m.meta["global_weights"]), m.meta["info"])
+        for k in sorted(self._failed):
+            self._recover(k)
+        self._last_state = self._collect_state()
+        self.model.load_state_dict(self._last_state["model"])
+        return agg
+
+    def _recover(self, k: int) -> None:
+        if self.cfg.runtime.on_failure == "drop":
+            self.hosts.pop(k)
+            self.dropped.update(self.groups[k])
+            return
+        self.hosts[k] = self._start_host(k)
+        self._call(self.hosts[k].set_state.remote(self._client_messages(self._last_state, self.groups[k])),
+                   "restart")
+
+    def round_events(self) -> dict:
+        """Failures and skipped iterations of the round for the metrics row (then reset); and the
+        audit lines of the round appended to ``audit.jsonl``."""
+        ev = self._events
+        ev["iterations_per_client"] = self._done.tolist()
+        if self.dropped:
+            ev["dropped_clients"] = sorted(self.dropped)
+        self._write_audit()
+        self._events = self._no_events()
+        return ev
+
+    def _write_audit(self) -> None:
+        rows = self.wire.audit.drain()
+        rows += self._call(self.server.drain_audit.remote(), "audit")
+        for h in self.hosts.values():
+            rows += self._call(h.drain_audit.remote(), "audit")
+        with self.audit_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- state -------------------------------------------------------------------------------------
+    def _collect_state(self) -> dict:
+        """The run's state in the simulation engine's format (checkpoints are interchangeable)."""
+        model, client_opts = {}, [None] * len(self.sizes)
+        for k, h in self.hosts.items():
+            for m in self._call(h.get_state.remote(), "state collection"):
+                tensors, opts = unpack_state(m.tensors(), m.meta)
+                model.update(tensors)
+                client_opts[m.client] = opts
+        for i, opts in enumerate(client_opts):  # a dropped client keeps its last state
+            if opts is None:
+                client_opts[i] = self._last_state["client_opts"][i]
+                prefix = f"clients.{i}."
+                model.update({k: v for k, v in self._last_state["model"].items() if k.startswith(prefix)})
+        m = self._call(self.server.get_state.remote(), "state collection")
+        server_model, server_opts = unpack_state(m.tensors(), m.meta)
+        model.update(server_model)
+        return {"model": model, "client_opts": client_opts, "server_opts": server_opts}
+
+    def _client_messages(self, state: dict, clients: list[int]) -> list[Message]:
+        out = []
+        for i in clients:
+            prefix = f"clients.{i}."
+            tensors, meta = pack_state({k: v for k, v in state["model"].items() if k.startswith(prefix)}, {})
+            opt_tensors, opt_meta = _opt_tensors(state["client_opts"][i])
+            out.append(self.wire.pack("state", f"client:{i}", i, tensors | opt_tensors, opt_meta))
+        return out
+
+    def state_dict(self) -> dict:
+        return self._last_state
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, h in self.hosts.items():
+            self._call(h.set_state.remote(self._client_messages(state, self.groups[k])), "resume")
+        server_model = {k: v for k, v in state["model"].items() if k.startswith("server.")}
+        tensors, meta = pack_state(server_model, {})
+        opt_tensors, opt_meta = _opt_tensors(state["server_opts"])
+        self._call(self.server.set_state.remote(self.wire.pack("state", "server", None, tensors | opt_tensors,
+                                                                opt_meta)), "resume")
+        self._last_state = self._collect_state()
+        self.model.load_state_dict(self._last_state["model"])
+
+    def close(self) -> None:
+        if self._owns_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def _opt_tensors(opt_states: dict) -> tuple[dict, dict]:
+    """Optimiser state dicts ({net: state_dict}) flattened as ``pack_state`` does."""
+
+    class _Saved:
+        def __init__(self, sd):
+            self.sd = sd
+
+        def state_dict(self):
+            return self.sd
+
+    return pack_state({}, {net: _Saved(sd) for net, sd in opt_states.items()})

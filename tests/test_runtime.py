@@ -1,0 +1,202 @@
+"""The Ray runtime: same numerics as the simulation, the privacy audit, faults, stragglers, resume.
+
+Ray runs on loopback only, with usage stats off and its temp folder inside this module's tmp
+path; the fixture shuts it down and checks that none of its processes outlive the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from huscf.cli import main
+from huscf.config import build_config
+from huscf.engine.rundir import RunDir
+from huscf.engine.trainer import Trainer, read_metrics
+from huscf.runtime.audit import summarise
+from huscf.runtime.engine import plan_hosts
+
+# read by Ray when it is imported: keep every Ray process on 127.0.0.1, report nothing
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray = pytest.importorskip("ray")
+
+SMALL = ["data.clients_per_domain=2", "train.rounds=2", "train.local_epochs=1", "train.max_iters_per_epoch=3",
+         "train.batch_size=16", "model.width=0.125", "cuts.method=random", "compute.channels_last=false",
+         "federation.warmup_rounds=1", "output.samples_every=0", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=str(tmp), include_dashboard=False,
+             logging_level="error", log_to_driver=False)
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    yield tmp
+    ray.shutdown()
+    deadline = time.time() + 20
+    while time.time() < deadline:  # every process Ray started is gone once it has shut down
+        left = subprocess.run(["pgrep", "-f", str(tmp)], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"Ray processes still running: {left}"
+
+
+def _outputs(model, cuts_clients) -> dict[str, torch.Tensor]:
+    """Every client's assembled G and D on fixed inputs (what the weights compute)."""
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(16, 100, generator=g), torch.randint(0, 10, (16,), generator=g)
+    out = {}
+    with torch.no_grad():
+        for i in cuts_clients:
+            img = model.generate(i, z, y)
+            out[f"G{i}"] = img
+            out[f"D{i}"] = model.discriminate(i, img, y)
+    return out
+
+
+def test_ray_engine_matches_simulation_and_audit_is_clean(local_ray, tmp_path, capsys):
+    sim_dir, ray_dir = tmp_path / "sim", tmp_path / "ray"
+    Trainer.new(build_config({}, SMALL), sim_dir, quiet=True).fit()
+    args = ["train", "--engine", "ray", "--out", str(ray_dir), "--quiet"]
+    for s in SMALL + ["runtime.clients_per_actor=2"]:
+        args += ["--set", s]
+    assert main(args) == 0
+
+    sim, ray_rows = read_metrics(sim_dir), read_metrics(ray_dir)
+    assert len(ray_rows) == 2
+    for a, b in zip(sim, ray_rows):
+        np.testing.assert_allclose(b["loss_d_per_client"], a["loss_d_per_client"], rtol=2e-4)
+        np.testing.assert_allclose(b["loss_g_per_client"], a["loss_g_per_client"], rtol=2e-4)
+        assert b["clusters"] == a["clusters"] and b["failures"] == []
+    # the weights compute the same functions (raw weights differ where Adam's first step takes
+    # the sign of a float-noise gradient, e.g. conv biases before BatchNorm, which change nothing)
+    t_sim = Trainer.resume(sim_dir, quiet=True)
+    t_ray = Trainer.resume(ray_dir, ["runtime.engine=simulation"], quiet=True)
+    o_sim, o_ray = _outputs(t_sim.model, range(4)), _outputs(t_ray.model, range(4))
+    for k in o_sim:
+        torch.testing.assert_close(o_ray[k], o_sim[k], atol=2e-3, rtol=1e-3)
+
+    # privacy: what crossed from a client is activations/gradients of cut layers, its own
+    # segment's weights and state, scalar metrics; never an image, a label or a D output
+    rows = [json.loads(line) for line in (ray_dir / "audit.jsonl").read_text().splitlines()]
+    assert rows
+    image = [1, 28, 28]
+    # a client actor's own messages (losses of the clients it hosts) come from "host:K"
+    from_clients = [r for r in rows if r["src"].startswith(("client:", "host:"))]
+    assert {r["kind"] for r in from_clients} == {"activation", "gradient", "weights", "state", "metric"}
+    for r in from_clients:
+        assert r["dtype"] in ("float32", "json"), r
+        assert r["shape"][1:] != image and r["shape"][1:] != [1], r
+        if r["kind"] in ("weights", "state"):
+            assert r["name"].startswith((f"clients.{r['src'].split(':')[1]}.", "opt/", "meta")), r
+    sent_weights = {(r["client"], r["name"]) for r in from_clients if r["kind"] == "weights"}
+    expected = {(i, f"clients.{i}.{k}") for i in range(4) for k in t_sim.model.clients[i].state_dict()}
+    assert sent_weights == expected  # aggregation traffic: exactly the client-side segments
+    # nothing but noise and control goes from the driver to a client during training
+    assert {r["kind"] for r in rows if r["src"] == "driver" and r["dst"].startswith("client:")} <= {"noise", "state"}
+
+    # measured cut traffic per iteration equals the latency model's prediction (fp32, full batches)
+    summary = summarise(ray_dir)
+    assert not summary["violations"]
+    for c in summary["clients"]:
+        assert c["iterations"] == 6
+        if c["predicted_bytes_per_iteration"]:
+            assert c["measured_over_predicted"] == pytest.approx(1.0)
+    capsys.readouterr()
+    assert main(["audit", str(ray_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "privacy: clients sent only" in out and ": OK" in out
+
+
+def _kill_once(engine, host: int, at: tuple[int, int, int]):
+    pid = engine.host_pids()[host]
+
+    def hook(r, e, t):
+        if (r, e, t) == at and pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    return hook
+
+
+def test_killed_client_actor_round_finishes_and_client_restarts(local_ray, tmp_path):
+    cfg = build_config({}, SMALL + ["runtime.engine=ray", "runtime.clients_per_actor=1", "federation.warmup_rounds=2",
+                                    "runtime.call_timeout_s=60"])
+    t = Trainer.new(cfg, tmp_path / "run", quiet=True)
+    init = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.engine.after_iteration.append(_kill_once(t.engine, 2, (0, 0, 0)))  # client 2, round 1, after iteration 0
+    t.fit()
+    rows = read_metrics(tmp_path / "run")
+    assert [f["clients"] for f in rows[0]["failures"]] == [[2]] and rows[0]["failures"][0]["iteration"] == 1
+    assert rows[0]["clusters"][2] == -1 and rows[0]["iterations_per_client"] == [3, 3, 1, 3]
+    assert rows[0]["global_weights"][2] == 0 and sum(rows[0]["global_weights"]) == pytest.approx(1, abs=1e-5)
+    assert rows[1]["failures"] == [] and min(rows[1]["clusters"]) == 0  # restarted: back in round 2
+
+    state = RunDir(tmp_path / "run").load_model_state(1)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    # restarted from the last aggregated weights (round 0: the broadcast initialisation)
+    for k, v in state.items():
+        if k.startswith("clients.2."):
+            torch.testing.assert_close(v, init[k])
+    # survivors averaged (FedAvg warm-up: one group): every block held by several survivors is equal
+    survivors = [0, 1, 3]
+    shared = {}
+    for k, v in state.items():
+        if k.startswith("clients.") and int(k.split(".")[1]) in survivors:
+            shared.setdefault(k.split(".", 2)[2], []).append(v)
+    assert any(len(vs) > 1 for vs in shared.values())
+    for vs in shared.values():
+        for v in vs[1:]:
+            torch.testing.assert_close(v, vs[0])
+
+
+def test_stragglers_skip_and_drop_mode(local_ray, tmp_path):
+    cfg = build_config({}, SMALL + ["runtime.engine=ray", "runtime.clients_per_actor=1", "runtime.deadline_s=1.0",
+                                    "runtime.inject_delay_s={1: 1.5}", "runtime.on_failure=drop"])
+    t = Trainer.new(cfg, tmp_path / "run", quiet=True)
+    t.engine.after_iteration.append(_kill_once(t.engine, 3, (0, 0, 2)))
+    t.fit()
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["skipped_iterations"] == {"1": 3} and rows[1]["skipped_iterations"] == {"1": 3}
+    assert rows[0]["iterations_per_client"] == [3, 0, 3, 3]
+    assert rows[0]["clusters"][1] == -1 and rows[0]["loss_d_per_client"][1] is None
+    assert rows[1]["dropped_clients"] == [3] and rows[1]["clusters"][3] == -1
+    assert rows[1]["iterations_per_client"] == [3, 0, 3, 0]
+
+
+def test_resume_continues_a_ray_run(local_ray, tmp_path):
+    cfg = build_config({}, SMALL + ["runtime.engine=ray", "train.rounds=1"])
+    Trainer.new(cfg, tmp_path / "run", quiet=True).fit()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.rounds=2", "--quiet"]) == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    ref = tmp_path / "ref"
+    Trainer.new(build_config({}, SMALL), ref, quiet=True).fit()
+    np.testing.assert_allclose(rows[1]["loss_g_per_client"], read_metrics(ref)[1]["loss_g_per_client"], rtol=2e-4)
+
+
+# -- no Ray needed --------------------------------------------------------------------------------
+def test_plan_hosts_groups_clients():
+    assert plan_hosts(8, 3, 16) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert plan_hosts(8, "auto", 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert plan_hosts(3, "auto", 64) == [[0], [1], [2]]
+
+
+def test_runtime_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["train", "--address", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert "--address joins a Ray cluster" in capsys.readouterr().err
+    assert main(["train", "--set", "runtime.clients_per_actor=0", "--out", str(tmp_path / "y")]) == 2
+    assert "runtime.clients_per_actor" in capsys.readouterr().err
+    assert main(["train", "--engine", "ray", "--set", "method=mdgan", "--set", "train.rounds=1",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "runtime.engine=simulation" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path)]) == 2
+    assert "no audit.jsonl" in capsys.readouterr().err
