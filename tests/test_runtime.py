@@ -200,3 +200,45 @@ def test_runtime_bad_input_is_one_line(tmp_path, capsys):
     assert "runtime.engine=simulation" in capsys.readouterr().err
     assert main(["audit", str(tmp_path)]) == 2
     assert "no audit.jsonl" in capsys.readouterr().err
+
+
+def test_privacy_guard_refuses_data_leaving_a_client():
+    from huscf.runtime.messages import PrivacyGuard, PrivacyViolation, Wire
+
+    w = Wire("host:0", PrivacyGuard((1, 28, 28)))
+    ok = w.pack("activation", "server", 3, {"h": torch.randn(16, 8, 7, 7)}, {"net": "G"}, src="client:3")
+    assert ok.tensor("h").shape == (16, 8, 7, 7)
+    bad = [
+        ("activation", {"x": torch.randn(16, 1, 28, 28)}, "batch of its images"),  # a real or synthetic image
+        ("activation", {"y": torch.randint(0, 10, (16,))}, "integer array"),  # labels
+        ("gradient", {"d": torch.randn(16, 1)}, "one value per sample"),  # a discriminator output
+        ("weights", {"clients.4.nets.G.0.fc.weight": torch.randn(3, 3)}, "not its own segment"),
+        ("noise", {}, "'noise' message"),
+        ("metric", {"loss": torch.randn(16, 4)}, "in a 'metric' message"),
+    ]
+    for kind, tensors, why in bad:
+        with pytest.raises(PrivacyViolation, match=why):
+            w.pack(kind, "server", 3, tensors, src="client:3")
+    with pytest.raises(PrivacyViolation, match="metadata"):
+        w.pack("metric", "driver", 3, meta={"labels": list(range(2000))})
+    rows = w.audit.drain()  # only what was sent is counted
+    assert [(r["kind"], r["name"], r["shape"], r["bytes"]) for r in rows if r["name"] != "meta"] == [
+        ("activation", "h", [16, 8, 7, 7], 16 * 8 * 7 * 7 * 4)]
+
+
+def test_state_round_trips_through_messages_with_bf16():
+    from huscf.runtime.messages import Wire, pack_state, unpack_state
+
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(lin.parameters())
+    lin(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    tensors, meta = pack_state({"clients.0.w": lin.weight.detach().bfloat16()}, {"G": opt})
+    m = Wire("host:0").pack("state", "driver", 0, tensors, meta)
+    model, opts = unpack_state(m.tensors(), m.meta)
+    assert model["clients.0.w"].dtype == torch.bfloat16
+    torch.testing.assert_close(model["clients.0.w"], lin.weight.detach().bfloat16())
+    fresh = torch.optim.Adam(lin.parameters())
+    fresh.load_state_dict(opts["G"])
+    for k, v in opt.state_dict()["state"][0].items():
+        torch.testing.assert_close(fresh.state_dict()["state"][0][k], v)
