@@ -138,8 +138,8 @@ class RuntimeConfig(_Section):
     # a client that has not handed its discriminator gradient to the server this many seconds
     # after its iteration began skips the iteration (None: wait for everyone)
     deadline_s: float | None = Field(None, gt=0)
-    # fault injection for experiments: seconds of extra work per iteration, by client id
-    # (emulates a slow device; combine with deadline_s to study stragglers)
+    # fault injection for experiments: seconds added to a client's clock in each iteration, by
+    # client id (a device that much slower, as the deadline sees it; no effect without deadline_s)
     inject_delay_s: dict[int, float] = Field(default_factory=dict)
 
     @field_validator("clients_per_actor", "threads_per_actor")

@@ -36,8 +36,8 @@ SMALL = ["data.clients_per_domain=2", "train.rounds=2", "train.local_epochs=1", 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", _temp_dir=str(tmp), include_dashboard=False,
-             logging_level="error", log_to_driver=False)
+    ray.init(num_cpus=2, resources={"edge": 4, "hub": 1}, _node_ip_address="127.0.0.1", _temp_dir=str(tmp),
+             include_dashboard=False, logging_level="error", log_to_driver=False)
     assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
     yield tmp
     ray.shutdown()
@@ -67,7 +67,9 @@ def test_ray_engine_matches_simulation_and_audit_is_clean(local_ray, tmp_path, c
     sim_dir, ray_dir = tmp_path / "sim", tmp_path / "ray"
     Trainer.new(build_config({}, SMALL), sim_dir, quiet=True).fit()
     args = ["train", "--engine", "ray", "--out", str(ray_dir), "--quiet"]
-    for s in SMALL + ["runtime.clients_per_actor=2"]:
+    # actors pinned by custom resources (the fixture's node offers edge: 4, hub: 1)
+    for s in SMALL + ["runtime.clients_per_actor=2", "runtime.client_resources={edge: 1}",
+                      "runtime.server_resources={hub: 1}"]:
         args += ["--set", s]
     assert main(args) == 0
 
@@ -159,17 +161,23 @@ def test_killed_client_actor_round_finishes_and_client_restarts(local_ray, tmp_p
 
 
 def test_stragglers_skip_and_drop_mode(local_ray, tmp_path):
-    cfg = build_config({}, SMALL + ["runtime.engine=ray", "runtime.clients_per_actor=1", "runtime.deadline_s=1.0",
-                                    "runtime.inject_delay_s={1: 1.5}", "runtime.on_failure=drop"])
+    # 6 clients, 2 per actor: a slow client 1 skips alone (its actor-mate 0 keeps training);
+    # actor 2 (clients 4, 5) is killed at the end of round 1 and dropped
+    cfg = build_config({}, SMALL + ["data.clients_per_domain=3", "runtime.engine=ray", "runtime.clients_per_actor=2",
+                                    "runtime.deadline_s=5", "runtime.inject_delay_s={1: 10}",
+                                    "runtime.on_failure=drop"])
     t = Trainer.new(cfg, tmp_path / "run", quiet=True)
-    t.engine.after_iteration.append(_kill_once(t.engine, 3, (0, 0, 2)))
+    t.engine.after_iteration.append(_kill_once(t.engine, 2, (0, 0, 2)))
     t.fit()
     rows = read_metrics(tmp_path / "run")
     assert rows[0]["skipped_iterations"] == {"1": 3} and rows[1]["skipped_iterations"] == {"1": 3}
-    assert rows[0]["iterations_per_client"] == [3, 0, 3, 3]
+    assert rows[0]["iterations_per_client"] == [3, 0, 3, 3, 3, 3]
     assert rows[0]["clusters"][1] == -1 and rows[0]["loss_d_per_client"][1] is None
-    assert rows[1]["dropped_clients"] == [3] and rows[1]["clusters"][3] == -1
-    assert rows[1]["iterations_per_client"] == [3, 0, 3, 0]
+    assert [f["clients"] for f in rows[0]["failures"]] == [[4, 5]]  # died before sending its weights
+    assert rows[0]["clusters"][4] == rows[0]["clusters"][5] == -1
+    assert rows[1]["dropped_clients"] == [4, 5] and rows[1]["clusters"][4] == -1
+    assert rows[1]["iterations_per_client"] == [3, 0, 3, 3, 0, 0]
+    assert rows[1]["failures"] == [] and min(rows[1]["clusters"][i] for i in (0, 2, 3)) >= 0
 
 
 def test_resume_continues_a_ray_run(local_ray, tmp_path):
@@ -200,6 +208,11 @@ def test_runtime_bad_input_is_one_line(tmp_path, capsys):
     assert "runtime.engine=simulation" in capsys.readouterr().err
     assert main(["audit", str(tmp_path)]) == 2
     assert "no audit.jsonl" in capsys.readouterr().err
+    from huscf.errors import HuscfError
+    from huscf.runtime.cluster import _probe
+
+    with pytest.raises(HuscfError, match="cannot reach a Ray cluster at '127.0.0.1:1'"):
+        _probe("127.0.0.1:1")
 
 
 def test_privacy_guard_refuses_data_leaving_a_client():

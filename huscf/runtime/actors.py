@@ -133,43 +133,42 @@ class ClientHost:
         deadline = meta.get("deadline_s")
         z = {m.client: m.tensor("z", self.device) for m in noise}
         clients = sorted(z)
-        for i in clients:  # fault injection: an emulated slow device
-            if self.delay.get(i):
-                time.sleep(self.delay[i])
 
-        def late() -> bool:
-            return deadline is not None and time.monotonic() - t0 > deadline
+        def on_time(ids: list[int]) -> list[int]:
+            """The clients still within the deadline; an injected delay counts on its client's clock."""
+            if deadline is None:
+                return ids
+            spent = time.monotonic() - t0
+            return [i for i in ids if spent + self.delay.get(i, 0.0) <= deadline]
 
         ex, s = self.ex, self.segs
-        batch = {i: self._batch(i, meta["t"]) for i in clients}
         self._g = {}
-        if late():
-            return self._reply_a(clients, {})
+        batch = {i: self._batch(i, meta["t"]) for i in clients}
         # generator: head -> server body -> tail (graph kept for phase B)
+        live = on_time(clients)
         with ex.autocast():
-            heads = {i: s[i].run_head("G", (z[i], batch[i][1])) for i in clients}
+            heads = {i: s[i].run_head("G", (z[i], batch[i][1])) for i in live}
         replies = self._send(self.server.g_forward, "activation", "G",
-                             {i: {"h": heads[i]} for i in clients if s[i].sends("G")})
+                             {i: {"h": heads[i]} for i in live if s[i].sends("G")})
         fakes = {}
-        for i in clients:
+        for i in live:
             b = _leaf(replies[i].tensor("h", self.device)) if i in replies else heads[i]
             with ex.autocast():
                 fakes[i] = s[i].run_tail("G", b)
             self._g[i] = (heads[i], b, fakes[i])
 
         # discriminator step: D(fake.detach()) -> 0, D(x) -> 1
-        for i in clients:
+        for i in live:
             self.opts[i]["D"].zero_grad(set_to_none=True)
         with ex.autocast():
             dh = {i: (s[i].run_head("D", (fakes[i].detach(), batch[i][1])),
-                      s[i].run_head("D", batch[i])) for i in clients}
-        if late():
-            return self._reply_a(clients, {})
+                      s[i].run_head("D", batch[i])) for i in live}
+        live = on_time(live)
         replies = self._send(self.server.d_forward, "activation", "D",
-                             {i: {"fake": dh[i][0], "real": dh[i][1]} for i in clients if s[i].sends("D")},
+                             {i: {"fake": dh[i][0], "real": dh[i][1]} for i in live if s[i].sends("D")},
                              {"collect": meta["collect"]})
         losses, grads = {}, {}
-        for i in clients:
+        for i in live:
             if i in replies:
                 lf, lr = _leaf(replies[i].tensor("fake", self.device)), _leaf(replies[i].tensor("real", self.device))
             else:
@@ -182,15 +181,16 @@ class ClientHost:
             losses[i] = loss.item()
             if i in replies:
                 grads[i] = {"fake": lf.grad, "real": lr.grad}
-        if late():  # the D gradient is the commitment: a client past the deadline keeps out
-            return self._reply_a(clients, {})
-        replies = self._send(self.server.d_backward, "gradient", "D", grads)
-        for i in clients:
+        # handing the D gradient to the server is the commitment: a client past the deadline
+        # skips the iteration before it has changed anything
+        live = on_time(live)
+        replies = self._send(self.server.d_backward, "gradient", "D", {i: grads[i] for i in live if i in grads})
+        for i in live:
             if i in replies:
                 torch.autograd.backward(list(dh[i]), [replies[i].tensor("fake", self.device),
                                                       replies[i].tensor("real", self.device)])
             self.opts[i]["D"].step()
-        return self._reply_a(clients, losses)
+        return self._reply_a(clients, {i: losses[i] for i in live})
 
     def _reply_a(self, clients: list[int], losses: dict[int, float]) -> Message:
         skipped = [i for i in clients if i not in losses]

@@ -9,6 +9,7 @@ leaves it running afterwards. If Ray is already initialised in this process it i
 from __future__ import annotations
 
 import os
+import socket
 
 from huscf.errors import HuscfError
 
@@ -19,6 +20,18 @@ def _import_ray():
     except ImportError:
         raise HuscfError("the ray engine needs Ray: pip install 'huscf[ray]' (or pip install ray)") from None
     return ray
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable ``HOST:PORT`` (Ray itself retries for minutes)."""
+    if "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise HuscfError(f"cannot reach a Ray cluster at {address!r} ({exc.__class__.__name__}: {exc}); start one "
+                         f"with 'ray start --head' or leave out --address for a local Ray") from None
 
 
 def connect(address: str | None):
@@ -33,6 +46,7 @@ def connect(address: str | None):
                   "logging_level": "warning"}
         try:
             if address:
+                _probe(address)
                 ray.init(address=address, **kwargs)
             else:
                 tmp = os.environ.get("HUSCF_RAY_TMPDIR")
