@@ -226,7 +226,7 @@ class ClientHost:
         replies = self._send(self.server.dg_backward, "gradient", "D", grads)
         g_grads = {}
         for i in clients:
-            head, b, _ = self._g[i]
+            b = self._g[i][1]
             if i in replies:
                 torch.autograd.backward(dh[i], replies[i].tensor("fake", self.device))
             if s[i].sends("G"):
@@ -260,7 +260,7 @@ class ClientHost:
     def get_state(self) -> list[Message]:
         out = []
         for i in self.ids:
-            tensors, meta = pack_state(self._segment_state(i), self.opts[i])
+            tensors, meta = pack_state(self._segment_state(i), {net: o.state_dict() for net, o in self.opts[i].items()})
             out.append(self.wire.pack("state", "driver", i, tensors, meta, src=f"client:{i}"))
         return out
 
@@ -406,7 +406,8 @@ class ServerNode:
                 for i in clients]
 
     def get_state(self) -> Message:
-        tensors, meta = pack_state({f"server.{k}": v for k, v in self.model.server.state_dict().items()}, self.opts)
+        tensors, meta = pack_state({f"server.{k}": v for k, v in self.model.server.state_dict().items()},
+                                   {net: o.state_dict() for net, o in self.opts.items()})
         return self.wire.pack("state", "driver", None, tensors, meta)
 
     def set_state(self, msg: Message) -> None:

@@ -14,6 +14,7 @@ aggregated weights, with ``drop`` they leave the run. Stragglers: see ``runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -122,10 +123,8 @@ class RayEngine:
         self._events["failures"].append({"actor": k, "clients": self.groups[k], "round": r + 1, "epoch": e + 1,
                                          "iteration": t, "error": error})
         self._failed.add(k)
-        try:
+        with contextlib.suppress(Exception):  # already gone
             self.ray.kill(self.hosts[k])
-        except Exception:  # noqa: BLE001 - already gone
-            pass
 
     # -- epochs ------------------------------------------------------------------------------------
     def batches_per_client(self) -> list[int]:
@@ -247,7 +246,7 @@ class RayEngine:
     def _collect_state(self) -> dict:
         """The run's state in the simulation engine's format (checkpoints are interchangeable)."""
         model, client_opts = {}, [None] * len(self.sizes)
-        for k, h in self.hosts.items():
+        for h in self.hosts.values():
             for m in self._call(h.get_state.remote(), "state collection"):
                 tensors, opts = unpack_state(m.tensors(), m.meta)
                 model.update(tensors)
@@ -266,9 +265,9 @@ class RayEngine:
         out = []
         for i in clients:
             prefix = f"clients.{i}."
-            tensors, meta = pack_state({k: v for k, v in state["model"].items() if k.startswith(prefix)}, {})
-            opt_tensors, opt_meta = _opt_tensors(state["client_opts"][i])
-            out.append(self.wire.pack("state", f"client:{i}", i, tensors | opt_tensors, opt_meta))
+            tensors = {k: v for k, v in state["model"].items() if k.startswith(prefix)}
+            tensors, meta = pack_state(tensors, state["client_opts"][i])
+            out.append(self.wire.pack("state", f"client:{i}", i, tensors, meta))
         return out
 
     def state_dict(self) -> dict:
@@ -278,10 +277,8 @@ class RayEngine:
         for k, h in self.hosts.items():
             self._call(h.set_state.remote(self._client_messages(state, self.groups[k])), "resume")
         server_model = {k: v for k, v in state["model"].items() if k.startswith("server.")}
-        tensors, meta = pack_state(server_model, {})
-        opt_tensors, opt_meta = _opt_tensors(state["server_opts"])
-        self._call(self.server.set_state.remote(self.wire.pack("state", "server", None, tensors | opt_tensors,
-                                                                opt_meta)), "resume")
+        tensors, meta = pack_state(server_model, state["server_opts"])
+        self._call(self.server.set_state.remote(self.wire.pack("state", "server", None, tensors, meta)), "resume")
         self._last_state = self._collect_state()
         self.model.load_state_dict(self._last_state["model"])
 
@@ -289,15 +286,3 @@ class RayEngine:
         if self._owns_ray and self.ray.is_initialized():
             self.ray.shutdown()
 
-
-def _opt_tensors(opt_states: dict) -> tuple[dict, dict]:
-    """Optimiser state dicts ({net: state_dict}) flattened as ``pack_state`` does."""
-
-    class _Saved:
-        def __init__(self, sd):
-            self.sd = sd
-
-        def state_dict(self):
-            return self.sd
-
-    return pack_state({}, {net: _Saved(sd) for net, sd in opt_states.items()})

@@ -123,7 +123,7 @@ class PrivacyGuard:
             if m.dtypes[name] not in _FLOATS:
                 refuse(f"an integer array '{name}' (labels never leave a client)")
             if m.kind in ("weights", "state"):
-                if not (name.startswith(f"clients.{m.client}.") or name.startswith("opt/")):
+                if not name.startswith((f"clients.{m.client}.", "opt/")):
                     refuse(f"'{name}', which is not its own segment")
                 continue
             if m.kind not in ("activation", "gradient"):
@@ -153,13 +153,13 @@ class Wire:
         return m
 
 
-def pack_state(prefix_state: dict[str, torch.Tensor], opts: dict[str, torch.optim.Optimizer]) -> tuple[dict, dict]:
-    """Model tensors plus optimiser states as flat ``{name: tensor}`` (optimiser moments under
-    ``opt/NET/PARAM/KEY``) and the optimisers' param groups as metadata."""
+def pack_state(prefix_state: dict[str, torch.Tensor], opt_states: dict[str, dict]) -> tuple[dict, dict]:
+    """Model tensors plus optimiser state dicts (``{net: optimizer.state_dict()}``) as flat
+    ``{name: tensor}`` (optimiser moments under ``opt/NET/PARAM/KEY``) and the optimisers' param
+    groups as metadata."""
     tensors = dict(prefix_state)
     groups = {}
-    for net, opt in opts.items():
-        sd = opt.state_dict()
+    for net, sd in opt_states.items():
         groups[net] = sd["param_groups"]
         for pid, st in sd["state"].items():
             for key, v in st.items():
