@@ -29,7 +29,8 @@ class DataConfig(_Section):
 
     domains: list[str] = Field(default_factory=lambda: ["digits", "digits_inverted"], min_length=1)
     data_dir: str | None = None  # None: $HUSCF_DATA, else ~/.cache/huscf/data
-    scenario: Literal["iid", "noniid", "highly_noniid"] = "iid"
+    # by_group: the domain's natural groups (fsdd: one speaker per client group; docs/data.md)
+    scenario: Literal["iid", "noniid", "highly_noniid", "by_group"] = "iid"
     clients_per_domain: int = Field(4, ge=1, le=10_000)
     limit_per_domain: int | None = Field(None, ge=1)  # use only the first N training images of a domain
 
@@ -39,6 +40,7 @@ class ModelConfig(_Section):
 
     arch: Literal["cgan28", "dcgan32"] = "cgan28"
     width: float = Field(0.25, gt=0, le=8)  # 1.0 = the paper's channel counts
+    num_classes: int | None = Field(None, ge=2)  # label embeddings; None: the domains' largest class count
 
 
 class TrainConfig(_Section):

@@ -202,7 +202,7 @@ def test_unknown_domain_and_split():
         load_domain("cifar")
     with pytest.raises(HuscfError, match="split must be 'train' or 'test', got 'val'"):
         load_domain("digits", "val")
-    assert set(known_domains()) == {"mnist", "fashion_mnist", "kmnist", "notmnist",
+    assert set(known_domains()) == {"mnist", "fashion_mnist", "kmnist", "notmnist", "pneumoniamnist", "cifar10", "fsdd",
                                     "digits", "digits_inverted", "digits_rotated"}
 
 

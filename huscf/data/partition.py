@@ -1,9 +1,13 @@
-"""Split each domain's training set across its clients (iid / noniid / highly_noniid), seeded.
+"""Split each domain's training set across its clients (iid / noniid / highly_noniid / by_group), seeded.
 
 Follows the HuSCF-GAN authors' scenarios: per-client excluded classes and per-client sizes as fractions of
 the even share ``len(domain) // clients_per_domain``. Unlike their code, every domain draws from its own
 random stream (keyed by seed and domain name), samples are never given to two clients, and a client's
 samples are drawn only from its allowed classes so it reaches its target size whenever the pool allows.
+
+``by_group`` is the natural non-IID split of a domain whose samples come in groups (the speakers of
+the spoken digits): client c of a domain with G groups takes group c mod G, and the clients of one
+group share its samples IID. It needs at least G clients per domain.
 """
 
 from __future__ import annotations
@@ -90,11 +94,30 @@ def _split_domain(domain: str, labels: np.ndarray, clients: int, scenario: str, 
     return [(np.sort(np.concatenate(picked[c])).astype(np.int64), excluded[c]) for c in range(clients)]
 
 
+def _split_by_group(domain: str, groups: np.ndarray | None, clients: int,
+                    rng: np.random.Generator) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    if groups is None:
+        raise HuscfError(f"scenario 'by_group' needs a domain whose samples come in groups (e.g. fsdd's speakers); "
+                         f"'{domain}' has none")
+    ids = np.unique(groups)
+    if clients < len(ids):
+        raise HuscfError(f"scenario 'by_group': domain '{domain}' has {len(ids)} groups, so data.clients_per_domain "
+                         f"must be at least {len(ids)}, got {clients}")
+    members = {g: [c for c in range(clients) if ids[c % len(ids)] == g] for g in ids}
+    out: list[tuple[np.ndarray, tuple[int, ...]]] = [(np.empty(0, np.int64), ())] * clients
+    for g, cs in members.items():
+        parts = np.array_split(rng.permutation(np.flatnonzero(groups == g)), len(cs))
+        for c, part in zip(cs, parts):
+            out[c] = (np.sort(part).astype(np.int64), ())
+    return out
+
+
 def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, scenario: str, seed: int,
-              num_classes: dict[str, int] | int = 10) -> list[ClientPartition]:
+              num_classes: dict[str, int] | int = 10,
+              groups_by_domain: dict[str, np.ndarray | None] | None = None) -> list[ClientPartition]:
     """Split every domain over ``clients_per_domain`` clients; clients are numbered domain by domain."""
-    if scenario not in SCENARIOS:
-        raise HuscfError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    if scenario not in (*SCENARIOS, "by_group"):
+        raise HuscfError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}, by_group")
     if clients_per_domain < 1:
         raise HuscfError(f"clients_per_domain must be >= 1, got {clients_per_domain}")
     out: list[ClientPartition] = []
@@ -109,7 +132,11 @@ def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, 
         if labels.size and (labels.min() < 0 or labels.max() >= k):
             raise HuscfError(f"domain '{domain}': labels must lie in 0..{k - 1}, found {labels.min()}..{labels.max()}")
         rng = domain_rng(seed, domain)
-        for indices, excluded in _split_domain(domain, labels, clients_per_domain, scenario, k, rng):
+        if scenario == "by_group":
+            split = _split_by_group(domain, (groups_by_domain or {}).get(domain), clients_per_domain, rng)
+        else:
+            split = _split_domain(domain, labels, clients_per_domain, scenario, k, rng)
+        for indices, excluded in split:
             out.append(ClientPartition(len(out), domain, indices, excluded))
     return out
 

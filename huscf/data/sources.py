@@ -3,6 +3,9 @@
 IDX domains are read from ``<data_dir>/<name>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``. A domain
 with only the t10k files gets a fixed, stratified 80/20 split of them (8,000 / 2,000 for the 10k files).
 The ``digits*`` domains are built from scikit-learn's bundled 8x8 digits and need no files.
+``cifar10`` reads ``<data_dir>/cifar10/cifar10_subset.npz`` (32x32 RGB). ``fsdd`` reads
+``<data_dir>/fsdd/fsdd.npz`` (8 kHz speech) and turns every recording into a fixed-size log-mel
+spectrogram image (``data/audio.py``); its speakers are the domain's ``groups``.
 """
 
 from __future__ import annotations
@@ -39,18 +42,36 @@ _IDX_CLASSES: dict[str, tuple[str, ...]] = {
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     "notmnist": tuple("ABCDEFGHIJ"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+}
+_NPZ: dict[str, str] = {"cifar10": "cifar10/cifar10_subset.npz", "fsdd": "fsdd/fsdd.npz"}
+# where a user copy of the sets without a download comes from, and the layout huscf reads
+_MANUAL: dict[str, str] = {
+    "pneumoniamnist": "put its IDX files (train-/t10k-images-idx3-ubyte.gz, train-/t10k-labels-idx1-ubyte.gz) "
+                      "in <data_dir>/pneumoniamnist/ (see docs/data.md)",
+    "cifar10": "put cifar10_subset.npz (x_train (N,32,32,3) uint8, y_train, x_test, y_test, class_names) in "
+               "<data_dir>/cifar10/ (see docs/data.md)",
+    "fsdd": "put fsdd.npz (x_train/x_test int16 padded audio, len_*, y_*, speaker_*, speaker_names, sample_rate "
+            "8000) in <data_dir>/fsdd/ (see docs/data.md)",
 }
 
 
 @dataclass(frozen=True, eq=False)
 class Domain:
-    """One split of one domain. ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 are read-only."""
+    """One split of one domain. ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64 are read-only.
+
+    ``groups`` (N,) int64, when set, is a natural grouping of the samples (the speaker of a spoken
+    digit), used by the ``by_group`` partition; ``kind`` is ``"image"`` or ``"spectrogram"``.
+    """
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
     class_names: tuple[str, ...]
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
+    kind: str = "image"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,7 +164,59 @@ _OFFLINE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def known_domains() -> tuple[str, ...]:
-    return tuple(_IDX_CLASSES) + tuple(_OFFLINE)
+    return tuple(_IDX_CLASSES) + tuple(_NPZ) + tuple(_OFFLINE)
+
+
+# ---- npz domains (CIFAR-10 subset, spoken digits) ----------------------------------------------
+
+def _npz(name: str, root: Path) -> dict[str, np.ndarray]:
+    path = root / _NPZ[name]
+    _require(name, (path,))
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size)
+    return _read_npz(path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_npz(path: Path, _stamp: tuple) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise HuscfError(f"data file {path}: not a readable npz ({exc})") from None
+
+
+def _field(name: str, z: dict, key: str) -> np.ndarray:
+    if key not in z:
+        raise HuscfError(f"data file for '{name}' ({_NPZ[name]}): key '{key}' missing (has {', '.join(sorted(z))})")
+    return z[key]
+
+
+def _load_cifar10(split: str, root: Path) -> Domain:
+    z = _npz("cifar10", root)
+    part = "train" if split == "train" else "test"
+    x, y = _field("cifar10", z, f"x_{part}"), _field("cifar10", z, f"y_{part}")
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
+        raise HuscfError(f"data for 'cifar10': expected x_{part} uint8 (N, 32, 32, 3), got {x.dtype} {x.shape}")
+    names = tuple(str(c) for c in z.get("class_names", [str(i) for i in range(10)]))
+    return _frozen("cifar10", np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y, names)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fsdd(split: str, root: Path) -> Domain:
+    from huscf.data.audio import SPEC, waves_to_images
+
+    z = _npz("fsdd", root)
+    part = "train" if split == "train" else "test"
+    waves, lengths = _field("fsdd", z, f"x_{part}"), _field("fsdd", z, f"len_{part}")
+    rate = int(_field("fsdd", z, "sample_rate"))
+    if rate != SPEC.sample_rate:
+        raise HuscfError(f"data for 'fsdd': sample rate {rate} Hz, the spectrogram settings expect {SPEC.sample_rate}")
+    images = waves_to_images([w[:n] for w, n in zip(waves, lengths)])
+    speakers = tuple(str(s) for s in _field("fsdd", z, "speaker_names"))
+    d = _frozen("fsdd", images, _field("fsdd", z, f"y_{part}"), _TEN)
+    groups = np.asarray(_field("fsdd", z, f"speaker_{part}"), dtype=np.int64)
+    groups.flags.writeable = False
+    return Domain(d.name, d.images, d.labels, d.num_classes, d.class_names, groups, speakers, "spectrogram")
 
 
 def _unknown(name: str) -> HuscfError:
@@ -171,6 +244,10 @@ def load_domain(name: str, split: str = "train", data_dir: str | Path | None = N
         raise HuscfError(f"split must be 'train' or 'test', got {split!r}")
     if name in _OFFLINE:
         return _load_offline(name, split)
+    if name == "cifar10":
+        return _load_cifar10(split, resolve_data_dir(data_dir))
+    if name == "fsdd":
+        return _load_fsdd(split, resolve_data_dir(data_dir))
     if name not in _IDX_CLASSES:
         raise _unknown(name)
     images, labels = _load_idx(name, split, resolve_data_dir(data_dir))
@@ -212,6 +289,8 @@ def download(name: str, data_dir: str | Path | None = None, quiet: bool = False)
         if not quiet:
             print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
         return []
+    if name in _MANUAL:
+        raise HuscfError(f"{name} has no verified download yet: {_MANUAL[name]}")
     if name not in checksums.MIRRORS:
         raise _unknown(name)
     dest = resolve_data_dir(data_dir) / name

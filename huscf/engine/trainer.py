@@ -77,8 +77,9 @@ def _partition(cfg: RunConfig, train: dict) -> tuple[dict, list]:
     # the centralised baseline pools each domain's data on one machine (one client per domain)
     per_domain, scenario = (1, "iid") if get_method(cfg.method).pooled else (cfg.data.clients_per_domain,
                                                                               cfg.data.scenario)
+    groups = {name: None if d.groups is None else d.groups[: cfg.data.limit_per_domain] for name, d in train.items()}
     return labels, partition(labels, per_domain, scenario, cfg.seed,
-                             {name: d.num_classes for name, d in train.items()})
+                             {name: d.num_classes for name, d in train.items()}, groups)
 
 
 def load_client_data(cfg: RunConfig, clients: list[int]) -> dict[int, ClientData]:
@@ -99,14 +100,28 @@ def build_setup(cfg: RunConfig) -> Setup:
     for name in cfg.data.domains:
         train[name] = load_domain(name, "train", cfg.data.data_dir)
         test[name] = load_domain(name, "test", cfg.data.data_dir)
+    def shape(d) -> str:
+        c, h, w = d.images.shape[1:]
+        return f"{c}x{h}x{w} ({'grey' if c == 1 else 'colour' if c == 3 else f'{c} channels'})"
+
     shapes = {d.images.shape[1:] for d in train.values()}
     if len(shapes) != 1:
-        raise HuscfError(f"config key 'data.domains': domains have different image shapes {sorted(shapes)}")
-    num_classes = max(d.num_classes for d in train.values())
-    try:
-        arch = build_architecture(cfg.model.arch, cfg.model.width, num_classes, tuple(shapes.pop()))
-    except ValueError as exc:
-        raise HuscfError(f"config key 'model.arch': {exc}") from None
+        raise HuscfError("config key 'data.domains': the domains' images differ in shape: "
+                         + ", ".join(f"'{d.name}' {shape(d)}" for d in train.values()))
+    data_classes = {name: d.num_classes for name, d in train.items()}
+    num_classes = cfg.model.num_classes or max(data_classes.values())
+    too_many = next((n for n, k in data_classes.items() if k > num_classes), None)
+    if too_many is not None:
+        raise HuscfError(f"config key 'model.num_classes': {num_classes} label embeddings, but domain '{too_many}' "
+                         f"has {data_classes[too_many]} classes")
+    arch_shape = build_architecture(cfg.model.arch).image_shape
+    first = next(iter(train.values()))
+    if tuple(first.images.shape[1:]) != arch_shape:
+        c, h, w = arch_shape
+        kind = "grey" if c == 1 else "colour" if c == 3 else f"{c}-channel"
+        raise HuscfError(f"config key 'model.arch': {cfg.model.arch} makes {c}x{h}x{w} ({kind}) images, domain "
+                         f"'{first.name}' has {shape(first)} {'spectrograms' if first.kind == 'spectrogram' else 'images'}")
+    arch = build_architecture(cfg.model.arch, cfg.model.width, num_classes, arch_shape)
 
     method = get_method(cfg.method)
     labels, parts = _partition(cfg, train)

@@ -34,6 +34,7 @@ from huscf.metrics.scores import classifier_fid, classifier_probs, generation_sc
 from huscf.metrics.tstr import real_ceiling, tstr
 from huscf.models import build_architecture
 from huscf.models.blocks import BlockNet
+from huscf.data.audio import images_to_waves, write_wav
 from huscf.report.grids import class_grid_inputs, save_grid
 from huscf.split.plan import Cuts
 from huscf.split.segments import SplitGAN
@@ -106,7 +107,7 @@ class RunEvaluator:
             raise HuscfError(f"run {run_dir} has no finished round with a checkpoint: nothing to evaluate")
         self.test = {d: load_domain(d, "test", self.cfg.data.data_dir) for d in self.cfg.data.domains}
         first = next(iter(self.test.values()))
-        num_classes = max(t.num_classes for t in self.test.values())
+        num_classes = self.cfg.model.num_classes or max(t.num_classes for t in self.test.values())
         self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
                                        tuple(first.images.shape[1:]))
         cuts = [Cuts(*c["cuts"]) for c in self.clients]
@@ -192,6 +193,9 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
         "per_round": per_round,
         "final": final,
         "samples": {d: f"eval_samples/{d}.png" for d in grids},
+        # spoken digits: the first sample of every class's grid row inverted to audio (Griffin-Lim)
+        "audio": {d: [f"eval_samples/{d}_class{c}.wav" for c in range(nc)] for d, (_, nc) in grids.items()
+                  if ev.test[d].kind == "spectrogram"},
     }
     _write_outputs(ev.run.path, result, grids)
     say(f"wrote {ev.run.path / 'eval.json'} and eval.csv")
@@ -222,6 +226,12 @@ def _write_outputs(run: Path, result: dict, grids: dict) -> None:
     (stage / "eval_samples").mkdir(parents=True)
     for d, (images, rows) in grids.items():
         save_grid(images, rows, stage / "eval_samples" / f"{d}.png")
+    for d, paths in result.get("audio", {}).items():
+        images, rows = grids[d]
+        per_class = len(images) // rows
+        waves = images_to_waves(images[::per_class].float().clamp(-1, 1).numpy())
+        for rel, wave in zip(paths, waves):
+            write_wav(stage / rel, wave)
     (stage / "eval.json").write_text(json.dumps(result, indent=1))
     (stage / "eval.csv").write_text(_csv_text(result["final"]))
     shutil.rmtree(run / "eval_samples", ignore_errors=True)

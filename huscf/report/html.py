@@ -457,6 +457,11 @@ def section_samples(run: Run) -> Section:
         else:
             blocks.append(Image(f"samples_{domain}", png, f"samples for {domain}",
                                 f"{domain}: evaluation samples ({rel}), one row per class."))
+        wavs = ((run.eval or {}).get("audio") or {}).get(domain)
+        if wavs:
+            blocks.append(para(f"{domain} is audio: the grid shows log-mel spectrograms (low frequencies at the "
+                               "bottom). The first sample of each row, inverted to sound with Griffin-Lim, is in ",
+                               Code(", ".join(wavs)), " next to eval.json."))
     if blocks:
         return "Samples", blocks
     return "Samples", _training_samples(run)
