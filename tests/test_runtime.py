@@ -180,6 +180,26 @@ def test_stragglers_skip_and_drop_mode(local_ray, tmp_path):
     assert rows[1]["failures"] == [] and min(rows[1]["clusters"][i] for i in (0, 2, 3)) >= 0
 
 
+def test_dead_server_stops_the_run_in_one_line_and_resume_recovers(local_ray, tmp_path):
+    from huscf.errors import HuscfError
+
+    cfg = build_config({}, SMALL + ["runtime.engine=ray"])
+    t = Trainer.new(cfg, tmp_path / "run", quiet=True)
+    pid = ray.get(t.engine.server.pid.remote())
+
+    def kill_server(r, e, it):
+        if (r, e, it) == (1, 0, 0):
+            os.kill(pid, signal.SIGKILL)
+
+    t.engine.after_iteration.append(kill_server)
+    with pytest.raises(HuscfError, match="resume") as info:
+        t.fit()
+    assert len(str(info.value).splitlines()) == 1
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [1]  # round 1 was kept
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
 def test_resume_continues_a_ray_run(local_ray, tmp_path):
     cfg = build_config({}, SMALL + ["runtime.engine=ray", "train.rounds=1"])
     Trainer.new(cfg, tmp_path / "run", quiet=True).fit()

@@ -296,6 +296,9 @@ class ServerNode:
         self.pending: dict[tuple[str, int], tuple] = {}
         self.seen: dict[int, torch.Tensor] = {}
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def _body(self, net: str, client: int, h: torch.Tensor) -> torch.Tensor:
         with self.ex.autocast():
             return self.model.server.run(net, h, self.model.ranges(client, net).server)

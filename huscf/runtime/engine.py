@@ -93,8 +93,9 @@ class RayEngine:
         """Process id of each live client actor (group index -> pid)."""
         return {k: self._call(h.pid.remote(), "pid") for k, h in self.hosts.items()}
 
-    def _call(self, ref, what: str):
-        """``ray.get`` with the runtime's timeout; errors raised inside an actor come back as one line."""
+    def _call(self, ref, what: str, tolerate: bool = False):
+        """``ray.get`` with the runtime's timeout. An error raised inside an actor comes back as one
+        line; a dead or silent actor too, unless ``tolerate`` (then the caller handles it)."""
         ray = self.ray
         try:
             return ray.get(ref, timeout=self.cfg.runtime.call_timeout_s)
@@ -106,6 +107,12 @@ class RayEngine:
                 raise HuscfError(f"the server actor failed during {what} ({type(cause).__name__}): the run "
                                  f"keeps its finished rounds; continue with huscf train --resume RUN_DIR") from None
             raise HuscfError(f"an actor failed during {what}: {type(cause).__name__}: {cause}") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            if tolerate:
+                raise
+            last = next((line for line in reversed(str(err).splitlines()) if line.strip()), "")
+            raise HuscfError(f"an actor died or did not answer during {what} ({type(err).__name__}: {last.strip()}); "
+                             f"finished rounds are kept: continue with huscf train --resume RUN_DIR") from None
 
     def _gather(self, refs: dict[int, object], where: tuple) -> dict[int, object]:
         """Results of one call per client host; a host that died or timed out is recorded and
@@ -113,7 +120,7 @@ class RayEngine:
         ray, out = self.ray, {}
         for k, ref in refs.items():
             try:
-                out[k] = self._call(ref, f"round {where[0] + 1}")
+                out[k] = self._call(ref, f"round {where[0] + 1}", tolerate=True)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
                 self._fail(k, where, type(err).__name__)
         return out
