@@ -145,6 +145,39 @@ def test_train_classifier_rejects_bad_input():
         train_classifier(torch.zeros(8, 1, 8, 8), torch.full((8,), 2), 2)
 
 
+def test_classifier_options_round_trip_through_cache_info(tmp_path):
+    """A non-default network (arch, width, depth) is rebuilt from its cache json; old json rebuilds the default."""
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    for kwargs in ({"arch": "vgg", "width": 8, "depth": 2}, {"width": 8}, {}):
+        torch.manual_seed(0)
+        model = DomainClassifier(3, 10, **kwargs).eval()
+        weights, meta = tmp_path / "m.pt", tmp_path / "m.json"
+        torch.save(model.state_dict(), weights)
+        info = {"key": "k", "in_channels": 3, "num_classes": 10, "model": model.config()}
+        if not kwargs:
+            del info["model"]  # a cache json written before the options existed
+        meta.write_text(json.dumps(info))
+        loaded, _ = classifiers._load_cached(weights, meta, "k")
+        assert loaded.config() == {**{"arch": "s2x2", "width": 32, "depth": 1}, **kwargs}
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x)) and loaded.features(x).shape == (4, DomainClassifier.FEATURE_DIM)
+    with pytest.raises(HuscfError, match="unknown arch"):
+        DomainClassifier(3, 10, arch="resnet")
+
+
+def test_recipe_options_keep_old_cache_keys_and_train_deterministically():
+    old_fields = {"epochs", "min_steps", "shift", "lr", "batch_size", "seed"}
+    for name, recipe in classifiers.RECIPES.items():
+        if name not in ("cifar10", "pneumoniamnist"):  # recipes older than the options hash as they did
+            assert set(classifiers.recipe_key_dict(recipe)) == old_fields
+    assert {"arch", "flip"} <= set(classifiers.recipe_key_dict(classifiers.RECIPES["cifar10"]))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1, torch.arange(64) % 2
+    kw = dict(min_steps=3, batch_size=16, arch="vgg", width=4, flip=True, shift=2, weight_decay=1e-3,
+              label_smoothing=0.1, class_weight="balanced")
+    a, b = train_classifier(x, y, 2, **kw), train_classifier(x, y, 2, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
 # ---- generation score -------------------------------------------------------------------------
 
 def test_generation_score_formula():

@@ -67,9 +67,9 @@ def recipe_key_dict(recipe: Recipe) -> dict:
 # CIFAR-10 (10k-image subset) and PneumoniaMNIST: see the comments on their entries.
 RECIPES: dict[str, Recipe] = {"fashion_mnist": Recipe(epochs=3, shift=0),
                               **{d: Recipe(min_steps=300) for d in ("digits", "digits_inverted", "digits_rotated")},
-                              "cifar10": Recipe(epochs=20, min_steps=0, shift=4, flip=True, arch="vgg", width=32,
-                                                weight_decay=5e-4, label_smoothing=0.1),
-                              "pneumoniamnist": Recipe(epochs=4, shift=2, arch="s2x2", class_weight="balanced",
+                              "cifar10": Recipe(epochs=20, shift=4, flip=True, arch="vgg", width=48,
+                                                weight_decay=0.05, label_smoothing=0.1),
+                              "pneumoniamnist": Recipe(epochs=8, min_steps=0, shift=2, class_weight="balanced",
                                                        weight_decay=1e-4)}
 
 
