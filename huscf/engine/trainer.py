@@ -100,6 +100,7 @@ def build_setup(cfg: RunConfig) -> Setup:
     for name in cfg.data.domains:
         train[name] = load_domain(name, "train", cfg.data.data_dir)
         test[name] = load_domain(name, "test", cfg.data.data_dir)
+
     def shape(d) -> str:
         c, h, w = d.images.shape[1:]
         return f"{c}x{h}x{w} ({'grey' if c == 1 else 'colour' if c == 3 else f'{c} channels'})"
