@@ -64,7 +64,11 @@ def recipe_key_dict(recipe: Recipe) -> dict:
 
 # Shifts cost Fashion-MNIST ~1 point at this budget; a third epoch without them gives ~91%.
 # The 1.4k-image digits domains reach ~99% in 300 steps.
-# CIFAR-10 (10k-image subset) and PneumoniaMNIST: see the comments on their entries.
+# CIFAR-10 (10k-image subset): the "vgg" network (~0.9M parameters) with flips and +-4 pixel shifts reaches
+# 77.75% real-test accuracy (seed 0; 76.15% with seed 1) in ~4 min on 2 idle CPU cores; the default network
+# reaches ~71% after 10 epochs. 30 epochs give 77.6% / 78.25% / 78.35% (seeds 0 / 1 / 2) in ~5.5 min.
+# PneumoniaMNIST: the train split is 26% normal, the test split 37.5%; balancing the class weights lifts
+# normal-class recall by ~0.08 and keeps test accuracy at 87-90% over seeds 0-2 (~6 s on idle cores).
 RECIPES: dict[str, Recipe] = {"fashion_mnist": Recipe(epochs=3, shift=0),
                               **{d: Recipe(min_steps=300) for d in ("digits", "digits_inverted", "digits_rotated")},
                               "cifar10": Recipe(epochs=20, shift=4, flip=True, arch="vgg", width=48,
