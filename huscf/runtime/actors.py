@@ -312,59 +312,49 @@ class ServerNode:
             self.features = FeatureStats(len(self.sizes))
 
     # forward/backward of the body for each client; the graph waits in ``pending`` in between
-    def g_forward(self, msgs: list[Message]) -> list[Message]:
+    def _forward(self, stage: str, net: str, names: tuple[str, ...], msgs: list[Message]) -> list[Message]:
+        """The body of ``net`` on each named activation of each message (one forward per activation,
+        so BatchNorm statistics stay per call, as in one process)."""
         out = []
         for m in msgs:
-            h = _leaf(m.tensor("h", self.device))
-            y = self._body("G", m.client, h)
-            self.pending[("g", m.client)] = (h, y)
-            out.append(self._reply("activation", m, {"h": y.detach()}))
+            leaves = {n: _leaf(m.tensor(n, self.device)) for n in names}
+            outs = {n: self._body(net, m.client, h) for n, h in leaves.items()}
+            self.pending[(stage, m.client)] = (leaves, outs)
+            out.append(self._reply("activation", m, {n: y.detach() for n, y in outs.items()}))
         return out
 
-    def d_forward(self, msgs: list[Message]) -> list[Message]:
+    def _backward(self, stage: str, msgs: list[Message]) -> list[Message]:
+        """Backward through the kept graph with the client's gradients; returns the input gradients."""
         out = []
         for m in msgs:
-            f, r = _leaf(m.tensor("fake", self.device)), _leaf(m.tensor("real", self.device))
-            yf, yr = self._body("D", m.client, f), self._body("D", m.client, r)
-            self.pending[("d", m.client)] = (f, r, yf, yr)
-            if m.meta.get("collect") and self.feature_depth is not None:
-                self.seen[m.client] = r.detach().float()
-            out.append(self._reply("activation", m, {"fake": yf.detach(), "real": yr.detach()}))
+            leaves, outs = self.pending.pop((stage, m.client))
+            torch.autograd.backward(list(outs.values()), [m.tensor(n, self.device) for n in outs])
+            out.append(self._reply("gradient", m, {n: h.grad for n, h in leaves.items()}))
+        return out
+
+    def g_forward(self, msgs: list[Message]) -> list[Message]:
+        return self._forward("g", "G", ("h",), msgs)
+
+    def d_forward(self, msgs: list[Message]) -> list[Message]:
+        out = self._forward("d", "D", ("fake", "real"), msgs)
+        if self.feature_depth is not None:
+            for m in msgs:
+                if m.meta.get("collect"):
+                    self.seen[m.client] = self.pending[("d", m.client)][0]["real"].detach().float()
         return out
 
     def d_backward(self, msgs: list[Message]) -> list[Message]:
-        out = []
-        for m in msgs:
-            f, r, yf, yr = self.pending.pop(("d", m.client))
-            torch.autograd.backward([yf, yr], [m.tensor("fake", self.device), m.tensor("real", self.device)])
-            out.append(self._reply("gradient", m, {"fake": f.grad, "real": r.grad}))
-        return out
+        return self._backward("d", msgs)
 
     def dg_forward(self, msgs: list[Message]) -> list[Message]:
         self.model.server.nets["D"].requires_grad_(False)  # the G step does not train D
-        out = []
-        for m in msgs:
-            f = _leaf(m.tensor("fake", self.device))
-            y = self._body("D", m.client, f)
-            self.pending[("dg", m.client)] = (f, y)
-            out.append(self._reply("activation", m, {"fake": y.detach()}))
-        return out
+        return self._forward("dg", "D", ("fake",), msgs)
 
     def dg_backward(self, msgs: list[Message]) -> list[Message]:
-        out = []
-        for m in msgs:
-            f, y = self.pending.pop(("dg", m.client))
-            torch.autograd.backward(y, m.tensor("fake", self.device))
-            out.append(self._reply("gradient", m, {"fake": f.grad}))
-        return out
+        return self._backward("dg", msgs)
 
     def g_backward(self, msgs: list[Message]) -> list[Message]:
-        out = []
-        for m in msgs:
-            h, y = self.pending.pop(("g", m.client))
-            torch.autograd.backward(y, m.tensor("h", self.device))
-            out.append(self._reply("gradient", m, {"h": h.grad}))
-        return out
+        return self._backward("g", msgs)
 
     def step(self, net: str) -> None:
         """Every client of the iteration is done with ``net``: one optimiser step on the summed

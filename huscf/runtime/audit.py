@@ -14,9 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from huscf.errors import HuscfError
-from huscf.runtime.messages import CLIENT_KINDS
+from huscf.runtime.messages import CLIENT_KINDS, FLOAT_DTYPES
 
-_FLOATS = {"float32", "float16", "bfloat16", "float64", "json", ""}
+_FLOATS = {*FLOAT_DTYPES, "json", ""}  # json: message headers; "": a message without arrays
 
 
 def read_audit(run_dir: Path) -> list[dict]:

@@ -37,7 +37,7 @@ KINDS = {
 }
 CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "control"})
 META_LIMIT = 4096  # bytes of JSON a client may attach to one message
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class PrivacyViolation(HuscfError):
@@ -120,7 +120,7 @@ class PrivacyGuard:
         if len(json.dumps(m.meta, default=str)) > META_LIMIT:
             refuse(f"more than {META_LIMIT} bytes of metadata")
         for name, a in m.arrays.items():
-            if m.dtypes[name] not in _FLOATS:
+            if m.dtypes[name] not in FLOAT_DTYPES:
                 refuse(f"an integer array '{name}' (labels never leave a client)")
             if m.kind in ("weights", "state"):
                 if not name.startswith((f"clients.{m.client}.", "opt/")):
