@@ -6,11 +6,14 @@ Run:  python benchmarks/bench_scenario.py configs/6_multi_domain_iid.yaml [--set
 Builds the scenario exactly as ``huscf train`` does (real data, its clients, cuts and model), then
 
 1. runs one round of one local epoch capped at ``--warmup`` iterations through ``Trainer.fit``:
-   warm-up, plus the cost of a round's end (clustering, averaging, probes, samples, checkpoint),
-   measured as that round's wall time minus its training time;
+   warm-up, plus the cost of a round's end (clustering, averaging, probes, samples, the checkpoint's
+   copy; its file is written in the background while the next round trains), timed around the
+   trainer's round-end step;
 2. times one real local epoch (the first ``--iters`` iterations of it when given; clients whose
-   data runs out sit out, as in training) for the seconds per iteration;
-3. projects the configured run: rounds x (local_epochs x iterations per epoch x s/iteration +
+   data runs out sit out, as in training) for the seconds per iteration, and one epoch that also
+   collects the clustering features (a round's last epoch does); each after an untimed epoch of
+   the same kind (with ``compute.cuda_graphs``: its warm-ups and captures, paid once per run);
+3. projects the configured run: rounds x ((local_epochs - 1) plain epochs + 1 collecting epoch +
    round end). A capped epoch keeps every client busy, so ``--iters`` projects pessimistically.
 """
 
@@ -51,6 +54,8 @@ def _time_round_end(trainer) -> dict[str, float]:
                 parts[label] = parts.get(label, 0.0) + time.perf_counter() - start
         setattr(obj, name, wrapper)
 
+    timed(trainer, "_end_round", "round end")  # everything between a round's last epoch and the next
+    timed(trainer.engine, "federate", "federation")
     timed(trainer.strategy, "aggregate", "clustering")
     timed(trainer, "_label_accuracy", "label probes")
     timed(trainer, "_save_samples", "sample grids")
@@ -78,30 +83,45 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit()
     round_s = time.perf_counter() - start
-    round_end_s = round_s - read_metrics(out)[-1]["train_seconds"]
+    round_end_s = parts.pop("round end")
+    # the rest of the first round's wall time: fit's start and its final wait for the checkpoint
+    # writer (in a run, each round's write overlaps the next round's training)
+    other_s = round_s - read_metrics(out)[-1]["train_seconds"] - round_end_s
 
     engine = trainer.engine
     engine.max_iters = None
     per_epoch = engine.iterations_per_epoch() if full.train.max_iters_per_epoch is None else min(
         engine.iterations_per_epoch(), full.train.max_iters_per_epoch)
     engine.max_iters = args.iters or per_epoch
-    _sync()
-    start = time.perf_counter()
-    engine.run_epoch(round_idx=1, epoch=0)
-    _sync()
     timed = engine.iterations_per_epoch()
-    sec_per_iter = (time.perf_counter() - start) / timed
+
+    def epoch_seconds(collect: bool) -> float:
+        """One epoch untimed (CUDA graphs: its client sets' warm-ups and captures), then one timed."""
+        engine.run_epoch(round_idx=1, epoch=0, collect_features=collect)
+        _sync()
+        start = time.perf_counter()
+        engine.run_epoch(round_idx=1, epoch=1, collect_features=collect)
+        _sync()
+        return time.perf_counter() - start
+
+    plain_s = epoch_seconds(False)
+    # a round's last epoch also collects the clustering features (trainer: collect_features on it)
+    collect_s = epoch_seconds(True) if trainer.feature_depth is not None else plain_s
+    sec_per_iter = plain_s / timed
 
     c = full.train
-    projected = c.rounds * (c.local_epochs * per_epoch * sec_per_iter + round_end_s)
+    round_train_s = ((c.local_epochs - 1) * plain_s + collect_s) * per_epoch / timed
+    projected = c.rounds * (round_train_s + round_end_s)
     print(f"scenario {full.name}: {full.num_clients} clients, {full.model.arch} width {full.model.width}, batch "
           f"{c.batch_size}; {trainer._compute_line()}")
     print(f"device: {torch.cuda.get_device_name() if engine.device.type == 'cuda' else 'cpu'}")
     print(f"setup {setup_s:.1f} s; first round ({args.warmup} iterations + round end) {round_s:.1f} s; "
-          f"round end {round_end_s:.2f} s ({', '.join(f'{k} {v:.2f} s' for k, v in parts.items())})")
-    print(f"{sec_per_iter:.4f} s per iteration over {timed} iterations of a local epoch "
-          f"({per_epoch} iterations per epoch)")
-    print(f"projected: {c.rounds} rounds x {c.local_epochs} epochs x {per_epoch} iterations = "
+          f"round end {round_end_s:.2f} s ({', '.join(f'{k} {v:.2f} s' for k, v in parts.items())}); "
+          f"start and last checkpoint write {other_s:.2f} s")
+    print(f"{sec_per_iter:.4f} s per iteration over {timed} iterations of a local epoch, "
+          f"{collect_s / timed:.4f} s in the epoch that collects clustering features ({per_epoch} iterations "
+          f"per epoch)")
+    print(f"projected: {c.rounds} rounds x ({c.local_epochs} epochs x {per_epoch} iterations + round end) = "
           f"{projected:.0f} s ({projected / 60:.1f} min)")
 
 

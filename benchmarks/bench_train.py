@@ -11,9 +11,11 @@ memory is its own. Modes:
 * ``loop``      - the baseline: the plain per-client Python loop, fp32, NCHW, every client's
                   generator graph kept through the discriminator step;
 * ``ours-fp32`` - huscf's default execution for the device (``Execution.resolve``: channels-last,
-                  generator recompute past 16 clients on CPU, clients batched on CUDA);
+                  generator recompute past 16 clients on CPU, clients batched and replayed as CUDA
+                  graphs on CUDA);
 * ``ours-bf16`` - the same with bf16 autocast (``compute.precision: bf16``);
-* ``batched-fp32`` / ``batched-bf16`` - clients batched through vmap (the CUDA default) on any device.
+* ``batched-fp32`` / ``batched-bf16`` - clients batched through vmap, launched eagerly (no CUDA graphs),
+                  on any device.
 
 Printed: seconds per iteration, images/s, the ratio to ``loop``, FLOP/s achieved (the useful
 FLOPs of one iteration, counted by ``torch.utils.flop_counter`` on the baseline step; recompute
@@ -44,8 +46,8 @@ MODES = {
     "loop": dict(precision="fp32", auto=False),
     "ours-fp32": dict(precision="fp32", auto=True),
     "ours-bf16": dict(precision="bf16", auto=True),
-    "batched-fp32": dict(precision="fp32", auto=True, clients="batched"),
-    "batched-bf16": dict(precision="bf16", auto=True, clients="batched"),
+    "batched-fp32": dict(precision="fp32", auto=True, clients="batched", cuda_graphs=False),
+    "batched-bf16": dict(precision="bf16", auto=True, clients="batched", cuda_graphs=False),
 }
 
 
@@ -59,7 +61,8 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
 
     spec = MODES[mode]
     if spec["auto"]:
-        ex = Execution.resolve(device, spec["precision"], clients=spec.get("clients", "auto"), num_clients=n)
+        ex = Execution.resolve(device, spec["precision"], clients=spec.get("clients", "auto"), num_clients=n,
+                               cuda_graphs=spec.get("cuda_graphs", "auto"))
     else:
         ex = Execution(device=device)
     arch = build_architecture("cgan28", width)
@@ -76,12 +79,16 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
 
 
 def worker(args) -> None:
+    from huscf.engine.batched import _GRAPH_WARMUP
+
     engine, ex = build(args.worker_clients, args.device, args.worker_mode, args.width, args.batch)
     batch = {i: (d.x, d.y) for i, d in enumerate(engine.data)}
     noise = torch.Generator().manual_seed(0)
     cuda = ex.torch_device.type == "cuda"
     times = []
-    for _ in range(1 + args.iters):
+    # graphs: the eager warm-ups and the capture come before the timed replays
+    warm = 1 if not ex.cuda_graphs else _GRAPH_WARMUP + 1
+    for _ in range(warm + args.iters):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -89,7 +96,7 @@ def worker(args) -> None:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    timed = sorted(times[1:])
+    timed = sorted(times[warm:])
     if args.profile:  # one more iteration under the profiler: where the time goes, by operator
         from torch.profiler import ProfilerActivity, profile
 
@@ -101,7 +108,7 @@ def worker(args) -> None:
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=15), file=sys.stderr, flush=True)
     out = {
-        "seconds": timed[len(timed) // 2], "warmup_seconds": times[0],
+        "seconds": timed[len(timed) // 2], "warmup_seconds": sum(times[:warm]),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "execution": {k: getattr(ex, k) for k in ("precision", "channels_last", "recompute_generator",

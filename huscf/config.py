@@ -120,6 +120,8 @@ class ComputeConfig(_Section):
     clients: Literal["auto", "loop", "batched"] = "auto"  # auto: loop on CPU, batched on CUDA
     client_chunk: int | None = Field(None, ge=1)  # batched: clients per block call (None: all)
     cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (helped bf16, hurt fp32 on an H100)
+    # replay each set of clients' iteration as a CUDA graph (CUDA, batched clients); auto: on there
+    cuda_graphs: bool | Literal["auto"] = "auto"
 
 
 class RuntimeConfig(_Section):

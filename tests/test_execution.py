@@ -1,6 +1,7 @@
 """Execution options change speed and memory, never the method: each is checked against the loop."""
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from huscf.engine.execution import Execution
 from huscf.engine.simulation import ClientData, SimulationEngine
 from huscf.errors import HuscfError
 from huscf.models import build_architecture
-from huscf.split.plan import all_cuts
+from huscf.split.plan import Cuts, all_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN
 
@@ -51,7 +52,8 @@ def _outputs(model):
     """Every client's generator output and its D logits on it (invariant to the pre-BatchNorm
     conv biases, whose true gradient is zero and whose Adam steps are rounding noise)."""
     gen = torch.Generator().manual_seed(5)
-    z, y = torch.randn(B, 100, generator=gen), torch.randint(0, 10, (B,), generator=gen)
+    dev = next(model.parameters()).device
+    z, y = torch.randn(B, 100, generator=gen).to(dev), torch.randint(0, 10, (B,), generator=gen).to(dev)
     with torch.no_grad():
         fakes = [model.generate(i, z, y).float() for i in range(len(model.clients))]
         return torch.stack(fakes), torch.stack([model.discriminate(i, f, y).float() for i, f in enumerate(fakes)])
@@ -144,3 +146,165 @@ def test_batched_clients_train_and_resume_exactly_through_the_trainer(tmp_path):
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert [r["loss_d"] for r in read_metrics(tmp_path / "part")] == [r["loss_d"] for r in read_metrics(tmp_path / "full")]
+
+
+def _engine(execution: Execution, model_and_data=None, tied=False):
+    model, data = model_and_data or _setup()
+    model = copy.deepcopy(model)
+    if tied:
+        model.tie_generators()
+    cls = BatchedEngine if execution.batch_clients else SimulationEngine
+    return cls(model, data, B, 2e-4, (0.5, 0.999), 100, 0, None, execution, shared_generator=tied)
+
+
+def _train(eng, iterations=2):
+    noise = torch.Generator().manual_seed(0)
+    for t in range(iterations):
+        eng.iteration({i: (d.x[:B], d.y[:B]) for i, d in enumerate(eng.data) if not (t == 1 and i == 2)}, noise)
+
+
+def test_batched_checkpoints_have_the_loop_layout_and_move_between_engines():
+    """The weight banks and the shared optimisers keep the per-client checkpoint layout of the loop:
+    a batched state loads into the loop engine and back, and both go on identically."""
+    shared = _setup()
+    loop, batched = _engine(Execution(), shared), _engine(Execution(batch_clients=True), shared)
+    _train(loop), _train(batched)
+    a, b = loop.state_dict(), batched.state_dict()
+    assert a["model"].keys() == b["model"].keys()
+    for opts_a, opts_b in zip(a["client_opts"], b["client_opts"]):
+        for net in ("G", "D"):
+            sa, sb = opts_a[net]["state"], opts_b[net]["state"]
+            assert sa.keys() == sb.keys() and sa  # every trained parameter has its Adam state
+            for j in sa:
+                assert sa[j]["step"] == sb[j]["step"]  # client 2 sat one out in both
+                assert sa[j]["exp_avg"].shape == sb[j]["exp_avg"].shape
+            assert opts_a[net]["param_groups"][0]["params"] == opts_b[net]["param_groups"][0]["params"]
+    # batched -> loop and loop -> batched: the next iteration matches the engine that kept going
+    for src, dst_ex in ((batched, Execution()), (loop, Execution(batch_clients=True))):
+        dst = _engine(dst_ex, shared)
+        dst.load_state_dict(copy.deepcopy(src.state_dict()))
+        noise = torch.Generator().manual_seed(9)
+        batch = {i: (d.x[B:], d.y[B:]) for i, d in enumerate(src.data)}
+        _assert_losses_close([dst.iteration(batch, noise)], [src.iteration(batch, torch.Generator().manual_seed(9))],
+                             1e-4)
+
+
+def test_client_weights_are_views_of_the_banks(tmp_path):
+    eng = _engine(Execution(batch_clients=True))
+    _train(eng, 1)
+    client = eng.model.clients[0]
+    block = next(iter(client.nets["D"].values()))
+    w = next(block.parameters())
+    with torch.no_grad():  # an in-place write to a client's weights (as averaging does) reaches the bank
+        w.add_(1.0)
+    bank = next(bk for (net, _), bk in eng._banks.items() if net == "D" and 0 in bk.holders
+                and bk.params[bk.row[0]][0] is w)
+    torch.testing.assert_close(bank.leaves[0][bank.row[0]].detach(), w.detach())
+    # a checkpoint holds each client's own elements, not the whole bank
+    from huscf.engine.rundir import RunDir
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.save_checkpoint(1, {"round": 1, "engine": eng.state_dict()})
+    run.flush()
+    saved = run.load_model_state(1)
+    for key, t in eng.model.state_dict().items():
+        assert saved[key].untyped_storage().nbytes() == t.numel() * t.element_size(), key
+        torch.testing.assert_close(saved[key], t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_batched_discriminator_swap_equals_the_loop(tied):
+    """MD-GAN's pieces on the batched engine: discriminator swaps, and (tied) one generator that
+    every client's slot points to, which stays outside the weight banks."""
+    _, data = _setup()  # MD-GAN swaps whole discriminators, so every client has the same cuts
+    torch.manual_seed(0)
+    arch = build_architecture("cgan28", 0.125)
+    shared = SplitGAN(arch.generator(), arch.discriminator(), [Cuts(0, 0, 1, 1)] * len(data)), data
+    engines = [_engine(Execution(), shared, tied), _engine(Execution(batch_clients=True), shared, tied)]
+    outs = []
+    for eng in engines:
+        _train(eng, 1)
+        eng.swap_discriminators([1, 2, 3, 4, 5, 0])
+        _train(eng, 1)
+        outs.append(_outputs(eng.model))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_batched_non_finite_loss_names_the_client_and_net():
+    eng = _engine(Execution(batch_clients=True))
+    with torch.no_grad():
+        for p in eng.model.clients[3].nets["D"].parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(HuscfError, match=r"discriminator loss is not finite .* client 3 at round 4, epoch 1, iteration 7"):
+        eng.iteration({i: (d.x[:B], d.y[:B]) for i, d in enumerate(eng.data)}, torch.Generator().manual_seed(0),
+                      where=(4, 1, 7))
+
+
+def test_cuda_graphs_need_cuda_and_batched_clients():
+    with pytest.raises(HuscfError, match="compute.cuda_graphs needs compute.device 'cuda'"):
+        Execution(cuda_graphs=True, batch_clients=True)
+
+
+def _live_tensors(eng) -> list[torch.Tensor]:
+    """Every tensor an iteration updates in place: the weights, then the Adam states."""
+    opts = [*getattr(eng, "_shared_opts", {}).values(), *eng.server_opts.values()]
+    states = [t for o in opts for st in o.state.values() for t in st.values() if torch.is_tensor(t)]
+    return [*eng.model.parameters(), *states]
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@pytest.mark.parametrize("device, precision", [
+    ("cpu", "fp32"), pytest.param("cuda", "fp32", marks=_CUDA), pytest.param("cuda", "bf16", marks=_CUDA)])
+def test_cuda_graph_replays_equal_eager_steps(device, precision, monkeypatch):
+    """Each iteration runs twice from one state: through the CUDA graph of its client set (eager
+    warm-ups, then capture and replays), then eagerly after restoring the state in place (so the
+    graphs' pointers stay valid). Losses, features and updated weights must agree. Single steps
+    from one state keep GAN training's amplification of rounding out of the comparison (over ten
+    chained iterations an H100 showed eager-vs-graph loss gaps growing from 1e-7 to 1e-3). On a CPU
+    both runs are eager, which checks the restore itself."""
+    cuda = device == "cuda"
+    # TF32 off: cuDNN may pick other TF32 algorithms under capture, whose rounding would hide a bug
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    eng = _engine(Execution(device, precision, batch_clients=True, cuda_graphs=cuda))
+    eng.feature_depth = 2
+    graph_ex, eager_ex = eng.ex, dataclasses.replace(eng.ex, cuda_graphs=False)
+    exact = precision == "fp32"
+    tol, close = (1e-4, 1e-6) if exact else (2e-2, 1e-4)
+    sets = [range(6)] * 4 + [[0, 1, 3, 4, 5]] * 4 + [range(6)] * 2
+    noise = torch.Generator().manual_seed(0)
+    compared = 0
+    for k, clients in enumerate(sets):
+        batch = {i: (eng.data[i].x[:B], eng.data[i].y[:B]) for i in clients}
+        collect = k in (0, 8, 9)  # the three iterations with features: warm-up, warm-up, capture
+        live = _live_tensors(eng)
+        before, rng, feats = [t.clone() for t in live], noise.get_state(), copy.deepcopy(eng.features)
+        eng.ex = graph_ex
+        out_g = eng.iteration(batch, noise, collect_features=collect)
+        after_g, feats_g = [t.clone() for t in _live_tensors(eng)], eng.features
+        if len(after_g) != len(before):  # Adam created its states in this step: nothing to restore to
+            continue
+        with torch.no_grad():
+            for t, b in zip(live, before):
+                t.copy_(b)
+        noise.set_state(rng)
+        eng.features, eng.ex = feats, eager_ex
+        out_e = eng.iteration(batch, noise, collect_features=collect)
+        eng.ex = graph_ex
+        gap = max(abs(out_g[i][j] - out_e[i][j]) for i in out_e for j in (0, 1))
+        assert gap < tol, (k, gap)
+        if collect:
+            assert abs(feats_g.mean_and_noise()[0] - eng.features.mean_and_noise()[0]).max() < tol, k
+        weights = len(list(eng.model.parameters()))
+        after_e = _live_tensors(eng)
+        moved = sum(int((a != b).sum()) for a, b in zip(after_g[:weights], before))
+        differ = sum(int(((a - b).abs() > close).sum()) for a, b in zip(after_g[:weights], after_e))
+        total = sum(t.numel() for t in after_e[:weights])
+        assert moved > total // 2, (k, moved, total)  # the graph's step happened
+        assert differ <= (0 if device == "cpu" else total // 100), (k, differ, total)
+        compared += 1
+    assert compared == len(sets) - 1
+    if cuda:
+        assert len(eng._graphs) == 3  # all clients with and without features, five clients

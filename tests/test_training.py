@@ -157,3 +157,27 @@ def test_fixed_cuts_are_validated(tmp_path):
 def test_a_client_with_one_sample_is_refused():
     with pytest.raises(HuscfError, match=r"client \d+ \(digits\) has 1 training sample"):
         build_setup(_cfg("data.domains=[digits]", "data.limit_per_domain=3"))
+
+
+def test_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    w = torch.zeros(3)
+    model = {"w": w, "t": torch.arange(6.0).view(2, 3).t(), "n": torch.tensor([1, 2]), "s": torch.tensor(3.5)}
+    run.save_checkpoint(1, {"round": 1, "engine": {"model": model, "opts": [{"step": torch.tensor(2.0)}]}})
+    w.fill_(7.0)  # training goes on changing the live tensors while the writer runs
+    run.flush()
+    saved = run.load_model_state(1)
+    assert torch.equal(saved["w"], torch.zeros(3))
+    for key in ("t", "n", "s"):  # mixed dtypes, a transposed view and a scalar keep values, shapes, dtypes
+        assert saved[key].dtype == model[key].dtype and torch.equal(saved[key], model[key]), key
+    full = torch.load(run.checkpoints / "round_0001.pt", weights_only=False)
+    assert full["engine"]["opts"][0]["step"] == 2.0
+
+    def disk_full(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunDir, "_atomic_save", staticmethod(disk_full))
+    run.save_checkpoint(2, {"round": 2, "engine": {"model": {"w": w}}})
+    with pytest.raises(HuscfError, match="could not write a checkpoint .*No space left"):
+        run.flush()

@@ -11,9 +11,14 @@ block b:
 * BatchNorm statistics stay per client in both cases (vmap normalises every client's rows on
   their own), exactly as in the loop, so no client's normalisation sees another client's data.
 
-Gradients reach every client's own weights through ``torch.stack`` and sum over clients into the
-server's weights, as the loop's per-client backward passes do; each optimiser then steps once.
-Results equal the loop's up to floating-point summation order (tested).
+Weight banks: the clients' copies of a block live in one stacked tensor per parameter (a
+``_Bank``), and each client's ``Parameter`` is a view of its row. The vmapped call reads the bank
+directly, so nothing is stacked per iteration and backward writes one gradient per bank instead
+of one per client and parameter. The clients' Adam states stay per parameter (so a client that
+sits an iteration out does not step, and checkpoints keep the per-client format of the loop),
+but all clients of a net step in one optimiser call (one fused kernel on CUDA) instead of one
+call per client. Gradients sum over clients into the server's weights, as the loop's per-client
+backward passes do. Results equal the loop's up to floating-point summation order (tested).
 
 Memory: ``client_chunk`` bounds how many clients' activations are alive at once. With
 ``recompute_generator`` (on by default when there is more than one chunk), the generator forward
@@ -21,8 +26,11 @@ of the discriminator step runs without a graph and is recomputed chunk by chunk 
 step (same noise, same weights, so the same fakes) instead of keeping every client's generator
 graph alive through the discriminator step.
 
-Speed: this is the CUDA default (4.6x the per-client loop at 80 clients on an H100). On a CPU
-the per-client loop is faster (large grouped batches fall out of cache); see
+CUDA graphs (``compute.cuda_graphs``, on by default on CUDA): a set of clients' iteration is
+captured once, after two eager warm-ups, and replayed; the losses are read once per iteration.
+
+Speed: this is the CUDA default (6.6x the per-client loop at 80 clients, 4.9x at 8, on an H100).
+On a CPU the per-client loop is faster (large grouped batches fall out of cache); see
 docs/performance.md.
 
 Precision: ``precision="bf16"`` runs the forward passes under ``torch.autocast`` (bfloat16
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +49,104 @@ from torch.func import functional_call, vmap
 
 from huscf.engine.execution import Execution
 from huscf.engine.simulation import ClientData, SimulationEngine
-from huscf.split.segments import SplitGAN
+from huscf.split.segments import NETS, SplitGAN
 
 
-def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Rows of a stacked tensor; a view when they are contiguous."""
+def _selector(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """What picks ``rows`` of a stacked tensor: a slice (a view) when they are contiguous."""
     if rows == list(range(rows[0], rows[0] + len(rows))):
-        return t[rows[0]:rows[0] + len(rows)]
-    return t[torch.tensor(rows, device=t.device)]
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, device=device)
+
+
+_GRAPH_WARMUP = 2  # eager iterations of a client set before its CUDA graph is captured
+
+
+class _BlockPlan(NamedTuple):
+    """How one block runs for one chunk of clients (rows): precomputed once per chunk."""
+
+    own: tuple[int, ...]                # clients running their own copy (a bank)
+    own_rows: slice | torch.Tensor | None
+    srv_rows: slice | torch.Tensor | None  # rows running the server's copy
+    inverse: torch.Tensor | None        # puts [server rows, own rows] back in row order
+    to_server: list[int]                # rows whose activation crosses to the server after the block
+    back: list[int]                     # rows whose activation comes back to its client after it
+
+
+class _Bank:
+    """Block b of one net for every client that holds its own copy: one stacked leaf tensor per
+    parameter, whose row k is holder k's ``Parameter`` (a view: in-place averaging, loading and
+    optimiser steps on a client's weights are writes into the bank)."""
+
+    def __init__(self, holders: list[int], modules: list[torch.nn.Module]):
+        self.holders = holders
+        self.row = {c: k for k, c in enumerate(holders)}
+        self.template = modules[0]
+        self.names = [n for n, _ in modules[0].named_parameters()]
+        self.params = [list(m.parameters()) for m in modules]  # params[k][j]: holder k's parameter j
+        self.leaves = []
+        for j in range(len(self.names)):
+            leaf = torch.stack([ps[j].detach() for ps in self.params]).requires_grad_(True)
+            for k, ps in enumerate(self.params):
+                ps[j].data = leaf.data[k]
+            self.leaves.append(leaf)
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def weights(self, clients: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The stacked weights of ``clients`` (all holders: the bank itself; otherwise a gather)."""
+        if clients == tuple(self.holders):
+            return dict(zip(self.names, self.leaves))
+        if clients not in self._index:
+            self._index[clients] = torch.tensor([self.row[c] for c in clients], device=self.leaves[0].device)
+        idx = self._index[clients]
+        return {n: leaf[idx] for n, leaf in zip(self.names, self.leaves)}
+
+    def zero_grad(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def requires_grad_(self, flag: bool) -> None:
+        for leaf in self.leaves:
+            leaf.requires_grad_(flag)
+
+    def hand_out_grads(self, clients: set[int]) -> None:
+        """Give each of ``clients`` its row of the bank's gradient (views, no copies)."""
+        for j, leaf in enumerate(self.leaves):
+            if leaf.grad is None:
+                continue
+            for k, c in enumerate(self.holders):
+                if c in clients:
+                    self.params[k][j].grad = leaf.grad[k]
+
+
+class _ClientAdam:
+    """One client's optimiser slot over the net's shared Adam: the per-client ``state_dict`` of a
+    ``torch.optim.Adam`` over that client's parameters (same layout, so checkpoints move between
+    engines), stored in and stepped by the shared optimiser."""
+
+    def __init__(self, shared: torch.optim.Adam, params: list[torch.nn.Parameter]):
+        self.shared, self.params = shared, params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        raise RuntimeError("client optimisers of the batched engine step together: use BatchedEngine._step")
+
+    def state_dict(self) -> dict:
+        group = {k: v for k, v in self.shared.param_groups[0].items() if k != "params"}
+        state = {j: dict(self.shared.state[p]) for j, p in enumerate(self.params) if self.shared.state.get(p)}
+        return {"state": state, "param_groups": [group | {"params": list(range(len(self.params)))}]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        on_device = self.shared.param_groups[0].get("fused") or self.shared.param_groups[0].get("capturable")
+        for j, p in enumerate(self.params):
+            self.shared.state.pop(p, None)
+            if j in saved["state"]:  # as torch.optim.Optimizer.load_state_dict places each value
+                self.shared.state[p] = {
+                    k: (v.to(torch.float32, p.device) if on_device else v) if k == "step" else v.to(p.device, p.dtype)
+                    for k, v in saved["state"][j].items()}
 
 
 class BatchedEngine(SimulationEngine):
@@ -58,76 +157,136 @@ class BatchedEngine(SimulationEngine):
                  execution: Execution | None = None, shared_generator: bool = False):
         super().__init__(model, data, batch_size, lr, betas, z_dim, seed, max_iters_per_epoch, execution,
                          shared_generator)
-        self._params: dict[tuple, dict[str, list[torch.nn.Parameter]]] = {}
+        self._plans: dict[tuple[str, tuple[int, ...]], list[_BlockPlan]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self._graph_warmups: dict[tuple, int] = {}
+        self._graph_pool = None
+        # weight banks and one Adam per net for all clients (MD-GAN's tied generator keeps its own)
+        order = sorted(range(len(model.clients)), key=lambda i: (model.clients[i].cuts, i))
+        self._banks: dict[tuple[str, int], _Bank] = {}
+        self._shared_opts: dict[str, torch.optim.Adam] = {}
+        for net in NETS:
+            if net == "G" and shared_generator:
+                continue
+            for b in range(model.num_blocks[net]):
+                holders = [i for i in order if model.clients[i].holds(net, b)]
+                if holders:
+                    self._banks[net, b] = _Bank(holders, [model.clients[i].nets[net][str(b)] for i in holders])
+            per_client = [list(model.client_parameters(i, net)) for i in range(len(data))]
+            self._shared_opts[net] = torch.optim.Adam([p for ps in per_client for p in ps], lr=lr, betas=betas,
+                                                      fused=self.device.type == "cuda" or None,
+                                                      capturable=self.ex.cuda_graphs)
+            for i, ps in enumerate(per_client):
+                self.client_opts[i][net] = _ClientAdam(self._shared_opts[net], ps)
 
     # -- one block, one net ----------------------------------------------------------------------
     def _stacked(self, net: str, b: int, ids: tuple[int, ...], args: tuple) -> torch.Tensor:
         """Block b of clients ``ids`` (each with its own copy), one vmapped call over their weights."""
-        mods = [self.model.clients[i].nets[net][str(b)] for i in ids]
-        key = (net, b, ids)
-        if key not in self._params:  # the Parameter objects are stable: averaging copies in place
-            names = [n for n, _ in mods[0].named_parameters()]
-            per = [dict(m.named_parameters()) for m in mods]
-            self._params[key] = {n: [p[n] for p in per] for n in names}
-        stacked = {n: torch.stack(ps) for n, ps in self._params[key].items()}
-        template = mods[0]
+        bank = self._banks.get((net, b))
+        if bank is None:  # MD-GAN's tied generator: every client's slot is one module
+            return vmap(self.model.clients[ids[0]].nets[net][str(b)])(*args)
 
-        def call(params, *a):
-            return functional_call(template, params, a)
+        def banked(params, *a):
+            return functional_call(bank.template, params, a)
 
-        return vmap(call)(stacked, *args)
+        return vmap(banked)(bank.weights(ids), *args)
 
     def _shared(self, net: str, b: int, args: tuple) -> torch.Tensor:
         """Block b of the server for every row of ``args``: the server's weights, per-client statistics."""
         return vmap(self.model.server.nets[net][str(b)])(*args)
 
-    def _block(self, net: str, b: int, clients: list[int], h: tuple) -> torch.Tensor:
-        own = [k for k, i in enumerate(clients) if self.model.clients[i].holds(net, b)]
-        if len(own) == len(clients):
-            return self._stacked(net, b, tuple(clients), h)
-        if not own:
+    def _plan(self, net: str, clients: list[int]) -> list[_BlockPlan]:
+        """Each block's plan for this chunk; cached, as the same chunks recur every iteration."""
+        key = (net, tuple(clients))
+        if key not in self._plans:
+            if len(self._plans) > 256:  # many distinct client subsets: keep the cache bounded
+                self._plans.clear()
+            m, dev = self.model, self.device
+            ranges = [m.ranges(i, net) for i in clients]
+            plans = []
+            for b in range(m.num_blocks[net]):
+                own = [k for k, i in enumerate(clients) if m.clients[i].holds(net, b)]
+                srv = [k for k in range(len(clients)) if k not in set(own)]
+                inverse = None
+                if own and srv and srv + own != sorted(srv + own):
+                    inverse = torch.empty(len(clients), dtype=torch.long)
+                    inverse[torch.tensor(srv + own)] = torch.arange(len(clients))
+                    inverse = inverse.to(dev)
+                plans.append(_BlockPlan(
+                    tuple(clients[k] for k in own), _selector(own, dev) if own else None,
+                    _selector(srv, dev) if srv else None, inverse,
+                    [k for k, r in enumerate(ranges) if r.server and r.head[-1] == b],
+                    [k for k, r in enumerate(ranges) if r.server and r.server[-1] == b]))
+            self._plans[key] = plans
+        return self._plans[key]
+
+    def _block(self, net: str, b: int, plan: _BlockPlan, h: tuple) -> torch.Tensor:
+        if plan.srv_rows is None:
+            return self._stacked(net, b, plan.own, h)
+        if plan.own_rows is None:
             return self._shared(net, b, h)
-        own_set = set(own)
-        srv = [k for k in range(len(clients)) if k not in own_set]
-        out_srv = self._shared(net, b, tuple(_take(a, srv) for a in h))
-        out_own = self._stacked(net, b, tuple(clients[k] for k in own), tuple(_take(a, own) for a in h))
-        order = srv + own
-        out = torch.cat([out_srv, out_own])
-        if order == sorted(order):
-            return out
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return out[inverse.to(out.device)]
+        out = torch.cat([self._shared(net, b, tuple(a[plan.srv_rows] for a in h)),
+                         self._stacked(net, b, plan.own, tuple(a[plan.own_rows] for a in h))])
+        return out if plan.inverse is None else out[plan.inverse]
 
     def _net(self, net: str, clients: list[int], inputs: tuple, server_input: dict | None = None) -> torch.Tensor:
         """The U-shaped forward of ``net`` for a chunk of clients; rows of every tensor = clients."""
         m = self.model
-        ranges = [m.ranges(i, net) for i in clients]
         h = inputs
-        for b in range(m.num_blocks[net]):
-            out = self._block(net, b, clients, h)
-            to_server = [k for k, r in enumerate(ranges) if r.server and r.head[-1] == b]
-            if to_server:
-                out = m.seam.cross_rows(out, "client->server", [clients[k] for k in to_server], to_server, net, b)
+        for b, plan in enumerate(self._plan(net, clients)):
+            out = self._block(net, b, plan, h)
+            if plan.to_server:
+                out = m.seam.cross_rows(out, "client->server", [clients[k] for k in plan.to_server], plan.to_server,
+                                        net, b)
                 if server_input is not None:
-                    server_input.update({clients[k]: out[k].detach() for k in to_server})
-            back = [k for k, r in enumerate(ranges) if r.server and r.server[-1] == b]
-            if back:
-                out = m.seam.cross_rows(out, "server->client", [clients[k] for k in back], back, net, b)
+                    server_input.update({clients[k]: out[k].detach() for k in plan.to_server})
+            if plan.back:
+                out = m.seam.cross_rows(out, "server->client", [clients[k] for k in plan.back], plan.back, net, b)
             h = (out,)
         return h[0]
+
+    # -- optimisers: the banks' gradients, one step per net -------------------------------------
+    def _zero_grad(self, net: str, clients: list[int]) -> None:
+        if net not in self._shared_opts:
+            return super()._zero_grad(net, clients)
+        for bank in self._net_banks(net):
+            bank.zero_grad()
+        self._shared_opts[net].zero_grad(set_to_none=True)  # every client: only this iteration's step
+        self.server_opts[net].zero_grad(set_to_none=True)
+
+    def _step(self, net: str, clients: list[int]) -> None:
+        if net not in self._shared_opts:
+            return super()._step(net, clients)
+        active = set(clients)
+        for bank in self._net_banks(net):
+            bank.hand_out_grads(active)
+        self._shared_opts[net].step()  # Adam skips the parameters without a gradient
+        self.server_opts[net].step()
+
+    def _requires_grad(self, net: str, flag: bool) -> None:
+        if net not in self._shared_opts:
+            return super()._requires_grad(net, flag)
+        # the clients' own Parameters are views that the forward never reads: only banks and server
+        for bank in self._net_banks(net):
+            bank.requires_grad_(flag)
+        self.model.server.nets[net].requires_grad_(flag)
+
+    def _net_banks(self, net: str) -> list[_Bank]:
+        return [bank for (n, _), bank in self._banks.items() if n == net]
 
     # -- one iteration ---------------------------------------------------------------------------
     def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:
         out = out.float().flatten(1)
         return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target), reduction="none").mean(1)
 
-    def _finite(self, losses: torch.Tensor, clients: list[int], what: str, where: tuple) -> list[float]:
-        values = losses.tolist()
-        bad = next((i for i, v in zip(clients, values) if not math.isfinite(v)), None)
-        if bad is not None:
-            self._not_finite(bad, what, where)
-        return values
+    def _finite(self, losses: dict[str, torch.Tensor], clients: list[int], where: tuple) -> dict[str, list[float]]:
+        """The rows' losses as floats: one device sync per iteration, the first non-finite one an error."""
+        values = torch.stack([losses["discriminator"], losses["generator"]]).tolist()
+        for what, row in zip(("discriminator", "generator"), values):
+            bad = next((i for i, v in zip(clients, row) if not math.isfinite(v)), None)
+            if bad is not None:
+                self._not_finite(bad, what, where)
+        return dict(zip(("discriminator", "generator"), values))
 
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
@@ -137,57 +296,127 @@ class BatchedEngine(SimulationEngine):
         clients = sorted(batch, key=lambda i: (m.clients[i].cuts, i))
         if len({len(batch[i][1]) for i in clients}) > 1:
             raise ValueError("the batched engine needs equal batch sizes for all clients of an iteration")
-        size = self.ex.client_chunk or len(clients)
-        chunks = [clients[s:s + size] for s in range(0, len(clients), size)]
-        recompute = self.ex.recompute_generator
+        zs = torch.stack([z[i] for i in clients]).to(self.device)
+        xs = torch.stack([batch[i][0] for i in clients])
+        ys = torch.stack([batch[i][1] for i in clients])
+        collect = collect_features and self.feature_depth is not None
+        if self.ex.cuda_graphs and m.seam.recorder is None:  # a seam recorder counts crossings in Python
+            losses, seen = self._graphed(clients, zs, xs, ys, collect)
+        else:
+            seen = {} if collect else None
+            losses = self._compute(clients, zs, xs, ys, seen)
+        if collect:
+            self._add_features(seen)
+        # the losses are read once, at the end: a sync per step would stall the device queue. A
+        # non-finite loss still stops the run here, before the next iteration (the loop engine
+        # checks before each step; both name the first client and net that failed)
+        values = self._finite(losses, clients, where)
+        return {i: (d, g) for i, d, g in sorted(zip(clients, values["discriminator"], values["generator"]))}
 
-        def inputs(chunk):
-            zs = torch.stack([z[i] for i in chunk]).to(self.device)
-            xs = torch.stack([batch[i][0] for i in chunk])
-            ys = torch.stack([batch[i][1] for i in chunk])
-            return zs, xs, ys
+    @torch.no_grad()
+    def _add_features(self, seen: dict[int, torch.Tensor]) -> None:
+        """``SplitGAN.server_features`` for all clients at once: the clients that enter the server
+        at the same block go through its blocks up to the common depth as one vmapped call."""
+        m = self.model
+        start: dict[int, list[int]] = {}
+        for i in sorted(seen):
+            start.setdefault(m.ranges(i, "D").head[-1] + 1, []).append(i)
+        for first, ids in start.items():
+            h = torch.stack([seen[i].float() for i in ids])
+            for b in range(first, self.feature_depth + 1):
+                h = self._shared("D", b, (h,))
+            for i, act in zip(ids, h):
+                self.features.add(i, act)
+
+    def _compute(self, clients: list[int], zs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+                 seen: dict[int, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The D and G steps for ``clients`` (rows of the stacked inputs), chunk by chunk; returns
+        the per-row losses on the device. Fills ``seen`` with the server's D inputs when given."""
+        size = self.ex.client_chunk or len(clients)
+        spans = [(s, min(s + size, len(clients))) for s in range(0, len(clients), size)]
+        recompute = self.ex.recompute_generator
+        autocast = self.ex.autocast
 
         fakes = []
-        with torch.no_grad() if recompute else nullcontext(), self.ex.autocast():
-            for chunk in chunks:
-                zs, _, ys = inputs(chunk)
-                fakes.append(self._net("G", chunk, (zs, ys)))
+        with torch.no_grad() if recompute else nullcontext(), autocast():
+            for a, b in spans:
+                fakes.append(self._net("G", clients[a:b], (zs[a:b], ys[a:b])))
 
         # discriminator step: fakes detached, real and fake batches normalised separately (as the loop)
         all_clients = sorted(clients)
         self._zero_grad("D", all_clients)
-        collect = collect_features and self.feature_depth is not None
-        seen: dict[int, torch.Tensor] = {}
-        d_losses = {}
-        for chunk, fake in zip(chunks, fakes):
-            _, xs, ys = inputs(chunk)
-            with self.ex.autocast():
-                out_fake = self._net("D", chunk, (fake.detach(), ys))
-                out_real = self._net("D", chunk, (xs, ys), server_input=seen if collect else None)
+        d_losses = []
+        for (a, b), fake in zip(spans, fakes):
+            with autocast():
+                out_fake = self._net("D", clients[a:b], (fake.detach(), ys[a:b]))
+                out_real = self._net("D", clients[a:b], (xs[a:b], ys[a:b]), server_input=seen)
             loss = self._row_losses(out_fake, 0.0) + self._row_losses(out_real, 1.0)
-            values = self._finite(loss.detach(), chunk, "discriminator", where)
             loss.sum().backward()
-            d_losses.update(zip(chunk, values))
+            d_losses.append(loss.detach())
         self._step("D", all_clients)
-        if collect:
-            with torch.no_grad():
-                for i, act in m.server_features({i: seen[i].float() for i in sorted(seen)}, self.feature_depth).items():
-                    self.features.add(i, act)
 
         # generator step through the updated discriminator (its weights frozen here)
         self._zero_grad("G", all_clients)
         self._requires_grad("D", False)
-        g_losses = {}
-        for k, chunk in enumerate(chunks):
-            zs, _, ys = inputs(chunk)
-            with self.ex.autocast():
-                fake = self._net("G", chunk, (zs, ys)) if recompute else fakes[k]
-                out = self._net("D", chunk, (fake, ys))
+        g_losses = []
+        for k, (a, b) in enumerate(spans):
+            with autocast():
+                fake = self._net("G", clients[a:b], (zs[a:b], ys[a:b])) if recompute else fakes[k]
+                out = self._net("D", clients[a:b], (fake, ys[a:b]))
             fakes[k] = None
             loss = self._row_losses(out, 1.0)
-            values = self._finite(loss.detach(), chunk, "generator", where)
             loss.sum().backward()
-            g_losses.update(zip(chunk, values))
+            g_losses.append(loss.detach())
         self._requires_grad("D", True)
         self._step("G", all_clients)
-        return {i: (d_losses[i], g_losses[i]) for i in all_clients}
+        return {"discriminator": torch.cat(d_losses), "generator": torch.cat(g_losses)}
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
+    def _graphed(self, clients: list[int], zs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+                 collect: bool) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor] | None]:
+        """``_compute`` replayed from a CUDA graph, one graph per set of clients and feature
+        collection (``compute.cuda_graphs``); returns the losses and the server's D inputs.
+
+        A key's first ``_GRAPH_WARMUP`` iterations run eagerly on a side stream (cuDNN's workspaces,
+        the plans and the Adam states exist before capture, as capture needs), the next is captured
+        and replayed, and later ones only copy their inputs into the graph's and replay it: one
+        launch instead of thousands. Every iteration still runs exactly once. All graphs share one
+        memory pool: each is self-contained (its inputs and outputs are its own tensors, weights and
+        Adam states live outside the pool) and they never run at the same time."""
+        key = (tuple(clients), collect)
+        if key not in self._graphs:
+            self._graph_warmups[key] = self._graph_warmups.get(key, 0) + 1
+            if self._graph_warmups[key] <= _GRAPH_WARMUP:
+                seen = {} if collect else None
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self._compute(clients, zs, xs, ys, seen)
+                torch.cuda.current_stream().wait_stream(side)
+                return out, seen
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            static = {"zs": zs.clone(), "xs": xs.clone(), "ys": ys.clone(), "seen": {} if collect else None}
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):  # records the kernels without running them
+                static["out"] = self._compute(clients, static["zs"], static["xs"], static["ys"], static["seen"])
+            self._graphs[key] = (graph, static)
+        graph, static = self._graphs[key]
+        static["zs"].copy_(zs)
+        static["xs"].copy_(xs)
+        static["ys"].copy_(ys)
+        graph.replay()
+        return static["out"], static["seen"]  # overwritten by the next replay: read before it
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured graphs (they point at optimiser states that a load replaces)."""
+        self._graphs.clear()
+        self._graph_warmups.clear()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_graphs()
+        super().load_state_dict(state)
+
+    def swap_discriminators(self, perm: list[int]) -> None:
+        self._drop_graphs()
+        super().swap_discriminators(perm)

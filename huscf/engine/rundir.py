@@ -12,6 +12,11 @@ Layout::
 Every file is written to a temporary name and renamed, so a killed run never leaves a
 half-written checkpoint. A round appends its metrics line, then writes its checkpoint; resuming
 keeps the metrics of the rounds the newest checkpoint contains and recomputes the rest.
+
+Checkpoints are written in the background: ``save_checkpoint`` takes a CPU copy of the state
+(training goes on changing the live tensors) and a writer thread saves it while the next round
+trains. At most one write is in flight; the next save, and ``flush``, wait for it and raise its
+error if it failed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,9 +50,68 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[st
     return tensors, index
 
 
+def _snapshot(obj):
+    """A CPU copy of every tensor of a nested state (dicts and lists), in one copy per device and
+    dtype: the tensors are flattened into one buffer, moved in one transfer, and handed back as
+    views of it (``_compact`` gives each its own storage before the file is written). Thousands of
+    small per-client tensors would otherwise cost a transfer and a synchronisation each."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            tensors.append(o.detach())
+            return _Slot(len(tensors) - 1)
+        if isinstance(o, dict):
+            return {k: collect(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [collect(v) for v in o]
+        return o
+
+    skeleton = collect(obj)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    for idx in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to("cpu")  # a new tensor: never the original
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            copies[i] = flat[offset:offset + n].view(tensors[i].shape)
+            offset += n
+    return _fill(skeleton, copies)
+
+
+class _Slot(int):
+    """Where tensor number ``int(self)`` goes back into a snapshot's structure."""
+
+
+def _fill(o, values: list):
+    if isinstance(o, _Slot):
+        return values[o]
+    if isinstance(o, dict):
+        return {k: _fill(v, values) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_fill(v, values) for v in o]
+    return o
+
+
+def _compact(o):
+    """Each tensor of a nested state with a storage of its own (a snapshot's are views of one buffer)."""
+    if isinstance(o, torch.Tensor):
+        return o.clone()
+    if isinstance(o, dict):
+        return {k: _compact(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_compact(v) for v in o]
+    return o
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         self.checkpoints = self.path / "checkpoints"
         self.samples = self.path / "samples"
         self.metrics = self.path / "metrics.jsonl"
@@ -69,9 +134,27 @@ class RunDir:
     def save_checkpoint(self, round_no: int, state: dict, keep_full: int = 0) -> None:
         """Write round ``round_no``'s checkpoint. With ``keep_full > 0``, checkpoints older than the
         newest ``keep_full`` are slimmed to the model weights (optimiser states dropped): every
-        round's weights stay available for evaluation, the disk holds few optimiser states."""
+        round's weights stay available for evaluation, the disk holds few optimiser states.
+
+        Returns once the state is copied; the file is written in the background (``flush``)."""
+        self.flush()
+        state = _snapshot(state)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="huscf-checkpoint")
+        self._pending = self._writer.submit(self._write_checkpoint, round_no, state, keep_full)
+
+    def flush(self) -> None:
+        """Wait for the checkpoint being written; a failed write is an error here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as e:
+                raise HuscfError(f"could not write a checkpoint in {self.checkpoints}: {e}") from e
+
+    def _write_checkpoint(self, round_no: int, state: dict, keep_full: int) -> None:
         path = self.checkpoints / f"round_{round_no:04d}.pt"
-        self._atomic_save(state, path)
+        self._atomic_save(_compact(state), path)
         older = self.list_checkpoints()[:-keep_full] if keep_full else []
         if older:  # only the one that just left the window can still be full
             saved = torch.load(older[-1][1], map_location="cpu", weights_only=False)

@@ -63,6 +63,21 @@ class _NoOptimizer:
         pass
 
 
+def _keep_own_flags(opt) -> None:
+    """After loading a checkpoint from another device: keep this optimiser's own ``fused`` and
+    ``capturable`` (a loaded state brings the saving run's), with each step counter where they
+    need it (on the parameter's device for either, else on the CPU as torch keeps it)."""
+    own = getattr(opt, "huscf_flags", None)
+    if own is None:  # not one of ours (an optimiser slot that keeps its own flags)
+        return
+    for group in opt.param_groups:
+        group.update(own)
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st and "step" in st:
+                st["step"] = st["step"].to(device=p.device if any(own.values()) else "cpu", dtype=torch.float32)
+
+
 class SimulationEngine:
     """Owns the split model's optimisers and runs epochs of the iteration above."""
 
@@ -87,7 +102,10 @@ class SimulationEngine:
         fused = self.device.type == "cuda"
 
         def adam(params):
-            return torch.optim.Adam(list(params), lr=lr, betas=betas, fused=fused or None)
+            opt = torch.optim.Adam(list(params), lr=lr, betas=betas, fused=fused or None,
+                                   capturable=self.ex.cuda_graphs)
+            opt.huscf_flags = {"fused": fused or None, "capturable": self.ex.cuda_graphs}
+            return opt
 
         if shared_generator:  # MD-GAN: one generator (the server's) that every client's G slot points to
             self.client_opts = [{"G": _NoOptimizer(), "D": adam(model.client_parameters(i, "D"))}
@@ -115,7 +133,8 @@ class SimulationEngine:
         if collect_features:
             self.features = FeatureStats(len(self.data))
         nb = self.batches_per_client()
-        perms = [torch.from_numpy(_rng(self.seed, round_idx, epoch, i).permutation(len(d)))
+        # the permutations live beside the data: a batch is then one gather, with no host copy
+        perms = [torch.from_numpy(_rng(self.seed, round_idx, epoch, i).permutation(len(d))).to(d.y.device)
                  for i, d in enumerate(self.data)]
         noise = torch.Generator().manual_seed(int(_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
@@ -235,7 +254,9 @@ class SimulationEngine:
     def swap_discriminators(self, perm: list[int]) -> None:
         """MD-GAN's peer-to-peer swap: client i continues with client perm[i]'s discriminator
         (weights and Adam state)."""
-        states = [copy.deepcopy(c.nets["D"].state_dict()) for c in self.model.clients]
+        # clones, not deep copies: a deep copy of a view (the batched engine's weight banks) copies
+        # the whole bank
+        states = [{k: v.clone() for k, v in c.nets["D"].state_dict().items()} for c in self.model.clients]
         opt_states = [copy.deepcopy(o["D"].state_dict()) for o in self.client_opts]
         for i, j in enumerate(perm):
             self.model.clients[i].nets["D"].load_state_dict(states[j])
@@ -254,5 +275,7 @@ class SimulationEngine:
         for opts, saved in zip(self.client_opts, state["client_opts"]):
             for net, o in opts.items():
                 o.load_state_dict(saved[net])
+                _keep_own_flags(o)
         for net, o in self.server_opts.items():
             o.load_state_dict(state["server_opts"][net])
+            _keep_own_flags(o)

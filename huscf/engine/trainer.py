@@ -187,7 +187,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         c = cfg.compute  # resolved first: a device that is not there fails before any data loads
         self.execution = Execution.resolve(c.device, c.precision, c.channels_last, c.recompute_generator, c.clients,
-                                           c.client_chunk, cfg.num_clients, c.cudnn_benchmark)
+                                           c.client_chunk, cfg.num_clients, c.cudnn_benchmark, c.cuda_graphs)
         self.setup = build_setup(cfg)
         s = self.setup
         torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
@@ -308,6 +308,7 @@ class Trainer:
         finally:
             bar.close()
             self.engine.close()
+            self.run.flush()  # the last checkpoint is on disk when fit returns or raises
         self._say(f"done: {self.run.path}\nnext: huscf evaluate {self.run.path} && huscf report {self.run.path}")
         return self.run.path
 
@@ -404,6 +405,7 @@ class Trainer:
     def _compute_line(self) -> str:
         ex = self.execution
         how = f"batched clients (chunk {ex.client_chunk or 'all'})" if ex.batch_clients else "per-client loop"
+        how += ", CUDA graphs" if ex.cuda_graphs else ""
         return (f"{ex.device}, {ex.precision}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
                 f"generator recompute {'on' if ex.recompute_generator else 'off'}, {torch.get_num_threads()} threads")
 

@@ -17,7 +17,8 @@ class FeatureStats:
         self.count = np.zeros(n, dtype=np.int64)
 
     def add(self, client: int, act: torch.Tensor) -> None:
-        a = act.detach().to("cpu", torch.float64)
+        # summed where the activation is (float64): no device-to-host copy and sync per batch
+        a = act.detach().to(torch.float64)
         s, q = a.sum(0), a.square().sum(0)
         if self.sum[client] is None:
             self.sum[client], self.sumsq[client] = s, q
@@ -36,7 +37,7 @@ class FeatureStats:
         ids = range(len(self.count)) if clients is None else clients
         if any(self.count[i] == 0 for i in ids):
             raise RuntimeError("a client contributed no features this epoch")
-        mean = np.stack([(self.sum[i] / self.count[i]).numpy() for i in ids])
-        sq = np.stack([(self.sumsq[i] / self.count[i]).numpy() for i in ids])
+        mean = np.stack([(self.sum[i] / self.count[i]).cpu().numpy() for i in ids])
+        sq = np.stack([(self.sumsq[i] / self.count[i]).cpu().numpy() for i in ids])
         count = self.count[list(ids)]
         return mean, np.maximum(sq - mean**2, 0) / count.reshape(-1, *([1] * (mean.ndim - 1)))
