@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="list or download datasets")
     data_sub = data.add_subparsers(dest="data_cmd", required=True)
-    dl = data_sub.add_parser("download", help="download and sha256-verify datasets (needs internet)")
+    dl = data_sub.add_parser("download", help="download and verify datasets (needs internet; see docs/data.md)")
     dl.add_argument("names", nargs="+")
     dl.add_argument("--data-dir")
     data_sub.add_parser("list", help="list known domains")

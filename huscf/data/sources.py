@@ -3,7 +3,8 @@
 IDX domains are read from ``<data_dir>/<name>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``. A domain
 with only the t10k files gets a fixed, stratified 80/20 split of them (8,000 / 2,000 for the 10k files).
 The ``digits*`` domains are built from scikit-learn's bundled 8x8 digits and need no files.
-``cifar10`` reads ``<data_dir>/cifar10/cifar10_subset.npz`` (32x32 RGB). ``fsdd`` reads
+``cifar10`` reads ``<data_dir>/cifar10/cifar10.npz`` (the full set, as ``huscf data download``
+writes it), else ``cifar10_subset.npz`` (32x32 RGB). ``fsdd`` reads
 ``<data_dir>/fsdd/fsdd.npz`` (8 kHz speech) and turns every recording into a fixed-size log-mel
 spectrogram image (``data/audio.py``); its speakers are the domain's ``groups``.
 """
@@ -14,19 +15,21 @@ import functools
 import hashlib
 import os
 import sys
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from zipfile import BadZipFile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from huscf.data import checksums
+from huscf.data import archives, checksums
 from huscf.data.idx import read_idx
 from huscf.errors import HuscfError
 
@@ -44,16 +47,9 @@ _IDX_CLASSES: dict[str, tuple[str, ...]] = {
     "notmnist": tuple("ABCDEFGHIJ"),
     "pneumoniamnist": ("normal", "pneumonia"),
 }
-_NPZ: dict[str, str] = {"cifar10": "cifar10/cifar10_subset.npz", "fsdd": "fsdd/fsdd.npz"}
-# where a user copy of the sets without a download comes from, and the layout huscf reads
-_MANUAL: dict[str, str] = {
-    "pneumoniamnist": "put its IDX files (train-/t10k-images-idx3-ubyte.gz, train-/t10k-labels-idx1-ubyte.gz) "
-                      "in <data_dir>/pneumoniamnist/ (see docs/data.md)",
-    "cifar10": "put cifar10_subset.npz (x_train (N,32,32,3) uint8, y_train, x_test, y_test, class_names) in "
-               "<data_dir>/cifar10/ (see docs/data.md)",
-    "fsdd": "put fsdd.npz (x_train/x_test int16 padded audio, len_*, y_*, speaker_*, speaker_names, sample_rate "
-            "8000) in <data_dir>/fsdd/ (see docs/data.md)",
-}
+# the npz file(s) of each npz domain, in order of preference: the first that exists is read
+_NPZ: dict[str, tuple[str, ...]] = {"cifar10": ("cifar10/cifar10.npz", "cifar10/cifar10_subset.npz"),
+                                    "fsdd": ("fsdd/fsdd.npz",)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,7 +166,7 @@ def known_domains() -> tuple[str, ...]:
 # ---- npz domains (CIFAR-10 subset, spoken digits) ----------------------------------------------
 
 def _npz(name: str, root: Path) -> dict[str, np.ndarray]:
-    path = root / _NPZ[name]
+    path = next((root / f for f in _NPZ[name] if (root / f).is_file()), root / _NPZ[name][-1])
     _require(name, (path,))
     stamp = (path.stat().st_mtime_ns, path.stat().st_size)
     return _read_npz(path, stamp)
@@ -187,7 +183,8 @@ def _read_npz(path: Path, _stamp: tuple) -> dict[str, np.ndarray]:
 
 def _field(name: str, z: dict, key: str) -> np.ndarray:
     if key not in z:
-        raise HuscfError(f"data file for '{name}' ({_NPZ[name]}): key '{key}' missing (has {', '.join(sorted(z))})")
+        raise HuscfError(f"data file for '{name}' ({' or '.join(_NPZ[name])}): key '{key}' missing "
+                         f"(has {', '.join(sorted(z))})")
     return z[key]
 
 
@@ -264,9 +261,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 # ---- download ----------------------------------------------------------------------------------
 
-def _fetch(url: str, dest_dir: Path) -> tuple[Path, str]:
-    """Stream ``url`` into a temp file in ``dest_dir``; return (temp path, sha256 hex)."""
-    digest = hashlib.sha256()
+def _fetch(url: str, dest_dir: Path, algorithm: str = "sha256") -> tuple[Path, str]:
+    """Stream ``url`` into a temp file in ``dest_dir``; return (temp path, hex digest by ``algorithm``)."""
+    digest = hashlib.new(algorithm)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
@@ -279,8 +276,25 @@ def _fetch(url: str, dest_dir: Path) -> tuple[Path, str]:
     return Path(tmp), digest.hexdigest()
 
 
+def _fetch_first(name: str, what: str, urls: tuple[str, ...], dest: Path, algorithm: str, quiet: bool
+                 ) -> tuple[Path, str, str]:
+    """The first of ``urls`` that downloads: (temp path, digest, url). Every failure named if none does."""
+    errors = []
+    for url in urls:
+        if not quiet:
+            print(f"downloading {url}", file=sys.stderr)
+        try:
+            tmp, got = _fetch(url, dest, algorithm)
+        except (urllib.error.URLError, OSError) as exc:
+            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+            continue
+        return tmp, got, url
+    raise HuscfError(f"could not download {name}/{what}: {'; '.join(errors)}")
+
+
 def download(name: str, data_dir: str | Path | None = None, quiet: bool = False) -> list[Path]:
-    """Download and SHA-256-verify the official IDX files of ``name`` into ``<data_dir>/<name>/``."""
+    """Download and verify the official files of ``name`` into ``<data_dir>/<name>/``: the IDX files
+    (SHA-256), or a release archive converted to the layout huscf reads (``archives``)."""
     if name == "notmnist":
         raise HuscfError("notmnist has no official IDX download: get t10k-images-idx3-ubyte.gz and "
                          "t10k-labels-idx1-ubyte.gz from github.com/davidflanagan/notMNIST-to-MNIST "
@@ -289,8 +303,8 @@ def download(name: str, data_dir: str | Path | None = None, quiet: bool = False)
         if not quiet:
             print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
         return []
-    if name in _MANUAL:
-        raise HuscfError(f"{name} has no verified download yet: {_MANUAL[name]}")
+    if name in archives.RELEASES:
+        return _download_release(name, resolve_data_dir(data_dir) / name, quiet)
     if name not in checksums.MIRRORS:
         raise _unknown(name)
     dest = resolve_data_dir(data_dir) / name
@@ -301,23 +315,32 @@ def download(name: str, data_dir: str | Path | None = None, quiet: bool = False)
         if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == expected:
             written.append(target)
             continue
-        errors = []
-        for base in checksums.MIRRORS[name]:
-            url = base + fname
-            if not quiet:
-                print(f"downloading {url}", file=sys.stderr)
-            try:
-                tmp, got = _fetch(url, dest)
-            except (urllib.error.URLError, OSError) as exc:
-                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
-                continue
-            if got != expected:
-                tmp.unlink(missing_ok=True)
-                raise HuscfError(f"download of {name}/{fname} from {url} failed verification: "
-                                 f"sha256 {got}, expected {expected}")
-            os.replace(tmp, target)
-            written.append(target)
-            break
-        else:
-            raise HuscfError(f"could not download {name}/{fname}: {'; '.join(errors)}")
+        urls = tuple(base + fname for base in checksums.MIRRORS[name])
+        tmp, got, url = _fetch_first(name, fname, urls, dest, "sha256", quiet)
+        if got != expected:
+            tmp.unlink(missing_ok=True)
+            raise HuscfError(f"download of {name}/{fname} from {url} failed verification: "
+                             f"sha256 {got}, expected {expected}")
+        os.replace(tmp, target)
+        written.append(target)
     return written
+
+
+def _download_release(name: str, dest: Path, quiet: bool) -> list[Path]:
+    """Fetch a release archive, check it (``archives.Release.algorithm``), convert it, drop it."""
+    release = archives.RELEASES[name]
+    dest.mkdir(parents=True, exist_ok=True)
+    algorithm = "sha256" if release.algorithm == "content" else release.algorithm
+    tmp, got, url = _fetch_first(name, release.archive, release.urls, dest, algorithm, quiet)
+    try:
+        if release.algorithm != "content" and got != release.digest:
+            raise HuscfError(f"download of {name}/{release.archive} from {url} failed verification: "
+                             f"{release.algorithm} {got}, expected {release.digest}")
+        if not quiet:
+            print(f"{name}: verified, converting to {dest}", file=sys.stderr)
+        try:
+            return release.convert(tmp, dest)
+        except (OSError, KeyError, ValueError, tarfile.TarError, BadZipFile) as exc:
+            raise HuscfError(f"{name}: the download from {url} could not be read ({exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
