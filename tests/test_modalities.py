@@ -105,3 +105,26 @@ def test_mismatched_data_and_model_is_one_line(shared_data_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_spectrograms_are_cached_on_disk(shared_data_dir, tmp_path, monkeypatch):
+    from huscf.cache import cached_array
+    from huscf.data import audio, sources
+
+    monkeypatch.setenv("HUSCF_CACHE", str(tmp_path))
+    sources._load_fsdd.cache_clear()
+    first = load_domain("fsdd", "test", shared_data_dir)
+    (entry,) = (tmp_path / "spectrograms").iterdir()
+    assert entry.name.startswith("fsdd-test-")
+
+    def never(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(audio, "waves_to_images", never)
+    sources._load_fsdd.cache_clear()
+    np.testing.assert_array_equal(load_domain("fsdd", "test", shared_data_dir).images, first.images)
+    sources._load_fsdd.cache_clear()
+
+    entry.write_bytes(b"not an array")  # a damaged entry is recomputed and rewritten
+    assert cached_array("spectrograms", entry.stem, lambda: np.arange(3)).tolist() == [0, 1, 2]
+    assert np.load(entry).tolist() == [0, 1, 2]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from huscf.cache import cached_array
 from huscf.data import archives, checksums
 from huscf.data.idx import read_idx
 from huscf.errors import HuscfError
@@ -208,12 +209,23 @@ def _load_fsdd(split: str, root: Path) -> Domain:
     rate = int(_field("fsdd", z, "sample_rate"))
     if rate != SPEC.sample_rate:
         raise HuscfError(f"data for 'fsdd': sample rate {rate} Hz, the spectrogram settings expect {SPEC.sample_rate}")
-    images = waves_to_images([w[:n] for w, n in zip(waves, lengths)])
+    # the spectrograms take ~20 s to compute: cached on disk under a hash of the audio and the settings
+    librosa_version = _librosa_version()
+    key = hashlib.sha256(f"{SPEC}|librosa {librosa_version}|".encode() + np.ascontiguousarray(waves).tobytes()
+                         + np.ascontiguousarray(lengths).tobytes()).hexdigest()[:24]
+    images = cached_array("spectrograms", f"fsdd-{part}-{key}",
+                          lambda: waves_to_images([w[:n] for w, n in zip(waves, lengths)]))
     speakers = tuple(str(s) for s in _field("fsdd", z, "speaker_names"))
     d = _frozen("fsdd", images, _field("fsdd", z, f"y_{part}"), _TEN)
     groups = np.asarray(_field("fsdd", z, f"speaker_{part}"), dtype=np.int64)
     groups.flags.writeable = False
     return Domain(d.name, d.images, d.labels, d.num_classes, d.class_names, groups, speakers, "spectrogram")
+
+
+def _librosa_version() -> str:
+    from huscf.data.audio import _librosa
+
+    return _librosa().__version__
 
 
 def _unknown(name: str) -> HuscfError:

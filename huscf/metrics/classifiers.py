@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from huscf.cache import cache_dir as huscf_cache_dir
 from huscf.data import load_domain, to_tensor
 from huscf.errors import HuscfError
 
@@ -246,8 +247,7 @@ def data_hash(*arrays: np.ndarray) -> str:
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """Classifier cache folder: ``<cache_dir or $HUSCF_CACHE or ~/.cache/huscf>/classifiers``."""
-    base = cache_dir if cache_dir not in (None, "") else os.environ.get("HUSCF_CACHE") or None
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "huscf") / "classifiers"
+    return huscf_cache_dir(cache_dir) / "classifiers"
 
 
 def _load_cached(weights: Path, meta: Path, key: str) -> tuple[DomainClassifier, dict] | None:
