@@ -308,3 +308,23 @@ def test_cuda_graph_replays_equal_eager_steps(device, precision, monkeypatch):
     assert compared == len(sets) - 1
     if cuda:
         assert len(eng._graphs) == 3  # all clients with and without features, five clients
+
+
+def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():
+    """A slot of a capturable (CUDA graphs) or fused Adam keeps step counters as float32 tensors on
+    the parameter's device; a plain Adam keeps them as loaded. Values survive the round trip."""
+    from huscf.engine.batched import _ClientAdam
+
+    saved = {"state": {1: {"step": torch.tensor(3, dtype=torch.int64), "exp_avg": torch.ones(2, dtype=torch.float64),
+                           "exp_avg_sq": torch.full((2,), 2.0)}}, "param_groups": [{"params": [0, 1]}]}
+    for capturable in (True, False):
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+        slot = _ClientAdam(torch.optim.Adam(params, capturable=capturable), params)
+        slot.load_state_dict(saved)
+        step = slot.shared.state[params[1]]["step"]
+        assert step.dtype == (torch.float32 if capturable else torch.int64) and step.item() == 3
+        assert slot.shared.state[params[1]]["exp_avg"].dtype == torch.float32  # the parameter's dtype
+        assert params[0] not in slot.shared.state
+        again = slot.state_dict()
+        assert list(again["state"]) == [1] and again["param_groups"][0]["params"] == [0, 1]
+        assert again["param_groups"][0]["capturable"] is capturable

@@ -145,7 +145,8 @@ class _ClientAdam:
             self.shared.state.pop(p, None)
             if j in saved["state"]:  # as torch.optim.Optimizer.load_state_dict places each value
                 self.shared.state[p] = {
-                    k: (v.to(torch.float32, p.device) if on_device else v) if k == "step" else v.to(p.device, p.dtype)
+                    k: (v.to(device=p.device, dtype=torch.float32) if on_device else v) if k == "step"
+                    else v.to(device=p.device, dtype=p.dtype)
                     for k, v in saved["state"][j].items()}
 
 
