@@ -128,3 +128,25 @@ def test_spectrograms_are_cached_on_disk(shared_data_dir, tmp_path, monkeypatch)
     entry.write_bytes(b"not an array")  # a damaged entry is recomputed and rewritten
     assert cached_array("spectrograms", entry.stem, lambda: np.arange(3)).tolist() == [0, 1, 2]
     assert np.load(entry).tolist() == [0, 1, 2]
+
+
+def test_by_group_runs_report_how_clusters_match_the_groups(shared_data_dir, tmp_path, monkeypatch):
+    import json
+
+    from huscf.config import build_config
+    from huscf.engine.trainer import Trainer
+
+    monkeypatch.setenv("HUSCF_CACHE", str(tmp_path / "cache"))
+    cfg = build_config({}, ["data.domains=[fsdd]", "data.scenario=by_group", "data.clients_per_domain=6",
+                            f"data.data_dir={shared_data_dir}", "model.width=0.125", "train.rounds=1",
+                            "train.local_epochs=1", "train.max_iters_per_epoch=1", "train.batch_size=16",
+                            "output.samples_every=0", "cuts.method=random"])
+    t = Trainer.new(cfg, tmp_path / "run", quiet=True)
+    assert sorted(t.setup.client_groups) == sorted(f"fsdd:{s}" for s in load_domain("fsdd", "train",
+                                                                                  shared_data_dir).group_names)
+    t.fit()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    from sklearn.metrics import adjusted_rand_score
+    assert row["ari_vs_groups"] == pytest.approx(adjusted_rand_score(t.setup.client_groups, row["clusters"]))
+    clients = json.loads((tmp_path / "run" / "clients.json").read_text())["clients"]
+    assert [c["group"] for c in clients] == t.setup.client_groups

@@ -52,6 +52,8 @@ class Setup:
     latency: dict
     cut_method: str
     probes: dict[str, LabelProbe]
+    # per client, its natural group ("fsdd:theo") when the scenario splits by group, else None
+    client_groups: list[str] | None = None
 
 
 def _choose_cuts(cfg: RunConfig, arch, g_middle: int, d_middle: int, devices, server) -> tuple[list[Cuts], str]:
@@ -152,8 +154,13 @@ def build_setup(cfg: RunConfig) -> Setup:
     probes = {name: LabelProbe.fit(x_all[name], torch.tensor(labels[name]).long(),
                                    to_tensor(test[name].images), torch.tensor(test[name].labels).long(),
                                    seed=cfg.seed) for name in cfg.data.domains}
+    client_groups = None
+    if cfg.data.scenario == "by_group" and all(train[p.domain].groups is not None for p in parts):
+        client_groups = [", ".join(f"{p.domain}:{train[p.domain].group_names[g]}"
+                                   for g in np.unique(train[p.domain].groups[: cfg.data.limit_per_domain][p.indices]))
+                         for p in parts]
     return Setup(arch, data, parts, list(cfg.data.domains), cuts, latency | {"devices": [
-        getattr(d, "name", str(d)) for d in devices]}, cut_method, probes)
+        getattr(d, "name", str(d)) for d in devices]}, cut_method, probes, client_groups)
 
 
 def _losses(per_epoch: list[dict]) -> dict:
@@ -269,6 +276,7 @@ class Trainer:
             "clients": [
                 {"client": p.client_id, "domain": p.domain, "size": len(p.indices),
                  "excluded_classes": list(p.excluded_classes), "cuts": list(c), "device": dev}
+                | ({} if s.client_groups is None else {"group": s.client_groups[p.client_id]})
                 for p, c, dev in zip(s.partitions, s.cuts, lat["devices"])
             ],
         })
@@ -325,6 +333,9 @@ class Trainer:
             "clusters": agg.groups.tolist(),
             "num_clusters": int(agg.info.get("k", len(set(agg.groups.tolist())))),
             "ari_vs_domains": float(adjusted_rand_score(np.array(self.true_domains)[present], agg.groups[present])),
+            # by_group scenarios: how well the clusters recover the natural groups (speakers)
+            **({} if s.client_groups is None else {"ari_vs_groups": float(adjusted_rand_score(
+                np.array(s.client_groups)[present], agg.groups[present]))}),
             "cluster_weights": agg.cluster_weights.round(6).tolist(),
             "global_weights": agg.global_weights.round(6).tolist(),
             "federation": agg.info,
@@ -412,7 +423,9 @@ class Trainer:
     def _summary(self, row: dict) -> str:
         acc = " ".join(f"{d}={v:.2f}" for d, v in row["label_accuracy"].items())
         return (f"round {row['round']:>3}: D {row['loss_d']:.3f}  G {row['loss_g']:.3f}  "
-                f"clusters k={row['num_clusters']} ARI={row['ari_vs_domains']:.2f}  label-acc {acc}  "
+                f"clusters k={row['num_clusters']} ARI={row['ari_vs_domains']:.2f}  "
+                + (f"ARI(groups)={row['ari_vs_groups']:.2f}  " if "ari_vs_groups" in row else "")
+                + f"label-acc {acc}  "
                 + (f"sim-latency {row['latency_s_round']:.1f} s  " if row["latency_s_round"] is not None else "")
                 + f"({row['train_seconds']:.1f} s)")
 
