@@ -150,3 +150,23 @@ def test_by_group_runs_report_how_clusters_match_the_groups(shared_data_dir, tmp
     assert row["ari_vs_groups"] == pytest.approx(adjusted_rand_score(t.setup.client_groups, row["clusters"]))
     clients = json.loads((tmp_path / "run" / "clients.json").read_text())["clients"]
     assert [c["group"] for c in clients] == t.setup.client_groups
+
+
+def test_label_probe_asks_each_domain_for_its_own_labels(shared_data_dir, tmp_path):
+    """PneumoniaMNIST (2 classes) beside a 10-class domain: the model embeds 10 labels, but the
+    pneumonia probe is only asked about labels 0 and 1 (else 8 of 10 rows could never be right)."""
+    from huscf.config import build_config
+    from huscf.engine.trainer import Trainer
+
+    cfg = build_config({}, ["data.domains=[digits, pneumoniamnist]", "data.clients_per_domain=1",
+                            f"data.data_dir={shared_data_dir}", "data.limit_per_domain=200", "model.width=0.125",
+                            "train.rounds=1", "output.samples_every=0", "cuts.method=random"])
+    t = Trainer.new(cfg, tmp_path / "run", quiet=True)
+    asked = {}
+    for name, probe in t.setup.probes.items():
+        def record(images, labels, name=name, fn=probe.label_accuracy):
+            asked[name] = sorted(set(labels.tolist()))
+            return fn(images, labels)
+        object.__setattr__(probe, "label_accuracy", record)
+    t._label_accuracy(1)
+    assert asked == {"digits": list(range(10)), "pneumoniamnist": [0, 1]}

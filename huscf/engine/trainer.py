@@ -372,7 +372,9 @@ class Trainer:
         z, y = self._fixed_inputs(10)
         acc: dict[str, list[float]] = {}
         for i, c in enumerate(self.setup.data):
-            acc.setdefault(c.domain, []).append(self.setup.probes[c.domain].label_accuracy(self._sample(i, z, y), y))
+            probe = self.setup.probes[c.domain]
+            own = y < probe.num_classes  # a 2-class domain beside 10-class ones is asked for its own labels only
+            acc.setdefault(c.domain, []).append(probe.label_accuracy(self._sample(i, z[own], y[own]), y[own]))
         return {d: round(float(np.mean(v)), 4) for d, v in acc.items()}
 
     def _generation_score(self, r: int, groups: np.ndarray) -> dict[str, float]:
