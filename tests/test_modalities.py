@@ -170,3 +170,7 @@ def test_label_probe_asks_each_domain_for_its_own_labels(shared_data_dir, tmp_pa
         object.__setattr__(probe, "label_accuracy", record)
     t._label_accuracy(1)
     assert asked == {"digits": list(range(10)), "pneumoniamnist": [0, 1]}
+    t._save_samples(1, np.array([0, 1]))  # the sample grids likewise: 10 rows for digits, 2 for pneumonia
+    from PIL import Image
+    heights = [Image.open(t.run.samples / f"round_0001_cluster_{g}.png").size[1] for g in (0, 1)]
+    assert heights[0] > 4 * heights[1]

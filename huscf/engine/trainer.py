@@ -393,8 +393,9 @@ class Trainer:
         z, y = self._fixed_inputs(self.cfg.output.samples_per_class)
         for g in sorted(set(groups.tolist()) - {-1}):
             first = int(np.flatnonzero(groups == g)[0])
-            save_grid(self._sample(first, z, y), self.setup.arch.num_classes,
-                      self.run.samples / f"round_{r:04d}_cluster_{g}.png")
+            classes = self.setup.probes[self.setup.data[first].domain].num_classes  # the domain's own rows
+            own = y < classes
+            save_grid(self._sample(first, z[own], y[own]), classes, self.run.samples / f"round_{r:04d}_cluster_{g}.png")
 
     # -- output ------------------------------------------------------------------------------------
     def _header(self) -> str:
