@@ -45,7 +45,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[st
         sig = (t.dtype, tuple(t.shape), hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).digest())
         if sig not in seen:
             seen[sig] = len(tensors)
-            tensors.append(t)
+            tensors.append(t.clone())  # its own storage: a loaded checkpoint's tensors share one buffer
         index[key] = seen[sig]
     return tensors, index
 
@@ -53,8 +53,9 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[st
 def _snapshot(obj):
     """A CPU copy of every tensor of a nested state (dicts and lists), in one copy per device and
     dtype: the tensors are flattened into one buffer, moved in one transfer, and handed back as
-    views of it (``_compact`` gives each its own storage before the file is written). Thousands of
-    small per-client tensors would otherwise cost a transfer and a synchronisation each."""
+    views of it. Thousands of small per-client tensors would otherwise cost a transfer and a
+    synchronisation each. ``torch.save`` writes each buffer once, so the file holds each tensor's
+    own elements and nothing more (a loaded checkpoint's tensors are views of those buffers)."""
     tensors: list[torch.Tensor] = []
 
     def collect(o):
@@ -93,17 +94,6 @@ def _fill(o, values: list):
         return {k: _fill(v, values) for k, v in o.items()}
     if isinstance(o, list):
         return [_fill(v, values) for v in o]
-    return o
-
-
-def _compact(o):
-    """Each tensor of a nested state with a storage of its own (a snapshot's are views of one buffer)."""
-    if isinstance(o, torch.Tensor):
-        return o.clone()
-    if isinstance(o, dict):
-        return {k: _compact(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_compact(v) for v in o]
     return o
 
 
@@ -154,7 +144,7 @@ class RunDir:
 
     def _write_checkpoint(self, round_no: int, state: dict, keep_full: int) -> None:
         path = self.checkpoints / f"round_{round_no:04d}.pt"
-        self._atomic_save(_compact(state), path)
+        self._atomic_save(state, path)
         older = self.list_checkpoints()[:-keep_full] if keep_full else []
         if older:  # only the one that just left the window can still be full
             saved = torch.load(older[-1][1], map_location="cpu", weights_only=False)
