@@ -48,6 +48,11 @@ def _librosa():
     return librosa
 
 
+def settings_id(spec: SpectrogramSpec = SPEC) -> str:
+    """Everything besides the audio that the images depend on: the settings and librosa's version."""
+    return f"{spec}|librosa {_librosa().__version__}"
+
+
 def _window(wave: np.ndarray, spec: SpectrogramSpec) -> np.ndarray:
     librosa = _librosa()
     y = np.asarray(wave, dtype=np.float32)

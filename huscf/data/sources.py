@@ -201,7 +201,7 @@ def _load_cifar10(split: str, root: Path) -> Domain:
 
 @functools.lru_cache(maxsize=4)
 def _load_fsdd(split: str, root: Path) -> Domain:
-    from huscf.data.audio import SPEC, waves_to_images
+    from huscf.data.audio import SPEC, settings_id, waves_to_images
 
     z = _npz("fsdd", root)
     part = "train" if split == "train" else "test"
@@ -210,8 +210,7 @@ def _load_fsdd(split: str, root: Path) -> Domain:
     if rate != SPEC.sample_rate:
         raise HuscfError(f"data for 'fsdd': sample rate {rate} Hz, the spectrogram settings expect {SPEC.sample_rate}")
     # the spectrograms take ~20 s to compute: cached on disk under a hash of the audio and the settings
-    librosa_version = _librosa_version()
-    key = hashlib.sha256(f"{SPEC}|librosa {librosa_version}|".encode() + np.ascontiguousarray(waves).tobytes()
+    key = hashlib.sha256(f"{settings_id()}|".encode() + np.ascontiguousarray(waves).tobytes()
                          + np.ascontiguousarray(lengths).tobytes()).hexdigest()[:24]
     images = cached_array("spectrograms", f"fsdd-{part}-{key}",
                           lambda: waves_to_images([w[:n] for w, n in zip(waves, lengths)]))
@@ -220,12 +219,6 @@ def _load_fsdd(split: str, root: Path) -> Domain:
     groups = np.asarray(_field("fsdd", z, f"speaker_{part}"), dtype=np.int64)
     groups.flags.writeable = False
     return Domain(d.name, d.images, d.labels, d.num_classes, d.class_names, groups, speakers, "spectrogram")
-
-
-def _librosa_version() -> str:
-    from huscf.data.audio import _librosa
-
-    return _librosa().__version__
 
 
 def _unknown(name: str) -> HuscfError:

@@ -207,7 +207,7 @@ class BatchedEngine(SimulationEngine):
             plans = []
             for b in range(m.num_blocks[net]):
                 own = [k for k, i in enumerate(clients) if m.clients[i].holds(net, b)]
-                srv = [k for k in range(len(clients)) if k not in set(own)]
+                srv = sorted(set(range(len(clients))) - set(own))
                 inverse = None
                 if own and srv and srv + own != sorted(srv + own):
                     inverse = torch.empty(len(clients), dtype=torch.long)

@@ -363,18 +363,19 @@ class Trainer:
         return class_grid_inputs(self.setup.arch.num_classes, per_class, self.setup.arch.z_dim, self.cfg.seed + 7)
 
     @torch.no_grad()
-    def _sample(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Samples from a client's generator, on the training device (batch statistics, as in training)."""
+    def _sample(self, client: int, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples from a client's generator for the rows of ``(z, y)`` whose label its domain has (a
+        2-class domain beside 10-class ones gets its own labels only), on the training device (batch
+        statistics, as in training); returns (images, their labels)."""
+        own = y < self.setup.probes[self.setup.data[client].domain].num_classes
         dev = self.engine.device
-        return self.model.generate(client, z.to(dev), y.to(dev)).float().cpu()
+        return self.model.generate(client, z[own].to(dev), y[own].to(dev)).float().cpu(), y[own]
 
     def _label_accuracy(self, r: int) -> dict[str, float]:
         z, y = self._fixed_inputs(10)
         acc: dict[str, list[float]] = {}
         for i, c in enumerate(self.setup.data):
-            probe = self.setup.probes[c.domain]
-            own = y < probe.num_classes  # a 2-class domain beside 10-class ones is asked for its own labels only
-            acc.setdefault(c.domain, []).append(probe.label_accuracy(self._sample(i, z[own], y[own]), y[own]))
+            acc.setdefault(c.domain, []).append(self.setup.probes[c.domain].label_accuracy(*self._sample(i, z, y)))
         return {d: round(float(np.mean(v)), 4) for d, v in acc.items()}
 
     def _generation_score(self, r: int, groups: np.ndarray) -> dict[str, float]:
@@ -393,9 +394,8 @@ class Trainer:
         z, y = self._fixed_inputs(self.cfg.output.samples_per_class)
         for g in sorted(set(groups.tolist()) - {-1}):
             first = int(np.flatnonzero(groups == g)[0])
-            classes = self.setup.probes[self.setup.data[first].domain].num_classes  # the domain's own rows
-            own = y < classes
-            save_grid(self._sample(first, z[own], y[own]), classes, self.run.samples / f"round_{r:04d}_cluster_{g}.png")
+            images, labels = self._sample(first, z, y)
+            save_grid(images, int(labels.max()) + 1, self.run.samples / f"round_{r:04d}_cluster_{g}.png")
 
     # -- output ------------------------------------------------------------------------------------
     def _header(self) -> str:
