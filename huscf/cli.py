@@ -30,9 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise HuscfError("give either CONFIG or --resume RUN_DIR, not both (a resumed run keeps its config)")
         trainer = Trainer.resume(Path(args.resume), args.set, quiet=args.quiet, data_dir=args.data_dir)
     else:
-        cfg = load_config(_config_path(args.config), args.set)
-        if args.data_dir:
-            cfg.data.data_dir = args.data_dir
+        cfg = load_config(_config_path(args.config), args.set, args.data_dir)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         trainer = Trainer.new(cfg, out, quiet=args.quiet)
     trainer.fit()

@@ -244,8 +244,9 @@ def build_config(raw: dict | None = None, overrides: list[str] = ()) -> RunConfi
         raise HuscfError(_one_line(err)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), data_dir: str | None = None) -> RunConfig:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides; a
+    ``data_dir`` given on the command line (``--data-dir``) replaces ``data.data_dir``."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -259,4 +260,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise HuscfError(f"config file {p}{where}: invalid YAML") from None
         if not isinstance(raw, dict):
             raise HuscfError(f"config file {p}: top level must be a mapping of sections")
-    return build_config(raw, overrides)
+    cfg = build_config(raw, overrides)
+    if data_dir:
+        cfg.data.data_dir = data_dir
+    return cfg

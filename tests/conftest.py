@@ -1,11 +1,21 @@
 """Shared pytest fixtures."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Keep what the tests cache (trained classifiers, spectrograms) out of the user's home: in
+    pytest's own cache folder unless HUSCF_CACHE says where."""
+    if not os.environ.get("HUSCF_CACHE"):
+        cache = getattr(config, "cache", None)
+        path = cache.mkdir("huscf") if cache is not None else Path(tempfile.mkdtemp(prefix="huscf-test-cache-"))
+        os.environ["HUSCF_CACHE"] = str(path)
 
 
 @pytest.fixture(scope="session")

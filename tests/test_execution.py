@@ -315,8 +315,9 @@ def test_cuda_graph_replays_equal_eager_steps(device, precision, monkeypatch):
 
 
 def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():
-    """A slot of a capturable (CUDA graphs) or fused Adam keeps step counters as float32 tensors on
-    the parameter's device; a plain Adam keeps them as loaded. Values survive the round trip."""
+    """Step counters are placed by the same rule as the loop engine's optimisers: float32, on the
+    parameter's device for a capturable (CUDA graphs) or fused Adam, on the CPU for a plain one.
+    Values survive the round trip."""
     from huscf.engine.batched import _ClientAdam
 
     saved = {"state": {1: {"step": torch.tensor(3, dtype=torch.int64), "exp_avg": torch.ones(2, dtype=torch.float64),
@@ -326,7 +327,7 @@ def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():
         slot = _ClientAdam(torch.optim.Adam(params, capturable=capturable), params)
         slot.load_state_dict(saved)
         step = slot.shared.state[params[1]]["step"]
-        assert step.dtype == (torch.float32 if capturable else torch.int64) and step.item() == 3
+        assert step.dtype == torch.float32 and step.device.type == "cpu" and step.item() == 3
         assert slot.shared.state[params[1]]["exp_avg"].dtype == torch.float32  # the parameter's dtype
         assert params[0] not in slot.shared.state
         again = slot.state_dict()

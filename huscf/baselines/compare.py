@@ -47,9 +47,7 @@ def _train(config: Path | None, name: str, run_dir: Path, overrides: list[str], 
     if (run_dir / "config.yaml").is_file():
         trainer = Trainer.resume(run_dir, quiet=quiet, data_dir=data_dir)
     else:
-        cfg = load_config(config, [*overrides, f"method={method}", *extra])
-        if data_dir:
-            cfg.data.data_dir = data_dir
+        cfg = load_config(config, [*overrides, f"method={method}", *extra], data_dir)
         trainer = Trainer.new(cfg, run_dir, quiet=quiet)
     trainer.fit()
 

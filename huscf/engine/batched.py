@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from huscf.engine.execution import Execution
-from huscf.engine.simulation import ClientData, SimulationEngine
+from huscf.engine.simulation import ClientData, SimulationEngine, place_step
 from huscf.split.segments import NETS, SplitGAN
 
 
@@ -140,13 +140,12 @@ class _ClientAdam:
         return {"state": state, "param_groups": [group | {"params": list(range(len(self.params)))}]}
 
     def load_state_dict(self, saved: dict) -> None:
-        on_device = self.shared.param_groups[0].get("fused") or self.shared.param_groups[0].get("capturable")
+        on_device = bool(self.shared.param_groups[0].get("fused") or self.shared.param_groups[0].get("capturable"))
         for j, p in enumerate(self.params):
             self.shared.state.pop(p, None)
-            if j in saved["state"]:  # as torch.optim.Optimizer.load_state_dict places each value
+            if j in saved["state"]:
                 self.shared.state[p] = {
-                    k: (v.to(device=p.device, dtype=torch.float32) if on_device else v) if k == "step"
-                    else v.to(device=p.device, dtype=p.dtype)
+                    k: place_step(v, p, on_device) if k == "step" else v.to(device=p.device, dtype=p.dtype)
                     for k, v in saved["state"][j].items()}
 
 
@@ -179,6 +178,7 @@ class BatchedEngine(SimulationEngine):
                                                       capturable=self.ex.cuda_graphs)
             for i, ps in enumerate(per_client):
                 self.client_opts[i][net] = _ClientAdam(self._shared_opts[net], ps)
+        self._banks_by_net = {net: [bank for (n, _), bank in self._banks.items() if n == net] for net in NETS}
 
     # -- one block, one net ----------------------------------------------------------------------
     def _stacked(self, net: str, b: int, ids: tuple[int, ...], args: tuple) -> torch.Tensor:
@@ -273,7 +273,7 @@ class BatchedEngine(SimulationEngine):
         self.model.server.nets[net].requires_grad_(flag)
 
     def _net_banks(self, net: str) -> list[_Bank]:
-        return [bank for (n, _), bank in self._banks.items() if n == net]
+        return self._banks_by_net[net]
 
     # -- one iteration ---------------------------------------------------------------------------
     def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:

@@ -75,7 +75,13 @@ def _keep_own_flags(opt) -> None:
         for p in group["params"]:
             st = opt.state.get(p)
             if st and "step" in st:
-                st["step"] = st["step"].to(device=p.device if any(own.values()) else "cpu", dtype=torch.float32)
+                st["step"] = place_step(st["step"], p, on_device=any(own.values()))
+
+
+def place_step(step: torch.Tensor, param: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """An Adam step counter where a fresh optimiser keeps it: float32 on the parameter's device for
+    a fused or capturable step, else on the CPU (the one rule for every engine's checkpoint load)."""
+    return step.to(device=param.device if on_device else "cpu", dtype=torch.float32)
 
 
 class SimulationEngine:
