@@ -37,6 +37,7 @@ def test_bench_scenario_projects_the_configured_run(tmp_path):
     assert match.group(1, 2) == ("20", "3")  # the default config's rounds and local epochs
 
 
-def test_gpu_check_script_parses():
-    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+def test_gpu_scripts_parse():
+    for script in ("gpu_check.sh", "gpu_bundle.sh"):
+        proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)
