@@ -3,7 +3,8 @@
 #
 #   HUSCF_DATA=/path/to/mnist-family bash benchmarks/gpu_check.sh [OUT_DIR]
 #
-# 1. the CUDA tests (CUDA graphs replay the eager iteration, fp32 and bf16);
+# 1. the CUDA tests (CUDA graphs replay the eager iteration, fp32 and bf16), then bench_blocks.py:
+#    the clients' own convolutions and BatchNorm as vmap (the engine's way), bmm or a loop;
 # 2. scenario 6 (four domains, IID, 80 clients, width 1, batch 64) at full scale with the CUDA
 #    defaults (batched clients, CUDA graphs) in fp32, then in bf16: seconds per iteration, the
 #    round end and the projected 50 rounds;
@@ -28,6 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py -k cuda_graphs
+step blocks 120 python3 benchmarks/bench_blocks.py --device cuda --clients 40 80
 step scenario6_fp32 150 python3 benchmarks/bench_scenario.py $S6 --set compute.device=cuda --out /tmp/s6
 step scenario6_bf16 150 python3 benchmarks/bench_scenario.py $S6 --set compute.device=cuda \
     --set compute.precision=bf16 --out /tmp/s6b

@@ -37,6 +37,14 @@ def test_bench_scenario_projects_the_configured_run(tmp_path):
     assert match.group(1, 2) == ("20", "3")  # the default config's rounds and local epochs
 
 
+def test_bench_blocks_variants_agree_with_vmap():
+    """The script exits 1 when a variant's output or gradients differ from vmap's."""
+    out = _run(str(BENCH / "bench_blocks.py"), "--device", "cpu", "--clients", "3", "--batch", "4", "--iters", "1")
+    assert "MISMATCH" not in out
+    assert len(re.findall(r"^  [GD] conv", out, re.M)) == 2 * 6  # six layers, fp32 and bf16
+    assert len(re.findall(r"BatchNorm .*vmap [\d.]+, fold [\d.]+, manual [\d.]+ ms", out)) == 2
+
+
 def test_gpu_scripts_parse():
     for script in ("gpu_check.sh", "gpu_bundle.sh"):
         proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
