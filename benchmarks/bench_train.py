@@ -15,7 +15,11 @@ memory is its own. Modes:
                   graphs on CUDA);
 * ``ours-bf16`` - the same with bf16 autocast (``compute.precision: bf16``);
 * ``batched-fp32`` / ``batched-bf16`` - clients batched through vmap, launched eagerly (no CUDA graphs),
-                  on any device.
+                  on any device;
+* ``ours-fp32-bnfold`` / ``ours-bf16-bnfold`` - batched clients with the device's other defaults
+                  (CUDA graphs on CUDA) and ``compute.fold_batch_norm`` on (their BatchNorm as one
+                  call over the clients folded into channels);
+                  ``batched-fp32-bnvmap`` - ``batched-fp32`` with it off (BatchNorm through vmap).
 
 Printed: seconds per iteration, images/s, the ratio to ``loop``, FLOP/s achieved (the useful
 FLOPs of one iteration, counted by ``torch.utils.flop_counter`` on the baseline step; recompute
@@ -48,6 +52,11 @@ MODES = {
     "ours-bf16": dict(precision="bf16", auto=True),
     "batched-fp32": dict(precision="fp32", auto=True, clients="batched", cuda_graphs=False),
     "batched-bf16": dict(precision="bf16", auto=True, clients="batched", cuda_graphs=False),
+    # BatchNorm of batched clients folded into channels / through vmap, whatever the device's default
+    "ours-fp32-bnfold": dict(precision="fp32", auto=True, clients="batched", fold_batch_norm=True),
+    "ours-bf16-bnfold": dict(precision="bf16", auto=True, clients="batched", fold_batch_norm=True),
+    "batched-fp32-bnvmap": dict(precision="fp32", auto=True, clients="batched", cuda_graphs=False,
+                                fold_batch_norm=False),
 }
 
 
@@ -62,7 +71,8 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
     spec = MODES[mode]
     if spec["auto"]:
         ex = Execution.resolve(device, spec["precision"], clients=spec.get("clients", "auto"), num_clients=n,
-                               cuda_graphs=spec.get("cuda_graphs", "auto"))
+                               cuda_graphs=spec.get("cuda_graphs", "auto"),
+                               fold_batch_norm=spec.get("fold_batch_norm", "auto"))
     else:
         ex = Execution(device=device)
     arch = build_architecture("cgan28", width)
@@ -112,7 +122,7 @@ def worker(args) -> None:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "execution": {k: getattr(ex, k) for k in ("precision", "channels_last", "recompute_generator",
-                                                  "batch_clients", "client_chunk")},
+                                                  "batch_clients", "client_chunk", "fold_batch_norm")},
     }
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -8,9 +8,9 @@
 # 2. scenario 6 (four domains, IID, 80 clients, width 1, batch 64) at full scale with the CUDA
 #    defaults (batched clients, CUDA graphs) in fp32, then in bf16: seconds per iteration, the
 #    round end and the projected 50 rounds;
-# 3. bench_train.py on CUDA at 8, 20 and 80 clients: the loop, the defaults in fp32 and bf16, and
-#    batched clients launched eagerly (no CUDA graphs);
-# 4. scenario 6 without CUDA graphs, for comparison.
+# 3. bench_train.py on CUDA at 8, 20 and 80 clients: the loop, the defaults in fp32 and bf16, the
+#    same with compute.fold_batch_norm, and batched clients launched eagerly (no CUDA graphs);
+# 4. scenario 6 in bf16 with compute.fold_batch_norm, against step 2's.
 # Each step has its own time limit and a failing step does not stop the later ones.
 # Needs torch with CUDA, and huscf's dependencies importable (pip install -e . or PYTHONPATH=.).
 set -uo pipefail
@@ -33,6 +33,7 @@ step blocks 120 python3 benchmarks/bench_blocks.py --device cuda --clients 40 80
 step scenario6_fp32 150 python3 benchmarks/bench_scenario.py $S6 --set compute.device=cuda --out /tmp/s6
 step scenario6_bf16 150 python3 benchmarks/bench_scenario.py $S6 --set compute.device=cuda \
     --set compute.precision=bf16 --out /tmp/s6b
-step bench_train 240 python3 benchmarks/bench_train.py --device cuda --clients 8 20 80 --iters 3
-step scenario6_fp32_no_graphs 150 python3 benchmarks/bench_scenario.py $S6 --set compute.device=cuda \
-    --set compute.cuda_graphs=false --out /tmp/s6e
+step bench_train 270 python3 benchmarks/bench_train.py --device cuda --clients 8 20 80 --iters 3 \
+    --modes loop ours-fp32 ours-bf16 ours-fp32-bnfold ours-bf16-bnfold batched-fp32
+step scenario6_bf16_bnfold 150 python3 benchmarks/bench_scenario.py $S6 --set compute.device=cuda \
+    --set compute.precision=bf16 --set compute.fold_batch_norm=true --out /tmp/s6f

@@ -122,6 +122,9 @@ class ComputeConfig(_Section):
     cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (helped bf16, hurt fp32 on an H100)
     # replay each set of clients' iteration as a CUDA graph (CUDA, batched clients); auto: on there
     cuda_graphs: bool | Literal["auto"] = "auto"
+    # batched clients: BatchNorm as one call over the clients folded into its channels instead of
+    # through vmap (same statistics); auto: on for batched clients on a CPU
+    fold_batch_norm: bool | Literal["auto"] = "auto"
 
 
 class RuntimeConfig(_Section):

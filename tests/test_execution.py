@@ -68,7 +68,8 @@ def _assert_losses_close(a, b, tol):
 
 @pytest.mark.parametrize("execution", [
     Execution(batch_clients=True),
-    Execution(batch_clients=True, client_chunk=4, recompute_generator=True),
+    Execution(batch_clients=True, fold_batch_norm=True),
+    Execution(batch_clients=True, client_chunk=4, recompute_generator=True, fold_batch_norm=True),
     Execution(recompute_generator=True),
     Execution(channels_last=True),
 ])
@@ -97,6 +98,30 @@ def test_bf16_trains_close_to_fp32():
     assert max(moved) > 0 and all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_folded_batch_norm_normalises_each_client_on_its_own(monkeypatch):
+    """Folding the clients into the channels keeps per-client statistics, with each client's own
+    affine weights or the server's shared ones; the engine folds in own and server blocks alike."""
+    from huscf.engine import batched
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, 3, 4, 4, generator=gen) * torch.arange(1.0, 6.0).view(5, 1, 1, 1, 1)
+    bn = torch.nn.BatchNorm2d(3, track_running_stats=False)
+    torch.nn.init.normal_(bn.weight, 1.0, 0.1), torch.nn.init.normal_(bn.bias, 0.0, 0.1)
+    stacked = {"weight": torch.randn(5, 3, generator=gen), "bias": torch.randn(5, 3, generator=gen)}
+    torch.testing.assert_close(batched._folded_batch_norm(x, bn, None), torch.stack([bn(r) for r in x]))
+    expected = torch.stack([torch.nn.functional.batch_norm(r, None, None, stacked["weight"][k], stacked["bias"][k],
+                                                           training=True) for k, r in enumerate(x)])
+    torch.testing.assert_close(batched._folded_batch_norm(x, bn, stacked), expected)
+
+    calls = []
+    real = batched._folded_batch_norm
+    monkeypatch.setattr(batched, "_folded_batch_norm", lambda x, bn, w: calls.append(w is None) or real(x, bn, w))
+    _run(Execution(batch_clients=True, fold_batch_norm=True), iterations=1)
+    assert True in calls and False in calls  # the server's blocks and the clients' own
+    with pytest.raises(HuscfError, match="fold_batch_norm"):
+        Execution(fold_batch_norm=True)
+
+
 def test_batched_engine_sends_the_same_crossings_as_the_loop():
     def crossings(execution):
         model, data = _setup()
@@ -114,6 +139,7 @@ def test_auto_choices():
     assert (cpu.batch_clients, cpu.channels_last, cpu.recompute_generator) == (False, True, True)
     assert not Execution.resolve("cpu", num_clients=8).recompute_generator
     assert Execution.resolve("cpu", clients="batched", client_chunk=4, num_clients=8).recompute_generator
+    assert not cpu.fold_batch_norm and Execution.resolve("cpu", clients="batched").fold_batch_norm
     with pytest.raises(HuscfError, match="precision"):
         Execution(precision="fp16")
 
@@ -260,9 +286,10 @@ def _live_tensors(eng) -> list[torch.Tensor]:
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-@pytest.mark.parametrize("device, precision", [
-    ("cpu", "fp32"), pytest.param("cuda", "fp32", marks=_CUDA), pytest.param("cuda", "bf16", marks=_CUDA)])
-def test_cuda_graph_replays_equal_eager_steps(device, precision, monkeypatch):
+@pytest.mark.parametrize("device, precision, fold", [
+    ("cpu", "fp32", False), pytest.param("cuda", "fp32", False, marks=_CUDA),
+    pytest.param("cuda", "bf16", False, marks=_CUDA), pytest.param("cuda", "fp32", True, marks=_CUDA)])
+def test_cuda_graph_replays_equal_eager_steps(device, precision, fold, monkeypatch):
     """Each iteration runs twice from one state: through the CUDA graph of its client set (eager
     warm-ups, then capture and replays), then eagerly after restoring the state in place (so the
     graphs' pointers stay valid). Losses, features and updated weights must agree. Single steps
@@ -272,7 +299,7 @@ def test_cuda_graph_replays_equal_eager_steps(device, precision, monkeypatch):
     cuda = device == "cuda"
     # TF32 off: cuDNN may pick other TF32 algorithms under capture, whose rounding would hide a bug
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    eng = _engine(Execution(device, precision, batch_clients=True, cuda_graphs=cuda))
+    eng = _engine(Execution(device, precision, batch_clients=True, cuda_graphs=cuda, fold_batch_norm=fold))
     eng.feature_depth = 2
     graph_ex, eager_ex = eng.ex, dataclasses.replace(eng.ex, cuda_graphs=False)
     exact = precision == "fp32"

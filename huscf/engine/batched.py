@@ -10,6 +10,8 @@ block b:
   server's weights (one dense convolution for all of them);
 * BatchNorm statistics stay per client in both cases (vmap normalises every client's rows on
   their own), exactly as in the loop, so no client's normalisation sees another client's data.
+  With ``fold_batch_norm`` a block's BatchNorm2d instead runs as one ``batch_norm`` over the
+  clients folded into its channels (same statistics, one call; faster than vmap's rule on a CPU).
 
 Weight banks: the clients' copies of a block live in one stacked tensor per parameter (a
 ``_Bank``), and each client's ``Parameter`` is a view of its row. The vmapped call reads the bank
@@ -45,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, vmap
 
 from huscf.engine.execution import Execution
@@ -60,6 +63,27 @@ def _selector(rows: list[int], device: torch.device) -> slice | torch.Tensor:
 
 
 _GRAPH_WARMUP = 2  # eager iterations of a client set before its CUDA graph is captured
+
+
+def _foldable(module: nn.Module) -> bool:
+    """A Sequential with a BatchNorm2d that normalises with batch statistics and keeps none."""
+    return isinstance(module, nn.Sequential) and any(
+        isinstance(c, nn.BatchNorm2d) and c.training and not c.track_running_stats for c in module.children())
+
+
+def _folded_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """BatchNorm2d of every row of ``x`` (rows, B, C, H, W) with each row's own statistics, as one
+    ``batch_norm`` over the rows folded into the channels (B, rows x C, H, W). ``weights``: the
+    rows' stacked affine parameters, or None for ``bn``'s own (shared by all rows)."""
+    rows, batch, c = x.shape[:3]
+    folded = x.transpose(0, 1).reshape(batch, rows * c, *x.shape[3:])
+    if weights is not None:
+        w, b = weights.get("weight"), weights.get("bias")
+        w, b = (None if w is None else w.reshape(-1)), (None if b is None else b.reshape(-1))
+    else:
+        w, b = (None, None) if not bn.affine else (bn.weight.repeat(rows), bn.bias.repeat(rows))
+    out = F.batch_norm(folded, None, None, w, b, training=True, eps=bn.eps)
+    return out.view(batch, rows, *x.shape[2:]).transpose(0, 1)
 
 
 class _BlockPlan(NamedTuple):
@@ -185,16 +209,37 @@ class BatchedEngine(SimulationEngine):
         """Block b of clients ``ids`` (each with its own copy), one vmapped call over their weights."""
         bank = self._banks.get((net, b))
         if bank is None:  # MD-GAN's tied generator: every client's slot is one module
-            return vmap(self.model.clients[ids[0]].nets[net][str(b)])(*args)
-
-        def banked(params, *a):
-            return functional_call(bank.template, params, a)
-
-        return vmap(banked)(bank.weights(ids), *args)
+            return self._rows(self.model.clients[ids[0]].nets[net][str(b)], None, args)
+        return self._rows(bank.template, bank.weights(ids), args)
 
     def _shared(self, net: str, b: int, args: tuple) -> torch.Tensor:
         """Block b of the server for every row of ``args``: the server's weights, per-client statistics."""
-        return vmap(self.model.server.nets[net][str(b)])(*args)
+        return self._rows(self.model.server.nets[net][str(b)], None, args)
+
+    def _rows(self, module: nn.Module, weights: dict[str, torch.Tensor] | None, args: tuple) -> torch.Tensor:
+        """``module`` applied to every row (client) of ``args``: with ``weights`` (stacked, one row per
+        client, named as the module's parameters) or with the module's own weights for all rows.
+
+        With ``fold_batch_norm``, a Sequential block runs child by child so that its BatchNorm2d
+        layers normalise all rows in one ``batch_norm`` call (``_folded_batch_norm``); the other
+        children, and every block without such a layer, run as one vmapped call."""
+        if self.ex.fold_batch_norm and _foldable(module):
+            h = args
+            for name, child in module.named_children():
+                sub = None if weights is None else {k[len(name) + 1:]: v for k, v in weights.items()
+                                                     if k.startswith(name + ".")}
+                if isinstance(child, nn.BatchNorm2d):
+                    h = (_folded_batch_norm(h[0], child, sub),)
+                else:
+                    h = (self._rows(child, sub or None, h),)
+            return h[0]
+        if weights is None:
+            return vmap(module)(*args)
+
+        def banked(params, *a):
+            return functional_call(module, params, a)
+
+        return vmap(banked)(weights, *args)
 
     def _plan(self, net: str, clients: list[int]) -> list[_BlockPlan]:
         """Each block's plan for this chunk; cached, as the same chunks recur every iteration."""

@@ -11,6 +11,9 @@ None of these change the mathematics of HuSCF-GAN; they change where and how fas
   client's generator graph stays alive through the discriminator step;
 * ``batch_clients``: run every block once for a chunk of ``client_chunk`` clients
   (``BatchedEngine``, vmapped over the clients' weights) instead of once per client;
+* ``fold_batch_norm``: with batched clients, run a block's BatchNorm2d as one ``batch_norm`` over
+  the clients folded into the channels instead of through vmap's batching rule (the same
+  per-client statistics);
 * ``cudnn_benchmark``: let cuDNN time its algorithms for each new shape (CUDA only);
 * ``cuda_graphs``: capture each set of clients' iteration once as a CUDA graph and replay it
   (batched clients on CUDA only): the same kernels, launched from the device.
@@ -36,6 +39,7 @@ class Execution:
     client_chunk: int | None = None
     cudnn_benchmark: bool = False
     cuda_graphs: bool = False
+    fold_batch_norm: bool = False
 
     def __post_init__(self):
         # torch.func.vmap cannot query NHWC strides (BatchNorm on CUDA)
@@ -46,6 +50,9 @@ class Execution:
             raise HuscfError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise HuscfError("compute.device is 'cuda' but torch sees no CUDA device: use 'cpu' or 'auto'")
+        if self.fold_batch_norm and not self.batch_clients:
+            raise HuscfError("compute.fold_batch_norm folds batched clients' BatchNorm: it needs compute.clients "
+                             "'batched' (the per-client loop normalises each client on its own already)")
         if self.cuda_graphs and (torch.device(self.device).type != "cuda" or not self.batch_clients):
             raise HuscfError("compute.cuda_graphs needs compute.device 'cuda' and compute.clients 'batched' "
                              f"(got device {self.device!r}, clients {'batched' if self.batch_clients else 'loop'!r})")
@@ -70,7 +77,7 @@ class Execution:
     def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
                 recompute_generator: bool | str = "auto", clients: str = "auto", client_chunk: int | None = None,
                 num_clients: int = 1, cudnn_benchmark: bool = False,
-                cuda_graphs: bool | str = "auto") -> "Execution":
+                cuda_graphs: bool | str = "auto", fold_batch_norm: bool | str = "auto") -> "Execution":
         """Turn the config's ``auto`` choices into concrete ones (see docs/performance.md)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,5 +92,7 @@ class Execution:
             # clients on a CPU the memory is worth more than the ~20% extra generator FLOPs
             recompute_generator = (not batch and num_clients > 16) or (batch and client_chunk is not None
                                                                          and client_chunk < num_clients)
+        if fold_batch_norm == "auto":  # measured faster on a CPU; not yet measured on a GPU
+            fold_batch_norm = batch and not on_cuda
         return cls(device, precision, bool(channels_last), bool(recompute_generator), batch, client_chunk,
-                   cudnn_benchmark, bool(cuda_graphs))
+                   cudnn_benchmark, bool(cuda_graphs), bool(fold_batch_norm))
