@@ -9,7 +9,7 @@ H100 that is where the GPU time goes (docs/performance.md). For each convolution
 width 1 (the paper's sizes, read from ``huscf.models``) this times forward + backward (input and
 weight gradients) of three ways to run it for N clients with N different weights:
 
-* ``vmap`` - what the engine does (``torch.func.vmap``: cuDNN / oneDNN grouped convolutions);
+* ``vmap`` - the engine's default (``torch.func.vmap``: cuDNN / oneDNN grouped convolutions);
 * ``bmm``  - one batched matmul over the clients: unfold (im2col) + bmm for a convolution,
              bmm + fold (col2im) for a transposed one;
 * ``loop`` - one ordinary convolution per client.
@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import vmap  # noqa: E402
 
+from huscf.engine.client_ops import CONV_WAYS, client_conv, folded_batch_norm  # noqa: E402
 from huscf.models.cgan import ARCHITECTURES  # noqa: E402
 
 
@@ -86,59 +87,20 @@ def cgan28_layers() -> list[Layer]:
     return layers
 
 
-# -- the convolution variants: x (N, B, Cin, H, W), w (N, *weight), b (N, Cout) -> (N, B, Cout, Ho, Wo)
-def _one(layer: Layer):
+# -- the variants: huscf.engine.client_ops, as the batched engine runs them --------------------------
+def _conv_module(layer: Layer) -> torch.nn.Module:
     if layer.transposed:
-        return lambda x, w, b: F.conv_transpose2d(x, w, b, layer.s, layer.p, layer.op)
-    return lambda x, w, b: F.conv2d(x, w, b, layer.s, layer.p)
+        return torch.nn.ConvTranspose2d(layer.cin, layer.cout, layer.k, layer.s, layer.p, layer.op)
+    return torch.nn.Conv2d(layer.cin, layer.cout, layer.k, layer.s, layer.p)
 
 
-def conv_vmap(layer: Layer, x, w, b):
-    return vmap(_one(layer))(x, w, b)
-
-
-def conv_loop(layer: Layer, x, w, b):
-    one = _one(layer)
-    return torch.stack([one(x[i], w[i], b[i]) for i in range(len(x))])
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would give a matmul here: unfold and fold are not autocast, so cast first."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def conv_bmm(layer: Layer, x, w, b):
-    n, batch, c, h, _ = x.shape
-    k, ho, dt = layer.k, layer.out_size, _compute_dtype(x)
-    x, w, b = x.to(dt), w.to(dt), b.to(dt)
-    if not layer.transposed:  # im2col, then (N, Cout, C k k) @ (N, C k k, B L)
-        cols = F.unfold(x.reshape(n * batch, c, h, h), k, padding=layer.p, stride=layer.s)
-        cols = cols.view(n, batch, c * k * k, ho * ho).transpose(1, 2).reshape(n, c * k * k, batch * ho * ho)
-        out = torch.baddbmm(b.unsqueeze(-1), w.reshape(n, layer.cout, c * k * k), cols)
-        return out.view(n, layer.cout, batch, ho, ho).transpose(1, 2)
-    # (N, Cout k k, Cin) @ (N, Cin, B H W), then col2im sums the overlapping kernel windows
-    xc = x.transpose(1, 2).reshape(n, c, batch * h * h)
-    cols = torch.bmm(w.reshape(n, c, layer.cout * k * k).transpose(1, 2), xc)
-    cols = cols.view(n, layer.cout * k * k, batch, h * h).transpose(1, 2).reshape(n * batch, layer.cout * k * k, h * h)
-    out = F.fold(cols, (ho, ho), k, padding=layer.p, stride=layer.s)
-    return out.view(n, batch, layer.cout, ho, ho) + b.view(n, 1, layer.cout, 1, 1)
-
-
-CONVS = {"vmap": conv_vmap, "bmm": conv_bmm, "loop": conv_loop}
-
-
-# -- per-client BatchNorm: x (N, B, C, H, W), g and b (N, C)
 def bn_vmap(x, g, b):
     return vmap(lambda xi, gi, bi: F.batch_norm(xi, None, None, gi, bi, training=True))(x, g, b)
 
 
 def bn_fold(x, g, b):
-    n, batch, c, h, w = x.shape
-    folded = x.transpose(0, 1).reshape(batch, n * c, h, w)
-    out = F.batch_norm(folded, None, None, g.reshape(-1), b.reshape(-1), training=True)
-    return out.view(batch, n, c, h, w).transpose(0, 1)
+    bn = torch.nn.BatchNorm2d(x.shape[2], track_running_stats=False)
+    return folded_batch_norm(x, bn, {"weight": g, "bias": b})
 
 
 def bn_manual(x, g, b, eps: float = 1e-5):
@@ -205,7 +167,7 @@ def main() -> int:
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--variants", nargs="+", choices=list(CONVS), default=list(CONVS))
+    p.add_argument("--variants", nargs="+", choices=CONV_WAYS, default=list(CONV_WAYS))
     args = p.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -230,9 +192,10 @@ def main() -> int:
                 b = rand(n, layer.cout).requires_grad_(True)
                 grad_out = rand(n, args.batch, layer.cout, layer.out_size, layer.out_size)
                 row, ref = {}, None
+                conv = _conv_module(layer).to(device)
                 for v in variants:
-                    def fn(x, w, b, conv=CONVS[v], layer=layer):
-                        return conv(layer, x, w, b)
+                    def fn(x, w, b, how=v, conv=conv):
+                        return client_conv(conv, w, b, x, how)
                     ms, peak, res = run_case(fn, (x, w, b), grad_out, autocast, device, args.iters)
                     if ref is None:
                         ref = res

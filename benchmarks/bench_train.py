@@ -16,10 +16,10 @@ memory is its own. Modes:
 * ``ours-bf16`` - the same with bf16 autocast (``compute.precision: bf16``);
 * ``batched-fp32`` / ``batched-bf16`` - clients batched through vmap, launched eagerly (no CUDA graphs),
                   on any device;
-* ``ours-fp32-bnfold`` / ``ours-bf16-bnfold`` - batched clients with the device's other defaults
-                  (CUDA graphs on CUDA) and ``compute.fold_batch_norm`` on (their BatchNorm as one
-                  call over the clients folded into channels);
-                  ``batched-fp32-bnvmap`` - ``batched-fp32`` with it off (BatchNorm through vmap).
+* ``MODE+key=value...`` - any of the above but ``loop``, with compute options overridden, e.g.
+                  ``ours-bf16+clients=batched+fold_batch_norm=true+client_convs=loop`` (keys: the
+                  ``compute`` section's clients, channels_last, recompute_generator, client_chunk,
+                  cuda_graphs, fold_batch_norm, client_convs).
 
 Printed: seconds per iteration, images/s, the ratio to ``loop``, FLOP/s achieved (the useful
 FLOPs of one iteration, counted by ``torch.utils.flop_counter`` on the baseline step; recompute
@@ -52,12 +52,29 @@ MODES = {
     "ours-bf16": dict(precision="bf16", auto=True),
     "batched-fp32": dict(precision="fp32", auto=True, clients="batched", cuda_graphs=False),
     "batched-bf16": dict(precision="bf16", auto=True, clients="batched", cuda_graphs=False),
-    # BatchNorm of batched clients folded into channels / through vmap, whatever the device's default
-    "ours-fp32-bnfold": dict(precision="fp32", auto=True, clients="batched", fold_batch_norm=True),
-    "ours-bf16-bnfold": dict(precision="bf16", auto=True, clients="batched", fold_batch_norm=True),
-    "batched-fp32-bnvmap": dict(precision="fp32", auto=True, clients="batched", cuda_graphs=False,
-                                fold_batch_norm=False),
 }
+# compute options a mode may override: MODE+key=value[+key=value...], e.g. ours-bf16+client_convs=loop
+OVERRIDABLE = ("clients", "channels_last", "recompute_generator", "client_chunk", "cuda_graphs", "fold_batch_norm",
+               "client_convs")
+
+
+def mode_spec(mode: str) -> dict:
+    """A mode's settings: one of MODES, then any ``+key=value`` compute overrides (YAML values)."""
+    import yaml
+
+    base, *sets = mode.split("+")
+    if base not in MODES:
+        raise SystemExit(f"bench_train: unknown mode {base!r} (one of {', '.join(MODES)}, then +key=value)")
+    if sets and not MODES[base]["auto"]:
+        raise SystemExit("bench_train: 'loop' is the fixed baseline and takes no overrides")
+    spec = dict(MODES[base])
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if key not in OVERRIDABLE or not eq:
+            raise SystemExit(f"bench_train: {item!r} in mode {mode!r}: give key=value, "
+                             f"key one of {', '.join(OVERRIDABLE)}")
+        spec[key] = yaml.safe_load(value)
+    return spec
 
 
 def build(n: int, device: str, mode: str, width: float, batch: int):
@@ -68,11 +85,10 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
     from huscf.models import build_architecture
     from huscf.split.segments import SplitGAN
 
-    spec = MODES[mode]
+    spec = mode_spec(mode)
     if spec["auto"]:
-        ex = Execution.resolve(device, spec["precision"], clients=spec.get("clients", "auto"), num_clients=n,
-                               cuda_graphs=spec.get("cuda_graphs", "auto"),
-                               fold_batch_norm=spec.get("fold_batch_norm", "auto"))
+        ex = Execution.resolve(device, spec["precision"], num_clients=n,
+                               **{k: spec[k] for k in OVERRIDABLE if k in spec})
     else:
         ex = Execution(device=device)
     arch = build_architecture("cgan28", width)
@@ -122,7 +138,7 @@ def worker(args) -> None:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "execution": {k: getattr(ex, k) for k in ("precision", "channels_last", "recompute_generator",
-                                                  "batch_clients", "client_chunk", "fold_batch_norm")},
+                                                  "batch_clients", "client_chunk", "fold_batch_norm", "client_convs")},
     }
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -198,7 +214,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--clients", type=int, nargs="+", default=[8, 20, 80])
-    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=None, metavar="MODE[+key=value...]",
+                   help=f"of {', '.join(MODES)}; default: loop ours-fp32 ours-bf16 (+ batched-fp32 on CUDA)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up (median reported)")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=64)
@@ -213,6 +230,9 @@ def main() -> None:
         raise SystemExit("bench_train: --device cuda but torch sees no CUDA device")
     modes = args.modes or (["loop", "ours-fp32", "ours-bf16"] if args.device == "cpu"
                            else ["loop", "ours-fp32", "ours-bf16", "batched-fp32"])
+    for mode in modes:  # a typo fails now, not after the first client count's runs
+        mode_spec(mode)
+    width = max(13, *(len(m) for m in modes))
     name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     ceiling = {"fp32": matmul_flops(args.device, torch.float32), "bf16": matmul_flops(args.device, torch.bfloat16)}
     per_client = useful_flops_per_client(args.width, args.batch)
@@ -220,7 +240,7 @@ def main() -> None:
     print(f"dense matmul: fp32 {ceiling['fp32'] / 1e9:.0f} GFLOP/s, bf16 {ceiling['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"model: cgan28 width {args.width}, batch {args.batch}; useful work {per_client / 1e9:.2f} GFLOP per client "
           f"per iteration\n")
-    head = f"{'clients':>7} {'mode':13} {'s/iter':>8} {'img/s':>8} {'vs loop':>8} {'GFLOP/s':>8} {'of peak':>8} {'peak RSS':>9}"
+    head = f"{'clients':>7} {'mode':{width}} {'s/iter':>8} {'img/s':>8} {'vs loop':>8} {'GFLOP/s':>8} {'of peak':>8} {'peak RSS':>9}"
     print(head + ("  CUDA peak" if args.device == "cuda" else ""))
     for n in args.clients:
         base = None
@@ -228,10 +248,10 @@ def main() -> None:
             r = run_worker(args, n, mode)
             secs = r["seconds"]
             base = secs if mode == "loop" else base
-            precision = MODES[mode]["precision"]
+            precision = mode_spec(mode)["precision"]
             achieved = per_client * n / secs
             ratio = f"{base / secs:7.2f}x" if base else f"{'-':>8}"
-            line = (f"{n:>7} {mode:13} {secs:8.3f} {n * args.batch / secs:8.0f} {ratio} {achieved / 1e9:8.1f} "
+            line = (f"{n:>7} {mode:{width}} {secs:8.3f} {n * args.batch / secs:8.0f} {ratio} {achieved / 1e9:8.1f} "
                     f"{achieved / ceiling[precision] * 100:7.0f}% {r['peak_rss_gib']:7.2f}GiB")
             if r["peak_cuda_gib"] is not None:
                 line += f"  {r['peak_cuda_gib']:7.2f}GiB"

@@ -125,6 +125,8 @@ class ComputeConfig(_Section):
     # batched clients: BatchNorm as one call over the clients folded into its channels instead of
     # through vmap (same statistics); auto: on for batched clients on a CPU
     fold_batch_norm: bool | Literal["auto"] = "auto"
+    # batched clients: how a convolution with one weight per client runs (vmap: grouped convolutions)
+    client_convs: Literal["vmap", "loop", "bmm"] = "vmap"
 
 
 class RuntimeConfig(_Section):

@@ -19,10 +19,10 @@ def _run(*args: str) -> str:
 
 def test_bench_train_prints_each_mode_against_the_loop():
     out = _run(str(BENCH / "bench_train.py"), "--clients", "2", "--width", "0.125", "--iters", "1",
-               "--modes", "loop", "ours-fp32", "batched-fp32")
+               "--modes", "loop", "ours-fp32", "batched-fp32+client_convs=bmm")
     assert re.search(r"dense matmul: fp32 [\d.]+ GFLOP/s", out)
     rows = {m.group(1): m for m in re.finditer(r"^\s+2 (\S+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x", out, re.M)}
-    assert set(rows) == {"loop", "ours-fp32", "batched-fp32"}, out
+    assert set(rows) == {"loop", "ours-fp32", "batched-fp32+client_convs=bmm"}, out
     assert rows["loop"].group(4) == "1.00"
     for m in rows.values():
         assert float(m.group(2)) > 0 and int(m.group(3)) > 0

@@ -70,6 +70,8 @@ def _assert_losses_close(a, b, tol):
     Execution(batch_clients=True),
     Execution(batch_clients=True, fold_batch_norm=True),
     Execution(batch_clients=True, client_chunk=4, recompute_generator=True, fold_batch_norm=True),
+    Execution(batch_clients=True, fold_batch_norm=True, client_convs="loop"),
+    Execution(batch_clients=True, client_convs="bmm"),
     Execution(recompute_generator=True),
     Execution(channels_last=True),
 ])
@@ -101,25 +103,67 @@ def test_bf16_trains_close_to_fp32():
 def test_folded_batch_norm_normalises_each_client_on_its_own(monkeypatch):
     """Folding the clients into the channels keeps per-client statistics, with each client's own
     affine weights or the server's shared ones; the engine folds in own and server blocks alike."""
-    from huscf.engine import batched
+    from huscf.engine import batched, client_ops
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 8, 3, 4, 4, generator=gen) * torch.arange(1.0, 6.0).view(5, 1, 1, 1, 1)
     bn = torch.nn.BatchNorm2d(3, track_running_stats=False)
     torch.nn.init.normal_(bn.weight, 1.0, 0.1), torch.nn.init.normal_(bn.bias, 0.0, 0.1)
     stacked = {"weight": torch.randn(5, 3, generator=gen), "bias": torch.randn(5, 3, generator=gen)}
-    torch.testing.assert_close(batched._folded_batch_norm(x, bn, None), torch.stack([bn(r) for r in x]))
+    torch.testing.assert_close(client_ops.folded_batch_norm(x, bn, None), torch.stack([bn(r) for r in x]))
     expected = torch.stack([torch.nn.functional.batch_norm(r, None, None, stacked["weight"][k], stacked["bias"][k],
                                                            training=True) for k, r in enumerate(x)])
-    torch.testing.assert_close(batched._folded_batch_norm(x, bn, stacked), expected)
+    torch.testing.assert_close(client_ops.folded_batch_norm(x, bn, stacked), expected)
 
     calls = []
-    real = batched._folded_batch_norm
-    monkeypatch.setattr(batched, "_folded_batch_norm", lambda x, bn, w: calls.append(w is None) or real(x, bn, w))
+    real = batched.folded_batch_norm
+    monkeypatch.setattr(batched, "folded_batch_norm", lambda x, bn, w: calls.append(w is None) or real(x, bn, w))
     _run(Execution(batch_clients=True, fold_batch_norm=True), iterations=1)
     assert True in calls and False in calls  # the server's blocks and the clients' own
     with pytest.raises(HuscfError, match="fold_batch_norm"):
         Execution(fold_batch_norm=True)
+
+
+def test_batched_engine_runs_client_convolutions_the_configured_way(monkeypatch):
+    from huscf.engine import batched
+
+    ways = []
+    real = batched.client_conv
+    monkeypatch.setattr(batched, "client_conv", lambda conv, w, b, x, how: ways.append(how) or real(conv, w, b, x, how))
+    _run(Execution(batch_clients=True), iterations=1)
+    assert ways == []  # vmap: whole blocks, as before
+    _run(Execution(batch_clients=True, client_convs="bmm"), iterations=1)
+    assert ways and set(ways) == {"bmm"}
+
+
+@pytest.mark.parametrize("how", ["loop", "bmm"])
+@pytest.mark.parametrize("layer", [
+    torch.nn.Conv2d(3, 5, 3, 2, 1), torch.nn.Conv2d(3, 5, (3, 2), 1, (0, 1), bias=False),
+    torch.nn.ConvTranspose2d(3, 5, 4, 2, 1), torch.nn.ConvTranspose2d(3, 5, 3, 2, 1, output_padding=1),
+    torch.nn.ConvTranspose2d(3, 5, 3, 1, 1, bias=False)], ids=repr)
+def test_client_convolutions_equal_vmap(layer, how):
+    """Each client's convolution with its own weights, run as a loop or a batched matmul, gives
+    vmap's output and the same gradients for the input, the weights and the biases."""
+    from huscf.engine.client_ops import client_conv, conv_supported
+
+    assert conv_supported(layer)
+    gen = torch.Generator().manual_seed(1)
+    n = 4
+    x = torch.randn(n, 6, 3, 7, 7, generator=gen, requires_grad=True)
+    w = torch.randn(n, *layer.weight.shape, generator=gen, requires_grad=True)
+    b = torch.randn(n, 5, generator=gen, requires_grad=True) if layer.bias is not None else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref = client_conv(layer, w, b, x, "vmap")
+    assert ref.shape == (n, 6, *layer(x[0]).shape[1:])
+    grad = torch.randn(ref.shape, generator=gen)
+    ref_grads = torch.autograd.grad(ref, leaves, grad)
+    out = client_conv(layer, w, b, x, how)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not conv_supported(torch.nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(HuscfError, match="client_convs"):
+        Execution(batch_clients=True, client_convs="im2col")
 
 
 def test_batched_engine_sends_the_same_crossings_as_the_loop():

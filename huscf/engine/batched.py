@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from huscf.engine.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
 from huscf.engine.execution import Execution
 from huscf.engine.simulation import ClientData, SimulationEngine, place_step
 from huscf.split.segments import NETS, SplitGAN
@@ -63,27 +64,6 @@ def _selector(rows: list[int], device: torch.device) -> slice | torch.Tensor:
 
 
 _GRAPH_WARMUP = 2  # eager iterations of a client set before its CUDA graph is captured
-
-
-def _foldable(module: nn.Module) -> bool:
-    """A Sequential with a BatchNorm2d that normalises with batch statistics and keeps none."""
-    return isinstance(module, nn.Sequential) and any(
-        isinstance(c, nn.BatchNorm2d) and c.training and not c.track_running_stats for c in module.children())
-
-
-def _folded_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """BatchNorm2d of every row of ``x`` (rows, B, C, H, W) with each row's own statistics, as one
-    ``batch_norm`` over the rows folded into the channels (B, rows x C, H, W). ``weights``: the
-    rows' stacked affine parameters, or None for ``bn``'s own (shared by all rows)."""
-    rows, batch, c = x.shape[:3]
-    folded = x.transpose(0, 1).reshape(batch, rows * c, *x.shape[3:])
-    if weights is not None:
-        w, b = weights.get("weight"), weights.get("bias")
-        w, b = (None if w is None else w.reshape(-1)), (None if b is None else b.reshape(-1))
-    else:
-        w, b = (None, None) if not bn.affine else (bn.weight.repeat(rows), bn.bias.repeat(rows))
-    out = F.batch_norm(folded, None, None, w, b, training=True, eps=bn.eps)
-    return out.view(batch, rows, *x.shape[2:]).transpose(0, 1)
 
 
 class _BlockPlan(NamedTuple):
@@ -220,19 +200,23 @@ class BatchedEngine(SimulationEngine):
         """``module`` applied to every row (client) of ``args``: with ``weights`` (stacked, one row per
         client, named as the module's parameters) or with the module's own weights for all rows.
 
-        With ``fold_batch_norm``, a Sequential block runs child by child so that its BatchNorm2d
-        layers normalise all rows in one ``batch_norm`` call (``_folded_batch_norm``); the other
-        children, and every block without such a layer, run as one vmapped call."""
-        if self.ex.fold_batch_norm and _foldable(module):
-            h = args
-            for name, child in module.named_children():
-                sub = None if weights is None else {k[len(name) + 1:]: v for k, v in weights.items()
-                                                     if k.startswith(name + ".")}
-                if isinstance(child, nn.BatchNorm2d):
-                    h = (_folded_batch_norm(h[0], child, sub),)
-                else:
-                    h = (self._rows(child, sub or None, h),)
-            return h[0]
+        By default one vmapped call. With ``fold_batch_norm`` or a ``client_convs`` other than
+        vmap, a Sequential block runs child by child instead, so that its BatchNorm2d layers run as
+        one folded call and its per-client convolutions the configured way (``client_ops``)."""
+        ex = self.ex
+        if isinstance(module, nn.Sequential) and (ex.fold_batch_norm or ex.client_convs != "vmap"):
+            h = args[0] if len(args) == 1 else None
+            if h is not None:
+                for name, child in module.named_children():
+                    sub = None if weights is None else {k[len(name) + 1:]: v for k, v in weights.items()
+                                                         if k.startswith(name + ".")}
+                    if ex.fold_batch_norm and batch_norm_foldable(child):
+                        h = folded_batch_norm(h, child, sub)
+                    elif sub and ex.client_convs != "vmap" and conv_supported(child):
+                        h = client_conv(child, sub["weight"], sub.get("bias"), h, ex.client_convs)
+                    else:
+                        h = self._rows(child, sub or None, (h,))
+                return h
         if weights is None:
             return vmap(module)(*args)
 

@@ -14,6 +14,9 @@ None of these change the mathematics of HuSCF-GAN; they change where and how fas
 * ``fold_batch_norm``: with batched clients, run a block's BatchNorm2d as one ``batch_norm`` over
   the clients folded into the channels instead of through vmap's batching rule (the same
   per-client statistics);
+* ``client_convs``: with batched clients, how a convolution with one weight per client runs:
+  ``vmap`` (grouped convolutions), ``loop`` (one convolution per client) or ``bmm`` (im2col +
+  batched matmul; see ``client_ops``);
 * ``cudnn_benchmark``: let cuDNN time its algorithms for each new shape (CUDA only);
 * ``cuda_graphs``: capture each set of clients' iteration once as a CUDA graph and replay it
   (batched clients on CUDA only): the same kernels, launched from the device.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from huscf.engine.client_ops import CONV_WAYS
 from huscf.errors import HuscfError
 
 
@@ -40,6 +44,7 @@ class Execution:
     cudnn_benchmark: bool = False
     cuda_graphs: bool = False
     fold_batch_norm: bool = False
+    client_convs: str = "vmap"
 
     def __post_init__(self):
         # torch.func.vmap cannot query NHWC strides (BatchNorm on CUDA)
@@ -53,6 +58,11 @@ class Execution:
         if self.fold_batch_norm and not self.batch_clients:
             raise HuscfError("compute.fold_batch_norm folds batched clients' BatchNorm: it needs compute.clients "
                              "'batched' (the per-client loop normalises each client on its own already)")
+        if self.client_convs not in CONV_WAYS:
+            raise HuscfError(f"compute.client_convs must be one of {', '.join(CONV_WAYS)}, got {self.client_convs!r}")
+        if self.client_convs != "vmap" and not self.batch_clients:
+            raise HuscfError("compute.client_convs sets how batched clients' convolutions run: it needs "
+                             "compute.clients 'batched'")
         if self.cuda_graphs and (torch.device(self.device).type != "cuda" or not self.batch_clients):
             raise HuscfError("compute.cuda_graphs needs compute.device 'cuda' and compute.clients 'batched' "
                              f"(got device {self.device!r}, clients {'batched' if self.batch_clients else 'loop'!r})")
@@ -77,7 +87,8 @@ class Execution:
     def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
                 recompute_generator: bool | str = "auto", clients: str = "auto", client_chunk: int | None = None,
                 num_clients: int = 1, cudnn_benchmark: bool = False,
-                cuda_graphs: bool | str = "auto", fold_batch_norm: bool | str = "auto") -> "Execution":
+                cuda_graphs: bool | str = "auto", fold_batch_norm: bool | str = "auto",
+                client_convs: str = "vmap") -> "Execution":
         """Turn the config's ``auto`` choices into concrete ones (see docs/performance.md)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,4 +106,4 @@ class Execution:
         if fold_batch_norm == "auto":  # measured faster on a CPU; not yet measured on a GPU
             fold_batch_norm = batch and not on_cuda
         return cls(device, precision, bool(channels_last), bool(recompute_generator), batch, client_chunk,
-                   cudnn_benchmark, bool(cuda_graphs), bool(fold_batch_norm))
+                   cudnn_benchmark, bool(cuda_graphs), bool(fold_batch_norm), client_convs)

@@ -195,7 +195,7 @@ class Trainer:
         c = cfg.compute  # resolved first: a device that is not there fails before any data loads
         self.execution = Execution.resolve(c.device, c.precision, c.channels_last, c.recompute_generator, c.clients,
                                            c.client_chunk, cfg.num_clients, c.cudnn_benchmark, c.cuda_graphs,
-                                           c.fold_batch_norm)
+                                           c.fold_batch_norm, c.client_convs)
         self.setup = build_setup(cfg)
         s = self.setup
         torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
@@ -421,6 +421,7 @@ class Trainer:
         ex = self.execution
         how = f"batched clients (chunk {ex.client_chunk or 'all'})" if ex.batch_clients else "per-client loop"
         how += ", BatchNorm folded" if ex.fold_batch_norm else ""
+        how += f", client convolutions by {ex.client_convs}" if ex.client_convs != "vmap" else ""
         how += ", CUDA graphs" if ex.cuda_graphs else ""
         return (f"{ex.device}, {ex.precision}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
                 f"generator recompute {'on' if ex.recompute_generator else 'off'}, {torch.get_num_threads()} threads")
