@@ -259,6 +259,20 @@ def test_batched_checkpoints_have_the_loop_layout_and_move_between_engines():
                              1e-4)
 
 
+def test_tied_generator_runs_batched_with_every_block_option():
+    """MD-GAN's one generator (no weight banks) through folded BatchNorm and looped convolutions."""
+    from huscf.split.plan import whole_network_cuts
+
+    arch = build_architecture("cgan28", 0.125)
+    torch.manual_seed(0)
+    shared = (SplitGAN(arch.generator(), arch.discriminator(), [whole_network_cuts(3, 3)] * 6), _setup()[1])
+    ref = _engine(Execution(), shared, tied=True)
+    eng = _engine(Execution(batch_clients=True, fold_batch_norm=True, client_convs="loop"), shared, tied=True)
+    _train(ref), _train(eng)
+    for a, b in zip(_outputs(eng.model), _outputs(ref.model)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
 def test_client_weights_are_views_of_the_banks(tmp_path):
     eng = _engine(Execution(batch_clients=True))
     _train(eng, 1)
