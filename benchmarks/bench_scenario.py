@@ -126,4 +126,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from huscf.errors import HuscfError
+
+    try:
+        main()
+    except HuscfError as exc:  # bad config or missing data: one line, as huscf itself prints it
+        raise SystemExit(f"bench_scenario: {exc}") from None
