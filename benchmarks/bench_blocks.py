@@ -160,6 +160,21 @@ def run_case(fn, inputs, grad_out, autocast, device, iters):
     return statistics.median(times), None, results
 
 
+def time_variants(fns: dict, inputs, grad_out, autocast, device, iters: int, tol: float, what: str):
+    """Each of ``fns`` timed on ``inputs``; the first is the reference the others must reproduce
+    (outputs and gradients). Returns ({name: (ms, CUDA peak MiB)}, the number that did not)."""
+    rows, ref, failures = {}, None, 0
+    for name, fn in fns.items():
+        ms, peak, res = run_case(fn, inputs, grad_out, autocast, device, iters)
+        if ref is None:
+            ref = res
+        elif not all(close(a, r, tol) for a, r in zip(res, ref)):
+            print(f"  MISMATCH: {name} differs from vmap on {what}")
+            failures += 1
+        rows[name] = (ms, peak)
+    return rows, failures
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -191,18 +206,12 @@ def main() -> int:
                 w = (rand(n, *layer.weight_shape()) * 0.02).requires_grad_(True)
                 b = rand(n, layer.cout).requires_grad_(True)
                 grad_out = rand(n, args.batch, layer.cout, layer.out_size, layer.out_size)
-                row, ref = {}, None
                 conv = _conv_module(layer).to(device)
-                for v in variants:
-                    def fn(x, w, b, how=v, conv=conv):
-                        return client_conv(conv, w, b, x, how)
-                    ms, peak, res = run_case(fn, (x, w, b), grad_out, autocast, device, args.iters)
-                    if ref is None:
-                        ref = res
-                    elif not all(close(a, r, tol) for a, r in zip(res, ref)):
-                        print(f"  MISMATCH: {v} differs from vmap on {layer.name} ({precision}, {n} clients)")
-                        failures += 1
-                    row[v] = (ms, peak)
+                fns = {v: (lambda x, w, b, how=v, conv=conv: client_conv(conv, w, b, x, how)) for v in variants}
+                row, bad = time_variants(fns, (x, w, b), grad_out, autocast, device, args.iters, tol,
+                                         f"{layer.name} ({precision}, {n} clients)")
+                failures += bad
+                for v, (ms, _) in row.items():
                     totals[v] += ms
                 flops = layer.flops(n, args.batch)
                 cells = "".join(f"{ms:9.3f} ({flops / ms / 1e9:6.1f}" + (f"; {peak:6.0f})" if peak else ")        ")
@@ -216,15 +225,10 @@ def main() -> int:
             g = (1 + 0.02 * torch.randn(n, 128, generator=gen)).to(device).requires_grad_(True)
             bb = torch.zeros(n, 128, device=device).requires_grad_(True)
             grad_out = torch.randn(n, args.batch, 128, 14, 14, generator=gen).to(device)
-            ref, cells = None, []
-            for v, fn in BNS.items():
-                ms, peak, res = run_case(fn, (x, g, bb), grad_out, autocast, device, args.iters)
-                if ref is None:
-                    ref = res
-                elif not all(close(a, r, tol) for a, r in zip(res, ref)):
-                    print(f"  MISMATCH: BatchNorm {v} differs from vmap ({precision}, {n} clients)")
-                    failures += 1
-                cells.append(f"{v} {ms:.3f}")
+            row, bad = time_variants(BNS, (x, g, bb), grad_out, autocast, device, args.iters, tol,
+                                     f"BatchNorm ({precision}, {n} clients)")
+            failures += bad
+            cells = [f"{v} {ms:.3f}" for v, (ms, _) in row.items()]
             print("  BatchNorm 128x14x14 per client: " + ", ".join(cells) + " ms")
     if failures:
         print(f"\n{failures} variant(s) disagree with vmap", file=sys.stderr)
