@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,11 @@ def pytest_configure(config):
     pytest's own cache folder unless HUSCF_CACHE says where."""
     if not os.environ.get("HUSCF_CACHE"):
         cache = getattr(config, "cache", None)
-        path = cache.mkdir("huscf") if cache is not None else Path(tempfile.mkdtemp(prefix="huscf-test-cache-"))
+        if cache is not None:
+            path = cache.mkdir("huscf")
+        else:  # pytest's cache is off (-p no:cacheprovider): a folder for this session only
+            path = Path(tempfile.mkdtemp(prefix="huscf-test-cache-"))
+            config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
         os.environ["HUSCF_CACHE"] = str(path)
 
 
