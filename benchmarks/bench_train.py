@@ -27,7 +27,8 @@ is not counted as useful) against the dense-matmul FLOP/s measured in this proce
 precision, and peak memory (RSS on CPU; on CUDA also the allocator's peak).
 
 ``--score-check`` also trains the offline default run for a few rounds in fp32 and in bf16 and
-compares the generation score of their generators (domain classifier, 2000 samples).
+compares the generation score of their generators (domain classifier, 2000 samples), for each of
+``--score-seeds``; ``--clients`` with no counts runs the score check alone.
 """
 
 from __future__ import annotations
@@ -186,34 +187,43 @@ def useful_flops_per_client(width: float, batch: int) -> float:
     return float(counter.get_total_flops())
 
 
-def score_check(rounds: int) -> None:
-    """Generation score of the offline default run after ``rounds`` rounds, fp32 vs bf16."""
+def score_check(rounds: int, seeds: list[int]) -> None:
+    """Generation score of the offline default run after ``rounds`` rounds, fp32 vs bf16, per seed."""
     import tempfile
 
     from huscf.config import build_config
     from huscf.engine.trainer import Trainer, read_metrics
 
-    scores = {}
-    for precision in ("fp32", "bf16"):
-        cfg = build_config({}, [f"train.rounds={rounds}", f"output.eval_every={rounds}", "output.eval_samples=2000",
-                                f"compute.precision={precision}", "compute.device=cpu", "output.samples_every=0"])
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            Trainer.new(cfg, Path(tmp) / "run", quiet=True).fit()
-            row = read_metrics(Path(tmp) / "run")[-1]
-            scores[precision] = (row["generation_score"], time.perf_counter() - start)
     print(f"\nscore check: offline default run (digits + digits_inverted, 8 clients, width 0.25), {rounds} rounds, "
-          "seed 0, generation score on 2000 samples per cluster generator")
-    for domain in scores["fp32"][0]:
-        a, b = scores["fp32"][0][domain], scores["bf16"][0][domain]
-        print(f"  {domain:16s} fp32 {a:.3f}  bf16 {b:.3f}  bf16/fp32 {b / a:.3f}  ({abs(b / a - 1) * 100:.1f}% apart)")
-    print(f"  wall time: fp32 {scores['fp32'][1]:.0f} s, bf16 {scores['bf16'][1]:.0f} s")
+          "generation score on 2000 samples per cluster generator")
+    ratios = []
+    for seed in seeds:
+        scores = {}
+        for precision in ("fp32", "bf16"):
+            cfg = build_config({}, [f"train.rounds={rounds}", f"output.eval_every={rounds}", "output.eval_samples=2000",
+                                    f"compute.precision={precision}", "compute.device=cpu", "output.samples_every=0",
+                                    f"seed={seed}"])
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                Trainer.new(cfg, Path(tmp) / "run", quiet=True).fit()
+                row = read_metrics(Path(tmp) / "run")[-1]
+                scores[precision] = (row["generation_score"], time.perf_counter() - start)
+        for domain in scores["fp32"][0]:
+            a, b = scores["fp32"][0][domain], scores["bf16"][0][domain]
+            ratios.append(b / a)
+            print(f"  seed {seed} {domain:16s} fp32 {a:.3f}  bf16 {b:.3f}  bf16/fp32 {b / a:.3f}  "
+                  f"({abs(b / a - 1) * 100:.1f}% apart)")
+        print(f"  seed {seed} wall time: fp32 {scores['fp32'][1]:.0f} s, bf16 {scores['bf16'][1]:.0f} s")
+    worst = max(abs(r - 1) for r in ratios)
+    print(f"  bf16/fp32 over {len(ratios)} generators: mean {sum(ratios) / len(ratios):.3f}, "
+          f"furthest {worst * 100:.1f}% apart (target: within 5%)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--clients", type=int, nargs="+", default=[8, 20, 80])
+    p.add_argument("--clients", type=int, nargs="*", default=[8, 20, 80],
+                   help="client counts to time (none: only the score check)")
     p.add_argument("--modes", nargs="+", default=None, metavar="MODE[+key=value...]",
                    help=f"of {', '.join(MODES)}; default: loop ours-fp32 ours-bf16 (+ batched-fp32 on CUDA)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up (median reported)")
@@ -221,6 +231,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="print each worker's top operators to stderr")
     p.add_argument("--score-check", type=int, nargs="?", const=8, default=0, metavar="ROUNDS")
+    p.add_argument("--score-seeds", type=int, nargs="+", default=[0], help="seeds of the score check")
     p.add_argument("--worker-clients", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-mode", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -232,6 +243,10 @@ def main() -> None:
                            else ["loop", "ours-fp32", "ours-bf16", "batched-fp32"])
     for mode in modes:  # a typo fails now, not after the first client count's runs
         mode_spec(mode)
+    if not args.clients:
+        if args.score_check:
+            score_check(args.score_check, args.score_seeds)
+        return
     width = max(13, *(len(m) for m in modes))
     name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     ceiling = {"fp32": matmul_flops(args.device, torch.float32), "bf16": matmul_flops(args.device, torch.bfloat16)}
@@ -259,7 +274,7 @@ def main() -> None:
     print("\n'of peak' = achieved useful FLOP/s / dense matmul FLOP/s in the mode's precision; "
           "'vs loop' = loop seconds / mode seconds at the same client count")
     if args.score_check:
-        score_check(args.score_check)
+        score_check(args.score_check, args.score_seeds)
 
 
 def _cpu_name() -> str:
