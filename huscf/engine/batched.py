@@ -204,19 +204,18 @@ class BatchedEngine(SimulationEngine):
         vmap, a Sequential block runs child by child instead, so that its BatchNorm2d layers run as
         one folded call and its per-client convolutions the configured way (``client_ops``)."""
         ex = self.ex
-        if isinstance(module, nn.Sequential) and (ex.fold_batch_norm or ex.client_convs != "vmap"):
-            h = args[0] if len(args) == 1 else None
-            if h is not None:
-                for name, child in module.named_children():
-                    sub = None if weights is None else {k[len(name) + 1:]: v for k, v in weights.items()
-                                                         if k.startswith(name + ".")}
-                    if ex.fold_batch_norm and batch_norm_foldable(child):
-                        h = folded_batch_norm(h, child, sub)
-                    elif sub and ex.client_convs != "vmap" and conv_supported(child):
-                        h = client_conv(child, sub["weight"], sub.get("bias"), h, ex.client_convs)
-                    else:
-                        h = self._rows(child, sub or None, (h,))
-                return h
+        if isinstance(module, nn.Sequential) and len(args) == 1 and (ex.fold_batch_norm or ex.client_convs != "vmap"):
+            (h,) = args
+            for name, child in module.named_children():
+                sub = None if weights is None else {k[len(name) + 1:]: v for k, v in weights.items()
+                                                     if k.startswith(name + ".")}
+                if ex.fold_batch_norm and batch_norm_foldable(child):
+                    h = folded_batch_norm(h, child, sub)
+                elif sub and ex.client_convs != "vmap" and conv_supported(child):
+                    h = client_conv(child, sub["weight"], sub.get("bias"), h, ex.client_convs)
+                else:
+                    h = self._rows(child, sub or None, (h,))
+            return h
         if weights is None:
             return vmap(module)(*args)
 
@@ -279,7 +278,7 @@ class BatchedEngine(SimulationEngine):
     def _zero_grad(self, net: str, clients: list[int]) -> None:
         if net not in self._shared_opts:
             return super()._zero_grad(net, clients)
-        for bank in self._net_banks(net):
+        for bank in self._banks_by_net[net]:
             bank.zero_grad()
         self._shared_opts[net].zero_grad(set_to_none=True)  # every client: only this iteration's step
         self.server_opts[net].zero_grad(set_to_none=True)
@@ -288,7 +287,7 @@ class BatchedEngine(SimulationEngine):
         if net not in self._shared_opts:
             return super()._step(net, clients)
         active = set(clients)
-        for bank in self._net_banks(net):
+        for bank in self._banks_by_net[net]:
             bank.hand_out_grads(active)
         self._shared_opts[net].step()  # Adam skips the parameters without a gradient
         self.server_opts[net].step()
@@ -297,12 +296,9 @@ class BatchedEngine(SimulationEngine):
         if net not in self._shared_opts:
             return super()._requires_grad(net, flag)
         # the clients' own Parameters are views that the forward never reads: only banks and server
-        for bank in self._net_banks(net):
+        for bank in self._banks_by_net[net]:
             bank.requires_grad_(flag)
         self.model.server.nets[net].requires_grad_(flag)
-
-    def _net_banks(self, net: str) -> list[_Bank]:
-        return self._banks_by_net[net]
 
     # -- one iteration ---------------------------------------------------------------------------
     def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:
