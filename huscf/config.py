@@ -95,9 +95,14 @@ class FederationConfig(_Section):
     strategy: Literal["clustered_kld", "fedavg"] = "clustered_kld"
     alpha: float = Field(1.0, ge=0)  # w_i = n_i * exp(-alpha * KLD_i)
     warmup_rounds: int = Field(2, ge=0)  # plain size-weighted FedAvg over everyone before clustering
-    clusters: int | str = "auto"  # "auto": chosen by silhouette over k = 1..max_clusters
+    clusters: int | str = "auto"  # "auto": chosen from the data (eigengap or silhouette, by cluster_on)
     max_clusters: int = Field(8, ge=2)
-    min_silhouette: float = Field(0.35, ge=-1, le=1)  # below this, "auto" keeps one cluster
+    # what clients are clustered on (docs/method.md): "samples" = the graph of nearest neighbours
+    # between clients' per-sample activations, k by eigengap (finds domains under label skew);
+    # "means" = k-means on the whitened mean activation, k by silhouette (IID data only)
+    cluster_on: Literal["samples", "means"] = "samples"
+    neighbours: int = Field(10, ge=1, le=100)  # samples: nearest neighbours each sample votes with
+    min_silhouette: float = Field(0.35, ge=-1, le=1)  # means: below this, "auto" keeps one cluster
     kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"
 
     @field_validator("clusters")

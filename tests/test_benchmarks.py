@@ -49,3 +49,12 @@ def test_gpu_scripts_parse():
     for script in ("gpu_check.sh", "gpu_bundle.sh"):
         proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script, proc.stderr)
+
+
+def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_dir):
+    out = _run(str(BENCH / "bench_clustering.py"), "--scenarios", "4", "--seeds", "0", "--rounds", "2",
+               "--warmup", "1", "--iters", "2", "--limit", "600", "--repeats", "1", "--data-dir", str(shared_data_dir))
+    rows = re.findall(r"^\s+4\s+3\s+0\s+2 \|\s+(\d+)\s+([\d.]+) .*\|\s+(\d+)\s+([\d.-]+) \|\s+([\d.-]+)$", out, re.M)
+    assert len(rows) == 1, out  # one clustered round: k, ARI, the means rule's k and ARI, fixed-k ARI
+    assert re.search(r"^\s+4\s+3\s+1 \| \[\d\]", out, re.M), out  # the summary line
+    assert re.search(r"means rule \(baseline\) [\d.]+ s \| samples rule [\d.]+ s \| ratio [\d.]+x", out), out

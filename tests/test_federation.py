@@ -137,3 +137,117 @@ def test_feature_stats_mean_and_noise_match_numpy():
     assert np.allclose(noise[0], ab.var(0) / 12) and np.allclose(noise[1], c.numpy().var(0) / 4)
     with pytest.raises(RuntimeError):
         FeatureStats(2).mean_and_noise()
+
+
+# -- clustering under label skew: the neighbour graph of per-sample activations -----------------
+def _skewed_domains(domains=3, clients_per_domain=4, classes=10, dim=30, per_client=120, seed=0):
+    """Clients whose samples come from their domain's class clusters, each client holding a random
+    6-8 of the classes in random proportions. Class offsets within a domain are larger than the gap
+    between domains, so a client's mean is decided by its class mix as much as by its domain;
+    single samples still sit with their own domain's class clusters."""
+    rng = np.random.default_rng(seed)
+    centres = [rng.normal(0, 1.0, dim) + rng.normal(0, 6.0, (classes, dim)) for _ in range(domains)]
+    samples, truth, means, noise = [], [], [], []
+    for d in range(domains):
+        for _ in range(clients_per_domain):
+            held = rng.choice(classes, size=rng.integers(6, 9), replace=False)
+            mix = rng.dirichlet(np.full(len(held), 0.7))
+            labels = rng.choice(held, size=per_client, p=mix)
+            x = centres[d][labels] + rng.normal(0, 0.5, (per_client, dim))
+            samples.append(x.astype(np.float32))
+            truth.append(d)
+            means.append(x.mean(0))
+            noise.append(x.var(0) / per_client)
+    return samples, np.array(truth), np.array(means), np.array(noise)
+
+
+def _ari(a, b):
+    from sklearn.metrics import adjusted_rand_score
+    return adjusted_rand_score(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_neighbour_graph_finds_domains_under_label_skew_where_means_do_not(seed):
+    from huscf.federation.clustering import neighbour_affinity, spectral_clusters, whiten
+
+    samples, truth, means, noise = _skewed_domains(seed=seed)
+    res = spectral_clusters(neighbour_affinity(samples, seed=seed), "auto")
+    assert res.k == 3 and _ari(truth, res.labels) == 1.0, res
+    assert res.eigenvalues[2] > 0.5 > res.eigenvalues[3]
+    fixed = spectral_clusters(neighbour_affinity(samples, seed=seed), 3)
+    assert _ari(truth, fixed.labels) == 1.0
+    # the same clients by their whitened means: the class mix hides the domains
+    old = cluster_clients(whiten(means, noise), "auto")
+    assert _ari(truth, old.labels) < 0.9, old
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_skew_inside_one_domain_is_one_cluster(seed):
+    from huscf.federation.clustering import neighbour_affinity, spectral_clusters
+
+    samples, _, _, _ = _skewed_domains(domains=1, clients_per_domain=8, seed=seed)
+    res = spectral_clusters(neighbour_affinity(samples, seed=seed), "auto")
+    assert res.k == 1 and (res.labels == 0).all(), res.eigenvalues
+
+
+def test_neighbour_affinity_handles_uneven_sample_counts_and_small_fleets():
+    from huscf.federation.clustering import neighbour_affinity, spectral_clusters
+
+    samples, truth, _, _ = _skewed_domains(domains=2, clients_per_domain=3, seed=4)
+    samples = [s[: 20 + 30 * i] for i, s in enumerate(samples)]  # 20 .. 170 samples per client
+    a = neighbour_affinity(samples)
+    assert a.shape == (6, 6) and np.allclose(a, a.T) and np.isfinite(a).all()
+    assert _ari(truth, spectral_clusters(a).labels) == 1.0
+    assert spectral_clusters(a[:2, :2]).k == 1  # two clients can never be split apart
+    assert spectral_clusters(a[:1, :1]).k == 1
+    with pytest.raises(ValueError):
+        neighbour_affinity([samples[0]])  # nobody else to vote for
+    with pytest.raises(ValueError):
+        neighbour_affinity([samples[0], samples[1][:0]])
+
+
+def test_strategy_clusters_on_samples_and_records_the_eigenvalues():
+    samples, truth, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
+    feats = means.reshape(len(means), 3, 10, 1)  # the KLD scores still read the mean activations
+    state = RoundState(3, np.full(8, 100), feats, noise.reshape(feats.shape), samples=samples)
+    agg = ClusteredKLD(warmup_rounds=0).aggregate(state)
+    assert agg.info["rule"] == "samples" and agg.info["k"] == 2 and _ari(truth, agg.groups) == 1.0
+    assert len(agg.info["eigenvalues"]) >= 3 and agg.info["eigenvalues"][0] == pytest.approx(1.0)
+    old = ClusteredKLD(warmup_rounds=0, cluster_on="means").aggregate(state)
+    assert old.info["rule"] == "means" and "silhouette" in old.info
+
+
+def test_kld_weights_stay_finite_when_every_member_has_a_huge_kld():
+    sizes = np.array([100.0, 300.0, 50.0])
+    kld = np.array([900.0, 901.0, 1200.0])  # alpha * KLD > 745: exp underflows to 0 for every member
+    w = kld_weights(sizes, kld, np.zeros(3, int), alpha=1.0)
+    assert np.isfinite(w).all() and w.sum() == pytest.approx(1)
+    # the ratios are the exact ones: w_i / w_j = n_i / n_j * exp(-(KLD_i - KLD_j))
+    assert w[1] / w[0] == pytest.approx(3 * np.exp(-1.0))
+    assert w[2] < 1e-100
+    from huscf.errors import HuscfError
+
+    with pytest.raises(HuscfError, match="finite KLD"):
+        kld_weights(sizes, np.array([0.1, np.inf, 0.2]), np.zeros(3, int))
+    with pytest.raises(HuscfError, match="finite KLD"):
+        kld_weights(sizes, np.array([0.1, np.nan, 0.2]), np.zeros(3, int))
+
+
+def test_feature_stats_keep_the_newest_samples_as_copies_and_pool_wide_activations():
+    from huscf.federation.features import MAX_SAMPLE_DIM, FeatureStats, sample_vectors
+
+    stats = FeatureStats(1, keep=10)
+    batches = [torch.full((4, 2, 3, 3), float(b)) for b in range(5)]
+    for b in batches:
+        stats.add(0, b)
+    kept = stats.samples()[0]
+    assert kept.shape == (10, 18)
+    assert (kept[:, 0] == [2, 2, 3, 3, 3, 3, 4, 4, 4, 4]).all()  # the newest 10 samples
+    assert sum(len(t) for t in stats.kept[0]) <= 10 + 4  # older batches were dropped
+    batches[4].fill_(-1)  # a later overwrite (a CUDA graph's output buffer) does not reach the kept copy
+    assert (stats.samples()[0][-1] == 4).all()
+    wide = torch.randn(3, 256, 7, 7)
+    v = sample_vectors(wide)
+    assert v.shape == (3, 256 * 2 * 2) and v.shape[1] <= MAX_SAMPLE_DIM
+    assert torch.allclose(v.view(3, 256, 2, 2), torch.nn.functional.adaptive_avg_pool2d(wide, 2))
+    assert FeatureStats(1, keep=0).samples() is None

@@ -20,11 +20,12 @@ def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed:
     n = len(sizes)
     ids = list(range(n)) if clients is None else sorted(clients)
     feats, noise = features.mean_and_noise(ids) if features is not None else (None, None)
+    samples = features.samples(ids) if features is not None else None
     params = None if not strategy.uses_client_params else np.stack([
         torch.cat([p.detach().float().flatten() for p in model.client_parameters(i, "D")]).cpu().numpy()
         for i in ids])
     state = RoundState(round=round_idx, sizes=np.asarray(sizes)[ids], features=feats, feature_noise=noise,
-                       seed=seed, client_params=params)
+                       samples=samples, seed=seed, client_params=params)
     agg = strategy.aggregate(state)
     apply_aggregation(model, agg, ids)
     return agg if len(ids) == n else agg.expand(ids, n)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from huscf.federation.clustering import cluster_clients, whiten
+from huscf.federation.clustering import cluster_clients, neighbour_affinity, spectral_clusters, whiten
 from huscf.federation.weights import kld_scores, kld_weights, spatial_distributions
 
 
@@ -24,6 +24,7 @@ class RoundState:
     sizes: np.ndarray  # (n,) training set size n_i per client
     features: np.ndarray | None  # (n, C, H, W) mean server-side D activation per client, common depth
     feature_noise: np.ndarray | None = None  # (n, C, H, W) variance of that batch mean (var / batch)
+    samples: list[np.ndarray] | None = None  # per client, (m_i, F) per-sample activations at that depth
     seed: int = 0
     # (n, P) each client's flattened discriminator: what a whole-model baseline's server receives
     client_params: np.ndarray | None = None
@@ -65,39 +66,53 @@ class FedAvg:
 
 
 class ClusteredKLD:
-    """HuSCF-GAN: k-means clusters from D activations, KLD-weighted averaging within clusters,
-    a globally KLD-weighted server body; plain FedAvg during the first ``warmup_rounds``."""
+    """HuSCF-GAN: clusters from D activations, KLD-weighted averaging within clusters, a globally
+    KLD-weighted server body; plain FedAvg during the first ``warmup_rounds``.
+
+    ``cluster_on="samples"``: spectral clustering of the clients' neighbour graph built from their
+    per-sample activations (k by eigengap; robust to label skew). ``"means"``: k-means on the
+    whitened mean activation (k by silhouette, ``min_silhouette``; the rule before, which label
+    skew defeats). Without per-sample activations in the ``RoundState`` the means are used.
+    """
 
     name = "clustered_kld"
     uses_client_params = False
 
     def __init__(self, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,
-                 kld_direction: str = "client_to_cluster"):
+                 kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = 10):
         self.alpha, self.warmup_rounds = alpha, warmup_rounds
         self.clusters, self.max_clusters, self.min_silhouette = clusters, max_clusters, min_silhouette
-        self.kld_direction = kld_direction
+        self.kld_direction, self.cluster_on, self.neighbours = kld_direction, cluster_on, neighbours
+
+    def cluster(self, state: RoundState):
+        """The clusters of this round's clients and what the rule scored, for the metrics."""
+        if self.cluster_on == "samples" and state.samples is not None and len(state.samples) > 1:
+            affinity = neighbour_affinity(state.samples, self.neighbours, seed=state.seed)
+            result = spectral_clusters(affinity, self.clusters, self.max_clusters, state.seed)
+            return result, {"rule": "samples", "eigenvalues": list(result.eigenvalues)}
+        n = len(state.sizes)
+        feats = np.asarray(state.features, dtype=np.float64)
+        x = feats.reshape(n, -1) if state.feature_noise is None else whiten(feats, state.feature_noise)
+        result = cluster_clients(x, self.clusters, self.max_clusters, self.min_silhouette, state.seed)
+        return result, {"rule": "means",
+                        "silhouette": {str(k): round(v, 4) for k, v in result.silhouette.items()}}
 
     def aggregate(self, state: RoundState) -> Aggregation:
         n = len(state.sizes)
         if state.round < self.warmup_rounds:
             agg = FedAvg().aggregate(state)
             return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights, {"phase": "warmup", "k": 1})
-        feats = np.asarray(state.features, dtype=np.float64)
-        x = feats.reshape(n, -1) if state.feature_noise is None else whiten(feats, state.feature_noise)
-        result = cluster_clients(x, self.clusters, self.max_clusters, self.min_silhouette, state.seed)
-        p = spatial_distributions(feats)
+        result, scored = self.cluster(state)
+        p = spatial_distributions(np.asarray(state.features, dtype=np.float64))
         kld = kld_scores(p, result.labels, self.kld_direction)
         kld_global = kld_scores(p, np.zeros(n, dtype=int), self.kld_direction)
         return Aggregation(
             groups=result.labels,
             cluster_weights=kld_weights(state.sizes, kld, result.labels, self.alpha),
             global_weights=kld_weights(state.sizes, kld_global, np.zeros(n, dtype=int), self.alpha),
-            info={
-                "phase": "clustered", "k": result.k,
-                "silhouette": {str(k): round(v, 4) for k, v in result.silhouette.items()},
-                "kld": kld.round(6).tolist(), "kld_global": kld_global.round(6).tolist(),
-            },
+            info={"phase": "clustered", "k": result.k, **scored,
+                  "kld": kld.round(6).tolist(), "kld_global": kld_global.round(6).tolist()},
         )
 
 
@@ -106,4 +121,4 @@ def make_strategy(cfg) -> FedAvg | ClusteredKLD:
     if cfg.strategy == "fedavg":
         return FedAvg()
     return ClusteredKLD(cfg.alpha, cfg.warmup_rounds, cfg.clusters, cfg.max_clusters, cfg.min_silhouette,
-                        cfg.kld_direction)
+                        cfg.kld_direction, cfg.cluster_on, cfg.neighbours)

@@ -10,7 +10,9 @@ torch's ``kl_div`` argument order, computes KL(Q_i || P_i) ("cluster_to_client")
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import rel_entr, softmax
+from scipy.special import logsumexp, rel_entr, softmax
+
+from huscf.errors import HuscfError
 
 
 def spatial_distributions(mean_activations: np.ndarray) -> np.ndarray:
@@ -38,12 +40,22 @@ def kld_scores(p: np.ndarray, groups: np.ndarray, direction: str = "client_to_cl
 
 
 def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """w_i = n_i * exp(-alpha * KLD_i), normalised to sum to 1 within each group."""
+    """w_i = n_i * exp(-alpha * KLD_i), normalised to sum to 1 within each group.
+
+    Computed in log space (``log n_i - alpha KLD_i``, normalised with logsumexp), so the weights
+    stay finite and sum to 1 however large alpha * KLD is (in linear space, exp underflows to 0
+    for every member once alpha * KLD passes about 745, and 0 / 0 is NaN). A non-finite KLD or a
+    size that is not positive is an error, not a weight."""
     sizes = np.asarray(sizes, dtype=np.float64)
-    raw = sizes * np.exp(-alpha * np.asarray(kld, dtype=np.float64))
-    w = np.empty_like(raw)
+    kld = np.asarray(kld, dtype=np.float64)
+    if not np.all(np.isfinite(kld)) or not np.all(sizes > 0) or not np.isfinite(alpha):
+        bad = np.flatnonzero(~np.isfinite(kld) | ~(sizes > 0))
+        raise HuscfError(f"KLD weights need finite KLD scores and positive sizes; client(s) {bad.tolist()} have "
+                         f"KLD {kld[bad].tolist()} and size {sizes[bad].tolist()} (non-finite activations?)")
+    log_raw = np.log(sizes) - alpha * kld
+    w = np.empty_like(log_raw)
     groups = np.asarray(groups)
     for g in np.unique(groups):
         m = groups == g
-        w[m] = raw[m] / raw[m].sum()
+        w[m] = np.exp(log_raw[m] - logsumexp(log_raw[m]))
     return w
