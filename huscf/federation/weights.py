@@ -48,8 +48,10 @@ def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: f
     size that is not positive is an error, not a weight."""
     sizes = np.asarray(sizes, dtype=np.float64)
     kld = np.asarray(kld, dtype=np.float64)
-    if not np.all(np.isfinite(kld)) or not np.all(sizes > 0) or not np.isfinite(alpha):
-        bad = np.flatnonzero(~np.isfinite(kld) | ~(sizes > 0))
+    if not np.isfinite(alpha):
+        raise HuscfError(f"KLD weights need a finite alpha, got {alpha}")
+    bad = np.flatnonzero(~np.isfinite(kld) | ~(sizes > 0))
+    if bad.size:
         raise HuscfError(f"KLD weights need finite KLD scores and positive sizes; client(s) {bad.tolist()} have "
                          f"KLD {kld[bad].tolist()} and size {sizes[bad].tolist()} (non-finite activations?)")
     log_raw = np.log(sizes) - alpha * kld
