@@ -58,3 +58,14 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
     assert len(rows) == 1, out  # one clustered round: k, ARI, the means rule's k and ARI, fixed-k ARI
     assert re.search(r"^\s+4\s+3\s+1 \| \[\d\]", out, re.M), out  # the summary line
     assert re.search(r"means rule \(baseline\) [\d.]+ s \| samples rule [\d.]+ s \| ratio [\d.]+x", out), out
+
+
+def test_bench_rounds_prints_each_run_and_its_ratio():
+    tiny = ["data.clients_per_domain=2", "model.width=0.125", "train.local_epochs=1", "train.max_iters_per_epoch=3",
+            "output.samples_every=0"]
+    out = _run(str(BENCH / "bench_rounds.py"), "--runs", "before", "huscf", "--rounds", "5",
+               *[a for s in tiny for a in ("--set", s)])
+    for name in ("before", "huscf"):
+        assert re.search(rf"^{name}\s+s/iter by round:( [\d.]+){{5}}", out, re.M), out
+    assert len(re.findall(r"slowest after [\d.]+: ratio [\d.]+x", out)) == 2, out
+    assert "failed" not in out and re.search(r"before the fix [\d.]+, now [\d.]+", out), out

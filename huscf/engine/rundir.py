@@ -17,6 +17,13 @@ Checkpoints are written in the background: ``save_checkpoint`` takes a CPU copy 
 (training goes on changing the live tensors) and a writer thread saves it while the next round
 trains. At most one write is in flight; the next save, and ``flush``, wait for it and raise its
 error if it failed.
+
+The writer thread runs torch with one intra-op thread (``WRITER_THREADS``). Loading and saving
+run a few parallel ATen copies, and a thread that runs one gets its own OpenMP team, which lives
+as long as the thread does. With a second team alive beside the training thread's, every small
+parallel op of training got slower: on 2 cores each round after the first slimmed checkpoint
+(round 4 of the default run) trained 1.6-1.8x slower, same ops and counts, batch norm 5x
+(issue 19; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,6 +40,15 @@ import torch
 from huscf.errors import HuscfError
 
 _CKPT = re.compile(r"round_(\d{4,})\.pt$")
+
+WRITER_THREADS: int | None = 1
+"""Torch intra-op threads of the checkpoint writer thread (None: torch's default, as before
+issue 19; ``benchmarks/bench_rounds.py --before`` uses it to measure the difference)."""
+
+
+def _writer_init() -> None:
+    if WRITER_THREADS is not None:
+        torch.set_num_threads(WRITER_THREADS)  # threads that already ran torch keep their own count
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, int]]:
@@ -130,7 +146,7 @@ class RunDir:
         self.flush()
         state = _snapshot(state)
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="huscf-checkpoint")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="huscf-checkpoint", initializer=_writer_init)
         self._pending = self._writer.submit(self._write_checkpoint, round_no, state, keep_full)
 
     def flush(self) -> None:

@@ -23,19 +23,35 @@ from huscf.federation.strategies import Aggregation
 from huscf.split.segments import NETS, SplitGAN
 
 
-def _average(states: list[dict[str, torch.Tensor]], weights: np.ndarray) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            w = torch.as_tensor(weights, dtype=first.dtype, device=first.device).view(-1, *([1] * first.dim()))
-            out[key] = (torch.stack([s[key] for s in states]) * w).sum(0)
-        else:
-            out[key] = torch.stack([s[key] for s in states]).amax(0)
-    return out
+def _mixing(agg: Aggregation, holders: list[int], groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, pick): the distinct new copies as weight rows over the holders' old copies, and
+    which row each holder gets. Clustered: one row per group (G x H); personalised: one per holder."""
+    h = np.asarray(holders, dtype=int)
+    if agg.mixing is not None:  # personalised: every holder gets its own mix of the holders
+        m = np.asarray(agg.mixing, dtype=np.float64)[np.ix_(h, h)]
+        return m / m.sum(1, keepdims=True), np.arange(len(h))
+    labels, pick = np.unique(groups[h], return_inverse=True)
+    m = (pick[None, :] == np.arange(len(labels))[:, None]) * np.asarray(agg.cluster_weights, dtype=np.float64)[h]
+    return m / m.sum(1, keepdims=True), pick
+
+
+def _mix(values: list[torch.Tensor], weights: np.ndarray) -> torch.Tensor:
+    """``weights @ stack(values)``: (rows, ...) new tensors from one matmul over the stacked values.
+    Integer buffers (BatchNorm's batch counter) take the maximum over the values a row mixes."""
+    stacked = torch.stack(values)
+    if not stacked.is_floating_point():
+        mask = torch.as_tensor(weights > 0, device=stacked.device).view(*weights.shape, *([1] * (stacked.dim() - 1)))
+        low = torch.iinfo(stacked.dtype).min
+        return torch.where(mask, stacked.unsqueeze(0), torch.full_like(stacked, low).unsqueeze(0)).amax(1)
+    w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    return (w @ stacked.flatten(1)).view(len(weights), *stacked.shape[1:])
 
 
 @torch.no_grad()
 def apply_aggregation(model: SplitGAN, agg: Aggregation, clients: list[int] | None = None) -> None:
+    """Average in place. Per block and state entry: one stack of the holders' copies and one matmul
+    that makes every group's average (or every personalised mix) and the server's, then a copy into
+    each holder's own tensor (parameters keep their storage, layout and optimiser identity)."""
     ids = list(range(len(model.clients))) if clients is None else list(clients)
     groups = np.asarray(agg.groups)
     for net in NETS:
@@ -43,26 +59,22 @@ def apply_aggregation(model: SplitGAN, agg: Aggregation, clients: list[int] | No
             key = str(b)
             # positions (into agg's arrays) of the participating clients that hold block b
             holders = [k for k, i in enumerate(ids) if model.clients[i].holds(net, b)]
-            local = {k: model.clients[ids[k]].nets[net][key].state_dict() for k in holders}
-            new_local = {}
-            if agg.mixing is not None:  # personalised: every holder gets its own mix of the holders
-                for k in holders:
-                    w = agg.mixing[k, holders]
-                    new_local[k] = _average([local[j] for j in holders], w / w.sum())
-            else:
-                for g in np.unique(groups):
-                    members = [k for k in holders if groups[k] == g]
-                    if not members:
-                        continue
-                    w = agg.cluster_weights[members]
-                    avg = _average([local[k] for k in members], w / w.sum())
-                    new_local.update({k: avg for k in members})
-            if key in model.server.nets[net]:
-                server_block = model.server.nets[net][key]
+            has_server = key in model.server.nets[net]
+            if not holders and not has_server:
+                continue
+            local = [model.clients[ids[k]].nets[net][key].state_dict() for k in holders]
+            rows, pick = _mixing(agg, holders, groups) if holders else (np.zeros((0, 0)), np.zeros(0, dtype=int))
+            server = model.server.nets[net][key].state_dict() if has_server else None
+            targets = list(range(len(holders)))
+            if server is not None:
                 # clients without a local copy all contribute the same server copy: one term
-                server_weight = 1.0 - float(agg.global_weights[holders].sum())
-                states = [local[k] for k in holders] + [server_block.state_dict()]
-                weights = np.append(agg.global_weights[holders], max(server_weight, 0.0))
-                server_block.load_state_dict(_average(states, weights))
-            for k, state in new_local.items():
-                model.clients[ids[k]].nets[net][key].load_state_dict(state)
+                gw = np.asarray(agg.global_weights, dtype=np.float64)[holders]
+                server_row = np.append(gw, max(1.0 - float(gw.sum()), 0.0))
+                rows = np.vstack([np.hstack([rows, np.zeros((len(rows), 1))]), server_row])
+                pick = np.append(pick, len(rows) - 1)
+                targets.append(len(holders))
+            for name in (local[0] if local else server):
+                values = [s[name] for s in local] + ([server[name]] if server is not None else [])
+                new = _mix(values, rows)  # every distinct new copy is computed before any is written
+                for t, row in zip(targets, pick):
+                    values[t].copy_(new[row])

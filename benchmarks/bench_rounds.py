@@ -1,0 +1,122 @@
+"""Does a round train as fast after the round ends have started clustering as before? Seconds per
+iteration of every round of the default run, for several methods and engines.
+
+Run:  python benchmarks/bench_rounds.py                       # the default set (~8 min, 2 cores)
+      python benchmarks/bench_rounds.py --runs huscf fedgan --rounds 8
+      python benchmarks/bench_rounds.py --set train.local_epochs=1
+
+Each run is the default config of ``huscf train`` (two digit domains, 4 clients each, width 0.25,
+MILP cuts, the checkpoint writer as shipped) for ``--rounds`` rounds, trained through
+``Trainer.fit`` in its own subprocess (so that no run inherits another's threads). From its
+metrics.jsonl it reads each round's ``train_seconds / iterations`` (the round end is not in it).
+
+The default config's round ends cluster from round ``warmup_rounds + 1`` = 3 on, so rounds 4.. are
+the ones trained after a clustered round end. Printed per run: seconds per iteration of every
+round, and **ratio = slowest round after clustering / mean of the rounds before it** (rounds 2..3:
+round 1 is left out of the mean, since its first iterations also build oneDNN's kernels).
+Target: ratio <= 1.1 for every run. Methods that never cluster (FedGAN) are split at the same round.
+
+Runs (``--runs``):
+  before         huscf on the loop engine with the checkpoint writer at torch's default threads,
+                 as before issue 19: the baseline, measured in the same session
+  huscf          huscf, the per-client loop (the CPU default)
+  huscf-batched  huscf, batched clients (``compute.clients=batched``)
+  fedgan         the FedGAN baseline (FedAvg round ends)
+  huscf-ray      huscf on the Ray engine (client and server actors on this machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+RUNS = {
+    "before": [],
+    "huscf": [],
+    "huscf-batched": ["compute.clients=batched"],
+    "fedgan": ["method=fedgan"],
+    "huscf-ray": ["runtime.engine=ray"],
+}
+DEFAULT_RUNS = ["before", "huscf", "huscf-batched", "fedgan", "huscf-ray"]
+
+
+def _one(name: str, rounds: int, overrides: list[str], out: Path) -> None:
+    """Train one run in this process and print its rows as one JSON line."""
+    import huscf.engine.rundir as rundir
+    from huscf.config import build_config
+    from huscf.engine.trainer import Trainer
+
+    if name == "before":
+        rundir.WRITER_THREADS = None  # the writer thread at torch's default threads (before issue 19)
+    cfg = build_config(None, [f"train.rounds={rounds}", *RUNS[name], *overrides])
+    Trainer.new(cfg, out, quiet=True).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(json.dumps({"name": name, "warmup": cfg.federation.warmup_rounds,
+                      "per_iter": [r["train_seconds"] / r["iterations"] for r in rows],
+                      "clusters": [r["num_clusters"] for r in rows]}))
+
+
+def ratio(per_iter: list[float], first_clustered: int) -> tuple[float, float, float]:
+    """(mean s/iter of rounds 2..first_clustered, slowest s/iter after it, their ratio)."""
+    before = per_iter[1:first_clustered]
+    after = per_iter[first_clustered:]
+    if not before or not after:
+        raise SystemExit(f"need rounds before and after round {first_clustered}: raise --rounds")
+    mean = sum(before) / len(before)
+    return mean, max(after), max(after) / mean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run (as huscf train --set)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one in this process
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        _one(args.one, args.rounds, args.set, Path(args.out))
+        return
+    if args.rounds < 5:
+        raise SystemExit("bench_rounds: --rounds must be at least 5 (rounds 2-3 before clustering, 4.. after)")
+
+    import torch
+    print(f"default config, {args.rounds} rounds, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}; s/iter = train_seconds / iterations of each round")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs:
+            cmd = [sys.executable, __file__, "--one", name, "--out", str(Path(tmp) / name),
+                   "--rounds", str(args.rounds), *[a for s in args.set for a in ("--set", s)]]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                print(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            res = json.loads(lines[-1])
+            results[name] = res
+            mean, worst, r = ratio(res["per_iter"], res["warmup"] + 1)
+            rounds = " ".join(f"{s:.3f}" for s in res["per_iter"])
+            print(f"{name:14s} s/iter by round: {rounds}   clusters: {res['clusters']}", flush=True)
+            print(f"{'':14s} before clustering (rounds 2-{res['warmup'] + 1}) {mean:.3f}, slowest after "
+                  f"{worst:.3f}: ratio {r:.2f}x {'(target <= 1.1x: met)' if r <= 1.1 else '(target <= 1.1x: MISSED)'}",
+                  flush=True)
+    if "before" in results and "huscf" in results:
+        b, h = results["before"]["per_iter"], results["huscf"]["per_iter"]
+        first = results["huscf"]["warmup"] + 1
+        print(f"rounds after clustering, mean s/iter: before the fix {sum(b[first:]) / len(b[first:]):.3f}, "
+              f"now {sum(h[first:]) / len(h[first:]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
