@@ -75,7 +75,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate_run(Path(args.run_dir), rounds=args.rounds, samples=args.samples, tstr_samples=args.tstr_samples,
                  tstr_epochs=args.tstr_epochs, client=args.client, seed=args.seed, data_dir=args.data_dir,
-                 quiet=args.quiet)
+                 quiet=args.quiet, every_client=args.every_client)
     return 0
 
 
@@ -83,7 +83,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from huscf.baselines.compare import compare
 
     compare(_config_path(args.config), args.methods, Path(args.out), args.set, eval_rounds=args.rounds,
-            samples=args.samples, tstr_samples=args.tstr_samples, data_dir=args.data_dir, quiet=args.quiet)
+            samples=args.samples, tstr_samples=args.tstr_samples, data_dir=args.data_dir, quiet=args.quiet,
+            every_client=args.every_client)
     return 0
 
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic training images per domain for TSTR (30000, as in the paper; 0 skips TSTR)")
     ev.add_argument("--tstr-epochs", type=int, default=3)
     ev.add_argument("--client", type=int, help="evaluate this client's generator instead of one per cluster")
+    ev.add_argument("--every-client", action="store_true",
+                    help="evaluate every client's own generator (identical ones scored once)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--data-dir", help="folder with the datasets (default: the run's, $HUSCF_DATA)")
     ev.add_argument("--quiet", action="store_true")
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--rounds", default="all", help="rounds to evaluate: all (default), last, every:N, a list")
     cmp_.add_argument("--samples", type=int, default=2000, help="samples per generator for score and FID (2000)")
     cmp_.add_argument("--tstr-samples", type=int, default=10000, help="synthetic images for TSTR (10000; 0 skips)")
+    cmp_.add_argument("--every-client", action="store_true",
+                      help="score every client's own generator, not one per cluster and domain")
     cmp_.add_argument("--data-dir")
     cmp_.add_argument("--quiet", action="store_true")
     cmp_.set_defaults(func=_cmd_compare)

@@ -130,6 +130,14 @@ def test_compare_resumes_and_tabulates(tmp_path):
     rows = (out / "compare.csv").read_text().splitlines()
     assert rows[0].startswith("method,domain") and len(rows) == 5
     assert (out / "compare_scores.png").stat().st_size > 0
+    # other evaluation settings: evaluated again (every client's generator), not trained again
+    ckpt = (out / "fedgan" / "checkpoints" / "round_0001.pt").stat().st_mtime_ns
+    compare(None, ["fedgan"], out, **args, every_client=True)
+    ev = json.loads((out / "fedgan" / "eval.json").read_text())
+    n = len(json.loads((out / "fedgan" / "clients.json").read_text())["clients"])
+    assert ev["settings"]["every_client"] and [e["client"] for e in ev["final"]] == list(range(n))
+    assert (out / "fedgan" / "checkpoints" / "round_0001.pt").stat().st_mtime_ns == ckpt
+    assert f"| fedgan | digits | {n // 2} |" in (out / "compare.md").read_text()  # every client's generator
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -69,3 +69,35 @@ def test_bench_rounds_prints_each_run_and_its_ratio():
         assert re.search(rf"^{name}\s+s/iter by round:( [\d.]+){{5}}", out, re.M), out
     assert len(re.findall(r"slowest after [\d.]+: ratio [\d.]+x", out)) == 2, out
     assert "failed" not in out and re.search(r"before the fix [\d.]+, now [\d.]+", out), out
+
+
+def test_bench_quality_tabulates_seeds_and_huscf_wins(tmp_path, shared_data_dir):
+    # one domain (one classifier to train in a fresh cache), 3 clients, tiny evaluation
+    tiny = ["data.domains=[mnist]", "data.clients_per_domain=3", "data.limit_per_domain=300", "model.width=0.125",
+            "train.rounds=2", "train.local_epochs=1", "train.max_iters_per_epoch=1", "federation.warmup_rounds=1",
+            f"data.data_dir={shared_data_dir}"]
+    out = _run(str(BENCH / "bench_quality.py"), "--out", str(tmp_path), "--seeds", "0", "1",
+               "--methods", "huscf", "local", "--samples", "50", "--tstr-samples", "100", "--tstr-min-steps", "5",
+               "--quiet", *[a for s in tiny for a in ("--set", s)])
+    for method in ("huscf", "local"):
+        assert re.search(rf"^\| {method} \| mnist \|( [\d.]+ \+/- [\d.]+ \|){{4}}$", out, re.M), out
+    assert re.search(r"^\| local \| [\d.]+ / [\d.]+ \| \d of 2 \| (yes|no) \|", out, re.M), out
+    assert re.search(r"target \(beat local on .*\): (met|NOT met)", out), out
+    assert len(re.findall(r"^seed [01]: c0 mnist", out, re.M)) == 2  # every client's cuts and accuracy
+    again = _run(str(BENCH / "bench_quality.py"), "--out", str(tmp_path), "--seeds", "0", "1",
+                 "--methods", "huscf", "local", "--summarise")
+
+    def rows(text):
+        return [line for line in text.splitlines() if line.startswith("| ")]
+
+    assert rows(again) == rows(out)  # --summarise reads the same table back from the run directories
+
+
+def test_bench_quality_paper_preset_projects_before_it_trains(tmp_path, shared_data_dir):
+    small = ["data.clients_per_domain=1", "model.width=0.125", "data.limit_per_domain=128",
+             f"data.data_dir={shared_data_dir}"]
+    out = _run(str(BENCH / "bench_quality.py"), "--paper", "--dry-run", "--out", str(tmp_path / "q"),
+               *[a for s in small for a in ("--set", s)])
+    assert "train.rounds=50" in out and "model.width=1.0" in out  # the paper's scale, then the overrides
+    assert re.search(r"projected: [\d.]+ min of training per method and seed .* = [\d.]+ h of training", out), out
+    assert not (tmp_path / "q").exists()  # nothing trained

@@ -103,3 +103,44 @@ def test_training_records_the_generation_score_when_asked(tmp_path, monkeypatch,
     assert "generation_score" not in rows[0] and "generation_score" not in rows[2]
     assert set(rows[1]["generation_score"]) <= {"digits", "digits_inverted"}
     assert all(1.0 <= v <= 10.0 for v in rows[1]["generation_score"].values())
+
+
+def test_cluster_generators_every_client():
+    gens = cluster_generators([0, 0, -1, 1], ["a", "b", "b", "a"], 4, every_client=True)
+    assert [(g["cluster"], g["client"], g["domain"], g["members"]) for g in gens] == [
+        (0, 0, "a", [0, 1]), (0, 1, "b", [0, 1]), (1, 3, "a", [3])]  # client 2 took no part in round 4
+
+
+@pytest.mark.parametrize("method, distinct", [("fedgan", 2), ("local", 4)])
+def test_every_client_is_scored_on_all_classes_and_identical_generators_once(
+        tmp_path, monkeypatch, cache_env, method, distinct):
+    """FedGAN's four clients share one model (one TSTR per domain); local-only's are all different."""
+    monkeypatch.setenv("HUSCF_CACHE", str(cache_env))
+    run = tmp_path / "run"
+    Trainer.new(build_config({}, TINY + [f"method={method}"]), run, quiet=True).fit()
+    import huscf.metrics.evaluate as evaluate
+
+    calls = {"tstr": [], "ceiling": 0}
+    real_tstr, real_ceiling = evaluate.tstr, evaluate.real_ceiling
+
+    def counting_tstr(xs, ys, *args, **kwargs):
+        calls["tstr"].append(sorted(ys.unique().tolist()))
+        return real_tstr(xs, ys, *args, **kwargs)
+
+    def counting_ceiling(*args, **kwargs):
+        calls["ceiling"] += 1
+        return real_ceiling(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "tstr", counting_tstr)
+    monkeypatch.setattr(evaluate, "real_ceiling", counting_ceiling)
+    evaluate_run(run, rounds="last", samples=100, tstr_samples=300, tstr_epochs=1, quiet=True, tstr_min_steps=20,
+                 every_client=True)
+    ev = json.loads((run / "eval.json").read_text())
+    assert [e["client"] for e in ev["final"]] == [0, 1, 2, 3] and ev["settings"]["every_client"]
+    assert len(calls["tstr"]) == distinct and calls["ceiling"] == 2  # one real ceiling per domain
+    assert all(classes == list(range(10)) for classes in calls["tstr"])  # every class asked for
+    by_domain = {}
+    for e in ev["final"]:
+        by_domain.setdefault(e["domain"], []).append(e["tstr"]["accuracy"])
+    if method == "fedgan":  # identical generators: identical, shared scores
+        assert all(len(set(v)) == 1 for v in by_domain.values())

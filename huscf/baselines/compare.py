@@ -52,12 +52,15 @@ def _train(config: Path | None, name: str, run_dir: Path, overrides: list[str], 
     trainer.fit()
 
 
-def _evaluated(run_dir: Path) -> bool:
+def _evaluated(run_dir: Path, settings: dict) -> bool:
+    """Whether eval.json covers the run's last round with these evaluation settings."""
     path = run_dir / "eval.json"
     if not path.is_file():
         return False
     last = RunDir(run_dir).list_checkpoints()[-1][0]
-    return json.loads(path.read_text())["settings"]["rounds"][-1] == last
+    saved = json.loads(path.read_text())["settings"]
+    defaults = {"every_client": False, "tstr_min_steps": 600}  # eval.json written before these were recorded
+    return saved["rounds"][-1] == last and all(saved.get(k, defaults.get(k)) == v for k, v in settings.items())
 
 
 def summarise(out: Path, names: list[str]) -> list[dict]:
@@ -113,7 +116,11 @@ def _plot(out: Path, names: list[str]) -> None:
 
 
 def compare(config: Path | None, names: list[str], out: Path, overrides: list[str] = (), eval_rounds: str = "all",
-            samples: int = 2000, tstr_samples: int = 10000, data_dir: str | None = None, quiet: bool = False) -> Path:
+            samples: int = 2000, tstr_samples: int = 10000, data_dir: str | None = None, quiet: bool = False,
+            every_client: bool = False, tstr_min_steps: int = 600) -> Path:
+    """Train (or resume) and evaluate every method in ``names`` on one config into ``out``, then
+    write the comparison. ``every_client`` scores each client's own generator (see
+    ``evaluate_run``); the table's values are then means over the domain's clients."""
     if not names:
         raise HuscfError("--methods: name at least one method")
     for name in names:
@@ -127,11 +134,13 @@ def compare(config: Path | None, names: list[str], out: Path, overrides: list[st
         run_dir = out / name
         say(f"== {name} ({k}/{len(names)}): {run_dir}")
         _train(config, name, run_dir, list(overrides), data_dir, quiet)
-        if _evaluated(run_dir):
+        settings = {"samples": samples, "tstr_samples": tstr_samples, "every_client": every_client,
+                    "tstr_min_steps": tstr_min_steps}
+        if _evaluated(run_dir, settings):
             say(f"{name}: eval.json is up to date")
         else:
             evaluate_run(run_dir, rounds=eval_rounds, samples=samples, tstr_samples=tstr_samples, data_dir=data_dir,
-                         quiet=quiet)
+                         quiet=quiet, every_client=every_client, tstr_min_steps=tstr_min_steps)
     rows = summarise(out, names)
     title = f"Comparison on {config or 'the default config'} ({', '.join(overrides) or 'no overrides'})"
     (out / "compare.md").write_text(_markdown(rows, title))

@@ -1,9 +1,13 @@
 """``huscf evaluate``: score a run's generators per round and in full at its last round.
 
 Which generator is a domain's? After clustered averaging the members of a cluster share their
-client-side blocks, so one generator per cluster is evaluated: that of its first member holding
-the cluster's majority domain, assembled from the member's own blocks and the server's. Any
-single client's generator can be evaluated instead (``client=``).
+client-side blocks, so by default one generator per cluster and domain is evaluated: that of its
+first member of the domain, assembled from the member's own blocks and the server's. Any single
+client's generator can be evaluated instead (``client=``), or every client's (``every_client``:
+members with other cuts hold other blocks, so their generators differ). Every generator is asked
+for all of its domain's classes, also those its client never saw. Generators with identical
+weights (FedGAN's clients, a cluster's members with equal cuts) are scored once and the scores
+shared; the real-data ceiling is trained once per domain.
 
 Per evaluated round and generator: the generation score (exp E KL(p(y|x) || p(y)) with the real
 domain's classifier) and the classifier-feature FID against the real test split. At the final
@@ -15,6 +19,7 @@ trained on as many real images (the ceiling). Everything is computed before anyt
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -55,16 +60,22 @@ def sample_generator(g: BlockNet, num_classes: int, z_dim: int, n: int, seed: in
     return x, y
 
 
-def cluster_generators(groups: list[int], domains: list[str], r: int, client: int | None = None) -> list[dict]:
+def cluster_generators(groups: list[int], domains: list[str], r: int, client: int | None = None,
+                       every_client: bool = False) -> list[dict]:
     """[{round, cluster, client, domain, members}]: for each cluster and each domain among its
     members, the first member of that domain (so every domain is scored, also when one model is
-    shared by all domains, as in FedGAN); or only ``client``'s own generator."""
+    shared by all domains, as in FedGAN); or only ``client``'s own generator; or, with
+    ``every_client``, every client's that took part in round ``r``."""
     if client is not None:
         if not 0 <= client < len(domains):
             raise HuscfError(f"--client {client}: the run has clients 0..{len(domains) - 1}")
         members = [i for i, g in enumerate(groups) if g == groups[client]]
         return [{"round": r, "cluster": groups[client], "client": client, "domain": domains[client],
                  "members": members}]
+    if every_client:
+        return [{"round": r, "cluster": g, "client": i, "domain": domains[i],
+                 "members": [j for j, gj in enumerate(groups) if gj == g]}
+                for i, g in enumerate(groups) if g != -1]
     out = []
     for g in sorted(set(groups) - {-1}):  # -1: a client absent from that round's aggregation
         members = [i for i, gi in enumerate(groups) if gi == g]
@@ -116,10 +127,17 @@ class RunEvaluator:
     def load_round(self, r: int) -> None:
         self.model.load_state_dict(self.run.load_model_state(r))
 
-    def generators(self, r: int, client: int | None = None) -> list[dict]:
-        """The generators to evaluate at round r (one per cluster, or one client's)."""
+    def generators(self, r: int, client: int | None = None, every_client: bool = False) -> list[dict]:
+        """The generators to evaluate at round r (one per cluster, one client's, or every client's)."""
         domains = [c["domain"] for c in self.clients]
-        return cluster_generators(self.rows[r]["clusters"], domains, r, client)
+        return cluster_generators(self.rows[r]["clusters"], domains, r, client, every_client)
+
+    def fingerprint(self, gen: dict) -> tuple[str, str]:
+        """(domain, digest of the generator's weights): equal for generators that sample the same."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in self.model.assemble(gen["client"], "G").state_dict().values():
+            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        return gen["domain"], h.hexdigest()
 
     def sample(self, gen: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         what = f"the generator of cluster {gen['cluster']} (client {gen['client']}) at round {gen['round']}"
@@ -129,7 +147,7 @@ class RunEvaluator:
 
 def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_samples: int = 30000,
                  tstr_epochs: int = 3, client: int | None = None, seed: int = 0, data_dir: str | None = None,
-                 quiet: bool = False, tstr_min_steps: int = 600) -> Path:
+                 quiet: bool = False, tstr_min_steps: int = 600, every_client: bool = False) -> Path:
     """Evaluate a run; writes ``eval.json``, ``eval.csv`` and ``eval_samples/`` in the run dir."""
     if samples < 10 or tstr_samples < 0:
         raise HuscfError("--samples must be >= 10 and --tstr-samples >= 0")
@@ -147,33 +165,43 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
     t0 = time.perf_counter()
     for k, r in enumerate(todo):
         ev.load_round(r)
-        for gen in ev.generators(r, client):
-            x, _ = ev.sample(gen, samples, seed)
-            clf = classifiers[gen["domain"]]
-            row = {**{k2: gen[k2] for k2 in ("round", "cluster", "client", "domain")},
-                   "generation_score": round(generation_score(classifier_probs(clf, x)), 4),
-                   "fid": round(classifier_fid(clf, real_test[gen["domain"]][0], x), 4)}
-            per_round.append(row)
+        scored: dict[tuple, dict] = {}  # identical generators (same domain and weights) scored once
+        for gen in ev.generators(r, client, every_client):
+            key = ev.fingerprint(gen)
+            if key not in scored:
+                x, _ = ev.sample(gen, samples, seed)
+                clf = classifiers[gen["domain"]]
+                scored[key] = {"generation_score": round(generation_score(classifier_probs(clf, x)), 4),
+                               "fid": round(classifier_fid(clf, real_test[gen["domain"]][0], x), 4)}
+            per_round.append({**{k2: gen[k2] for k2 in ("round", "cluster", "client", "domain")}, **scored[key]})
         say(f"round {r}: " + ", ".join(f"{p['domain']}/c{p['cluster']} score {p['generation_score']:.2f} "
                                        f"FID {p['fid']:.1f}" for p in per_round if p["round"] == r)
             + f"  ({k + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
 
     last = todo[-1]
     ev.load_round(last)
-    generators = ev.generators(last, client)
+    generators = ev.generators(last, client, every_client)
+    tstr_done: dict[tuple, dict] = {}
+    ceilings: dict[str, dict] = {}
     for gen in generators:
         d = gen["domain"]
         scores = next(p for p in per_round if p["round"] == last and p["client"] == gen["client"])
         entry = {**scores, "tstr": None, "real_ceiling": None}
         nc = ev.test[d].num_classes
         if tstr_samples:
-            say(f"TSTR for {d} (cluster {gen['cluster']}): {tstr_samples} synthetic images ...")
-            xs, ys = ev.sample(gen, tstr_samples, seed + 1)
-            entry["tstr"] = tstr(xs, ys, *real_test[d], nc, epochs=tstr_epochs, seed=seed, min_steps=tstr_min_steps)
-            n_real = min(tstr_samples, len(load_domain(d, "train", ev.cfg.data.data_dir)))
-            entry["real_ceiling"] = real_ceiling(d, n_real, data_dir=ev.cfg.data.data_dir, epochs=tstr_epochs,
-                                                 seed=seed, min_steps=tstr_min_steps)
-            entry["real_ceiling"]["train_images"] = n_real
+            key = ev.fingerprint(gen)
+            if key not in tstr_done:
+                say(f"TSTR for {d} (cluster {gen['cluster']}, client {gen['client']}): "
+                    f"{tstr_samples} synthetic images ...")
+                xs, ys = ev.sample(gen, tstr_samples, seed + 1)
+                tstr_done[key] = tstr(xs, ys, *real_test[d], nc, epochs=tstr_epochs, seed=seed,
+                                      min_steps=tstr_min_steps)
+            entry["tstr"] = tstr_done[key]
+            if d not in ceilings:
+                n_real = min(tstr_samples, len(load_domain(d, "train", ev.cfg.data.data_dir)))
+                ceilings[d] = real_ceiling(d, n_real, data_dir=ev.cfg.data.data_dir, epochs=tstr_epochs,
+                                           seed=seed, min_steps=tstr_min_steps) | {"train_images": n_real}
+            entry["real_ceiling"] = ceilings[d]
         final.append(entry)
         if d not in grids:
             per_class = 8
@@ -186,7 +214,8 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
     result = {
         "run_dir": str(ev.run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "settings": {"samples": samples, "tstr_samples": tstr_samples, "tstr_epochs": tstr_epochs, "seed": seed,
-                     "rounds": todo, "client": client},
+                     "tstr_min_steps": tstr_min_steps, "rounds": todo, "client": client,
+                     "every_client": every_client},
         "classifiers": clf_info,
         "inception_fid": {"available": available, "reason": reason},
         "generators": generators,
