@@ -43,7 +43,7 @@ _CKPT = re.compile(r"round_(\d{4,})\.pt$")
 
 WRITER_THREADS: int | None = 1
 """Torch intra-op threads of the checkpoint writer thread (None: torch's default, as before
-issue 19; ``benchmarks/bench_rounds.py --before`` uses it to measure the difference)."""
+issue 19; ``benchmarks/bench_rounds.py``'s ``before`` run uses it to measure the difference)."""
 
 
 def _writer_init() -> None:

@@ -63,18 +63,16 @@ def apply_aggregation(model: SplitGAN, agg: Aggregation, clients: list[int] | No
             if not holders and not has_server:
                 continue
             local = [model.clients[ids[k]].nets[net][key].state_dict() for k in holders]
-            rows, pick = _mixing(agg, holders, groups) if holders else (np.zeros((0, 0)), np.zeros(0, dtype=int))
+            rows, pick = _mixing(agg, holders, groups)
             server = model.server.nets[net][key].state_dict() if has_server else None
-            targets = list(range(len(holders)))
             if server is not None:
                 # clients without a local copy all contribute the same server copy: one term
                 gw = np.asarray(agg.global_weights, dtype=np.float64)[holders]
                 server_row = np.append(gw, max(1.0 - float(gw.sum()), 0.0))
                 rows = np.vstack([np.hstack([rows, np.zeros((len(rows), 1))]), server_row])
                 pick = np.append(pick, len(rows) - 1)
-                targets.append(len(holders))
             for name in (local[0] if local else server):
                 values = [s[name] for s in local] + ([server[name]] if server is not None else [])
                 new = _mix(values, rows)  # every distinct new copy is computed before any is written
-                for t, row in zip(targets, pick):
-                    values[t].copy_(new[row])
+                for target, row in zip(values, pick):  # pick[t]: the row of new copies value t gets
+                    target.copy_(new[row])

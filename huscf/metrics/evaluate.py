@@ -162,12 +162,14 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
     real_test = {d: (to_tensor(t.images), torch.as_tensor(np.array(t.labels))) for d, t in ev.test.items()}
 
     per_round, final, grids = [], [], {}
+    fingerprints: dict[int, tuple] = {}  # the last evaluated round's, by client: reused for TSTR
     t0 = time.perf_counter()
     for k, r in enumerate(todo):
         ev.load_round(r)
         scored: dict[tuple, dict] = {}  # identical generators (same domain and weights) scored once
+        fingerprints.clear()
         for gen in ev.generators(r, client, every_client):
-            key = ev.fingerprint(gen)
+            key = fingerprints[gen["client"]] = ev.fingerprint(gen)
             if key not in scored:
                 x, _ = ev.sample(gen, samples, seed)
                 clf = classifiers[gen["domain"]]
@@ -178,8 +180,7 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
                                        f"FID {p['fid']:.1f}" for p in per_round if p["round"] == r)
             + f"  ({k + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
 
-    last = todo[-1]
-    ev.load_round(last)
+    last = todo[-1]  # still loaded: the loop above ended on it (sampling copies, never changes, the model)
     generators = ev.generators(last, client, every_client)
     tstr_done: dict[tuple, dict] = {}
     ceilings: dict[str, dict] = {}
@@ -189,7 +190,7 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
         entry = {**scores, "tstr": None, "real_ceiling": None}
         nc = ev.test[d].num_classes
         if tstr_samples:
-            key = ev.fingerprint(gen)
+            key = fingerprints[gen["client"]]
             if key not in tstr_done:
                 say(f"TSTR for {d} (cluster {gen['cluster']}, client {gen['client']}): "
                     f"{tstr_samples} synthetic images ...")
