@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import vmap  # noqa: E402
 
-from huscf.engine.client_ops import CONV_WAYS, client_conv, folded_batch_norm  # noqa: E402
+from huscf.engines.client_ops import CONV_WAYS, client_conv, folded_batch_norm  # noqa: E402
 from huscf.models.cgan import ARCHITECTURES  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def cgan28_layers() -> list[Layer]:
     return layers
 
 
-# -- the variants: huscf.engine.client_ops, as the batched engine runs them --------------------------
+# -- the variants: huscf.engines.client_ops, as the batched engine runs them --------------------------
 def _conv_module(layer: Layer) -> torch.nn.Module:
     if layer.transposed:
         return torch.nn.ConvTranspose2d(layer.cin, layer.cout, layer.k, layer.s, layer.p, layer.op)

@@ -23,7 +23,6 @@ The data must be in $HUSCF_DATA (or --data-dir); a missing file is one line and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -36,14 +35,15 @@ import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from huscf.config import load_config  # noqa: E402
-from huscf.engine.trainer import Trainer  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
 from huscf.federation.features import FeatureStats  # noqa: E402
 from huscf.federation.rounds import federate  # noqa: E402
 from huscf.federation.strategies import ClusteredKLD  # noqa: E402
 from huscf.models.cgan import build_architecture  # noqa: E402
+from huscf.rundir import RunDir  # noqa: E402
 from huscf.split.plan import Cuts  # noqa: E402
 from huscf.split.segments import SplitGAN  # noqa: E402
+from huscf.trainer import Trainer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "huscf" / "configs"
 
@@ -82,11 +82,11 @@ def run_one(scenario: str, clients: int, seed: int, args) -> list[dict]:
         wrapped = _AlsoScore(t.strategy, len(set(domains)))
         t.strategy = wrapped
         t.fit()
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = RunDir(Path(tmp) / "run").read_rounds()
     out = []
-    for row, other in zip([r for r in rows if r["federation"]["phase"] == "clustered"], wrapped.seen):
-        out.append({"round": row["round"], "k": row["num_clusters"], "ari": row["ari_vs_domains"],
-                    "eig": row["federation"].get("eigenvalues", []),
+    for row, other in zip([r for r in rows if r.federation["phase"] == "clustered"], wrapped.seen):
+        out.append({"round": row.round, "k": row.num_clusters, "ari": row.ari_vs_domains,
+                    "eig": row.federation.get("eigenvalues", []),
                     "k_means": other["means"].k, "ari_means": adjusted_rand_score(domains, other["means"].labels),
                     "ari_fixed": adjusted_rand_score(domains, other["fixed"].labels)})
     return out

@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from huscf.config import build_config  # noqa: E402
-from huscf.engine.trainer import Trainer  # noqa: E402
+from huscf.trainer import Trainer  # noqa: E402
 
 
 def _seconds_per_iteration(engine, iters: int) -> float:

@@ -87,6 +87,8 @@ def _per_seed_mean(table: dict, method: str, key: str, domains: list[str]) -> np
 
 
 def summarise(out: Path, seeds: list[int], methods: list[str]) -> str:
+    from huscf.rundir import read_eval
+
     table = _read(out, seeds, methods)
     domains = list(dict.fromkeys(d for _, d in table))
     lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean +/- sd over seeds of the per-domain mean over "
@@ -129,13 +131,13 @@ def summarise(out: Path, seeds: list[int], methods: list[str]) -> str:
         for s in seeds:
             run = out / f"seed_{s}" / "huscf"
             clients = json.loads((run / "clients.json").read_text())["clients"]
-            final = {e["client"]: e for e in json.loads((run / "eval.json").read_text())["final"]}
+            final = {e.client: e for e in read_eval(run / "eval.json").final}
             parts = []
             for i, c in enumerate(clients):
                 e = final.get(i)
-                acc = "-" if e is None or e["tstr"] is None else f"{e['tstr']['accuracy']:.2f}"
+                acc = "-" if e is None or e.tstr is None else f"{e.tstr['accuracy']:.2f}"
                 parts.append(f"c{i} {c['domain'][:5]} {tuple(c['cuts'])} -{c.get('excluded_classes', [])} "
-                             f"n={c.get('size', '?')} k{e['cluster'] if e else '-'} {acc}")
+                             f"n={c.get('size', '?')} k{e.cluster if e else '-'} {acc}")
             lines.append(f"seed {s}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -171,7 +173,7 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true", help="no training progress output")
     args = ap.parse_args()
     out = Path(args.out)
-    from huscf.baselines.compare import compare, resolve
+    from huscf.compare import compare, resolve
     from huscf.errors import HuscfError
 
     try:

@@ -51,18 +51,19 @@ DEFAULT_RUNS = ["before", "huscf", "huscf-batched", "fedgan", "huscf-ray"]
 
 def _one(name: str, rounds: int, overrides: list[str], out: Path) -> None:
     """Train one run in this process and print its rows as one JSON line."""
-    import huscf.engine.rundir as rundir
+    import huscf.rundir.files as rundir
     from huscf.config import build_config
-    from huscf.engine.trainer import Trainer
+    from huscf.rundir import RunDir
+    from huscf.trainer import Trainer
 
     if name == "before":
         rundir.WRITER_THREADS = None  # the writer thread at torch's default threads (before issue 19)
     cfg = build_config(None, [f"train.rounds={rounds}", *RUNS[name], *overrides])
     Trainer.new(cfg, out, quiet=True).fit()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(out).read_rounds()
     print(json.dumps({"name": name, "warmup": cfg.federation.warmup_rounds,
-                      "per_iter": [r["train_seconds"] / r["iterations"] for r in rows],
-                      "clusters": [r["num_clusters"] for r in rows]}))
+                      "per_iter": [r.train_seconds / r.iterations for r in rows],
+                      "clusters": [r.num_clusters for r in rows]}))
 
 
 def ratio(per_iter: list[float], first_clustered: int) -> tuple[float, float, float]:

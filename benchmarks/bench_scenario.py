@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from huscf.config import load_config  # noqa: E402
-from huscf.engine.trainer import Trainer, read_metrics  # noqa: E402
+from huscf.rundir import RunDir  # noqa: E402
+from huscf.trainer import Trainer  # noqa: E402
 
 
 def _sync():
@@ -86,7 +87,7 @@ def main() -> None:
     round_end_s = parts.pop("round end")
     # the rest of the first round's wall time: fit's start and its final wait for the checkpoint
     # writer (in a run, each round's write overlaps the next round's training)
-    other_s = round_s - read_metrics(out)[-1]["train_seconds"] - round_end_s
+    other_s = round_s - RunDir(out).read_rounds()[-1].train_seconds - round_end_s
 
     engine = trainer.engine
     engine.max_iters = None

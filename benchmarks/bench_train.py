@@ -79,11 +79,13 @@ def mode_spec(mode: str) -> dict:
 
 
 def build(n: int, device: str, mode: str, width: float, batch: int):
+    from huscf.config import TrainConfig
     from huscf.cuts import assign_devices, load_profiles, plan_cuts
-    from huscf.engine.batched import BatchedEngine
-    from huscf.engine.execution import Execution
-    from huscf.engine.simulation import ClientData, SimulationEngine
+    from huscf.engines.batched import BatchedEngine
+    from huscf.engines.execution import Execution
+    from huscf.engines.simulation import SimulationEngine
     from huscf.models import build_architecture
+    from huscf.setup import ClientData
     from huscf.split.segments import SplitGAN
 
     spec = mode_spec(mode)
@@ -101,12 +103,12 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
     data = [ClientData(torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1,
                        torch.randint(0, 10, (batch,), generator=gen), "bench") for _ in range(n)]
     cls = BatchedEngine if ex.batch_clients else SimulationEngine
-    engine = cls(model, data, batch, 2e-4, (0.5, 0.999), arch.z_dim, 0, None, ex)
+    engine = cls(model, data, train=TrainConfig(batch_size=batch), z_dim=arch.z_dim, seed=0, execution=ex)
     return engine, ex
 
 
 def worker(args) -> None:
-    from huscf.engine.batched import _GRAPH_WARMUP
+    from huscf.engines.batched import _GRAPH_WARMUP
 
     engine, ex = build(args.worker_clients, args.device, args.worker_mode, args.width, args.batch)
     batch = {i: (d.x, d.y) for i, d in enumerate(engine.data)}
@@ -192,7 +194,8 @@ def score_check(rounds: int, seeds: list[int]) -> None:
     import tempfile
 
     from huscf.config import build_config
-    from huscf.engine.trainer import Trainer, read_metrics
+    from huscf.rundir import RunDir
+    from huscf.trainer import Trainer
 
     print(f"\nscore check: offline default run (digits + digits_inverted, 8 clients, width 0.25), {rounds} rounds, "
           "generation score on 2000 samples per cluster generator")
@@ -206,8 +209,8 @@ def score_check(rounds: int, seeds: list[int]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 Trainer.new(cfg, Path(tmp) / "run", quiet=True).fit()
-                row = read_metrics(Path(tmp) / "run")[-1]
-                scores[precision] = (row["generation_score"], time.perf_counter() - start)
+                row = RunDir(Path(tmp) / "run").read_rounds()[-1]
+                scores[precision] = (row.generation_score, time.perf_counter() - start)
         for domain in scores["fp32"][0]:
             a, b = scores["fp32"][0][domain], scores["bf16"][0][domain]
             ratios.append(b / a)

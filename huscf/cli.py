@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from huscf.cuts import cli as cuts_cli
 from huscf.errors import HuscfError
-
-DEFAULT_CONFIG = "default"
+from huscf.methods import method_names
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from huscf.config import load_config
-    from huscf.engine.trainer import Trainer
+    from huscf.trainer import Trainer
 
     runtime = ([f"runtime.engine={args.engine}"] if args.engine else []) + (
         [f"runtime.address={args.address}"] if args.address else [])
@@ -80,7 +80,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from huscf.baselines.compare import compare
+    from huscf.compare import compare
 
     compare(_config_path(args.config), args.methods, Path(args.out), args.set, eval_rounds=args.rounds,
             samples=args.samples, tstr_samples=args.tstr_samples, data_dir=args.data_dir, quiet=args.quiet,
@@ -89,7 +89,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from huscf.report.html import write_report
+    from huscf.report.build import write_report
 
     html, md = write_report(Path(args.run_dir))
     print(f"wrote {html} and {md}")
@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="train + evaluate several methods on one config, tabulate them")
     cmp_.add_argument("config", nargs="?", help="YAML config file or a shipped config name (default: default)")
+    ablations = [m for m in method_names(ablations=True) if m not in method_names()]
     cmp_.add_argument("--methods", nargs="+", required=True,
-                      help="huscf fedgan mdgan hflgan pflgan local centralized, or ablations huscf-noclust huscf-nokld "
-                           "huscf-homocuts")
+                      help=f"{' '.join(method_names())}, or the ablations {' '.join(ablations)}")
     cmp_.add_argument("--out", required=True, help="folder for one run directory per method and the comparison")
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every method")
     cmp_.add_argument("--rounds", default="all", help="rounds to evaluate: all (default), last, every:N, a list")
@@ -162,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub.add_parser("list", help="list known domains")
     data.set_defaults(func=_cmd_data)
 
-    try:
-        from huscf.cuts import cli as cuts_cli
-    except ImportError:  # pragma: no cover - the cuts module is part of the package
-        cuts_cli = None
-    if cuts_cli is not None:
-        cuts_cli.add_parser(sub)
+    cuts_cli.add_parser(sub)
     return parser
 
 

@@ -12,16 +12,32 @@ fully resolved config that a run directory keeps next to its results.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from huscf.errors import HuscfError
+from huscf.methods import method_names
+
+
+def _takes_bool(annotation) -> bool:
+    """Whether a field's type admits a bool (``bool``, ``bool | Literal["auto"]``, ...)."""
+    if annotation is bool:
+        return True
+    return any(_takes_bool(a) for a in get_args(annotation))
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no infinities or NaNs anywhere; a bool is never read as a number (YAML's true is not 1)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        if isinstance(v, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true or false is not a value this key takes")
+        return v
 
 
 class DataConfig(_Section):
@@ -85,8 +101,22 @@ class DevicesConfig(_Section):
 
     profiles: str = "paper"  # "paper" = the paper's seven devices, else a YAML path
     assignment: Literal["round_robin", "shuffle"] | list[int] = "round_robin"
-    alpha: float = Field(1.0, ge=0)  # weight of client-side time in the latency objective
-    gamma: float = Field(0.5, ge=0)  # weight of server time
+    # the latency objective alpha * client time + gamma * server time (docs/latency.md; the paper's
+    # alpha and gamma, unrelated to federation.alpha)
+    client_time_weight: float = Field(1.0, ge=0)
+    server_time_weight: float = Field(0.5, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_names(cls, data):
+        """Run directories written before the rename name the weights alpha and gamma."""
+        if isinstance(data, dict):
+            for old, new in (("alpha", "client_time_weight"), ("gamma", "server_time_weight")):
+                if old in data:
+                    if new in data:
+                        raise ValueError(f"give devices.{new} or its old name devices.{old}, not both")
+                    data = {(new if k == old else k): v for k, v in data.items()}
+        return data
 
 
 class FederationConfig(_Section):
@@ -124,7 +154,7 @@ class ComputeConfig(_Section):
     recompute_generator: bool | Literal["auto"] = "auto"
     clients: Literal["auto", "loop", "batched"] = "auto"  # auto: loop on CPU, batched on CUDA
     client_chunk: int | None = Field(None, ge=1)  # batched: clients per block call (None: all)
-    cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (helped bf16, hurt fp32 on an H100)
+    cudnn_benchmark: bool = False  # CUDA: time cuDNN's algorithms per shape (docs/performance.md)
     # replay each set of clients' iteration as a CUDA graph (CUDA, batched clients); auto: on there
     cuda_graphs: bool | Literal["auto"] = "auto"
     # batched clients: BatchNorm as one call over the clients folded into its channels instead of
@@ -188,8 +218,9 @@ class RunConfig(_Section):
 
     name: str = "default"
     seed: int = 0
-    # huscf, or a baseline run on the same partition, blocks and evaluation (docs/baselines.md)
-    method: Literal["huscf", "fedgan", "mdgan", "hflgan", "pflgan", "local", "centralized"] = "huscf"
+    # huscf, or a baseline run on the same partition, blocks and evaluation (docs/baselines.md);
+    # any method registered in ``huscf.methods``
+    method: str = "huscf"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -200,6 +231,14 @@ class RunConfig(_Section):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, v: str) -> str:
+        names = method_names()
+        if v not in names:
+            raise ValueError(f"got {v!r}, must be one of {', '.join(names)}")
+        return v
 
     @property
     def num_clients(self) -> int:
@@ -263,7 +302,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data_dir: st
         if not p.is_file():
             raise HuscfError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise HuscfError(f"config file {p}: cannot read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise HuscfError(f"config file {p}: not a UTF-8 text file") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

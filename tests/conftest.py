@@ -34,3 +34,11 @@ def shared_data_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl read through the package's one reader, each round as the JSON object
+    the file holds (so tests can name any key, the engine's events too)."""
+    from huscf.rundir import RunDir
+
+    return [r.to_json() for r in RunDir(Path(run_dir)).read_rounds()]

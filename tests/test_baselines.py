@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics
 
-from huscf.baselines.compare import compare
-from huscf.baselines.strategies import HierarchicalFedAvg, PersonalizedSimilarity
 from huscf.cli import main
+from huscf.compare import compare
 from huscf.config import build_config
-from huscf.engine.trainer import Trainer, read_metrics
 from huscf.federation.averaging import apply_aggregation
+from huscf.federation.baselines import HierarchicalFedAvg, PersonalizedSimilarity
 from huscf.federation.strategies import RoundState
+from huscf.trainer import Trainer
 
 TINY = ["data.clients_per_domain=3", "model.width=0.125", "train.local_epochs=1", "train.batch_size=16",
         "train.max_iters_per_epoch=2", "federation.warmup_rounds=1", "output.samples_every=0",

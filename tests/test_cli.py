@@ -37,6 +37,35 @@ def test_config_typos_and_bad_values(capsys, tmp_path):
     _fails(capsys, ["train", str(tmp_path / "missing.yaml")], "config file not found")
 
 
+def test_the_latency_weights_old_names_are_still_read(capsys, tmp_path):
+    """Run directories written before the rename say devices.alpha / devices.gamma."""
+    old = tmp_path / "old.yaml"
+    old.write_text("devices:\n  alpha: 2.0\n  gamma: 0.25\nfederation:\n  alpha: 3.0\n")
+    cfg = load_config(old)
+    assert (cfg.devices.client_time_weight, cfg.devices.server_time_weight, cfg.federation.alpha) == (2.0, 0.25, 3.0)
+    _fails(capsys, ["train", "--set", "devices.alpha=1", "--set", "devices.client_time_weight=1"],
+           "give devices.client_time_weight or its old name devices.alpha, not both")
+    _fails(capsys, ["train", "--set", "method=fedgann"], "config key 'method': got 'fedgann', must be one of huscf")
+
+
+def test_more_bad_input_is_one_line(capsys, tmp_path):
+    _fails(capsys, ["train", "--set", "train.rounds=true"], "config key 'train.rounds': true or false is not")
+    _fails(capsys, ["train", "--set", "seed=false"], "config key 'seed': true or false is not")
+    _fails(capsys, ["train", "--set", "train.lr=.inf"], "config key 'train.lr': Input should be a finite number")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    _fails(capsys, ["train", str(latin1)], "not a UTF-8 text file")
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_bytes(b"server: \xff\xfe\n")
+    _fails(capsys, ["train", "--set", f"devices.profiles={profiles}"], "not a UTF-8 text file")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _fails(capsys, ["train", *TINY, "--out", str(blocker / "run")], "cannot write the run directory")
+    for width in ("nan", "-1", "0", "inf"):
+        _fails(capsys, ["cuts", "--clients", "4", f"--width={width}"], "--width must be a finite positive number")
+    _fails(capsys, ["cuts", "--clients", "0"], "--clients must be a finite positive number")
+
+
 def test_cuts_that_leave_the_server_nothing(capsys, tmp_path):
     _fails(capsys, ["train", "--out", str(tmp_path / "r"), *TINY, "--set", "cuts.method=fixed",
                     "--set", "cuts.fixed=[1,2,0,0]"], "client 0: generator cuts head=1 + tail=2 leave the server no block")

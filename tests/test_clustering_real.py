@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from huscf.config import build_config, load_config
-from huscf.engine.trainer import Trainer
+from huscf.trainer import Trainer
 
 
 def _last_row(run_dir):

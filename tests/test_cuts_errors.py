@@ -77,3 +77,19 @@ def test_unknown_solver_option():
     server, devices = load_profiles("paper")
     raises(lambda: plan_cuts("cgan28", 8, devices, server, method="milp", population=5), "milp", "population")
     raises(lambda: plan_cuts("cgan28", 8, devices, server, method="ga", population=1), "population")
+
+
+def test_the_servers_flops_per_cycle_reads_the_authors_name_too(tmp_path):
+    """The paper's profiles call the server's FLOPs per cycle cpu_cycles_per_flop (GOOD uses it)."""
+    ours = yaml.safe_load(yaml.safe_dump(GOOD))
+    ours["server"]["flops_per_cycle"] = ours["server"].pop("cpu_cycles_per_flop")
+    a, b = tmp_path / "authors.yaml", tmp_path / "ours.yaml"
+    a.write_text(yaml.safe_dump(GOOD))
+    b.write_text(yaml.safe_dump(ours))
+    assert load_profiles(str(a)) == load_profiles(str(b))
+    assert load_profiles(str(b))[0].flops_per_s == 42e9 * 16
+    both = yaml.safe_load(yaml.safe_dump(GOOD))
+    both["server"]["flops_per_cycle"] = 16
+    b.write_text(yaml.safe_dump(both))
+    with pytest.raises(HuscfError, match="give flops_per_cycle or the authors' cpu_cycles_per_flop, not both"):
+        load_profiles(str(b))

@@ -15,7 +15,7 @@ def test_two_clients_by_hand():
     d = NetProfile(fwd_flops=(1e5, 2e5, 3e5), bwd_flops=(2e5, 4e5, 6e5), out_bytes=(50, 60, 70))
     a = DeviceProfile("a", cpu_mhz=1, flops_per_cycle=1, data_rate=100)  # 1e6 FLOP/s, 100 B/s
     b = DeviceProfile("b", cpu_mhz=2, flops_per_cycle=1, data_rate=200)  # 2e6 FLOP/s, 200 B/s
-    server = ServerProfile(computational_frequency_ghz=0.001, cpu_cycles_per_flop=10, transmission_rate_bps=1000)
+    server = ServerProfile(computational_frequency_ghz=0.001, flops_per_cycle=10, transmission_rate_bps=1000)
     model = LatencyModel(ArchProfile(g, d, batch_size=1), [a, b], server, alpha=1.0, gamma=0.5)
     rep = model.report([Cuts(1, 0, 0, 0), Cuts(0, 0, 0, 0)])
     expected = {

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from huscf.data import (
-    ClientPartition, describe, download, known_domains, load_domain, partition, read_idx,
-    resolve_data_dir, to_tensor, write_idx,
+    ClientPartition,
+    checksums,
+    describe,
+    download,
+    known_domains,
+    load_domain,
+    partition,
+    read_idx,
+    resolve_data_dir,
+    to_tensor,
+    write_idx,
 )
-from huscf.data import checksums
 from huscf.data.sources import carve_split
 from huscf.errors import HuscfError
 

@@ -8,9 +8,9 @@ import torch
 
 from huscf.cli import main
 from huscf.config import build_config
-from huscf.engine.trainer import Trainer
 from huscf.errors import HuscfError
 from huscf.metrics.evaluate import cluster_generators, evaluate_run
+from huscf.trainer import Trainer
 
 TINY = ["data.clients_per_domain=2", "model.width=0.125", "train.rounds=3", "train.local_epochs=1",
         "train.batch_size=32", "train.max_iters_per_epoch=2", "federation.warmup_rounds=1",
@@ -32,9 +32,9 @@ def tiny_run(tmp_path, monkeypatch, cache_env):
 
 def test_cluster_generators_score_every_domain_of_every_cluster():
     gens = cluster_generators([0, 0, 0, 1, 1], ["a", "b", "b", "a", "a"], 4)
-    assert [(g["cluster"], g["client"], g["domain"], g["members"]) for g in gens] == [
+    assert [(g.cluster, g.client, g.domain, g.members) for g in gens] == [
         (0, 0, "a", [0, 1, 2]), (0, 1, "b", [0, 1, 2]), (1, 3, "a", [3, 4])]
-    assert cluster_generators([0, 1], ["a", "b"], 1, client=1)[0]["domain"] == "b"
+    assert cluster_generators([0, 1], ["a", "b"], 1, client=1)[0].domain == "b"
     with pytest.raises(HuscfError, match="--client 5"):
         cluster_generators([0, 1], ["a", "b"], 1, client=5)
 
@@ -75,6 +75,20 @@ def test_evaluate_bad_input(tiny_run, tmp_path, capsys):
 
     fails(["evaluate", str(tmp_path / "nothing")], "not a huscf run directory")
     fails(["evaluate", str(tiny_run), "--rounds", "9"], "no checkpoint for round(s) [9]")
+    fails(["evaluate", str(tiny_run), "--rounds", "every:0"], "--rounds every:N needs a whole number N >= 1")
+    config = (tiny_run / "config.yaml").read_text()
+    (tiny_run / "config.yaml").write_text(config.replace("width: 0.125", "width: 0.25"))
+    fails(["evaluate", str(tiny_run), "--quiet", "--tstr-samples", "0", "--samples", "10"],
+          "checkpoint does not fit the model of")
+    (tiny_run / "config.yaml").write_text(config)
+    clients = (tiny_run / "clients.json").read_text()
+    (tiny_run / "clients.json").write_text(clients[: len(clients) // 2])
+    fails(["evaluate", str(tiny_run)], "clients.json: damaged or not written by huscf train")
+    (tiny_run / "clients.json").write_text(clients)
+    last = sorted((tiny_run / "checkpoints").glob("*.pt"))[-1]
+    last.write_bytes(last.read_bytes()[:500])
+    fails(["evaluate", str(tiny_run), "--quiet", "--rounds", "last", "--tstr-samples", "0", "--samples", "10"],
+          "round_0003.pt: its SHA-256 does not match")
     for ckpt in (tiny_run / "checkpoints").iterdir():
         ckpt.rename(tmp_path / ckpt.name)
     fails(["evaluate", str(tiny_run), "--quiet"], "no finished round with a checkpoint")
@@ -88,6 +102,7 @@ def test_generator_emitting_nan_is_refused_and_nothing_is_written(tiny_run, caps
         if k.startswith("clients.") and ".nets.G.0." in k and v.is_floating_point():
             v.fill_(float("nan"))
     torch.save(state, path)
+    (tiny_run / "checkpoints" / "round_0003.pt.json").unlink()  # as a run from before checksums had it
     assert main(["evaluate", str(tiny_run), "--rounds", "last", "--samples", "50", "--tstr-samples", "0",
                  "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -107,7 +122,7 @@ def test_training_records_the_generation_score_when_asked(tmp_path, monkeypatch,
 
 def test_cluster_generators_every_client():
     gens = cluster_generators([0, 0, -1, 1], ["a", "b", "b", "a"], 4, every_client=True)
-    assert [(g["cluster"], g["client"], g["domain"], g["members"]) for g in gens] == [
+    assert [(g.cluster, g.client, g.domain, g.members) for g in gens] == [
         (0, 0, "a", [0, 1]), (0, 1, "b", [0, 1]), (1, 3, "a", [3])]  # client 2 took no part in round 4
 
 

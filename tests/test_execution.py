@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from huscf.cli import main
-from huscf.engine.batched import BatchedEngine
-from huscf.engine.execution import Execution
-from huscf.engine.simulation import ClientData, SimulationEngine
+from huscf.config import TrainConfig
+from huscf.engines.batched import BatchedEngine
+from huscf.engines.execution import Execution
+from huscf.engines.simulation import SimulationEngine
 from huscf.errors import HuscfError
 from huscf.models import build_architecture
+from huscf.setup import ClientData
 from huscf.split.plan import Cuts, all_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN
@@ -38,8 +40,7 @@ def _run(execution: Execution, iterations=3, model_and_data=None):
     model, data = model_and_data or _setup()
     model = copy.deepcopy(model)
     cls = BatchedEngine if execution.batch_clients else SimulationEngine
-    eng = cls(model, data, B, 2e-4, (0.5, 0.999), 100, 0, None, execution)
-    eng.feature_depth = 2
+    eng = cls(model, data, train=TrainConfig(batch_size=B), z_dim=100, seed=0, execution=execution, feature_depth=2)
     noise = torch.Generator().manual_seed(0)
     losses = []
     for t in range(iterations):
@@ -103,7 +104,7 @@ def test_bf16_trains_close_to_fp32():
 def test_folded_batch_norm_normalises_each_client_on_its_own(monkeypatch):
     """Folding the clients into the channels keeps per-client statistics, with each client's own
     affine weights or the server's shared ones; the engine folds in own and server blocks alike."""
-    from huscf.engine import batched, client_ops
+    from huscf.engines import batched, client_ops
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 8, 3, 4, 4, generator=gen) * torch.arange(1.0, 6.0).view(5, 1, 1, 1, 1)
@@ -125,7 +126,7 @@ def test_folded_batch_norm_normalises_each_client_on_its_own(monkeypatch):
 
 
 def test_batched_engine_runs_client_convolutions_the_configured_way(monkeypatch):
-    from huscf.engine import batched
+    from huscf.engines import batched
 
     ways = []
     real = batched.client_conv
@@ -144,7 +145,7 @@ def test_batched_engine_runs_client_convolutions_the_configured_way(monkeypatch)
 def test_client_convolutions_equal_vmap(layer, how):
     """Each client's convolution with its own weights, run as a loop or a batched matmul, gives
     vmap's output and the same gradients for the input, the weights and the biases."""
-    from huscf.engine.client_ops import client_conv, conv_supported
+    from huscf.engines.client_ops import client_conv, conv_supported
 
     assert conv_supported(layer)
     gen = torch.Generator().manual_seed(1)
@@ -201,8 +202,10 @@ def test_bad_compute_value_is_one_line(capsys, tmp_path):
 
 
 def test_batched_clients_train_and_resume_exactly_through_the_trainer(tmp_path):
+    from conftest import read_metrics
+
     from huscf.config import build_config
-    from huscf.engine.trainer import Trainer, read_metrics
+    from huscf.trainer import Trainer
 
     tiny = ["data.clients_per_domain=2", "model.width=0.125", "train.local_epochs=1", "train.batch_size=16",
             "train.max_iters_per_epoch=2", "federation.warmup_rounds=1", "output.samples_every=0",
@@ -224,7 +227,8 @@ def _engine(execution: Execution, model_and_data=None, tied=False):
     if tied:
         model.tie_generators()
     cls = BatchedEngine if execution.batch_clients else SimulationEngine
-    return cls(model, data, B, 2e-4, (0.5, 0.999), 100, 0, None, execution, shared_generator=tied)
+    return cls(model, data, train=TrainConfig(batch_size=B), z_dim=100, seed=0, execution=execution,
+               shared_generator=tied)
 
 
 def _train(eng, iterations=2):
@@ -285,7 +289,7 @@ def test_client_weights_are_views_of_the_banks(tmp_path):
                 and bk.params[bk.row[0]][0] is w)
     torch.testing.assert_close(bank.leaves[0][bank.row[0]].detach(), w.detach())
     # a checkpoint holds each client's own elements, not the whole bank
-    from huscf.engine.rundir import RunDir
+    from huscf.rundir.files import RunDir
     run = RunDir(tmp_path / "run")
     run.create()
     run.save_checkpoint(1, {"round": 1, "engine": eng.state_dict()})
@@ -326,7 +330,7 @@ def test_batched_non_finite_loss_names_the_client_and_net():
             p.fill_(float("nan"))
     with pytest.raises(HuscfError, match=r"discriminator loss is not finite .* client 3 at round 4, epoch 1, iteration 7"):
         eng.iteration({i: (d.x[:B], d.y[:B]) for i, d in enumerate(eng.data)}, torch.Generator().manual_seed(0),
-                      where=(4, 1, 7))
+                      where=(3, 0, 6))  # 0-based: the message counts from 1
 
 
 def test_cuda_graphs_need_cuda_and_batched_clients():
@@ -403,7 +407,7 @@ def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():
     """Step counters are placed by the same rule as the loop engine's optimisers: float32, on the
     parameter's device for a capturable (CUDA graphs) or fused Adam, on the CPU for a plain one.
     Values survive the round trip."""
-    from huscf.engine.batched import _ClientAdam
+    from huscf.engines.batched import _ClientAdam
 
     saved = {"state": {1: {"step": torch.tensor(3, dtype=torch.int64), "exp_avg": torch.ones(2, dtype=torch.float64),
                            "exp_avg_sq": torch.full((2,), 2.0)}}, "param_groups": [{"params": [0, 1]}]}

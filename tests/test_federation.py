@@ -123,7 +123,7 @@ def test_averaging_within_clusters_and_server_with_local_copies():
 
 
 def test_feature_stats_mean_and_noise_match_numpy():
-    from huscf.engine.simulation import FeatureStats
+    from huscf.engines.simulation import FeatureStats
 
     rng = np.random.default_rng(0)
     a, b, c = (torch.tensor(rng.normal(size=(n, 2, 3, 3))) for n in (5, 7, 4))

@@ -15,10 +15,20 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from huscf.data import load_domain, to_tensor, write_idx
 from huscf.errors import HuscfError
 from huscf.metrics import (
-    DomainClassifier, classification_report_dict, classifier_fid, classifier_probs, frechet_distance,
-    generation_score, inception_fid, inception_fid_available, load_or_train, real_ceiling, train_classifier, tstr,
+    DomainClassifier,
+    classification_report_dict,
+    classifier_fid,
+    classifier_probs,
+    classifiers,
+    frechet_distance,
+    generation_score,
+    inception_fid,
+    inception_fid_available,
+    load_or_train,
+    real_ceiling,
+    train_classifier,
+    tstr,
 )
-from huscf.metrics import classifiers
 
 TARGETS = {"mnist": 0.985, "fashion_mnist": 0.90, "kmnist": 0.90, "notmnist": 0.90, "digits": 0.90}
 

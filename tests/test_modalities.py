@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics
 
 from huscf.cli import main
 from huscf.config import build_config
 from huscf.data import load_domain, partition
 from huscf.data.audio import SPEC, images_to_waves, waves_to_images
-from huscf.engine.trainer import Trainer, build_setup, read_metrics
 from huscf.errors import HuscfError
+from huscf.setup import build_setup
+from huscf.trainer import Trainer
 
 
 def test_new_domains_load_with_their_shapes_classes_and_groups(shared_data_dir):
@@ -134,7 +136,7 @@ def test_by_group_runs_report_how_clusters_match_the_groups(shared_data_dir, tmp
     import json
 
     from huscf.config import build_config
-    from huscf.engine.trainer import Trainer
+    from huscf.trainer import Trainer
 
     monkeypatch.setenv("HUSCF_CACHE", str(tmp_path / "cache"))
     cfg = build_config({}, ["data.domains=[fsdd]", "data.scenario=by_group", "data.clients_per_domain=6",
@@ -156,14 +158,14 @@ def test_label_probe_asks_each_domain_for_its_own_labels(shared_data_dir, tmp_pa
     """PneumoniaMNIST (2 classes) beside a 10-class domain: the model embeds 10 labels, but the
     pneumonia probe is only asked about labels 0 and 1 (else 8 of 10 rows could never be right)."""
     from huscf.config import build_config
-    from huscf.engine.trainer import Trainer
+    from huscf.trainer import Trainer
 
     cfg = build_config({}, ["data.domains=[digits, pneumoniamnist]", "data.clients_per_domain=1",
                             f"data.data_dir={shared_data_dir}", "data.limit_per_domain=200", "model.width=0.125",
                             "train.rounds=1", "output.samples_every=0", "cuts.method=random"])
     t = Trainer.new(cfg, tmp_path / "run", quiet=True)
     asked = {}
-    for name, probe in t.setup.probes.items():
+    for name, probe in t.probes.items():
         def record(images, labels, name=name, fn=probe.label_accuracy):
             asked[name] = sorted(set(labels.tolist()))
             return fn(images, labels)

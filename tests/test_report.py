@@ -9,9 +9,9 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from huscf.config import build_config
-from huscf.engine.trainer import Trainer
 from huscf.errors import HuscfError
-from huscf.report.html import write_report
+from huscf.report.build import write_report
+from huscf.trainer import Trainer
 
 TINY = [
     "output.keep_full_checkpoints=1",
@@ -137,8 +137,12 @@ def test_not_a_run_directory(tmp_path):
 
 
 def test_broken_eval_json_is_one_line_error(run):
-    (run / "eval.json").write_text('{"final": [{"cluster": 0}]}')
-    with pytest.raises(HuscfError, match=r"eval\.json.*final\[0\]"):
+    settings = '"settings": {"samples": 10, "tstr_samples": 0, "rounds": [3]}'
+    (run / "eval.json").write_text('{' + settings + ', "final": [{"cluster": 0}]}')
+    with pytest.raises(HuscfError, match=r"eval\.json: missing key 'final\[0\]\.round'"):
+        write_report(run)
+    (run / "eval.json").write_text('{"final": []}')
+    with pytest.raises(HuscfError, match=r"eval\.json: missing key 'settings'"):
         write_report(run)
     (run / "eval.json").write_text('{"final": ')
     with pytest.raises(HuscfError, match=r"eval\.json") as err:

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from huscf.baselines.methods import METHODS
 from huscf.config import build_config
-from huscf.engine.rundir import RunDir
-from huscf.engine.trainer import Trainer
+from huscf.methods import method_names
+from huscf.rundir.files import RunDir
+from huscf.trainer import Trainer
 
 TINY = [
     "output.keep_full_checkpoints=1", "output.samples_every=0",
@@ -48,7 +48,7 @@ def _structure(trainer: Trainer) -> dict:
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-@pytest.mark.parametrize("method", [m for m in METHODS])
+@pytest.mark.parametrize("method", method_names())
 def test_a_round_end_keeps_every_tensor_where_it_was(tmp_path, method, engine):
     trainer = Trainer.new(build_config({}, TINY + ENGINES[engine] + [f"method={method}"]), tmp_path / "run",
                           quiet=True)

@@ -15,13 +15,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics
 
 from huscf.cli import main
 from huscf.config import build_config
-from huscf.engine.rundir import RunDir
-from huscf.engine.trainer import Trainer, read_metrics
+from huscf.rundir.files import RunDir
 from huscf.runtime.audit import summarise
-from huscf.runtime.engine import plan_hosts
+from huscf.runtime.driver import plan_hosts
+from huscf.trainer import Trainer
 
 # read by Ray when it is imported: keep every Ray process on 127.0.0.1, report nothing
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -218,6 +219,21 @@ def test_plan_hosts_groups_clients():
     assert plan_hosts(3, "auto", 64) == [[0], [1], [2]]
 
 
+def test_a_damaged_audit_log_is_one_line_and_a_cut_last_line_is_dropped(tmp_path, capsys):
+    row = {"round": 1, "kind": "activation", "src": "client:0", "dst": "server", "client": 0, "net": "G",
+           "block": None, "name": "h", "shape": [4, 8], "dtype": "float32", "count": 1, "bytes": 128}
+    log = tmp_path / "audit.jsonl"
+    log.write_text(json.dumps(row) + "\n" + json.dumps(row)[:30])  # killed while writing the last line
+    assert summarise(tmp_path)["violations"] == []
+    log.write_text(json.dumps(row) + "\n{garbage\n" + json.dumps(row) + "\n")
+    assert main(["audit", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "audit.jsonl line 2: not JSON" in err
+    log.write_text(json.dumps({k: v for k, v in row.items() if k != "bytes"}) + "\n")
+    assert main(["audit", str(tmp_path)]) == 2
+    assert "line 1: not an audit record (missing 'bytes')" in capsys.readouterr().err
+
+
 def test_runtime_bad_input_is_one_line(tmp_path, capsys):
     assert main(["train", "--address", "auto", "--out", str(tmp_path / "x")]) == 2
     assert "--address joins a Ray cluster" in capsys.readouterr().err
@@ -257,6 +273,66 @@ def test_privacy_guard_refuses_data_leaving_a_client():
     rows = w.audit.drain()  # only what was sent is counted
     assert [(r["kind"], r["name"], r["shape"], r["bytes"]) for r in rows if r["name"] != "meta"] == [
         ("activation", "h", [16, 8, 7, 7], 16 * 8 * 7 * 7 * 4)]
+
+
+def _contract_guard():
+    """A host of clients 0 and 1 of a real split cGAN (heterogeneous cuts) with its contracts."""
+    from huscf.models import build_architecture
+    from huscf.runtime.actors import _contracts
+    from huscf.runtime.messages import PrivacyGuard
+    from huscf.split.plan import Cuts
+    from huscf.split.segments import SplitGAN
+
+    arch = build_architecture("cgan28", 0.125)
+    g, d = arch.generator(), arch.discriminator()
+    model = SplitGAN(g, d, [Cuts(0, 0, 0, 0), Cuts(1, 0, 1, 1)])
+    segs = {i: model.clients[i] for i in (0, 1)}
+    return model, segs, PrivacyGuard(arch.image_shape, _contracts(segs, g, d, arch), batch_size=16), arch
+
+
+def test_the_privacy_guard_checks_content_against_the_cuts_contract():
+    from huscf.runtime.messages import PrivacyViolation, Wire, pack_state
+
+    model, segs, guard, arch = _contract_guard()
+    w = Wire("host:0", guard)
+    z, y = torch.randn(16, arch.z_dim), torch.randint(0, 10, (16,))
+    x = torch.rand(16, *arch.image_shape)
+    for i in (0, 1):  # what the clients really send passes: heads' outputs, the server outputs' gradients
+        h = segs[i].run_head("G", (z, y))
+        w.pack("activation", "server", i, {"h": h}, {"net": "G"}, src=f"client:{i}")
+        out = model.server.run("G", h, model.ranges(i, "G").server)
+        w.pack("gradient", "server", i, {"h": torch.randn_like(out)}, {"net": "G"}, src=f"client:{i}")
+        hd = segs[i].run_head("D", (x, y))
+        w.pack("activation", "server", i, {"fake": hd, "real": hd}, {"net": "D", "collect": True}, src=f"client:{i}")
+        w.pack("weights", "server", i, {f"clients.{i}.{k}": v for k, v in segs[i].state_dict().items()},
+               src=f"client:{i}")
+    opt = torch.optim.Adam(segs[1].nets["G"].parameters())
+    sum(p.sum() for p in segs[1].nets["G"].parameters()).backward()
+    opt.step()  # Adam moments and step counters, as a checkpoint's state message carries them
+    tensors, meta = pack_state({}, {"G": opt.state_dict()})
+    w.pack("state", "driver", 1, tensors, meta, src="client:1")
+    w.pack("metric", "driver", None, meta={"loss_d": {"0": 1.2, "1": 0.8}, "skipped": [1]})
+
+    h0 = segs[0].run_head("G", (z, y))
+    bad = [
+        ("activation", 0, {"h": x.reshape(16, -1)}, {"net": "G"}, "its cut produces"),  # an image, flattened
+        ("activation", 0, {"h": torch.nn.functional.pad(x, (0, 1))}, {"net": "G"}, "its cut produces"),
+        ("activation", 0, {"h": torch.nn.functional.one_hot(y, 10).float()}, {"net": "G"}, "its cut produces"),
+        ("activation", 0, {"h": torch.cat([h0, h0])}, {"net": "G"}, "batch <= 16"),  # more rows than a batch
+        ("activation", 0, {"x": h0}, {"net": "G"}, "under that name"),
+        ("activation", 0, {"h": h0}, {"net": "G", "labels": [1, 2]}, "metadata key 'labels'"),
+        ("activation", 5, {"h": h0}, {"net": "G"}, "does not host"),
+        ("weights", 0, {"clients.0.nets.G.0.0.weight": torch.randn(16, 784)}, {}, "not a tensor of its segment"),
+        ("state", 1, {"opt/G/0/exp_avg": torch.randn(16, 1, 28, 28)}, {}, "of shape"),
+        ("state", 1, {"opt/G/99/exp_avg": torch.randn(3)}, {}, "not one of its optimiser states"),
+        ("metric", None, {}, {"loss_d": {"0": [0.1] * 16}}, "one loss per client"),
+        ("metric", None, {}, {"labels": [3] * 16}, "metadata key 'labels'"),
+        ("metric", None, {}, {"loss_g": {"7": 0.5}}, "clients it does not host"),
+        ("state", 1, {}, {"param_groups": {"G": [{"params": [0], "lr": list(range(16))}]}}, "optimiser setting 'lr'"),
+    ]
+    for kind, client, tensors, meta, why in bad:
+        with pytest.raises(PrivacyViolation, match=why):
+            w.pack(kind, "server", client, tensors, meta, src=f"client:{client}")
 
 
 def test_state_round_trips_through_messages_with_bf16():

@@ -8,8 +8,8 @@ import torch
 from huscf.errors import HuscfError
 from huscf.models import build_architecture
 from huscf.split.plan import Cuts, all_cuts, validate_cuts
-from huscf.split.segments import SplitGAN
 from huscf.split.seam import SeamRecorder
+from huscf.split.segments import SplitGAN
 
 
 def _grads(params):

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from huscf.config import build_config
-from huscf.engine.rundir import RunDir
-from huscf.engine.trainer import Trainer, build_setup
 from huscf.errors import HuscfError
+from huscf.rundir.files import RunDir
+from huscf.setup import build_setup
 from huscf.split.seam import SeamRecorder
+from huscf.trainer import Trainer
 
 TINY = [
     "output.keep_full_checkpoints=1",
@@ -141,10 +142,29 @@ def test_nan_loss_stops_with_one_line_and_keeps_finished_rounds(tmp_path):
         return orig(round_idx, epoch, *args, **kwargs)
 
     t.engine.run_epoch = poisoned
-    with pytest.raises(HuscfError, match=r"loss is not finite .* round 1"):
+    with pytest.raises(HuscfError, match=r"loss is not finite .* at round 2, epoch 1, iteration 1"):
         t.fit()
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and (tmp_path / "run" / "checkpoints" / "round_0001.pt").exists()
+
+
+def test_non_finite_weights_after_the_round_end_stop_with_one_line(tmp_path):
+    t = Trainer.new(_cfg(), tmp_path / "run", quiet=True)
+    orig = t.engine.federate
+
+    def poisoned(strategy, sizes, round_idx, *args):
+        agg = orig(strategy, sizes, round_idx, *args)
+        if round_idx == 1:  # the second round's averaging produced a NaN in client 2's discriminator
+            with torch.no_grad():
+                next(t.model.clients[2].nets["D"].parameters()).view(-1)[0] = float("nan")
+        return agg
+
+    t.engine.federate = poisoned
+    with pytest.raises(HuscfError, match=r"round 2: client 2's discriminator weights are not finite .*"
+                                         r"the checkpoint of round 1 is kept"):
+        t.fit()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and not (tmp_path / "run" / "checkpoints" / "round_0002.pt").exists()
 
 
 def test_fixed_cuts_are_validated(tmp_path):

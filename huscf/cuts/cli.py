@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter, defaultdict
 
 from huscf.cuts.devices import assign_devices, load_profiles
 from huscf.cuts.latency import resolve_arch
 from huscf.cuts.search import SOLVERS, plan_cuts
+from huscf.errors import HuscfError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,7 +43,17 @@ def _assignment(text: str):
     return [int(k) if k.strip().isdigit() else k.strip() for k in text.split(",")]
 
 
+def _check_numbers(args) -> None:
+    """Widths, batches and weights that make a plan: finite, and positive where a size is meant."""
+    for flag, value, low in (("--width", args.width, "positive"), ("--batch", args.batch, "positive"),
+                             ("--clients", args.clients, "positive"), ("--alpha", args.alpha, "non-negative"),
+                             ("--gamma", args.gamma, "non-negative")):
+        if not math.isfinite(value) or (value <= 0 if low == "positive" else value < 0):
+            raise HuscfError(f"huscf cuts {flag} must be a finite {low} number, got {value}")
+
+
 def run(args) -> int:
+    _check_numbers(args)
     server, profiles = load_profiles(args.profiles)
     devices = assign_devices(profiles, args.clients, _assignment(args.assignment), seed=args.seed)
     arch = resolve_arch(args.arch, args.width)

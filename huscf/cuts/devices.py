@@ -3,8 +3,12 @@
 The YAML format is the authors' ``profiles.yaml``: one ``server`` mapping and any number of
 device mappings, keyed by device name, in the units of their code::
 
-    server: {computational_frequency_ghz: 42, cpu_cycles_per_flop: 16, transmission_rate_bps: 1e9}
+    server: {computational_frequency_ghz: 42, flops_per_cycle: 16, transmission_rate_bps: 1e9}
     phone:  {cpu_mhz: 6000, flops_per_cycle: 8, data_rate: 150e6}
+
+The authors call the server's ``flops_per_cycle`` ``cpu_cycles_per_flop``, but their code
+multiplies the frequency by it, so it is FLOPs per cycle; huscf names it for what it does and
+reads the authors' name too (docs/latency.md).
 
 ``load_profiles("paper")`` reads the seven profiles shipped with huscf; any other string is a path.
 """
@@ -22,19 +26,20 @@ import yaml
 
 from huscf.errors import HuscfError
 
-SERVER_KEYS = ("computational_frequency_ghz", "cpu_cycles_per_flop", "transmission_rate_bps")
+SERVER_KEYS = ("computational_frequency_ghz", "flops_per_cycle", "transmission_rate_bps")
+AUTHORS_SERVER_KEY = "cpu_cycles_per_flop"  # the authors' name for the server's flops_per_cycle
 DEVICE_KEYS = ("cpu_mhz", "flops_per_cycle", "data_rate")
 
 
 @dataclass(frozen=True)
 class ServerProfile:
     computational_frequency_ghz: float
-    cpu_cycles_per_flop: float  # the authors' code multiplies by it: effectively FLOPs per cycle
+    flops_per_cycle: float  # the authors' ``cpu_cycles_per_flop`` (their code multiplies by it)
     transmission_rate_bps: float
 
     @property
     def flops_per_s(self) -> float:
-        return self.computational_frequency_ghz * 1e9 * self.cpu_cycles_per_flop
+        return self.computational_frequency_ghz * 1e9 * self.flops_per_cycle
 
     @property
     def rate(self) -> float:
@@ -87,7 +92,12 @@ def parse_profiles(data, source: str = "profiles") -> tuple[ServerProfile, list[
         raise HuscfError(f"{source}: expected a mapping of 'server' and device profiles")
     if "server" not in data:
         raise HuscfError(f"{source}: missing the 'server' profile")
-    server = ServerProfile(**_fields(f"{source}: server", data["server"], SERVER_KEYS))
+    spec = data["server"]
+    if isinstance(spec, dict) and AUTHORS_SERVER_KEY in spec:
+        if "flops_per_cycle" in spec:
+            raise HuscfError(f"{source}: server: give flops_per_cycle or the authors' {AUTHORS_SERVER_KEY}, not both")
+        spec = {("flops_per_cycle" if k == AUTHORS_SERVER_KEY else k): v for k, v in spec.items()}
+    server = ServerProfile(**_fields(f"{source}: server", spec, SERVER_KEYS))
     devices = [DeviceProfile(str(name), **_fields(f"{source}: device '{name}'", spec, DEVICE_KEYS))
                for name, spec in data.items() if name != "server"]
     if not devices:
@@ -101,9 +111,11 @@ def load_profiles(name_or_path: str | Path = "paper") -> tuple[ServerProfile, li
         text = resources.files("huscf").joinpath("resources/devices_paper.yaml").read_text()
     else:
         try:
-            text = Path(name_or_path).read_text()
+            text = Path(name_or_path).read_text(encoding="utf-8")
         except OSError as e:
             raise HuscfError(f"profiles {name_or_path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise HuscfError(f"profiles {name_or_path}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

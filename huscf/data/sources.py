@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -178,8 +179,8 @@ def _read_npz(path: Path, _stamp: tuple) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise HuscfError(f"data file {path}: not a readable npz ({exc})") from None
+    except (OSError, ValueError, EOFError, BadZipFile, zlib.error) as exc:
+        raise HuscfError(f"data file {path}: not a readable npz, damaged or cut short ({exc})") from None
 
 
 def _field(name: str, z: dict, key: str) -> np.ndarray:

@@ -9,11 +9,12 @@ input (it is used only for reporting, by the engine).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from huscf.federation.clustering import cluster_clients, neighbour_affinity, spectral_clusters, whiten
-from huscf.federation.weights import kld_scores, kld_weights, spatial_distributions
+from huscf.federation.weights import kld_scores, kld_weights, size_weights, spatial_distributions
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,13 @@ class Aggregation:
         return Aggregation(groups, cw, gw, self.info | {"absent": sorted(set(range(n)) - set(clients))})
 
 
-def _size_weights(sizes: np.ndarray) -> np.ndarray:
-    s = np.asarray(sizes, dtype=np.float64)
-    return s / s.sum()
+class Strategy(Protocol):
+    """A round-end policy: every strategy (and every baseline's) has these."""
+
+    name: str
+    uses_client_params: bool  # True: it reads RoundState.client_params (whole-model baselines only)
+
+    def aggregate(self, state: RoundState) -> Aggregation: ...
 
 
 class FedAvg:
@@ -61,7 +66,7 @@ class FedAvg:
     uses_client_params = False  # reads RoundState.client_params (whole-model baselines only)
 
     def aggregate(self, state: RoundState) -> Aggregation:
-        w = _size_weights(state.sizes)
+        w = size_weights(state.sizes)
         return Aggregation(np.zeros(len(w), dtype=int), w, w, {"phase": "fedavg", "k": 1})
 
 
@@ -116,7 +121,7 @@ class ClusteredKLD:
         )
 
 
-def make_strategy(cfg) -> FedAvg | ClusteredKLD:
+def make_strategy(cfg) -> Strategy:
     """Build the strategy named in a ``FederationConfig``."""
     if cfg.strategy == "fedavg":
         return FedAvg()

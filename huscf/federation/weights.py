@@ -61,3 +61,9 @@ def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: f
         m = groups == g
         w[m] = np.exp(log_raw[m] - logsumexp(log_raw[m]))
     return w
+
+
+def size_weights(sizes: np.ndarray) -> np.ndarray:
+    """w_i = n_i / sum_j n_j: FedAvg's weights."""
+    s = np.asarray(sizes, dtype=np.float64)
+    return s / s.sum()

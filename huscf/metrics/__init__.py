@@ -1,9 +1,15 @@
-"""Measurements of generators: the cheap in-training label probe (quick.py) and the evaluation suite:
-per-domain classifiers (classifiers.py), generation score and FIDs (scores.py), TSTR (tstr.py)."""
+"""Measurements of generators: the cheap in-training label probe (label_probe.py), sample grids
+(grids.py), and the evaluation suite: per-domain classifiers (classifiers.py), generation score
+and FIDs (scores.py), TSTR (tstr.py), ``huscf evaluate`` (evaluate.py)."""
 
 from huscf.metrics.classifiers import DomainClassifier, load_or_train, train_classifier
 from huscf.metrics.scores import (
-    classifier_features, classifier_fid, classifier_probs, frechet_distance, generation_score, inception_fid,
+    classifier_features,
+    classifier_fid,
+    classifier_probs,
+    frechet_distance,
+    generation_score,
+    inception_fid,
     inception_fid_available,
 )
 from huscf.metrics.tstr import classification_report_dict, real_ceiling, tstr

@@ -32,15 +32,15 @@ import torch
 
 from huscf.config import load_config
 from huscf.data import load_domain, to_tensor
-from huscf.engine.rundir import RunDir
+from huscf.data.audio import images_to_waves, write_wav
 from huscf.errors import HuscfError
 from huscf.metrics.classifiers import load_or_train
+from huscf.metrics.grids import class_grid_inputs, save_grid
 from huscf.metrics.scores import classifier_fid, classifier_probs, generation_score, inception_fid_available
 from huscf.metrics.tstr import real_ceiling, tstr
 from huscf.models import build_architecture
 from huscf.models.blocks import BlockNet
-from huscf.data.audio import images_to_waves, write_wav
-from huscf.report.grids import class_grid_inputs, save_grid
+from huscf.rundir import EvalRecord, EvalSettings, FinalScore, GeneratorRef, GeneratorScore, RunDir
 from huscf.split.plan import Cuts
 from huscf.split.segments import SplitGAN
 
@@ -61,8 +61,8 @@ def sample_generator(g: BlockNet, num_classes: int, z_dim: int, n: int, seed: in
 
 
 def cluster_generators(groups: list[int], domains: list[str], r: int, client: int | None = None,
-                       every_client: bool = False) -> list[dict]:
-    """[{round, cluster, client, domain, members}]: for each cluster and each domain among its
+                       every_client: bool = False) -> list[GeneratorRef]:
+    """The generators to evaluate at round ``r``: for each cluster and each domain among its
     members, the first member of that domain (so every domain is scored, also when one model is
     shared by all domains, as in FedGAN); or only ``client``'s own generator; or, with
     ``every_client``, every client's that took part in round ``r``."""
@@ -70,18 +70,18 @@ def cluster_generators(groups: list[int], domains: list[str], r: int, client: in
         if not 0 <= client < len(domains):
             raise HuscfError(f"--client {client}: the run has clients 0..{len(domains) - 1}")
         members = [i for i, g in enumerate(groups) if g == groups[client]]
-        return [{"round": r, "cluster": groups[client], "client": client, "domain": domains[client],
-                 "members": members}]
+        return [GeneratorRef(round=r, cluster=groups[client], client=client, domain=domains[client],
+                             members=members)]
     if every_client:
-        return [{"round": r, "cluster": g, "client": i, "domain": domains[i],
-                 "members": [j for j, gj in enumerate(groups) if gj == g]}
+        return [GeneratorRef(round=r, cluster=g, client=i, domain=domains[i],
+                             members=[j for j, gj in enumerate(groups) if gj == g])
                 for i, g in enumerate(groups) if g != -1]
     out = []
     for g in sorted(set(groups) - {-1}):  # -1: a client absent from that round's aggregation
         members = [i for i, gi in enumerate(groups) if gi == g]
         for domain in dict.fromkeys(domains[i] for i in members):
             rep = next(i for i in members if domains[i] == domain)
-            out.append({"round": r, "cluster": g, "client": rep, "domain": domain, "members": members})
+            out.append(GeneratorRef(round=r, cluster=g, client=rep, domain=domain, members=members))
     return out
 
 
@@ -91,7 +91,10 @@ def _parse_rounds(spec: str, available: list[int]) -> list[int]:
     if spec == "last":
         return available[-1:]
     if spec.startswith("every:"):
-        step = int(spec.split(":", 1)[1])
+        raw = spec.split(":", 1)[1]
+        if not raw.isdigit() or int(raw) < 1:
+            raise HuscfError(f"--rounds every:N needs a whole number N >= 1, got {spec!r}")
+        step = int(raw)
         return sorted({r for r in available if r % step == 0} | {available[-1]})
     try:
         wanted = sorted({int(x) for x in spec.split(",")})
@@ -111,8 +114,14 @@ class RunEvaluator:
         if not self.run.config.is_file() or not (self.run.path / "clients.json").is_file():
             raise HuscfError(f"{run_dir} is not a huscf run directory (config.yaml or clients.json missing)")
         self.cfg = load_config(self.run.config, [f"data.data_dir={data_dir}"] if data_dir else [])
-        self.clients = json.loads((self.run.path / "clients.json").read_text())["clients"]
-        self.rows = {r["round"]: r for r in self.run.read_metrics()}
+        clients_json = self.run.path / "clients.json"
+        try:
+            self.clients = json.loads(clients_json.read_text(encoding="utf-8"))["clients"]
+            cuts = [Cuts(*c["cuts"]) for c in self.clients]
+            domains = [c["domain"] for c in self.clients]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise HuscfError(f"cannot read {clients_json}: damaged or not written by huscf train") from None
+        self.rows = {r.round: r for r in self.run.read_rounds()}
         self.rounds = [r for r, _ in self.run.list_checkpoints() if r in self.rows]
         if not self.rounds:
             raise HuscfError(f"run {run_dir} has no finished round with a checkpoint: nothing to evaluate")
@@ -121,28 +130,32 @@ class RunEvaluator:
         num_classes = self.cfg.model.num_classes or max(t.num_classes for t in self.test.values())
         self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
                                        tuple(first.images.shape[1:]))
-        cuts = [Cuts(*c["cuts"]) for c in self.clients]
+        self.domains = domains
         self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts)
 
     def load_round(self, r: int) -> None:
-        self.model.load_state_dict(self.run.load_model_state(r))
+        try:
+            self.model.load_state_dict(self.run.load_model_state(r))
+        except RuntimeError as err:  # a checkpoint of another architecture, width or cuts than config.yaml's
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)[:200])
+            raise HuscfError(f"round {r}'s checkpoint does not fit the model of {self.run.config} "
+                             f"(changed since the run?): {first}") from None
 
-    def generators(self, r: int, client: int | None = None, every_client: bool = False) -> list[dict]:
+    def generators(self, r: int, client: int | None = None, every_client: bool = False) -> list[GeneratorRef]:
         """The generators to evaluate at round r (one per cluster, one client's, or every client's)."""
-        domains = [c["domain"] for c in self.clients]
-        return cluster_generators(self.rows[r]["clusters"], domains, r, client, every_client)
+        return cluster_generators(self.rows[r].clusters, self.domains, r, client, every_client)
 
-    def fingerprint(self, gen: dict) -> tuple[str, str]:
+    def fingerprint(self, gen: GeneratorRef) -> tuple[str, str]:
         """(domain, digest of the generator's weights): equal for generators that sample the same."""
         h = hashlib.blake2b(digest_size=16)
-        for t in self.model.assemble(gen["client"], "G").state_dict().values():
+        for t in self.model.assemble(gen.client, "G").state_dict().values():
             h.update(t.detach().contiguous().cpu().numpy().tobytes())
-        return gen["domain"], h.hexdigest()
+        return gen.domain, h.hexdigest()
 
-    def sample(self, gen: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        what = f"the generator of cluster {gen['cluster']} (client {gen['client']}) at round {gen['round']}"
-        nc = self.test[gen["domain"]].num_classes
-        return sample_generator(self.model.assemble(gen["client"], "G"), nc, self.arch.z_dim, n, seed, what=what)
+    def sample(self, gen: GeneratorRef, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        what = f"the generator of cluster {gen.cluster} (client {gen.client}) at round {gen.round}"
+        nc = self.test[gen.domain].num_classes
+        return sample_generator(self.model.assemble(gen.client, "G"), nc, self.arch.z_dim, n, seed, what=what)
 
 
 def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_samples: int = 30000,
@@ -161,7 +174,9 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
         clf_info[d] = {"test_accuracy": info["test_accuracy"], "data_hash": info["data_hash"]}
     real_test = {d: (to_tensor(t.images), torch.as_tensor(np.array(t.labels))) for d, t in ev.test.items()}
 
-    per_round, final, grids = [], [], {}
+    per_round: list[GeneratorScore] = []
+    final: list[FinalScore] = []
+    grids = {}
     fingerprints: dict[int, tuple] = {}  # the last evaluated round's, by client: reused for TSTR
     t0 = time.perf_counter()
     for k, r in enumerate(todo):
@@ -169,15 +184,16 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
         scored: dict[tuple, dict] = {}  # identical generators (same domain and weights) scored once
         fingerprints.clear()
         for gen in ev.generators(r, client, every_client):
-            key = fingerprints[gen["client"]] = ev.fingerprint(gen)
+            key = fingerprints[gen.client] = ev.fingerprint(gen)
             if key not in scored:
                 x, _ = ev.sample(gen, samples, seed)
-                clf = classifiers[gen["domain"]]
+                clf = classifiers[gen.domain]
                 scored[key] = {"generation_score": round(generation_score(classifier_probs(clf, x)), 4),
-                               "fid": round(classifier_fid(clf, real_test[gen["domain"]][0], x), 4)}
-            per_round.append({**{k2: gen[k2] for k2 in ("round", "cluster", "client", "domain")}, **scored[key]})
-        say(f"round {r}: " + ", ".join(f"{p['domain']}/c{p['cluster']} score {p['generation_score']:.2f} "
-                                       f"FID {p['fid']:.1f}" for p in per_round if p["round"] == r)
+                               "fid": round(classifier_fid(clf, real_test[gen.domain][0], x), 4)}
+            per_round.append(GeneratorScore(round=gen.round, cluster=gen.cluster, client=gen.client,
+                                            domain=gen.domain, **scored[key]))
+        say(f"round {r}: " + ", ".join(f"{p.domain}/c{p.cluster} score {p.generation_score:.2f} "
+                                       f"FID {p.fid:.1f}" for p in per_round if p.round == r)
             + f"  ({k + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s)")
 
     last = todo[-1]  # still loaded: the loop above ended on it (sampling copies, never changes, the model)
@@ -185,48 +201,47 @@ def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_s
     tstr_done: dict[tuple, dict] = {}
     ceilings: dict[str, dict] = {}
     for gen in generators:
-        d = gen["domain"]
-        scores = next(p for p in per_round if p["round"] == last and p["client"] == gen["client"])
-        entry = {**scores, "tstr": None, "real_ceiling": None}
+        d = gen.domain
+        scores = next(p for p in per_round if p.round == last and p.client == gen.client)
+        entry = FinalScore(**scores.to_json())
         nc = ev.test[d].num_classes
         if tstr_samples:
-            key = fingerprints[gen["client"]]
+            key = fingerprints[gen.client]
             if key not in tstr_done:
-                say(f"TSTR for {d} (cluster {gen['cluster']}, client {gen['client']}): "
+                say(f"TSTR for {d} (cluster {gen.cluster}, client {gen.client}): "
                     f"{tstr_samples} synthetic images ...")
                 xs, ys = ev.sample(gen, tstr_samples, seed + 1)
                 tstr_done[key] = tstr(xs, ys, *real_test[d], nc, epochs=tstr_epochs, seed=seed,
                                       min_steps=tstr_min_steps)
-            entry["tstr"] = tstr_done[key]
+            entry.tstr = tstr_done[key]
             if d not in ceilings:
                 n_real = min(tstr_samples, len(load_domain(d, "train", ev.cfg.data.data_dir)))
                 ceilings[d] = real_ceiling(d, n_real, data_dir=ev.cfg.data.data_dir, epochs=tstr_epochs,
                                            seed=seed, min_steps=tstr_min_steps) | {"train_images": n_real}
-            entry["real_ceiling"] = ceilings[d]
+            entry.real_ceiling = ceilings[d]
         final.append(entry)
         if d not in grids:
             per_class = 8
-            g = ev.model.assemble(gen["client"], "G").train()
+            g = ev.model.assemble(gen.client, "G").train()
             z, y = class_grid_inputs(nc, per_class, ev.arch.z_dim, seed)
             with torch.no_grad():
                 grids[d] = (g(z, y), nc)
 
     available, reason = inception_fid_available()
-    result = {
-        "run_dir": str(ev.run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": {"samples": samples, "tstr_samples": tstr_samples, "tstr_epochs": tstr_epochs, "seed": seed,
-                     "tstr_min_steps": tstr_min_steps, "rounds": todo, "client": client,
-                     "every_client": every_client},
-        "classifiers": clf_info,
-        "inception_fid": {"available": available, "reason": reason},
-        "generators": generators,
-        "per_round": per_round,
-        "final": final,
-        "samples": {d: f"eval_samples/{d}.png" for d in grids},
+    result = EvalRecord(
+        run_dir=str(ev.run.path), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        settings=EvalSettings(samples=samples, tstr_samples=tstr_samples, tstr_epochs=tstr_epochs, seed=seed,
+                              tstr_min_steps=tstr_min_steps, rounds=todo, client=client, every_client=every_client),
+        classifiers=clf_info,
+        inception_fid={"available": available, "reason": reason},
+        generators=generators,
+        per_round=per_round,
+        final=final,
+        samples={d: f"eval_samples/{d}.png" for d in grids},
         # spoken digits: the first sample of every class's grid row inverted to audio (Griffin-Lim)
-        "audio": {d: [f"eval_samples/{d}_class{c}.wav" for c in range(nc)] for d, (_, nc) in grids.items()
-                  if ev.test[d].kind == "spectrogram"},
-    }
+        audio={d: [f"eval_samples/{d}_class{c}.wav" for c in range(nc)] for d, (_, nc) in grids.items()
+               if ev.test[d].kind == "spectrogram"},
+    )
     _write_outputs(ev.run.path, result, grids)
     say(f"wrote {ev.run.path / 'eval.json'} and eval.csv")
     return ev.run.path / "eval.json"
@@ -237,33 +252,33 @@ CSV_FIELDS = ["round", "domain", "cluster", "client", "generation_score", "fid",
               "real_fpr"]
 
 
-def _csv_text(final: list[dict]) -> str:
+def _csv_text(final: list[FinalScore]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     for e in final:
-        row = {k: e[k] for k in ("round", "domain", "cluster", "client", "generation_score", "fid")}
-        for prefix, key in (("tstr", "tstr"), ("real", "real_ceiling")):
+        row = {k: getattr(e, k) for k in ("round", "domain", "cluster", "client", "generation_score", "fid")}
+        for prefix, scores in (("tstr", e.tstr), ("real", e.real_ceiling)):
             for m in ("accuracy", "precision", "recall", "f1", "fpr"):
-                row[f"{prefix}_{m}"] = e[key][m] if e[key] else ""
+                row[f"{prefix}_{m}"] = scores[m] if scores else ""
         w.writerow(row)
     return buf.getvalue()
 
 
-def _write_outputs(run: Path, result: dict, grids: dict) -> None:
+def _write_outputs(run: Path, result: EvalRecord, grids: dict) -> None:
     stage = run / ".eval.tmp"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "eval_samples").mkdir(parents=True)
     for d, (images, rows) in grids.items():
         save_grid(images, rows, stage / "eval_samples" / f"{d}.png")
-    for d, paths in result.get("audio", {}).items():
+    for d, paths in result.audio.items():
         images, rows = grids[d]
         per_class = len(images) // rows
         waves = images_to_waves(images[::per_class].float().clamp(-1, 1).numpy())
         for rel, wave in zip(paths, waves):
             write_wav(stage / rel, wave)
-    (stage / "eval.json").write_text(json.dumps(result, indent=1))
-    (stage / "eval.csv").write_text(_csv_text(result["final"]))
+    (stage / "eval.json").write_text(json.dumps(result.to_json(), indent=1))
+    (stage / "eval.csv").write_text(_csv_text(result.final))
     shutil.rmtree(run / "eval_samples", ignore_errors=True)
     (stage / "eval_samples").replace(run / "eval_samples")
     (stage / "eval.csv").replace(run / "eval.csv")

@@ -1,1 +1,2 @@
-"""What a person looks at: sample grids (grids.py)."""
+"""``huscf report``: the report's sections built from the run directory (``build``), rendered to
+HTML and Markdown (``render``), with matplotlib figures (``plots``)."""

@@ -2,7 +2,7 @@
 
 * ``messages`` - the typed message layer every cross-process payload goes through (privacy rules, audit);
 * ``actors`` - ``ClientHost`` (clients' data, segments, optimisers) and ``ServerNode`` (server body, aggregation);
-* ``engine`` - ``RayEngine``, the driver: orchestration, faults, stragglers, state for checkpoints;
+* ``driver`` - ``RayEngine``, the driver: orchestration, faults, stragglers, state for checkpoints;
 * ``cluster`` - starting a loopback Ray or joining a cluster;
 * ``audit`` - ``huscf audit RUN_DIR``.
 

@@ -1,10 +1,10 @@
-"""The two kinds of process of the Ray runtime (plain classes; ``engine.py`` makes them actors).
+"""The two kinds of process of the Ray runtime (plain classes; ``driver.py`` makes them actors).
 
 ``ClientHost`` hosts one or more clients. For each it alone loads and holds the partition, the
 head and tail segments of G and D and their optimisers, and it computes the losses. ``ServerNode``
 holds the server body, its optimisers, the clustering features and the round-end aggregation.
 
-One iteration is the simulation engine's (``engine/simulation.py``), cut at the seams: the
+One iteration is the simulation engine's (``engines/simulation.py``), cut at the seams: the
 driver calls ``phase_a`` (G forward, D step) on every host, ``ServerNode.step("D")``, then
 ``phase_b`` (G step) and ``step("G")``. Inside a phase a host sends one batch of messages per
 seam crossing for all its clients, and the server keeps each client's graph between the forward
@@ -14,6 +14,7 @@ and the backward call. Only activations and their gradients cross; every payload
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -22,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from huscf.baselines import get_method
 from huscf.config import RunConfig
-from huscf.engine.execution import Execution
-from huscf.engine.simulation import SimulationEngine, _rng
+from huscf.engines.execution import Execution
+from huscf.engines.simulation import keyed_rng, non_finite_loss
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import federate
+from huscf.methods import get_method
 from huscf.models.cgan import Architecture
-from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, unpack_state
+from huscf.runtime.messages import ClientContract, Message, PrivacyGuard, Wire, pack_state, unpack_state
+from huscf.setup import load_client_data
 from huscf.split.plan import Cuts
 from huscf.split.segments import NETS, ClientSegments, SplitGAN
 
@@ -48,9 +50,7 @@ class RunSpec:
     def setup(self) -> tuple[RunConfig, Execution, torch.nn.Module, torch.nn.Module]:
         torch.set_num_threads(self.threads)
         cfg = RunConfig.model_validate(self.config)
-        c = cfg.compute
-        ex = Execution.resolve(c.device, c.precision, c.channels_last, c.recompute_generator, "loop", None,
-                               len(self.cuts), c.cudnn_benchmark)
+        ex = Execution.from_config(cfg.compute, len(self.cuts), per_client_loop=True)
         torch.manual_seed(cfg.seed)  # the same initialisation as the driver's and every other process's
         return cfg, ex, self.arch.generator(), self.arch.discriminator()
 
@@ -69,12 +69,42 @@ def _bce(out: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target))
 
 
+@torch.no_grad()
+def _out_shapes(net: torch.nn.Module, inputs: tuple) -> list[tuple[int, ...]]:
+    """The per-sample output shape of every block of a block list, from one forward of 2 samples."""
+    net = net.to("cpu").train()
+    h = net.blocks[0](*inputs)
+    shapes = [tuple(h.shape[1:])]
+    for block in net.blocks[1:]:
+        h = block(h)
+        shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+def _contracts(segs: dict[int, ClientSegments], g, d, arch: Architecture) -> dict[int, ClientContract]:
+    """What each hosted client's messages may carry (``messages.ClientContract``), from its cuts:
+    the head's output crosses forward, the gradient of the server's last block's output back."""
+    y = torch.zeros(2, dtype=torch.long)
+    out = {"G": _out_shapes(copy.deepcopy(g), (torch.randn(2, arch.z_dim), y)),
+           "D": _out_shapes(copy.deepcopy(d), (torch.zeros(2, *arch.image_shape), y))}
+    contracts = {}
+    for i, seg in segs.items():
+        cut = {}
+        for net in NETS:
+            r = seg.ranges[net]
+            if r.server:
+                cut[("activation", net)] = out[net][r.head[-1]]
+                cut[("gradient", net)] = out[net][r.server[-1]]
+        contracts[i] = ClientContract(
+            cut=cut, segment={f"clients.{i}.{k}": tuple(v.shape) for k, v in seg.state_dict().items()},
+            opt_params={net: [tuple(p.shape) for p in seg.nets[net].parameters()] for net in NETS})
+    return contracts
+
+
 class ClientHost:
     """Several clients in one process (one process per client does not scale: 350-400 MB each)."""
 
     def __init__(self, spec: RunSpec, clients: list[int], server, index: int):
-        from huscf.engine.trainer import load_client_data
-
         self.cfg, self.ex, g, d = spec.setup()
         self.ids, self.server, self.index = list(clients), server, index
         self.device = self.ex.torch_device
@@ -86,7 +116,8 @@ class ClientHost:
                      for i, c in load_client_data(self.cfg, self.ids).items()}
         self.opts = {i: {net: _adam(self.segs[i].nets[net].parameters(), self.cfg, self.device) for net in NETS}
                      for i in self.ids}
-        self.wire = Wire(f"host:{index}", PrivacyGuard(spec.arch.image_shape))
+        contracts = _contracts(self.segs, g, d, spec.arch)
+        self.wire = Wire(f"host:{index}", PrivacyGuard(spec.arch.image_shape, contracts, self.cfg.train.batch_size))
         self.batch_size = self.cfg.train.batch_size
         self.delay = {int(k): v for k, v in self.cfg.runtime.inject_delay_s.items()}
         self.perms: dict[int, torch.Tensor] = {}
@@ -102,7 +133,7 @@ class ClientHost:
     def begin_epoch(self, msg: Message) -> None:
         r, e = msg.meta["round"], msg.meta["epoch"]
         self.wire.audit.round = r + 1
-        self.perms = {i: torch.from_numpy(_rng(self.cfg.seed, r, e, i).permutation(len(y)))
+        self.perms = {i: torch.from_numpy(keyed_rng(self.cfg.seed, r, e, i).permutation(len(y)))
                       for i, (_, y) in self.data.items()}
 
     def _batch(self, i: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +154,7 @@ class ClientHost:
 
     def _finite(self, loss: torch.Tensor, i: int, what: str, where: tuple) -> None:
         if not torch.isfinite(loss):
-            SimulationEngine._not_finite(i, what, where)
+            raise non_finite_loss(i, what, where)
 
     # -- phase A: generator forward, discriminator step --------------------------------------------
     def phase_a(self, control: Message, noise: list[Message]) -> Message:

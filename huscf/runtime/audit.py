@@ -14,16 +14,31 @@ from collections import defaultdict
 from pathlib import Path
 
 from huscf.errors import HuscfError
+from huscf.rundir import RunDir
 from huscf.runtime.messages import CLIENT_KINDS, FLOAT_DTYPES
 
 _FLOATS = {*FLOAT_DTYPES, "json", ""}  # json: message headers; "": a message without arrays
+_KEYS = ("src", "dst", "kind", "name", "dtype", "bytes")
 
 
 def read_audit(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "audit.jsonl"
     if not path.is_file():
         raise HuscfError(f"{run_dir}: no audit.jsonl (only runs with --engine ray write one)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for no, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if no == len(lines):  # the line a killed run was writing
+                break
+            raise HuscfError(f"{path} line {no}: not JSON (a damaged audit log)") from None
+        missing = [k for k in _KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise HuscfError(f"{path} line {no}: not an audit record (missing '{missing[0]}')")
+        rows.append(row)
+    return rows
 
 
 def _client_of(end: str) -> int | None:
@@ -33,15 +48,17 @@ def _client_of(end: str) -> int | None:
 def summarise(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     rows = read_audit(run_dir)
-    clients_json = json.loads((run_dir / "clients.json").read_text()) if (run_dir / "clients.json").is_file() else {}
+    clients_json = {}
+    if (run_dir / "clients.json").is_file():
+        try:
+            clients_json = json.loads((run_dir / "clients.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise HuscfError(f"cannot read {run_dir / 'clients.json'}: damaged or not written by huscf train") from None
     predicted = (clients_json.get("latency_per_iteration") or {}).get("bytes_per_client") or []
     iterations: dict[int, int] = defaultdict(int)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            row = json.loads(line)
-            for i, n in enumerate(row.get("iterations_per_client") or []):
-                iterations[i] += n
+    for row in RunDir(run_dir).read_rounds():
+        for i, n in enumerate(row.events.get("iterations_per_client") or []):
+            iterations[i] += n
     per_client: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     sent_by_clients: set[str] = set()

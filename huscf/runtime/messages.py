@@ -105,11 +105,32 @@ class AuditLog:
         return rows
 
 
-class PrivacyGuard:
-    """The rules for what a client may send (see the module docstring)."""
+@dataclass(frozen=True)
+class ClientContract:
+    """What one client's messages may carry, derived from its cuts and segments: the per-sample
+    shape of every cut-layer array ((kind, net) -> shape; absent: that net does not cross), the
+    shape of every tensor of its own segment, and its optimisers' parameter shapes in order."""
 
-    def __init__(self, image_shape: tuple[int, ...]):
+    cut: dict[tuple[str, str], tuple[int, ...]]
+    segment: dict[str, tuple[int, ...]]
+    opt_params: dict[str, list[tuple[int, ...]]]
+
+
+CUT_NAMES = {"G": {"h"}, "D": {"fake", "real"}}  # the arrays of a cut-layer message, by net
+OPT_KEYS = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"}
+_SCALARS = (int, float, bool, str, type(None))
+
+
+class PrivacyGuard:
+    """The rules for what a client may send (see the module docstring). With ``contracts`` (one per
+    client of the sending process) every array must have exactly the shape the client's cuts and
+    segments produce, so a reshaped image or a one-hot label has no shape to hide in; metadata is
+    checked against each kind's schema (no arrays in it)."""
+
+    def __init__(self, image_shape: tuple[int, ...], contracts: dict[int, ClientContract] | None = None,
+                 batch_size: int | None = None):
         self.image_shape = tuple(image_shape)
+        self.contracts, self.batch_size = contracts, batch_size
 
     def check(self, m: Message) -> None:
         def refuse(why: str) -> None:
@@ -119,12 +140,19 @@ class PrivacyGuard:
             refuse(f"a '{m.kind}' message")
         if len(json.dumps(m.meta, default=str)) > META_LIMIT:
             refuse(f"more than {META_LIMIT} bytes of metadata")
+        contract = None
+        if self.contracts is not None:
+            if m.arrays and m.client not in self.contracts:
+                refuse(f"arrays for client {m.client}, which this process does not host")
+            contract = self.contracts.get(m.client)
         for name, a in m.arrays.items():
             if m.dtypes[name] not in FLOAT_DTYPES:
                 refuse(f"an integer array '{name}' (labels never leave a client)")
             if m.kind in ("weights", "state"):
                 if not name.startswith((f"clients.{m.client}.", "opt/")):
                     refuse(f"'{name}', which is not its own segment")
+                if contract is not None:
+                    self._check_segment(name, tuple(a.shape), contract, refuse)
                 continue
             if m.kind not in ("activation", "gradient"):
                 refuse(f"array '{name}' in a '{m.kind}' message")
@@ -132,6 +160,82 @@ class PrivacyGuard:
                 refuse(f"'{name}' shaped like a batch of its images {tuple(a.shape)}")
             if a.ndim <= 1 or tuple(a.shape[1:]) == (1,):
                 refuse(f"'{name}' with one value per sample {tuple(a.shape)} (labels or discriminator outputs)")
+            if contract is not None:
+                net = m.meta.get("net")
+                want = contract.cut.get((m.kind, net))
+                if want is None or name not in CUT_NAMES.get(net, ()):
+                    refuse(f"'{name}': no {m.kind} of net {net} crosses its cuts under that name")
+                if tuple(a.shape[1:]) != want or not 1 <= a.shape[0] <= (self.batch_size or a.shape[0]):
+                    refuse(f"'{name}' of shape {tuple(a.shape)}: its cut produces (batch <= {self.batch_size}, "
+                           f"{', '.join(map(str, want))})")
+        self._check_meta(m, refuse)
+
+    @staticmethod
+    def _check_segment(name: str, shape: tuple[int, ...], contract: ClientContract, refuse) -> None:
+        if name.startswith("opt/"):
+            parts = name.split("/")
+            ok = (len(parts) == 4 and parts[1] in contract.opt_params and parts[2].isdigit()
+                  and int(parts[2]) < len(contract.opt_params[parts[1]]) and parts[3] in OPT_KEYS)
+            if not ok:
+                refuse(f"'{name}', which is not one of its optimiser states")
+            want = () if parts[3] == "step" else contract.opt_params[parts[1]][int(parts[2])]
+        else:
+            if name not in contract.segment:
+                refuse(f"'{name}', which is not a tensor of its segment")
+            want = contract.segment[name]
+        if shape != tuple(want):
+            refuse(f"'{name}' of shape {shape}: its segment's is {tuple(want)}")
+
+    def _check_meta(self, m: Message, refuse) -> None:
+        """Each kind's metadata schema: named keys with scalar values, no arrays."""
+        meta = m.meta
+        hosted = None if self.contracts is None else {str(i) for i in self.contracts}
+
+        def only(keys: set[str]) -> None:
+            extra = sorted(set(meta) - keys)
+            if extra:
+                refuse(f"metadata key '{extra[0]}' in a '{m.kind}' message")
+
+        if m.kind in ("activation", "gradient"):
+            only({"net", "collect"})
+            if meta.get("net") not in ("G", "D") or not isinstance(meta.get("collect", False), bool):
+                refuse("cut-layer metadata other than its net (G or D) and whether features are collected")
+        elif m.kind == "metric":
+            only({"loss_d", "loss_g", "skipped"})
+            for key in ("loss_d", "loss_g"):
+                losses = meta.get(key, {})
+                if not isinstance(losses, dict) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses.values()):
+                    refuse(f"'{key}' other than one loss per client")
+                if hosted is not None and not set(losses) <= hosted:
+                    refuse(f"'{key}' for clients it does not host")
+            skipped = meta.get("skipped", [])
+            if not isinstance(skipped, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in skipped):
+                refuse("'skipped' other than a list of client ids")
+            if hosted is not None and not {str(i) for i in skipped} <= hosted:
+                refuse("'skipped' with clients it does not host")
+        elif m.kind == "state":
+            only({"param_groups"})
+            for net, groups in meta.get("param_groups", {}).items():
+                for group in groups if isinstance(groups, list) else [None]:
+                    if not isinstance(group, dict):
+                        refuse("optimiser parameter groups that are not objects")
+                    for key, v in group.items():
+                        limit = None if self.contracts is None or m.client not in self.contracts else len(
+                            self.contracts[m.client].opt_params.get(net, []))
+                        if key == "params":
+                            ok = isinstance(v, list) and all(isinstance(i, int) and (limit is None or 0 <= i < limit)
+                                                             for i in v)
+                        elif key == "betas":
+                            ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                                isinstance(b, (int, float)) for b in v)
+                        else:
+                            ok = isinstance(v, _SCALARS)
+                        if not ok:
+                            refuse(f"optimiser setting '{key}' = {str(v)[:40]}")
+        elif meta and any(not isinstance(v, _SCALARS) for v in meta.values()):
+            refuse(f"array-valued metadata in a '{m.kind}' message")
 
 
 class Wire:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from huscf.engines.simulation import keyed_rng
 from huscf.errors import HuscfError
 from huscf.federation.strategies import Aggregation
 from huscf.runtime.actors import ClientHost, RunSpec, ServerNode
@@ -43,9 +44,9 @@ def plan_hosts(num_clients: int, clients_per_actor: int | str, cpus: int) -> lis
 
 
 class RayEngine:
-    """Same interface as ``SimulationEngine`` (epochs, round-end federation, state), on Ray."""
+    """An ``Engine`` (engines/protocol.py) on Ray: epochs, round-end federation, state."""
 
-    def __init__(self, cfg, arch, model: SplitGAN, sizes: list[int], feature_depth: int | None,
+    def __init__(self, cfg, model: SplitGAN, *, arch, sizes: list[int], feature_depth: int | None,
                  run_dir: Path, shared_generator: bool = False):
         if shared_generator:
             raise HuscfError(f"method {cfg.method!r} shares one generator between all clients, which the ray "
@@ -150,8 +151,6 @@ class RayEngine:
         return {"failures": [], "skipped_iterations": {}}
 
     def run_epoch(self, round_idx: int, epoch: int, on_iteration=None, collect_features: bool = False) -> dict:
-        from huscf.engine.simulation import _rng
-
         rt = self.cfg.runtime
         control = self.wire.pack("control", "all", meta={"round": round_idx, "epoch": epoch,
                                                          "collect": collect_features})
@@ -160,7 +159,7 @@ class RayEngine:
         self._gather({k: h.begin_epoch.remote(control) for k, h in self._live().items()}, (round_idx, epoch, 0))
         nb = self.batches_per_client()
         n = len(self.sizes)
-        noise = torch.Generator().manual_seed(int(_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
+        noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(n), "g": np.zeros(n)}
         counts = np.zeros(n)
         for t in range(self.iterations_per_epoch()):
@@ -217,6 +216,10 @@ class RayEngine:
         self._last_state = self._collect_state()
         self.model.load_state_dict(self._last_state["model"])
         return agg
+
+    def swap_discriminators(self, perm: list[int]) -> None:
+        raise HuscfError("the ray engine does not move discriminators between clients (MD-GAN): "
+                         "use runtime.engine=simulation")
 
     def _recover(self, k: int) -> None:
         if self.cfg.runtime.on_failure == "drop":

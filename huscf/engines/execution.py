@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from huscf.engine.client_ops import CONV_WAYS
+from huscf.engines.client_ops import CONV_WAYS
 from huscf.errors import HuscfError
 
 
@@ -82,6 +82,20 @@ class Execution:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    @classmethod
+    def from_config(cls, compute, num_clients: int, *, per_client_loop: bool = False) -> "Execution":
+        """A config's ``compute`` section, resolved for ``num_clients`` clients. ``per_client_loop``:
+        for a process that runs its clients one by one (a Ray client or server actor): no batched
+        clients, hence none of the batched-only options."""
+        c = compute
+        common = {"device": c.device, "precision": c.precision, "channels_last": c.channels_last,
+                  "recompute_generator": c.recompute_generator, "num_clients": num_clients,
+                  "cudnn_benchmark": c.cudnn_benchmark}
+        if per_client_loop:
+            return cls.resolve(**common, clients="loop")
+        return cls.resolve(**common, clients=c.clients, client_chunk=c.client_chunk, cuda_graphs=c.cuda_graphs,
+                           fold_batch_norm=c.fold_batch_norm, client_convs=c.client_convs)
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",

@@ -31,9 +31,8 @@ graph alive through the discriminator step.
 CUDA graphs (``compute.cuda_graphs``, on by default on CUDA): a set of clients' iteration is
 captured once, after two eager warm-ups, and replayed; the losses are read once per iteration.
 
-Speed: this is the CUDA default (6.6x the per-client loop at 80 clients, 4.9x at 8, on an H100).
-On a CPU the per-client loop is faster (large grouped batches fall out of cache); see
-docs/performance.md.
+Speed: this is the CUDA default; on a CPU the per-client loop is the default. The measurements
+behind both choices are in docs/performance.md.
 
 Precision: ``precision="bf16"`` runs the forward passes under ``torch.autocast`` (bfloat16
 matmuls and convolutions, fp32 weights, optimiser states and losses).
@@ -50,9 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from huscf.engine.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
-from huscf.engine.execution import Execution
-from huscf.engine.simulation import ClientData, SimulationEngine, place_step
+from huscf.config import TrainConfig
+from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
+from huscf.engines.execution import Execution
+from huscf.engines.simulation import SimulationEngine, place_step
+from huscf.setup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
 
@@ -156,11 +157,12 @@ class _ClientAdam:
 class BatchedEngine(SimulationEngine):
     """``SimulationEngine`` whose iteration batches clients (see the module docstring)."""
 
-    def __init__(self, model: SplitGAN, data: list[ClientData], batch_size: int, lr: float,
-                 betas: tuple[float, float], z_dim: int, seed: int, max_iters_per_epoch: int | None = None,
-                 execution: Execution | None = None, shared_generator: bool = False):
-        super().__init__(model, data, batch_size, lr, betas, z_dim, seed, max_iters_per_epoch, execution,
-                         shared_generator)
+    def __init__(self, model: SplitGAN, data: list[ClientData], *, train: TrainConfig, z_dim: int, seed: int,
+                 execution: Execution | None = None, shared_generator: bool = False,
+                 feature_depth: int | None = None):
+        super().__init__(model, data, train=train, z_dim=z_dim, seed=seed, execution=execution,
+                         shared_generator=shared_generator, feature_depth=feature_depth)
+        lr, betas = train.lr, tuple(train.betas)
         self._plans: dict[tuple[str, tuple[int, ...]], list[_BlockPlan]] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._graph_warmups: dict[tuple, int] = {}

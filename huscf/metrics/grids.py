@@ -35,5 +35,9 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> No
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    try:
+        img.save(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

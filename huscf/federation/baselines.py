@@ -1,4 +1,4 @@
-"""Round-end aggregation of the baselines (same hook as ``huscf.federation.strategies``).
+"""Round-end aggregation of the baseline methods (the same hook as ``strategies``).
 
 These strategies see what their methods' servers see: the clients' whole models
 (``RoundState.client_params``: one flattened discriminator per client), never data.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from huscf.federation.clustering import cluster_clients
-from huscf.federation.strategies import Aggregation, RoundState, _size_weights
+from huscf.federation.strategies import Aggregation, RoundState
+from huscf.federation.weights import size_weights
 
 
 def _centered(params: np.ndarray) -> np.ndarray:
@@ -26,7 +27,7 @@ class NoAggregation:
 
     def aggregate(self, state: RoundState) -> Aggregation:
         n = len(state.sizes)
-        return Aggregation(np.arange(n), np.ones(n), _size_weights(state.sizes), {"phase": "local", "k": n})
+        return Aggregation(np.arange(n), np.ones(n), size_weights(state.sizes), {"phase": "local", "k": n})
 
 
 class HierarchicalFedAvg:
@@ -77,4 +78,4 @@ class PersonalizedSimilarity:
         mixing = w / w.sum(1, keepdims=True)
         info = {"phase": "personalized", "k": n, "similarity": sim.round(4).tolist(),
                 "self_weight": np.diag(mixing).round(4).tolist()}
-        return Aggregation(np.arange(n), np.ones(n), _size_weights(state.sizes), info, mixing=mixing)
+        return Aggregation(np.arange(n), np.ones(n), size_weights(state.sizes), info, mixing=mixing)

@@ -1,7 +1,7 @@
 """``huscf report RUN_DIR``: report.html (self-contained, images inline) and report.md (images in report_files/).
 
 This module reads the run and builds the report as a list of neutral blocks, one function per
-section; ``document.py`` renders the blocks to HTML and Markdown (escaping every piece of text)
+section; ``render.py`` renders the blocks to HTML and Markdown (escaping every piece of text)
 and writes both to temporary names, then renames them: a failure leaves no half-written report.
 """
 
@@ -18,12 +18,24 @@ from pathlib import Path
 
 import yaml
 
-from huscf.engine.rundir import RunDir
 from huscf.errors import HuscfError
 from huscf.report import plots
-from huscf.report.document import (Block, Code, CodeBlock, Heading, Image, Table, Toc, one_line, commit, para,
-                                   render_html, render_markdown)
 from huscf.report.plots import Line, Panel
+from huscf.report.render import (
+    Block,
+    Code,
+    CodeBlock,
+    Heading,
+    Image,
+    Table,
+    Toc,
+    commit,
+    one_line,
+    para,
+    render_html,
+    render_markdown,
+)
+from huscf.rundir import EvalRecord, GeneratorScore, RoundRecord, RunDir, read_eval
 
 _SAMPLE = re.compile(r"round_(\d{4,})_cluster_(\d+)\.png$")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,9 +48,9 @@ class Run:
     path: Path
     config_text: str
     config: dict
-    metrics: list[dict]
+    metrics: list[RoundRecord]
     clients: dict | None
-    eval: dict | None
+    eval: EvalRecord | None
 
     @property
     def client_domains(self) -> list[str] | None:
@@ -50,8 +62,8 @@ class Run:
     def domains(self) -> list[str]:
         found: list[str] = []
         sources = [self.client_domains or [], _get(self.config, "data", "domains") or []]
-        sources += [list(r.get("label_accuracy") or {}) for r in self.metrics[:1]]
-        sources += [[str(e["domain"]) for e in (self.eval or {}).get("final", [])]]
+        sources += [list(r.label_accuracy) for r in self.metrics[:1]]
+        sources += [[e.domain for e in (self.eval.final if self.eval else [])]]
         for src in sources:
             for d in src:
                 if str(d) not in found:
@@ -60,10 +72,14 @@ class Run:
 
     @property
     def rounds(self) -> list[int]:
-        return [int(r["round"]) for r in self.metrics]
+        return [r.round for r in self.metrics]
 
     def evaluate_hint(self) -> str:
         return f"huscf evaluate {shlex.quote(str(self.path))}"
+
+
+def _or_dash(v, dash=DASH):
+    return dash if v is None else v
 
 
 def _get(d, *keys, default=None):
@@ -98,37 +114,12 @@ def load_run(run_dir: Path) -> Run:
         raise HuscfError(f"cannot read {run_dir / 'config.yaml'}: {one_line(exc)}") from None
     if not isinstance(config, dict):
         raise HuscfError(f"cannot read {run_dir / 'config.yaml'}: not a mapping of config keys")
-    metrics = RunDir(run_dir).read_metrics()
-    if not metrics or not all(isinstance(r, dict) and "round" in r for r in metrics):
+    metrics = RunDir(run_dir).read_rounds()
+    if not metrics:
         raise HuscfError(f"cannot report on {run_dir}: metrics.jsonl has no finished round")
     clients = _read_json(run_dir / "clients.json") if (run_dir / "clients.json").is_file() else None
-    ev = None
-    if (run_dir / "eval.json").is_file():
-        ev = _read_json(run_dir / "eval.json")
-        _check_eval(ev, run_dir / "eval.json")
+    ev = read_eval(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
     return Run(run_dir, config_text, config, metrics, clients if isinstance(clients, dict) else None, ev)
-
-
-def _check_eval(ev, path: Path) -> None:
-    """The parts of eval.json the report indexes directly; anything else is read with defaults."""
-    def bad(what: str):
-        raise HuscfError(f"cannot read {path}: {what} (not written by `huscf evaluate`?)")
-
-    if not isinstance(ev, dict):
-        bad("the top level is not an object")
-    for key in ("settings", "classifiers", "inception_fid", "samples"):
-        if not isinstance(ev.get(key, {}), dict):
-            bad(f"key '{key}' is not an object")
-    for key in ("generators", "per_round", "final"):
-        items = ev.get(key, [])
-        if not isinstance(items, list):
-            bad(f"key '{key}' is not a list")
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "round" not in item or "domain" not in item:
-                bad(f"'{key}[{i}]' lacks 'round' or 'domain'")
-            for sub in ("tstr", "real_ceiling"):
-                if item.get(sub) is not None and not isinstance(item[sub], dict):
-                    bad(f"'{key}[{i}].{sub}' is not an object or null")
 
 
 # -- formatting --------------------------------------------------------------------------------------
@@ -157,24 +148,25 @@ def seconds(s) -> str:
     return f"{f / 60:.1f} min" if f >= 120 else f"{f:.2f} s"
 
 
-def _series(rows: list[dict], key: str, domain: str) -> tuple[list[int], list[float]]:
-    """(rounds, values) of metrics.jsonl ``row[key][domain]`` where present and finite."""
+def _series(rows: list[RoundRecord], key: str, domain: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of the round records' ``key`` (a dict by domain) where present and finite."""
     xs, ys = [], []
     for r in rows:
-        v = _finite(_get(r, key, domain))
+        v = _finite(_get(getattr(r, key), domain))
         if v is not None:
-            xs.append(int(r["round"]))
+            xs.append(r.round)
             ys.append(v)
     return xs, ys
 
 
-def _eval_series(entries: list[dict], key: str, domain: str) -> tuple[list[int], list[float], list[tuple[int, float]]]:
+def _eval_series(entries: list[GeneratorScore], key: str,
+                 domain: str) -> tuple[list[int], list[float], list[tuple[int, float]]]:
     """Per round, the mean of ``key`` over the domain's evaluated generators, and every single point."""
     by_round: dict[int, list[float]] = {}
     for e in entries:
-        v = _finite(e.get(key))
-        if str(e["domain"]) == domain and v is not None:
-            by_round.setdefault(int(e["round"]), []).append(v)
+        v = _finite(getattr(e, key))
+        if e.domain == domain and v is not None:
+            by_round.setdefault(e.round, []).append(v)
     rounds = sorted(by_round)
     points = [(r, v) for r in rounds for v in by_round[r]]
     return rounds, [sum(by_round[r]) / len(by_round[r]) for r in rounds], points
@@ -204,13 +196,13 @@ def section_summary(run: Run) -> Section:
         ["model", f"{_get(cfg, 'model', 'arch', default='?')}, width {_get(cfg, 'model', 'width', default='?')}"],
         ["cut method", str(_get(run.clients, "cut_method", default=DASH))],
         ["federation", str(_get(cfg, "federation", "strategy", default=DASH))],
-        ["rounds done", f"{last['round']} of {planned}" if planned is not None else str(last["round"])],
-        ["iterations per round", str(last.get("iterations", DASH))],
-        ["clusters in the last round", f"k = {last.get('num_clusters', DASH)}, ARI vs domains = {num(last.get('ari_vs_domains'), 2)}"],
-        ["training wall time", seconds(sum(_finite(r.get("train_seconds")) or 0.0 for r in run.metrics))],
-        ["simulated latency, all rounds", seconds(sum(_finite(r.get("latency_s_round")) or 0.0 for r in run.metrics))
-         if any(r.get("latency_s_round") is not None for r in run.metrics) else "n/a (networks not split)"],
-        ["evaluation", f"eval.json, created {ev.get('created', '?')}" if ev else f"none yet (run {run.evaluate_hint()})"],
+        ["rounds done", f"{last.round} of {planned}" if planned is not None else str(last.round)],
+        ["iterations per round", str(_or_dash(last.iterations))],
+        ["clusters in the last round", f"k = {_or_dash(last.num_clusters)}, ARI vs domains = {num(last.ari_vs_domains, 2)}"],
+        ["training wall time", seconds(sum(_finite(r.train_seconds) or 0.0 for r in run.metrics))],
+        ["simulated latency, all rounds", seconds(sum(_finite(r.latency_s_round) or 0.0 for r in run.metrics))
+         if any(r.latency_s_round is not None for r in run.metrics) else "n/a (networks not split)"],
+        ["evaluation", f"eval.json, created {ev.created or '?'}" if ev else f"none yet (run {run.evaluate_hint()})"],
     ]
     blocks: list[Block] = [Table(["", ""], rows)]  # no header row: a key/value table
     blocks += _clients_table(run)
@@ -225,7 +217,7 @@ def _clients_table(run: Run) -> list[Block]:
     clients = _get(run.clients, "clients")
     if not isinstance(clients, list) or not clients:
         return [para("No clients.json in the run directory: per-client details are not available.", note=True)]
-    final = run.metrics[-1].get("clusters") or []
+    final = run.metrics[-1].clusters
     rows = []
     for i, c in enumerate(clients):
         rows.append([str(c.get("client", i)), str(c.get("domain", DASH)), str(c.get("size", DASH)),
@@ -242,38 +234,37 @@ def section_evaluation(run: Run) -> Section:
         return "Final metrics", [para("This run has no eval.json yet, so the generation score, FID and TSTR metrics "
                                       "are missing. Run ", Code(run.evaluate_hint()), " to compute them, then ",
                                       Code(f"huscf report {shlex.quote(str(run.path))}"), " again.", note=True)]
-    s = ev.get("settings", {})
+    s = ev.settings
     blocks: list[Block] = [para(
-        f"From eval.json (created {ev.get('created', '?')}): {s.get('samples', '?')} samples per generator for the "
-        f"scores, {s.get('tstr_samples', '?')} synthetic samples and {s.get('tstr_epochs', '?')} epochs for TSTR "
-        f"(train on synthetic, test on real), seed {s.get('seed', '?')}"
-        + (f", generators of client {s['client']} only." if s.get("client") is not None else "."))]
+        f"From eval.json (created {ev.created or '?'}): {s.samples} samples per generator for the "
+        f"scores, {s.tstr_samples} synthetic samples and {s.tstr_epochs} epochs for TSTR "
+        f"(train on synthetic, test on real), seed {s.seed}"
+        + (f", generators of client {s.client} only." if s.client is not None else "."))]
     blocks.append(_final_table(ev))
-    gens = ev.get("generators", [])
-    if gens:
+    if ev.generators:
         blocks.append(para("Evaluated generators (a cluster's generator is sampled through its representative client):"))
         blocks.append(Table(["round", "cluster", "client", "domain", "members"], [
-            [str(g.get("round")), str(g.get("cluster", DASH)), str(g.get("client", DASH)), str(g.get("domain")),
-             ", ".join(map(str, g.get("members") or [])) or DASH] for g in gens]))
+            [str(g.round), str(_or_dash(g.cluster)), str(_or_dash(g.client)), g.domain,
+             ", ".join(map(str, g.members)) or DASH] for g in ev.generators]))
     return "Final metrics", blocks
 
 
-def _final_table(ev: dict) -> Table:
+def _final_table(ev: EvalRecord) -> Table:
     header = ["domain", "cluster", "client", "round", "generation score", "FID", "TSTR accuracy", "TSTR precision",
               "TSTR recall", "TSTR F1", "TSTR FPR", "real-ceiling accuracy", "real-ceiling F1", "classifier test accuracy"]
     rows = []
-    for f in ev.get("final", []):
-        t, c = f.get("tstr") or {}, f.get("real_ceiling") or {}
-        clf = _get(ev, "classifiers", str(f["domain"]), "test_accuracy")
-        rows.append([str(f["domain"]), str(f.get("cluster", DASH)), str(f.get("client", DASH)), str(f["round"]),
-                     num(f.get("generation_score")), num(f.get("fid"), 2), num(t.get("accuracy")),
+    for f in ev.final:
+        t, c = f.tstr or {}, f.real_ceiling or {}
+        clf = _get(ev.classifiers, f.domain, "test_accuracy")
+        rows.append([f.domain, str(_or_dash(f.cluster)), str(_or_dash(f.client)), str(f.round),
+                     num(f.generation_score), num(f.fid, 2), num(t.get("accuracy")),
                      num(t.get("precision")), num(t.get("recall")), num(t.get("f1")), num(t.get("fpr")),
                      num(c.get("accuracy")), num(c.get("f1")), num(clf)])
     return Table(header, rows)
 
 
 def section_scores(run: Run) -> Section:
-    per_round = (run.eval or {}).get("per_round", [])
+    per_round = run.eval.per_round if run.eval else []
     panels = []
     for d in run.domains:
         lines = []
@@ -315,10 +306,10 @@ def section_fid(run: Run) -> Section | None:
     lines = []
     colours = plots.domain_colours(run.domains)
     for d in run.domains:
-        x, y, _ = _eval_series(ev.get("per_round", []), "fid", d)
+        x, y, _ = _eval_series(ev.per_round, "fid", d)
         if x:
             lines.append(Line(d, x, y, "-o", color=colours[d]))
-    inception = ev.get("inception_fid") or {}
+    inception = ev.inception_fid
     note = ("Inception FID: " + ("available" if inception.get("available") else
                                  f"not available ({inception.get('reason') or 'no reason given'})") + ".")
     if not lines:
@@ -330,47 +321,47 @@ def section_fid(run: Run) -> Section | None:
 
 
 def section_tstr(run: Run) -> Section | None:
-    final = (run.eval or {}).get("final", [])
-    if run.eval is None or not final:
+    final = run.eval.final if run.eval else []
+    if not final:
         return None
     blocks: list[Block] = [para("TSTR: a classifier trained on the generator's synthetic samples and tested on the "
                                 "real test set; the real ceiling trains the same classifier on the real training data.")]
     for f in final:
-        title = f"{f['domain']}: cluster {f.get('cluster', '?')}, client {f.get('client', '?')}, round {f['round']}"
+        title = f"{f.domain}: cluster {_or_dash(f.cluster, '?')}, client {_or_dash(f.client, '?')}, round {f.round}"
         blocks.append(Heading(title, level=3))
-        t, c = f.get("tstr"), f.get("real_ceiling")
+        t, c = f.tstr, f.real_ceiling
         per_class = (t or {}).get("per_class_accuracy")
         if not per_class:
             blocks.append(para("No TSTR result for this generator."))
             continue
         png = plots.tstr_detail(per_class, (c or {}).get("per_class_accuracy"), t.get("confusion"), title)
-        blocks.append(Image(f"tstr_{f['domain']}_cluster{f.get('cluster', '')}", png, f"TSTR per class: {title}"))
+        blocks.append(Image(f"tstr_{f.domain}_cluster{_or_dash(f.cluster, '')}", png, f"TSTR per class: {title}"))
     return "Per-class TSTR accuracy and confusion matrices", blocks
 
 
 def section_clusters(run: Run) -> Section:
-    rows = [r for r in run.metrics if isinstance(r.get("clusters"), list) and r["clusters"]]
+    rows = [r for r in run.metrics if r.clusters]
     if not rows:
         return "Cluster assignment over rounds", [para("No cluster assignments were recorded.")]
-    n = len(rows[0]["clusters"])
-    rows = [r for r in rows if len(r["clusters"]) == n]
+    n = len(rows[0].clusters)
+    rows = [r for r in rows if len(r.clusters) == n]
     doms = run.client_domains or []
     labels = [f"{i}: {doms[i]}" if i < len(doms) else f"{i}: ?" for i in range(n)]
-    rounds = [int(r["round"]) for r in rows]
-    blocks: list[Block] = [Image("clusters", plots.cluster_map([r["clusters"] for r in rows], rounds, labels),
+    rounds = [r.round for r in rows]
+    blocks: list[Block] = [Image("clusters", plots.cluster_map([r.clusters for r in rows], rounds, labels),
                                  "cluster id per client and round",
                                  "Rows: clients (id: true domain); columns: rounds; colour and number: cluster id. "
                                  "Cluster ids are renumbered every round, so compare groupings, not ids.")]
     panels = [
-        Panel("ARI of the clusters vs the true domains", [Line(None, rounds, [_finite(r.get("ari_vs_domains")) or 0.0
+        Panel("ARI of the clusters vs the true domains", [Line(None, rounds, [_finite(r.ari_vs_domains) or 0.0
                                                                               for r in rows], "-o")], "ARI", ylim=(-0.05, 1.05)),
-        Panel("number of clusters", [Line(None, rounds, [r.get("num_clusters", len(set(r["clusters"]))) for r in rows],
+        Panel("number of clusters", [Line(None, rounds, [_or_dash(r.num_clusters, len(set(r.clusters))) for r in rows],
                                           "-o", color=plots.PALETTE[1])], "k"),
     ]
     blocks.append(Image("ari_per_round", plots.curves(panels), "ARI and number of clusters per round"))
     blocks.append(Table(["round", "phase", "k", "ARI", "clusters"], [
-        [str(r["round"]), str(_get(r, "federation", "phase", default=DASH)), str(r.get("num_clusters", DASH)),
-         num(r.get("ari_vs_domains"), 2), " ".join(map(str, r["clusters"]))] for r in rows]))
+        [str(r.round), str(_get(r.federation, "phase", default=DASH)), str(_or_dash(r.num_clusters)),
+         num(r.ari_vs_domains, 2), " ".join(map(str, r.clusters))] for r in rows]))
     return "Cluster assignment over rounds", blocks
 
 
@@ -381,13 +372,13 @@ def section_losses(run: Run) -> Section:
     panels = []
     for key, title in (("loss_d", "discriminator loss"), ("loss_g", "generator loss")):
         lines = []
-        per_client = [r.get(f"{key}_per_client") or [] for r in run.metrics]
+        per_client = [getattr(r, f"{key}_per_client") for r in run.metrics]
         n = min((len(p) for p in per_client), default=0)
         for i in range(n):
             d = doms[i] if i < len(doms) else None
             lines.append(Line(f"client ({d})" if d else "client", rounds, [p[i] for p in per_client], "-",
                               color=colours.get(d, plots.PALETTE[7]), width=0.9, alpha=0.55))
-        lines.append(Line("mean over clients", rounds, [_finite(r.get(key)) for r in run.metrics], "-o",
+        lines.append(Line("mean over clients", rounds, [_finite(getattr(r, key)) for r in run.metrics], "-o",
                           color="black", width=2.0))
         panels.append(Panel(title, lines, "loss"))
     return "Losses per round", [Image("losses", plots.curves(panels), "discriminator and generator losses per round",
@@ -413,9 +404,9 @@ def section_latency(run: Run) -> Section:
     else:
         blocks.append(para("No clients.json: the per-stage latency breakdown is not available.", note=True))
     rounds = run.rounds
-    panels = [Panel("simulated latency per round", [Line("simulated", rounds, [_finite(r.get("latency_s_round"))
+    panels = [Panel("simulated latency per round", [Line("simulated", rounds, [_finite(r.latency_s_round)
                                                                              for r in run.metrics], "-o")], "seconds"),
-              Panel("wall time per round (this machine)", [Line("measured", rounds, [_finite(r.get("train_seconds"))
+              Panel("wall time per round (this machine)", [Line("measured", rounds, [_finite(r.train_seconds)
                                                                                       for r in run.metrics], "-o",
                                                                  color=plots.PALETTE[1])], "seconds")]
     blocks.append(Image("latency_per_round", plots.curves(panels), "latency per round"))
@@ -424,7 +415,7 @@ def section_latency(run: Run) -> Section:
 
 
 def _bytes_blocks(run: Run) -> list[Block]:
-    per_round = [r.get("bytes_round_per_client") or [] for r in run.metrics]
+    per_round = [r.bytes_round_per_client or [] for r in run.metrics]
     n = min((len(p) for p in per_round), default=0)
     if not n:
         return []
@@ -448,7 +439,7 @@ def _bytes_blocks(run: Run) -> list[Block]:
 
 
 def section_samples(run: Run) -> Section:
-    samples = (run.eval or {}).get("samples") or {}
+    samples = run.eval.samples if run.eval else {}
     blocks: list[Block] = []
     for domain, rel in samples.items():
         png = _read_png(run.path / str(rel))
@@ -457,7 +448,7 @@ def section_samples(run: Run) -> Section:
         else:
             blocks.append(Image(f"samples_{domain}", png, f"samples for {domain}",
                                 f"{domain}: evaluation samples ({rel}), one row per class."))
-        wavs = ((run.eval or {}).get("audio") or {}).get(domain)
+        wavs = run.eval.audio.get(domain) if run.eval else None
         if wavs:
             blocks.append(para(f"{domain} is audio: the grid shows log-mel spectrograms (low frequencies at the "
                                "bottom). The first sample of each row, inverted to sound with Griffin-Lim, is in ",
@@ -473,8 +464,8 @@ def _training_samples(run: Run) -> list[Block]:
     if not found:
         return [para("No sample grids in the run directory.")]
     newest = found[-1][0]
-    row = next((r for r in run.metrics if r["round"] == newest), {})
-    clusters, doms = row.get("clusters") or [], run.client_domains or []
+    row = next((r for r in run.metrics if r.round == newest), None)
+    clusters, doms = row.clusters if row else [], run.client_domains or []
     blocks: list[Block] = [para(f"Training samples of round {newest} (the newest grids), one per cluster, one row per "
                                 "class, sampled through the cluster's first client.")]
     for _, k, path in (f for f in found if f[0] == newest):

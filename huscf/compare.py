@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from huscf.baselines.methods import ABLATIONS, METHODS
 from huscf.config import load_config
-from huscf.engine.rundir import RunDir
-from huscf.engine.trainer import Trainer, read_metrics
 from huscf.errors import HuscfError
+from huscf.methods import get_method
 from huscf.metrics.evaluate import evaluate_run
+from huscf.rundir import EvalSettings, RunDir, read_eval
+from huscf.trainer import Trainer
 
 FIELDS = ["method", "domain", "generators", "generation_score", "fid", "tstr_accuracy", "tstr_f1", "rounds",
           "train_seconds"]
@@ -34,11 +33,8 @@ FIELDS = ["method", "domain", "generators", "generation_score", "fid", "tstr_acc
 
 def resolve(name: str) -> tuple[str, tuple[str, ...]]:
     """A method or ablation name -> (config method, extra overrides)."""
-    if name in METHODS:
-        return name, ()
-    if name in ABLATIONS:
-        return ABLATIONS[name][0], ABLATIONS[name][1]
-    raise HuscfError(f"unknown method '{name}': choose from {', '.join([*METHODS, *ABLATIONS])}")
+    method = get_method(name)
+    return method.ablation_of or method.name, method.overrides
 
 
 def _train(config: Path | None, name: str, run_dir: Path, overrides: list[str], data_dir: str | None,
@@ -58,9 +54,8 @@ def _evaluated(run_dir: Path, settings: dict) -> bool:
     if not path.is_file():
         return False
     last = RunDir(run_dir).list_checkpoints()[-1][0]
-    saved = json.loads(path.read_text())["settings"]
-    defaults = {"every_client": False, "tstr_min_steps": 600}  # eval.json written before these were recorded
-    return saved["rounds"][-1] == last and all(saved.get(k, defaults.get(k)) == v for k, v in settings.items())
+    saved: EvalSettings = read_eval(path).settings
+    return saved.rounds[-1] == last and all(getattr(saved, k) == v for k, v in settings.items())
 
 
 def summarise(out: Path, names: list[str]) -> list[dict]:
@@ -68,12 +63,12 @@ def summarise(out: Path, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         run_dir = out / name
-        ev = json.loads((run_dir / "eval.json").read_text())
-        metrics = read_metrics(run_dir)
-        seconds = sum(r["train_seconds"] for r in metrics)
-        by_domain: dict[str, list[dict]] = {}
-        for entry in ev["final"]:
-            by_domain.setdefault(entry["domain"], []).append(entry)
+        ev = read_eval(run_dir / "eval.json")
+        metrics = RunDir(run_dir).read_rounds()
+        seconds = sum(r.train_seconds or 0.0 for r in metrics)
+        by_domain: dict[str, list] = {}
+        for entry in ev.final:
+            by_domain.setdefault(entry.domain, []).append(entry)
         for domain, entries in by_domain.items():
             def mean(get):
                 vals = [get(e) for e in entries if get(e) is not None]
@@ -81,10 +76,10 @@ def summarise(out: Path, names: list[str]) -> list[dict]:
 
             rows.append({
                 "method": name, "domain": domain, "generators": len(entries),
-                "generation_score": mean(lambda e: e["generation_score"]), "fid": mean(lambda e: e["fid"]),
-                "tstr_accuracy": mean(lambda e: e["tstr"]["accuracy"] if e["tstr"] else None),
-                "tstr_f1": mean(lambda e: e["tstr"]["f1"] if e["tstr"] else None),
-                "rounds": metrics[-1]["round"], "train_seconds": round(seconds, 1),
+                "generation_score": mean(lambda e: e.generation_score), "fid": mean(lambda e: e.fid),
+                "tstr_accuracy": mean(lambda e: e.tstr["accuracy"] if e.tstr else None),
+                "tstr_f1": mean(lambda e: e.tstr["f1"] if e.tstr else None),
+                "rounds": metrics[-1].round, "train_seconds": round(seconds, 1),
             })
     return rows
 
@@ -103,10 +98,10 @@ def _plot(out: Path, names: list[str]) -> None:
 
     panels: dict[str, plots.Panel] = {}
     for name in names:
-        ev = json.loads((out / name / "eval.json").read_text())
+        ev = read_eval(out / name / "eval.json")
         per: dict[str, dict[int, list[float]]] = {}
-        for p in ev["per_round"]:
-            per.setdefault(p["domain"], {}).setdefault(p["round"], []).append(p["generation_score"])
+        for p in ev.per_round:
+            per.setdefault(p.domain, {}).setdefault(p.round, []).append(p.generation_score)
         for domain, series in per.items():
             rounds = sorted(series)
             panel = panels.setdefault(domain, plots.Panel(f"generation score: {domain}", ylabel="score",

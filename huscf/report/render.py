@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huscf.errors import HuscfError
 
+
 # -- blocks -----------------------------------------------------------------------------------------
 @dataclass
 class Code:

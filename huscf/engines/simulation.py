@@ -18,33 +18,33 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from huscf.engine.execution import Execution
+from huscf.config import TrainConfig
+from huscf.engines.execution import Execution
 from huscf.errors import HuscfError
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import federate
+from huscf.federation.strategies import Aggregation, Strategy
+from huscf.setup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
 
-@dataclass
-class ClientData:
-    """One client's private training data (never leaves the client in a real deployment)."""
-
-    x: torch.Tensor  # (n, C, H, W) float in [-1, 1]
-    y: torch.Tensor  # (n,) int64
-    domain: str
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def _rng(*key: int) -> np.random.Generator:
+def keyed_rng(*key: int) -> np.random.Generator:
+    """The generator of one piece of a round's randomness, keyed by (seed, round, epoch, ...): every
+    engine and process draws the same numbers for the same key."""
     return np.random.default_rng(list(key))
+
+
+def non_finite_loss(client: int, what: str, where: tuple) -> HuscfError:
+    """The one-line error for a NaN or infinite loss; ``where`` is (round, epoch, iteration), 0-based,
+    and the message counts from 1, as the progress bar and metrics.jsonl do."""
+    r, e, t = (k + 1 for k in where) if len(where) == 3 else ("?", "?", "?")
+    return HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
+                      f"epoch {e}, iteration {t}: lower train.lr or check the data")
 
 
 class _NoOptimizer:
@@ -87,11 +87,15 @@ def place_step(step: torch.Tensor, param: torch.Tensor, on_device: bool) -> torc
 class SimulationEngine:
     """Owns the split model's optimisers and runs epochs of the iteration above."""
 
-    def __init__(self, model: SplitGAN, data: list[ClientData], batch_size: int, lr: float,
-                 betas: tuple[float, float], z_dim: int, seed: int, max_iters_per_epoch: int | None = None,
-                 execution: Execution | None = None, shared_generator: bool = False):
+    def __init__(self, model: SplitGAN, data: list[ClientData], *, train: TrainConfig, z_dim: int, seed: int,
+                 execution: Execution | None = None, shared_generator: bool = False,
+                 feature_depth: int | None = None):
+        """``train``: batch size, learning rate, betas and the iteration cap of the run;
+        ``shared_generator``: the method's one generator (MD-GAN); ``feature_depth``: the D block
+        whose server-side activations the round end clusters on (None: no clustering features)."""
         if len(data) != len(model.clients):
             raise ValueError("one ClientData per client is required")
+        batch_size, lr, betas = train.batch_size, train.lr, tuple(train.betas)
         self.ex = execution or Execution()
         self.device = self.ex.torch_device
         if self.device.type == "cuda":  # let cuDNN time its algorithms once per shape (off by default)
@@ -101,7 +105,7 @@ class SimulationEngine:
             model.to(memory_format=torch.channels_last)
         data = [ClientData(self.ex.layout(d.x.to(self.device)), d.y.to(self.device), d.domain) for d in data]
         self.model, self.data, self.batch_size, self.z_dim, self.seed = model, data, batch_size, z_dim, seed
-        self.max_iters = max_iters_per_epoch
+        self.max_iters = train.max_iters_per_epoch
 
         # on CUDA, one fused kernel per optimiser step: with one optimiser per client segment the
         # default multi-kernel step was a third of the GPU time of an 80-client iteration
@@ -121,7 +125,7 @@ class SimulationEngine:
             self.client_opts = [{net: adam(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
             self.server_opts = {net: adam(model.server_parameters(net)) for net in NETS}
         # when set (to a depth), the server collects clustering features from the real D passes
-        self.feature_depth: int | None = None
+        self.feature_depth = feature_depth
         self.features = FeatureStats(len(data))
 
     # -- epochs --------------------------------------------------------------------------------
@@ -140,9 +144,9 @@ class SimulationEngine:
             self.features = FeatureStats(len(self.data))
         nb = self.batches_per_client()
         # the permutations live beside the data: a batch is then one gather, with no host copy
-        perms = [torch.from_numpy(_rng(self.seed, round_idx, epoch, i).permutation(len(d))).to(d.y.device)
+        perms = [torch.from_numpy(keyed_rng(self.seed, round_idx, epoch, i).permutation(len(d))).to(d.y.device)
                  for i, d in enumerate(self.data)]
-        noise = torch.Generator().manual_seed(int(_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
+        noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
         counts = np.zeros(len(self.data))
         for t in range(self.iterations_per_epoch()):
@@ -238,15 +242,10 @@ class SimulationEngine:
     @staticmethod
     def _check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:
         if not torch.isfinite(loss):
-            SimulationEngine._not_finite(client, what, where)
+            raise non_finite_loss(client, what, where)
 
-    @staticmethod
-    def _not_finite(client: int, what: str, where: tuple) -> None:
-        r, e, t = where if len(where) == 3 else ("?", "?", "?")
-        raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
-                         f"epoch {e}, iteration {t}: lower train.lr or check the data")
-
-    def federate(self, strategy, sizes: np.ndarray, round_idx: int, seed: int, use_features: bool):
+    def federate(self, strategy: Strategy, sizes: np.ndarray, round_idx: int, seed: int,
+                 use_features: bool) -> Aggregation:
         """The round-end aggregation, applied to ``self.model`` (see ``federation.rounds``)."""
         return federate(self.model, strategy, sizes, round_idx, seed, self.features if use_features else None)
 

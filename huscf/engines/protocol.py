@@ -1,0 +1,51 @@
+"""``Engine``: what the trainer asks of an engine, whichever runs the iteration.
+
+Three engines implement it: ``SimulationEngine`` (every client in one process, a loop over
+clients: the reference numerics), ``BatchedEngine`` (the same, each block run once for a chunk of
+clients) and ``runtime.RayEngine`` (client and server actors). The trainer builds one from the
+config (``Trainer._engine``) and only ever calls what is declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from huscf.federation.strategies import Aggregation, Strategy
+from huscf.split.segments import SplitGAN
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model: SplitGAN  # the split model (the Ray driver's is a mirror, refreshed at every round end)
+    device: torch.device  # where ``model`` lives (monitoring samples are drawn there)
+
+    def iterations_per_epoch(self) -> int:
+        """Iterations of one local epoch (the longest client's batches, capped by the config)."""
+
+    def run_epoch(self, round_idx: int, epoch: int, on_iteration: Callable[[dict], None] | None = None,
+                  collect_features: bool = False) -> dict[str, list[float]]:
+        """One local epoch of every client; returns per-client mean losses {"d": [...], "g": [...]}.
+        ``collect_features``: gather the server's clustering features during this epoch."""
+
+    def federate(self, strategy: Strategy, sizes: np.ndarray, round_idx: int, seed: int,
+                 use_features: bool) -> Aggregation:
+        """The round end: the strategy's aggregation applied to the model; returns it."""
+
+    def swap_discriminators(self, perm: list[int]) -> None:
+        """Client i continues with client perm[i]'s discriminator and its optimiser state."""
+
+    def round_events(self) -> dict:
+        """Faults and skipped iterations of the round, for the round record (then reset)."""
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint needs to resume (one format for every engine)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's state."""
+
+    def close(self) -> None:
+        """Release processes and threads (the Ray engine's actors)."""

@@ -1,0 +1,362 @@
+"""The run directory's files: resolved config, metrics.jsonl, checkpoints, samples, and resuming.
+
+Layout::
+
+    RUN_DIR/config.yaml            the fully resolved config of the run
+    RUN_DIR/clients.json           per client: domain, size, excluded classes, cuts, device, latency
+    RUN_DIR/metrics.jsonl          one JSON line per finished round
+    RUN_DIR/samples/round_NNNN_cluster_K.png
+    RUN_DIR/checkpoints/round_NNNN.pt   every round; the newest ``keep_full`` with optimiser states,
+                                        older ones slimmed to the (deduplicated) model weights
+    RUN_DIR/checkpoints/round_NNNN.pt.json   its SHA-256 (and whether it is slim)
+    RUN_DIR/set_aside/STAMP/       what a resume moved out of the way (damaged checkpoints, their rounds)
+
+Checkpoints are data, not code: they are read with ``torch.load(weights_only=True)`` (tensors and
+plain containers; a crafted pickle is refused, never run) after their bytes are checked against
+their SHA-256 (``DamagedCheckpoint`` otherwise). Every file is written to a temporary name, synced
+and renamed, and a checkpoint's checksum file lists the old and the new digest while a checkpoint
+is rewritten (slimmed), so a kill at any moment leaves files that verify; a killed writer's
+temporary files are removed when the run resumes.
+
+A round appends its metrics line, then writes its checkpoint. Resuming continues after the newest
+full checkpoint that verifies and recomputes the rounds after it; newer checkpoints that do not
+verify are moved to ``set_aside/`` with their rounds' metrics lines, never deleted or overwritten.
+When no full checkpoint verifies but rounds were finished, resuming stops with one line and
+changes nothing.
+
+Checkpoints are written in the background: ``save_checkpoint`` takes a CPU copy of the state
+(training goes on changing the live tensors) and a writer thread saves it while the next round
+trains. At most one write is in flight; the next save, and ``flush``, wait for it and raise its
+error if it failed.
+
+The writer thread runs torch with one intra-op thread (``WRITER_THREADS``). Loading and saving
+run a few parallel ATen copies, and a thread that runs one gets its own OpenMP team, which lives
+as long as the thread does. With a second team alive beside the training thread's, every small
+parallel op of training got slower: on 2 cores each round after the first slimmed checkpoint
+(round 4 of the default run) trained 1.6-1.8x slower, same ops and counts, batch norm 5x
+(issue 19; docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from huscf.errors import HuscfError
+from huscf.rundir.records import RoundRecord, read_rounds, write_rounds
+
+_CKPT = re.compile(r"round_(\d{4,})\.pt$")
+
+WRITER_THREADS: int | None = 1
+"""Torch intra-op threads of the checkpoint writer thread (None: torch's default, as before
+issue 19; ``benchmarks/bench_rounds.py``'s ``before`` run uses it to measure the difference)."""
+
+
+def _writer_init() -> None:
+    if WRITER_THREADS is not None:
+        torch.set_num_threads(WRITER_THREADS)  # threads that already ran torch keep their own count
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Store each distinct tensor once. After clustered averaging every member of a cluster holds
+    identical copies of its blocks, so a round's weights shrink to about one copy per cluster."""
+    tensors: list[torch.Tensor] = []
+    seen: dict[tuple, int] = {}
+    index = {}
+    for key, t in state.items():
+        sig = (t.dtype, tuple(t.shape), hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).digest())
+        if sig not in seen:
+            seen[sig] = len(tensors)
+            tensors.append(t.clone())  # its own storage: a loaded checkpoint's tensors share one buffer
+        index[key] = seen[sig]
+    return tensors, index
+
+
+def _snapshot(obj):
+    """A CPU copy of every tensor of a nested state (dicts and lists), in one copy per device and
+    dtype: the tensors are flattened into one buffer, moved in one transfer, and handed back as
+    views of it. Thousands of small per-client tensors would otherwise cost a transfer and a
+    synchronisation each. ``torch.save`` writes each buffer once, so the file holds each tensor's
+    own elements and nothing more (a loaded checkpoint's tensors are views of those buffers)."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            tensors.append(o.detach())
+            return _Slot(len(tensors) - 1)
+        if isinstance(o, dict):
+            return {k: collect(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [collect(v) for v in o]
+        return o
+
+    skeleton = collect(obj)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    for idx in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to("cpu")  # a new tensor: never the original
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            copies[i] = flat[offset:offset + n].view(tensors[i].shape)
+            offset += n
+    return _fill(skeleton, copies)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be read as data, or whose bytes do not match its checksum."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary name in the same folder (synced, then renamed); the
+    temporary file is removed when the write fails (a kill leaves it: ``remove_stale_temporaries``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class _Slot(int):
+    """Where tensor number ``int(self)`` goes back into a snapshot's structure."""
+
+
+def _fill(o, values: list):
+    if isinstance(o, _Slot):
+        return values[o]
+    if isinstance(o, dict):
+        return {k: _fill(v, values) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_fill(v, values) for v in o]
+    return o
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+        self.metrics = self.path / "metrics.jsonl"
+        self.config = self.path / "config.yaml"
+
+    def check_new(self) -> None:
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise HuscfError(f"output directory {self.path} is not empty: pick another --out or use --resume {self.path}")
+
+    def check_writable(self) -> None:
+        """One line, before any data loads, when the run directory cannot be made or written (a
+        read-only mount, a path under a regular file); leaves nothing behind."""
+        made = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".huscf-write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise HuscfError(f"cannot write the run directory {self.path}: {err.strerror or err}") from None
+        finally:
+            if made:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+
+    def create(self) -> None:
+        self.check_new()
+        try:
+            for p in (self.path, self.checkpoints, self.samples):
+                p.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise HuscfError(f"cannot create the run directory {self.path}: {err.strerror or err}") from None
+
+    def write_json(self, name: str, obj) -> None:
+        _write_atomic(self.path / name, json.dumps(obj, indent=1).encode())
+
+    def save_checkpoint(self, round_no: int, state: dict, keep_full: int = 0) -> None:
+        """Write round ``round_no``'s checkpoint. With ``keep_full > 0``, checkpoints older than the
+        newest ``keep_full`` are slimmed to the model weights (optimiser states dropped): every
+        round's weights stay available for evaluation, the disk holds few optimiser states.
+
+        Returns once the state is copied; the file is written in the background (``flush``)."""
+        self.flush()
+        state = _snapshot(state)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="huscf-checkpoint", initializer=_writer_init)
+        self._pending = self._writer.submit(self._write_checkpoint, round_no, state, keep_full)
+
+    def flush(self) -> None:
+        """Wait for the checkpoint being written; a failed write is an error here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as e:
+                raise HuscfError(f"could not write a checkpoint in {self.checkpoints} ({e.strerror or e}): the "
+                                 f"rounds of the checkpoints already there are kept; free space, then resume") from None
+
+    def _write_checkpoint(self, round_no: int, state: dict, keep_full: int) -> None:
+        path = self.checkpoint_path(round_no)
+        self._atomic_save(state, path, slim=False)
+        older = self.list_checkpoints()[:-keep_full] if keep_full else []
+        # every older one that is still full: usually only the one that just left the window, but a
+        # run killed while slimming left its checkpoint full, and it is slimmed now
+        for _, old in older:
+            try:
+                if self._is_slim(old):
+                    continue
+                saved = self._load_verified(old)
+            except DamagedCheckpoint:  # left as it is: resume and evaluate say so when they need it
+                continue
+            tensors, index = _dedupe(saved["engine"]["model"])
+            self._atomic_save({"round": saved["round"], "slim": True, "tensors": tensors, "index": index}, old,
+                              slim=True)
+
+    def checkpoint_path(self, round_no: int) -> Path:
+        return self.checkpoints / f"round_{round_no:04d}.pt"
+
+    @staticmethod
+    def _sidecar(path: Path) -> Path:
+        return path.with_name(path.name + ".json")
+
+    def _is_slim(self, path: Path) -> bool:
+        """From the checksum file; a checkpoint written before checksums existed is loaded to see."""
+        side = self._sidecar(path)
+        try:
+            return bool(json.loads(side.read_text())["slim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return bool(self._load_verified(path).get("slim"))
+
+    def load_model_state(self, round_no: int) -> dict[str, torch.Tensor]:
+        """The split model's weights after round ``round_no`` (from a full or a slim checkpoint)."""
+        path = self.checkpoint_path(round_no)
+        if not path.exists():
+            raise HuscfError(f"run {self.path} has no checkpoint for round {round_no}")
+        try:
+            saved = self._load_verified(path)
+        except DamagedCheckpoint as err:
+            raise HuscfError(str(err)) from None
+        if saved.get("slim"):
+            return {key: saved["tensors"][i] for key, i in saved["index"].items()}
+        return saved["engine"]["model"]
+
+    def _atomic_save(self, state: dict, path: Path, slim: bool) -> None:
+        """Write ``state`` to ``path`` and its SHA-256 to ``path``.json so that a kill at any moment
+        leaves a file that verifies (the old one or the new one): the checksum file first lists
+        both digests, then the data file is replaced, then the old digest is dropped."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        side = self._sidecar(path)
+        before = []
+        if path.exists() and side.exists():
+            try:
+                before = list(json.loads(side.read_text())["sha256"])
+            except (OSError, ValueError, KeyError, TypeError):
+                before = []
+        if before:
+            _write_atomic(side, json.dumps({"sha256": [*before, digest], "slim": slim}).encode())
+        _write_atomic(path, data)
+        _write_atomic(side, json.dumps({"sha256": [digest], "slim": slim}).encode())
+
+    def _load_verified(self, path: Path) -> dict:
+        """A checkpoint as data: its bytes checked against its checksum file (when it has one: runs
+        written before checksums have none) and unpickled with ``weights_only=True``, which builds
+        tensors and plain containers and never runs code. ``DamagedCheckpoint`` otherwise."""
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise DamagedCheckpoint(f"{path}: cannot be read ({err.strerror or err})") from None
+        side = self._sidecar(path)
+        if side.exists():
+            try:
+                digests = json.loads(side.read_text())["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise DamagedCheckpoint(f"{side}: not a huscf checksum file") from None
+            if hashlib.sha256(data).hexdigest() not in digests:
+                raise DamagedCheckpoint(f"{path}: its SHA-256 does not match {side.name} (the file was changed "
+                                        f"or damaged)")
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - truncated, garbage or code: never executed, refused
+            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            raise DamagedCheckpoint(f"{path}: not a checkpoint huscf can load as data ({reason})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("round"), int):
+            raise DamagedCheckpoint(f"{path}: not a huscf checkpoint")
+        return state
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        found = [(int(m.group(1)), p) for p in self.checkpoints.glob("round_*.pt") if (m := _CKPT.search(p.name))]
+        return sorted(found)
+
+    def latest_checkpoint(self) -> tuple[tuple[int, dict] | None, list[str]]:
+        """(round, state) of the newest full checkpoint that verifies, or None; and why each newer
+        one was skipped (damaged, or changed since it was written)."""
+        skipped = []
+        for round_no, path in reversed(self.list_checkpoints()):
+            try:
+                if self._is_slim(path):
+                    continue
+                return (round_no, self._load_verified(path)), skipped
+            except DamagedCheckpoint as err:
+                skipped.append(str(err))
+        return None, skipped
+
+    def set_aside(self, after_round: int, rows: list[RoundRecord]) -> Path:
+        """Move the checkpoints of rounds after ``after_round`` (and their checksum files) and those
+        rounds' metrics into ``set_aside/`` before a resume trains the rounds again: nothing that
+        was written is deleted or overwritten."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder = self.path / "set_aside" / stamp
+        k = 1
+        while folder.exists():  # two resumes in one second: never write into an earlier folder
+            k += 1
+            folder = self.path / "set_aside" / f"{stamp}-{k}"
+        folder.mkdir(parents=True)
+        for round_no, path in self.list_checkpoints():
+            if round_no > after_round:
+                for p in (path, self._sidecar(path)):
+                    if p.exists():
+                        os.replace(p, folder / p.name)
+        later = [r for r in rows if r.round > after_round]
+        if later:
+            write_rounds(folder / "metrics.jsonl", later)
+        return folder
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files a killed writer left behind (never a finished file)."""
+        for tmp in [*self.checkpoints.glob(".*.tmp"), *self.checkpoints.glob("*.tmp"), *self.path.glob(".*.tmp")]:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def append_round(self, row: RoundRecord) -> None:
+        """Append one finished round to metrics.jsonl (flushed and synced before returning)."""
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row.to_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_rounds(self) -> list[RoundRecord]:
+        """The finished rounds in metrics.jsonl (``records.read_rounds``)."""
+        return read_rounds(self.metrics)
+
+    def truncate_rounds(self, last_round: int) -> None:
+        """Keep only the rounds <= last_round in metrics.jsonl (the ones the checkpoint contains)."""
+        write_rounds(self.metrics, [r for r in self.read_rounds() if r.round <= last_round])

@@ -1,0 +1,168 @@
+"""Checkpoints are data, not code, and a resume never loses finished work: crafted, damaged and
+half-written checkpoints, interrupted slimming, stale temporary files."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import read_metrics
+
+from huscf.cli import main
+from huscf.config import build_config
+from huscf.errors import HuscfError
+from huscf.rundir import files as rundir_files
+from huscf.rundir.files import DamagedCheckpoint, RunDir
+from huscf.trainer import Trainer
+
+TINY = ["data.clients_per_domain=1", "model.width=0.125", "train.local_epochs=1", "train.max_iters_per_epoch=1",
+        "output.samples_every=0", "federation.warmup_rounds=1"]
+
+
+def _run(tmp_path, rounds=2, keep_full=2):
+    run = tmp_path / "run"
+    cfg = build_config({}, [*TINY, f"train.rounds={rounds}", f"output.keep_full_checkpoints={keep_full}"])
+    Trainer.new(cfg, run, quiet=True).fit()
+    return run
+
+
+def _state(r: int) -> dict:
+    return {"round": r, "engine": {"model": {"w": torch.full((3,), float(r)), "v": torch.ones(2)},
+                                   "client_opts": [], "server_opts": {}}}
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_is_refused_not_run_and_resume_continues(tmp_path):
+    run = _run(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(run / "checkpoints" / "round_0003.pt", "wb") as f:  # newer than any real one, no checksum
+        pickle.dump({"round": 3, "engine": _Payload(marker)}, f)
+    with pytest.raises(HuscfError, match="not a checkpoint huscf can load as data"):
+        RunDir(run).load_model_state(3)  # huscf evaluate's path
+    t = Trainer.resume(run, quiet=True)
+    assert not marker.exists()
+    assert t.start_round == 3  # after round 2, the newest checkpoint that verifies
+    aside = list((run / "set_aside").glob("*/round_0003.pt"))
+    assert len(aside) == 1 and not (run / "checkpoints" / "round_0003.pt").exists()
+
+
+def test_flipped_bytes_fail_the_checksum_and_the_round_is_trained_again_and_kept_aside(tmp_path):
+    run = _run(tmp_path)
+    before = read_metrics(run)
+    newest = run / "checkpoints" / "round_0002.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # flipped, not truncated: torch would load it
+    newest.write_bytes(bytes(data))
+    with pytest.raises(HuscfError, match=r"SHA-256 does not match round_0002\.pt\.json"):
+        RunDir(run).load_model_state(2)
+    t = Trainer.resume(run, quiet=True)
+    assert t.start_round == 2
+    (aside,) = (run / "set_aside").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "round_0002.pt", "round_0002.pt.json"]
+    assert [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()] == before[1:]
+    t.fit()
+    assert [r["round"] for r in read_metrics(run)] == [1, 2]
+    RunDir(run).load_model_state(2)  # the retrained round verifies
+
+
+def test_resume_with_no_verifiable_full_checkpoint_stops_and_changes_nothing(tmp_path, capsys):
+    run = _run(tmp_path, rounds=3, keep_full=2)  # round 1 slim, rounds 2 and 3 full
+    for r in (2, 3):
+        path = run / "checkpoints" / f"round_{r:04d}.pt"
+        path.write_bytes(path.read_bytes()[:1000])  # truncated
+    snapshot = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "3 finished round(s) but no full checkpoint that verifies" in err
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == snapshot
+
+
+def test_every_older_full_checkpoint_is_slimmed_and_stale_temporaries_removed(tmp_path):
+    """A run killed while slimming left a full older checkpoint and a 0-byte temporary file."""
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    for r in (1, 2):
+        rd.save_checkpoint(r, _state(r), keep_full=0)
+    rd.flush()
+    stale = rd.checkpoints / ".round_0001.pt.tmp"
+    stale.write_bytes(b"")
+    rd.remove_stale_temporaries()
+    assert not stale.exists()
+    rd.save_checkpoint(3, _state(3), keep_full=1)
+    rd.flush()
+    assert [json.loads((rd.checkpoints / f"round_{r:04d}.pt.json").read_text())["slim"] for r in (1, 2, 3)] == [
+        True, True, False]
+    assert torch.equal(rd.load_model_state(1)["w"], torch.full((3,), 1.0))
+    assert not list(rd.checkpoints.glob("*.tmp")) and not list(rd.checkpoints.glob(".*.tmp"))
+
+
+def test_a_kill_while_a_checkpoint_is_rewritten_leaves_one_that_verifies(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rd.save_checkpoint(1, _state(1))
+    rd.flush()
+    path = rd.checkpoints / "round_0001.pt"
+    real = rundir_files._write_atomic
+
+    def killed_at_the_data_file(target, data):
+        if target == path:
+            raise KeyboardInterrupt  # the process dies after the checksum file listed both digests
+        real(target, data)
+
+    monkeypatch.setattr(rundir_files, "_write_atomic", killed_at_the_data_file)
+    with pytest.raises(KeyboardInterrupt):
+        rd._atomic_save({"round": 1, "slim": True, "tensors": [torch.zeros(1)], "index": {"w": 0}}, path, slim=True)
+    monkeypatch.setattr(rundir_files, "_write_atomic", real)
+    assert torch.equal(rd.load_model_state(1)["w"], torch.full((3,), 1.0))  # the old file still verifies
+    assert len(json.loads((rd.checkpoints / "round_0001.pt.json").read_text())["sha256"]) == 2
+
+
+def test_a_checksum_file_that_is_not_one_is_a_damaged_checkpoint(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rd.save_checkpoint(1, _state(1))
+    rd.flush()
+    (rd.checkpoints / "round_0001.pt.json").write_text("{")
+    with pytest.raises(DamagedCheckpoint, match="not a huscf checksum file"):
+        rd._load_verified(rd.checkpoints / "round_0001.pt")
+
+
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_resume_keeps_the_rows(tmp_path):
+    """A file-size limit stands in for a full disk: the metrics line fits, the checkpoint does not."""
+    run = tmp_path / "run"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"
+        "from huscf.cli import main\n"
+        f"sys.exit(main(['train', '--quiet', '--out', {str(run)!r}, "
+        + ", ".join(repr(x) for a in TINY + ["train.rounds=2"] for x in ("--set", a)) + "]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = out.stderr.strip()
+    assert len(err.splitlines()) == 1 and "could not write a checkpoint" in err and "File too large" in err
+    assert not [p for p in run.rglob("*") if p.name.endswith((".tmp", ".tmp.png"))]
+    rows = read_metrics(run)
+    # checkpoints are written in the background: round 1's failure surfaces when round 2 saves,
+    # after round 2's metrics line; neither round's checkpoint reached the disk
+    assert [r["round"] for r in rows] == [1, 2] and not list((run / "checkpoints").glob("*.pt"))
+    t = Trainer.resume(run, quiet=True)
+    assert t.start_round == 1
+    (aside,) = (run / "set_aside").iterdir()  # the row is kept, not deleted
+    assert [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()] == rows
+    t.fit()
+    assert [r["round"] for r in read_metrics(run)] == [1, 2]
