@@ -118,8 +118,11 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] = (), quiet: bool = False,
                data_dir: str | None = None) -> "Trainer":
-        """Continue ``run_dir`` from its newest full checkpoint. Only ``train.rounds`` (to extend a
-        run) and the data location may change: anything else would not be the same run."""
+        """Continue ``run_dir`` from its newest full checkpoint that verifies (checksum, loadable as
+        data). What rounds after it had written (damaged checkpoints, metrics lines) is moved to
+        ``set_aside/`` before those rounds are trained again; with checkpoints but none that
+        verifies it stops with one line and changes nothing. Only ``train.rounds`` (to extend a
+        run), ``runtime.*`` and the data location may change: anything else would not be the same run."""
         rd = RunDir(run_dir)
         if not rd.config.is_file():
             raise HuscfError(f"cannot resume {run_dir}: no config.yaml there (not a huscf run directory)")

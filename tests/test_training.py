@@ -36,7 +36,8 @@ def test_run_directory_contents(tmp_path):
         assert set(r["label_accuracy"]) == {"digits", "digits_inverted"}
         assert sum(r["global_weights"]) == pytest.approx(1, abs=1e-4)
     assert rows[0]["federation"]["phase"] == "warmup" and rows[1]["federation"]["phase"] == "clustered"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"round_000{i}.pt" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        name for i in (1, 2, 3) for name in (f"round_000{i}.pt", f"round_000{i}.pt.json")]  # each with its SHA-256
     assert (run / "samples" / "round_0001_cluster_0.png").stat().st_size > 0
     assert (run / "config.yaml").exists()
     clients = json.loads((run / "clients.json").read_text())["clients"]
@@ -194,10 +195,10 @@ def test_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeyp
     full = torch.load(run.checkpoints / "round_0001.pt", weights_only=False)
     assert full["engine"]["opts"][0]["step"] == 2.0
 
-    def disk_full(state, path):
+    def disk_full(self, state, path, slim):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(RunDir, "_atomic_save", staticmethod(disk_full))
+    monkeypatch.setattr(RunDir, "_atomic_save", disk_full)
     run.save_checkpoint(2, {"round": 2, "engine": {"model": {"w": w}}})
     with pytest.raises(HuscfError, match="could not write a checkpoint .*No space left"):
         run.flush()

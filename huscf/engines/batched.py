@@ -52,7 +52,7 @@ from torch.func import functional_call, vmap
 from huscf.config import TrainConfig
 from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
 from huscf.engines.execution import Execution
-from huscf.engines.simulation import SimulationEngine, place_step
+from huscf.engines.simulation import SimulationEngine, non_finite_loss, place_step
 from huscf.setup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
@@ -313,7 +313,7 @@ class BatchedEngine(SimulationEngine):
         for what, row in zip(("discriminator", "generator"), values):
             bad = next((i for i, v in zip(clients, row) if not math.isfinite(v)), None)
             if bad is not None:
-                self._not_finite(bad, what, where)
+                raise non_finite_loss(bad, what, where)
         return dict(zip(("discriminator", "generator"), values))
 
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
