@@ -86,6 +86,7 @@ class Tally:
     def __init__(self):
         self.rows: dict[str, list[bool]] = {}
         self.failed: list[str] = []
+        self.notes: list[str] = []
 
     def add(self, category: str, ok: bool, what: str, detail: str = "") -> None:
         self.rows.setdefault(category, []).append(ok)
@@ -233,6 +234,7 @@ def kills(tmp: Path, n: int, seed: int, t: Tally) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         before = rounds_of(run)
+        t.notes.append(f"kill {k}: after {len(before)} finished round(s)")
         if not (run / "config.yaml").is_file():  # killed before the run directory existed: nothing to lose
             t.add("kills + resume", True, f"kill {k} before the run started")
             continue
@@ -265,6 +267,8 @@ def main() -> int:
     print(f"{'probe':<22} {'tried':>5} {'ended well':>10}")
     for category, oks in t.rows.items():
         print(f"{category:<22} {len(oks):>5} {sum(oks):>10}")
+    for line in t.notes:
+        print(line)
     for line in t.failed:
         print(f"NOT WELL  {line}")
     return 1 if t.failed else 0
