@@ -166,3 +166,19 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_resume_keeps_the_r
     assert [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()] == rows
     t.fit()
     assert [r["round"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_a_checkpoint_from_before_checksums_is_read_and_gets_its_checksum_once(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rd.save_checkpoint(1, _state(1))
+    rd.flush()
+    side = rd.checkpoints / "round_0001.pt.json"
+    side.unlink()  # as a run written before checksums left it
+    assert torch.equal(rd.load_model_state(1)["w"], torch.full((3,), 1.0))
+    (found, state), skipped = rd.latest_checkpoint()
+    assert found == 1 and skipped == [] and json.loads(side.read_text())["slim"] is False
+    path = rd.checkpoints / "round_0001.pt"
+    path.write_bytes(path.read_bytes()[:-10])  # from now on a change is caught
+    with pytest.raises(HuscfError, match="SHA-256 does not match"):
+        rd.load_model_state(1)

@@ -236,12 +236,19 @@ class RunDir:
         return path.with_name(path.name + ".json")
 
     def _is_slim(self, path: Path) -> bool:
-        """From the checksum file; a checkpoint written before checksums existed is loaded to see."""
+        """From the checksum file. A checkpoint written before checksums existed is loaded (as data)
+        once to see, and gets its checksum file then, so later rounds do not load it again."""
         side = self._sidecar(path)
         try:
             return bool(json.loads(side.read_text())["slim"])
         except (OSError, ValueError, KeyError, TypeError):
-            return bool(self._load_verified(path).get("slim"))
+            if side.exists():  # a checksum file that is not one: the checkpoint cannot be verified
+                raise DamagedCheckpoint(f"{side}: not a huscf checksum file") from None
+        slim = bool(self._load_verified(path).get("slim"))
+        with contextlib.suppress(OSError):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            _write_atomic(side, json.dumps({"sha256": [digest], "slim": slim}).encode())
+        return slim
 
     def load_model_state(self, round_no: int) -> dict[str, torch.Tensor]:
         """The split model's weights after round ``round_no`` (from a full or a slim checkpoint)."""
