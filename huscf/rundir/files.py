@@ -235,15 +235,25 @@ class RunDir:
     def _sidecar(path: Path) -> Path:
         return path.with_name(path.name + ".json")
 
+    def _read_sidecar(self, path: Path) -> dict | None:
+        """``path``'s checksum file ({"sha256": [...], "slim": bool}); None when it has none (a
+        checkpoint from before checksums); ``DamagedCheckpoint`` when it is not one."""
+        side = self._sidecar(path)
+        if not side.exists():
+            return None
+        try:
+            meta = json.loads(side.read_text())
+            return {"sha256": list(meta["sha256"]), "slim": bool(meta["slim"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DamagedCheckpoint(f"{side}: not a huscf checksum file") from None
+
     def _is_slim(self, path: Path) -> bool:
         """From the checksum file. A checkpoint written before checksums existed is loaded (as data)
         once to see, and gets its checksum file then, so later rounds do not load it again."""
+        meta = self._read_sidecar(path)
+        if meta is not None:
+            return meta["slim"]
         side = self._sidecar(path)
-        try:
-            return bool(json.loads(side.read_text())["slim"])
-        except (OSError, ValueError, KeyError, TypeError):
-            if side.exists():  # a checksum file that is not one: the checkpoint cannot be verified
-                raise DamagedCheckpoint(f"{side}: not a huscf checksum file") from None
         slim = bool(self._load_verified(path).get("slim"))
         with contextlib.suppress(OSError):
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -272,12 +282,10 @@ class RunDir:
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         side = self._sidecar(path)
-        before = []
-        if path.exists() and side.exists():
-            try:
-                before = list(json.loads(side.read_text())["sha256"])
-            except (OSError, ValueError, KeyError, TypeError):
-                before = []
+        try:
+            before = (self._read_sidecar(path) or {}).get("sha256", []) if path.exists() else []
+        except DamagedCheckpoint:  # a broken checksum file is replaced below
+            before = []
         if before:
             _write_atomic(side, json.dumps({"sha256": [*before, digest], "slim": slim}).encode())
         _write_atomic(path, data)
@@ -291,15 +299,10 @@ class RunDir:
             data = path.read_bytes()
         except OSError as err:
             raise DamagedCheckpoint(f"{path}: cannot be read ({err.strerror or err})") from None
-        side = self._sidecar(path)
-        if side.exists():
-            try:
-                digests = json.loads(side.read_text())["sha256"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise DamagedCheckpoint(f"{side}: not a huscf checksum file") from None
-            if hashlib.sha256(data).hexdigest() not in digests:
-                raise DamagedCheckpoint(f"{path}: its SHA-256 does not match {side.name} (the file was changed "
-                                        f"or damaged)")
+        meta = self._read_sidecar(path)
+        if meta is not None and hashlib.sha256(data).hexdigest() not in meta["sha256"]:
+            raise DamagedCheckpoint(f"{path}: its SHA-256 does not match {self._sidecar(path).name} (the file "
+                                    f"was changed or damaged)")
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - truncated, garbage or code: never executed, refused
