@@ -1,6 +1,6 @@
 """Replays what a careless or hostile user does to huscf and counts how it ends.
 
-Run:  python benchmarks/reliability.py [--data-dir ../shared/data] [--kills 4] [--out DIR]
+Run:  python benchmarks/reliability.py [--data-dir ../shared/data] [--kills 4] [--out DIR] [--quick]
 
 Probes, each a real ``huscf`` process:
 
@@ -13,7 +13,11 @@ Probes, each a real ``huscf`` process:
 * **full disk**: a file-size limit that a checkpoint exceeds;
 * **NaN injection**: a learning rate that makes the losses explode;
 * **kills**: ``kill -9`` at seeded random moments of a run, then ``--resume``, compared with the
-  uninterrupted run (every round's losses).
+  uninterrupted run (every round's losses);
+* **Ray driver killed**: ``kill -9`` of a ``--engine ray`` driver after its first round: every
+  process its private Ray started must end (runtime/reaper.py), and ``--resume`` must finish the run.
+
+``--quick`` (what the test suite runs, about 2 minutes): a few probes of each kind but the Ray one.
 
 For every probe it checks that the process ended with exit code 2 and one line on stderr (or,
 where the input is legitimate, with exit 0), that no code ran, and that no finished round was lost
@@ -94,14 +98,15 @@ class Tally:
             self.failed.append(f"{category}: {what}: {detail.strip()[-300:]}")
 
 
-def bad_configs(tmp: Path, t: Tally) -> None:
+def bad_configs(tmp: Path, t: Tally, quick: bool = False) -> None:
     out = ["--out", str(tmp / "never")]
     cases = [sets("trian.rounds=1"), sets("train.roudns=1"), sets("train.lr=-1"), sets("train.lr=.inf"),
              sets("train.rounds=true"), sets("seed=false"), sets("federation.clusters=zero"), sets("model.width=0"),
              sets("model.width=.nan"), sets("method=fedgann"), sets("cuts.method=fixed"),
              sets("cuts.method=fixed", "cuts.fixed=[9,9,9,9]"), sets("devices.profiles=/nonexistent.yaml"),
              sets("data.domains=[nope]"), sets("data.clients_per_domain=0"), sets("runtime.clients_per_actor=0"),
-             sets("train.batch_size=1"), sets("devices.alpha=1", "devices.client_time_weight=1"), ["--set", "rounds"]]
+             sets("train.batch_size=1"), sets("devices.alpha=1", "devices.client_time_weight=1"), ["--set", "rounds"],
+             sets("method=pflgan", "federation.secure_aggregation=true")]
     files = {"latin1.yaml": "name: caf\xe9\n".encode("latin-1"), "broken.yaml": b"train: [\n",
              "list.yaml": b"- 1\n- 2\n", "typo.yaml": b"train:\n  epochs: 3\n"}
     for name, data in files.items():
@@ -112,15 +117,17 @@ def bad_configs(tmp: Path, t: Tally) -> None:
     cases.append(sets(f"devices.profiles={tmp / 'profiles.yaml'}"))
     (tmp / "a_file").write_text("x")
     cases.append(["--out", str(tmp / "a_file" / "run")])
+    if quick:  # one of each shape: a typo, a bool for a number, a NaN, a non-UTF-8 file, --out under a file
+        cases = [cases[0], cases[4], cases[8], [str(tmp / "latin1.yaml")], cases[-1]]
     for case in cases:
         rc, err = huscf("train", *case, *([] if "--out" in case else out))
         t.add("bad configs", one_line(rc, err), " ".join(case), err)
-    for width in ("nan", "-1", "0"):
+    for width in ("nan",) if quick else ("nan", "-1", "0"):
         rc, err = huscf("cuts", "--clients", "4", f"--width={width}")
         t.add("bad configs", one_line(rc, err), f"cuts --width {width}", err)
 
 
-def bad_data(tmp: Path, data_dir: Path | None, t: Tally) -> None:
+def bad_data(tmp: Path, data_dir: Path | None, t: Tally, quick: bool = False) -> None:
     if data_dir is None or not (data_dir / "mnist").is_dir():
         print("bad data files: skipped (no --data-dir with mnist/)", file=sys.stderr)
         return
@@ -131,6 +138,8 @@ def bad_data(tmp: Path, data_dir: Path | None, t: Tally) -> None:
         "empty": lambda b: b"",
         "wrong magic": lambda b: gzip.compress(b"\x00\x00\x08\x01" + gzip.decompress(b)[4:4000]),
     }
+    if quick:
+        damages = {"truncated": damages["truncated"]}
     for what, damage in damages.items():
         root = tmp / f"data_{what.replace(' ', '_')}"
         shutil.copytree(data_dir / "mnist", root / "mnist")
@@ -138,7 +147,7 @@ def bad_data(tmp: Path, data_dir: Path | None, t: Tally) -> None:
         rc, err = huscf("train", "--data-dir", str(root), "--out", str(tmp / "never"),
                         *sets("data.domains=[mnist]", "data.limit_per_domain=200", *TINY))
         t.add("bad data files", one_line(rc, err), f"mnist {what}", err)
-    for name in ("cifar10", "fsdd"):
+    for name in ("fsdd",) if quick else ("cifar10", "fsdd"):
         root = tmp / f"data_{name}"
         (root / name).mkdir(parents=True)
         (root / name / f"{name}.npz").write_bytes(b"PK\x03\x04" + os.urandom(2000))
@@ -163,7 +172,7 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def damaged_checkpoints(tmp: Path, t: Tally) -> None:
+def damaged_checkpoints(tmp: Path, t: Tally, quick: bool = False) -> None:
     # a crafted pickle newer than every real checkpoint: refused, never run; the run resumes
     run = tiny_run(tmp, "crafted")
     before = rounds_of(run)
@@ -172,6 +181,8 @@ def damaged_checkpoints(tmp: Path, t: Tally) -> None:
         pickle.dump({"round": 4, "engine": _Payload(str(marker))}, f)
     rc, err = huscf("evaluate", str(run), "--rounds", "4", "--quiet")
     t.add("damaged checkpoints", one_line(rc, err) and not marker.exists(), "evaluate a crafted checkpoint", err)
+    if quick:
+        return
     rc, err = huscf("train", "--resume", str(run), "--quiet")
     t.add("damaged checkpoints", rc == 0 and not marker.exists() and kept(run, before),
           "resume past a crafted checkpoint", err)
@@ -212,8 +223,8 @@ def full_disk(tmp: Path, t: Tally) -> None:
     t.add("full disk", rc == 0 and kept(run, before) and rounds_of(run) == [1, 2], "resume after space is freed", err)
 
 
-def nan_injection(tmp: Path, t: Tally) -> None:
-    for lr in ("1e6", "1e30"):
+def nan_injection(tmp: Path, t: Tally, quick: bool = False) -> None:
+    for lr in ("1e30",) if quick else ("1e6", "1e30"):
         run = tmp / f"nan_{lr}"
         rc, err = huscf("train", "--quiet", "--out", str(run), *sets(*TINY, "train.rounds=4", f"train.lr={lr}"))
         rounds = rounds_of(run)
@@ -246,21 +257,61 @@ def kills(tmp: Path, n: int, seed: int, t: Tally) -> None:
               f"kill {k} after rounds {before}", err)
 
 
+def ray_driver_killed(tmp: Path, t: Tally) -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("Ray driver killed: skipped (Ray is not installed)", file=sys.stderr)
+        return
+    from huscf.runtime.reaper import process_table
+
+    run = tmp / "ray_killed"
+    ray_tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # Ray's socket paths must stay short
+    proc = subprocess.Popen([sys.executable, "-m", "huscf.cli", "train", "--quiet", "--engine", "ray",
+                             "--out", str(run), *sets(*TINY, "train.rounds=3")], stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HUSCF_RAY_TMPDIR": ray_tmp})
+    deadline = time.time() + 300
+    while time.time() < deadline and not rounds_of(run) and proc.poll() is None:
+        time.sleep(0.5)
+    table = process_table()
+    below, stack = set(), [proc.pid]
+    while stack:  # every process below the driver: its Ray (and the reaper, which leaves by itself)
+        p = stack.pop()
+        kids = [(c, st) for c, (pp, st) in table.items() if pp == p]
+        below.update(kids)
+        stack.extend(c for c, _ in kids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = rounds_of(run)
+    deadline = time.time() + 30
+    while time.time() < deadline and (left := [c for c, st in below if process_table().get(c, (0, None))[1] == st]):
+        time.sleep(0.5)
+    t.add("Ray driver killed", bool(below) and not left, f"kill -9 after rounds {before}",
+          f"{len(left)} of its {len(below)} processes still running")
+    rc, err = huscf("train", "--resume", str(run), "--quiet", env={"HUSCF_RAY_TMPDIR": ray_tmp})
+    t.add("Ray driver killed", rc == 0 and kept(run, before) and rounds_of(run) == [1, 2, 3], "then --resume", err)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("HUSCF_DATA"))
     ap.add_argument("--kills", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="keep the probes' run directories here (default: a temporary folder)")
+    ap.add_argument("--quick", action="store_true", help="a few probes of each kind, no Ray (the test suite's)")
     args = ap.parse_args()
+    q = args.quick
     t = Tally()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.out) if args.out else Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        for probe in (bad_configs, lambda p, tt: bad_data(p, Path(args.data_dir) if args.data_dir else None, tt),
-                      damaged_checkpoints, full_disk, nan_injection,
-                      lambda p, tt: kills(p, args.kills, args.seed, tt)):
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        probes = [lambda p, tt: bad_configs(p, tt, q), lambda p, tt: bad_data(p, data_dir, tt, q),
+                  lambda p, tt: damaged_checkpoints(p, tt, q), full_disk, lambda p, tt: nan_injection(p, tt, q),
+                  lambda p, tt: kills(p, 1 if q else args.kills, args.seed, tt)]
+        for probe in probes + ([] if q else [ray_driver_killed]):
             probe(tmp, t)
     print(f"reliability probes ({time.perf_counter() - start:.0f} s): ended well = exit 2 with one line (or exit 0 "
           f"for legitimate input), no code run, no finished round lost")

@@ -134,6 +134,9 @@ class FederationConfig(_Section):
     neighbours: int = Field(10, ge=1, le=100)  # samples: nearest neighbours each sample votes with
     min_silhouette: float = Field(0.35, ge=-1, le=1)  # means: below this, "auto" keeps one cluster
     kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"
+    # mask the client-side segments so that the server opens only each cluster's average, never
+    # one client's weights (federation/secure.py, docs/security.md)
+    secure_aggregation: bool = False
 
     @field_validator("clusters")
     @classmethod

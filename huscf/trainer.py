@@ -26,7 +26,7 @@ from huscf.engines.protocol import Engine
 from huscf.engines.simulation import SimulationEngine
 from huscf.errors import HuscfError
 from huscf.federation.clustering import common_feature_depth
-from huscf.methods import get_method
+from huscf.methods import build_strategy, get_method
 from huscf.metrics.classifiers import load_or_train
 from huscf.metrics.evaluate import cluster_generators, sample_generator
 from huscf.metrics.grids import class_grid_inputs, save_grid
@@ -68,7 +68,7 @@ class Trainer:
         self.model = SplitGAN(g, d, s.cuts)
         if self.method.shared_generator:
             self.model.tie_generators()
-        self.strategy = self.method.strategy(cfg)
+        self.strategy = build_strategy(cfg)
         self.sizes = np.array([len(c) for c in s.data])
         self.true_domains = [c.domain for c in s.data]
         # the server's view for clustering exists only when it computes part of D

@@ -101,3 +101,27 @@ def test_bench_quality_paper_preset_projects_before_it_trains(tmp_path, shared_d
     assert "train.rounds=50" in out and "model.width=1.0" in out  # the paper's scale, then the overrides
     assert re.search(r"projected: [\d.]+ min of training per method and seed .* = [\d.]+ h of training", out), out
     assert not (tmp_path / "q").exists()  # nothing trained
+
+
+def test_reliability_quick_probes_all_end_well(shared_data_dir):
+    """A few probes of every kind (bad configs, bad data, a crafted checkpoint, a full disk, NaN
+    losses, a kill and resume) as real huscf processes: each ends with one line or exit 0."""
+    out = _run(str(BENCH / "reliability.py"), "--quick", "--data-dir", str(shared_data_dir))
+    rows = dict(re.findall(r"^(bad configs|bad data files|damaged checkpoints|full disk|NaN injection|kills \+ resume)"
+                           r"\s+(\d+\s+\d+)$", out, re.M))
+    assert len(rows) == 6, out
+    for tried_well in rows.values():
+        tried, well = map(int, tried_well.split())
+        assert tried >= 1 and well == tried, out
+    assert "NOT WELL" not in out
+
+
+def test_bench_secagg_prints_the_ratio_and_agrees_with_plain_averaging():
+    out = _run(str(BENCH / "bench_secagg.py"), "--clients", "4", "--width", "0.125", "--repeats", "1")
+    rows = re.findall(r"^(1 cluster|2 clusters)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\S+)$",
+                      out, re.M)
+    assert [r[0] for r in rows] == ["1 cluster", "2 clusters"], out
+    for r in rows:
+        assert float(r[3]) > 0 and int(r[6]) > 0 and float(r[7]) < 1e-5, out
+    ratios = [float(x) for x in re.findall(r"\(x([\d.]+)\)", out)]
+    assert len(ratios) == 4 and all(0 < x <= 2.01 for x in ratios), out  # at most 8-byte words for 4-byte floats

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -34,6 +35,21 @@ SMALL = ["data.clients_per_domain=2", "train.rounds=2", "train.local_epochs=1", 
          "federation.warmup_rounds=1", "output.samples_every=0", "train.threads=1"]
 
 
+def _descendants(pid: int) -> set[tuple[int, str]]:
+    """(pid, start time) of every process below ``pid``."""
+    from huscf.runtime.reaper import process_table
+
+    table = process_table()
+    out, stack = set(), [pid]
+    while stack:
+        p = stack.pop()
+        for c, (ppid, start) in table.items():
+            if ppid == p:
+                out.add((c, start))
+                stack.append(c)
+    return out
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
@@ -41,10 +57,18 @@ def local_ray(tmp_path_factory):
              include_dashboard=False, logging_level="error", log_to_driver=False)
     assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
     yield tmp
+    # Ray's processes (its agents retitle themselves, so pgrep -f alone misses them), not the
+    # reaper watchers that other modules' owned Ray runs left waiting for this process to end
+    started = {(pid, start) for pid, start in _descendants(os.getpid()) if b"huscf.runtime.reaper" not in
+               (open(f"/proc/{pid}/cmdline", "rb").read() if os.path.exists(f"/proc/{pid}/cmdline") else b"")}
     ray.shutdown()
     deadline = time.time() + 20
     while time.time() < deadline:  # every process Ray started is gone once it has shut down
-        left = subprocess.run(["pgrep", "-f", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
+        from huscf.runtime.reaper import process_table
+
+        table = process_table()
+        left = [pid for pid, start in started if pid in table and table[pid][1] == start]
+        left += subprocess.run(["pgrep", "-f", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
         if not left:
             break
         time.sleep(0.5)
@@ -212,6 +236,92 @@ def test_resume_continues_a_ray_run(local_ray, tmp_path):
     np.testing.assert_allclose(rows[1]["loss_g_per_client"], read_metrics(ref)[1]["loss_g_per_client"], rtol=2e-4)
 
 
+SECURE = SMALL + ["federation.secure_aggregation=true", "federation.strategy=fedavg", "cuts.method=fixed",
+                  "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]"]  # every shared block: 2+ holders
+
+
+def test_secure_aggregation_on_ray_matches_the_simulation_and_no_client_sends_its_weights(local_ray, tmp_path):
+    sim_dir, ray_dir = tmp_path / "sim", tmp_path / "ray"
+    Trainer.new(build_config({}, SECURE), sim_dir, quiet=True).fit()
+    Trainer.new(build_config({}, SECURE + ["runtime.engine=ray", "runtime.clients_per_actor=2"]), ray_dir,
+                quiet=True).fit()
+    sim, ray_rows = read_metrics(sim_dir), read_metrics(ray_dir)
+    for a, b in zip(sim, ray_rows):
+        np.testing.assert_allclose(b["loss_d_per_client"], a["loss_d_per_client"], rtol=2e-4)
+        np.testing.assert_allclose(b["loss_g_per_client"], a["loss_g_per_client"], rtol=2e-4)
+        assert b["federation"]["secure_aggregation"] == a["federation"]["secure_aggregation"]
+        assert b["federation"]["secure_aggregation"]["opened"] > 0
+    rows = [json.loads(line) for line in (ray_dir / "audit.jsonl").read_text().splitlines()]
+    from_clients = [r for r in rows if r["src"].startswith("client:")]
+    # to the server: cut layers, public keys and masked words; a client's weights go nowhere but
+    # its own checkpoint state (to the driver)
+    assert {r["kind"] for r in from_clients if r["dst"] == "server"} == {"activation", "gradient", "keys", "masked"}
+    assert {r["dtype"] for r in from_clients if r["kind"] == "masked" and r["name"] != "meta"} == {"uint64"}
+    assert not summarise(ray_dir)["violations"]
+
+
+def test_a_client_that_dies_before_masking_leaves_sums_the_survivors_open(local_ray, tmp_path):
+    cfg = build_config({}, SECURE + ["runtime.engine=ray", "runtime.clients_per_actor=1", "runtime.call_timeout_s=60"])
+    t = Trainer.new(cfg, tmp_path / "run", quiet=True)
+    pid = t.engine.host_pids()[2]
+    t.engine.before_masking.append(lambda r: os.kill(pid, signal.SIGKILL) if r == 0 else None)
+    t.fit()
+    rows = read_metrics(tmp_path / "run")
+    assert [f["clients"] for f in rows[0]["failures"]] == [[2]]
+    record = rows[0]["federation"]["secure_aggregation"]
+    assert record["opened"] > 0  # the sums client 2 was in (with 1 or more survivors besides) opened
+    assert rows[1]["failures"] == [] and np.isfinite(rows[1]["loss_d"])
+    state = RunDir(tmp_path / "run").load_model_state(1)
+    # survivors (one group) hold the same opened averages; an unremoved mask would be ~2^31 in size
+    shared = {}
+    for k, v in state.items():
+        if k.startswith("clients.") and int(k.split(".")[1]) in (0, 1, 3) and v.is_floating_point():
+            shared.setdefault(k.split(".", 2)[2], []).append(v)
+    assert any(len(vs) > 1 for vs in shared.values())
+    for vs in shared.values():
+        assert all(v.abs().max() < 100 for v in vs)
+        for v in vs[1:]:
+            torch.testing.assert_close(v, vs[0])
+
+
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    """kill -9 the driver mid-run: every process its private Ray started ends within seconds
+    (Ray alone leaves its dashboard and runtime-env agents running; runtime/reaper.py)."""
+    from huscf.runtime.reaper import process_table
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "huscf.cli", "train", "--engine", "ray", "--out", str(out), "--quiet"]
+    for s in SMALL + ["train.rounds=20"]:
+        cmd += ["--set", s]
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {"HUSCF_RAY_TMPDIR": ray_tmp}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():  # mid-run: round 1 done
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            time.sleep(1)
+        ray_procs = _descendants(driver.pid)
+        names = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:60] for pid, _ in ray_procs
+                 if os.path.exists(f"/proc/{pid}/cmdline")}
+        assert any(b"DashboardAgent" in n for n in names.values()), names  # the ones Ray leaves behind
+        driver.kill()
+        driver.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            table = process_table()
+            left = [pid for pid, start in ray_procs if pid in table and table[pid][1] == start]
+            if not left:
+                break
+            time.sleep(0.5)
+        assert not left, {pid: names.get(pid) for pid in left}
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
 # -- no Ray needed --------------------------------------------------------------------------------
 def test_plan_hosts_groups_clients():
     assert plan_hosts(8, 3, 16) == [[0, 1, 2], [3, 4, 5], [6, 7]]
@@ -333,6 +443,40 @@ def test_the_privacy_guard_checks_content_against_the_cuts_contract():
     for kind, client, tensors, meta, why in bad:
         with pytest.raises(PrivacyViolation, match=why):
             w.pack(kind, "server", client, tensors, meta, src=f"client:{client}")
+
+
+def test_the_privacy_guard_admits_only_well_formed_secure_aggregation_messages():
+    from huscf.federation.secure import MaskingClient, plan_sums
+    from huscf.federation.strategies import Aggregation
+    from huscf.runtime.messages import PrivacyViolation, Wire
+
+    model, segs, guard, arch = _contract_guard()
+    w = Wire("host:0", guard)
+    parties = {i: MaskingClient(i) for i in (0, 1)}
+    directory = {i: p.public_key() for i, p in parties.items()}
+    plan = plan_sums(model, Aggregation(np.zeros(2, dtype=int), np.full(2, 0.5), np.full(2, 0.5)), [0, 1], 0)
+    masked = parties[0].masked(plan, segs[0], directory)
+    assert masked  # the G and D heads and tails both clients hold
+    w.pack("keys", "server", 0, meta={"public_key": directory[0]}, src="client:0")
+    w.pack("masked", "server", 0, {f"masked/{k}": v for k, v in masked.items()}, {"round": 0}, src="client:0")
+    w.pack("unmask", "server", 0, meta={"sum": 0, "seeds": {"1": "ab" * 32}}, src="client:0")
+    k, v = next(iter(masked.items()))
+    image_words = np.zeros(16 * 784, dtype=np.uint64)  # a batch of images in 64-bit words
+    bad = [
+        ("masked", {f"masked/{k}": v.view(np.int64)}, {"round": 0}, "one uint64 vector"),
+        ("masked", {f"masked/{k}": v.view(np.float64)}, {"round": 0}, "one uint64 vector"),
+        ("masked", {f"masked/{k}": v.reshape(1, -1)}, {"round": 0}, "one uint64 vector"),
+        ("masked", {f"masked/{k}": image_words}, {"round": 0}, "none of its blocks"),
+        ("masked", {f"masked/{k}": v}, {"round": 0, "labels": [1]}, "metadata key 'labels'"),
+        ("weights", {"clients.0.nets.G.0.fc.bias": v[:4]}, {}, "integer array"),  # words only in 'masked'
+        ("keys", {}, {"public_key": "zz" * 32}, "public key"),
+        ("keys", {}, {"public_key": directory[0], "labels": [1, 2]}, "metadata key 'labels'"),
+        ("unmask", {}, {"sum": 0, "seeds": {"1": [1, 2, 3]}}, "one sum's seeds"),
+        ("unmask", {}, {"sum": 0, "seeds": {"labels": "ab" * 32}}, "one sum's seeds"),
+    ]
+    for kind, tensors, meta, why in bad:
+        with pytest.raises(PrivacyViolation, match=why):
+            w.pack(kind, "server", 0, tensors, meta, src="client:0")
 
 
 def test_state_round_trips_through_messages_with_bf16():

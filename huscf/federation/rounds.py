@@ -1,6 +1,7 @@
 """The end of a round on the server: build what it knows into a ``RoundState``, ask the strategy
 for an ``Aggregation`` and apply it to the model. Shared by the single-process engines and the
-Ray server actor, so both federate with exactly the same code."""
+Ray server actor, so both federate with exactly the same code. With a ``SecureStrategy`` the
+averages are made by secure aggregation (``federation.secure``) instead of read off the copies."""
 
 from __future__ import annotations
 
@@ -9,8 +10,28 @@ import torch
 
 from huscf.federation.averaging import apply_aggregation
 from huscf.federation.features import FeatureStats
+from huscf.federation.secure import SecureStrategy, secure_average
 from huscf.federation.strategies import Aggregation, RoundState
 from huscf.split.segments import SplitGAN
+
+
+def decide(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: int,
+           features: FeatureStats | None, ids: list[int]) -> Aggregation:
+    """The strategy's aggregation of clients ``ids`` (its arrays indexed by position in ``ids``)."""
+    feats, noise = features.mean_and_noise(ids) if features is not None else (None, None)
+    samples = features.samples(ids) if features is not None else None
+    params = None if not strategy.uses_client_params else np.stack([
+        torch.cat([p.detach().float().flatten() for p in model.client_parameters(i, "D")]).cpu().numpy()
+        for i in ids])
+    state = RoundState(round=round_idx, sizes=np.asarray(sizes)[ids], features=feats, feature_noise=noise,
+                       samples=samples, seed=seed, client_params=params)
+    return strategy.aggregate(state)
+
+
+def with_record(agg: Aggregation, record: dict) -> Aggregation:
+    """``agg`` with secure aggregation's record (sums planned, opened, closed) in its info."""
+    return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights,
+                       agg.info | {"secure_aggregation": record}, agg.mixing)
 
 
 def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: int,
@@ -19,13 +40,9 @@ def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed:
     out for every client (group -1 for a client that took no part)."""
     n = len(sizes)
     ids = list(range(n)) if clients is None else sorted(clients)
-    feats, noise = features.mean_and_noise(ids) if features is not None else (None, None)
-    samples = features.samples(ids) if features is not None else None
-    params = None if not strategy.uses_client_params else np.stack([
-        torch.cat([p.detach().float().flatten() for p in model.client_parameters(i, "D")]).cpu().numpy()
-        for i in ids])
-    state = RoundState(round=round_idx, sizes=np.asarray(sizes)[ids], features=feats, feature_noise=noise,
-                       samples=samples, seed=seed, client_params=params)
-    agg = strategy.aggregate(state)
-    apply_aggregation(model, agg, ids)
+    agg = decide(model, strategy, sizes, round_idx, seed, features, ids)
+    if isinstance(strategy, SecureStrategy):
+        agg = with_record(agg, secure_average(model, agg, ids, round_idx))
+    else:
+        apply_aggregation(model, agg, ids)
     return agg if len(ids) == n else agg.expand(ids, n)

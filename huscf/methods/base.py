@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from huscf.errors import HuscfError
+from huscf.federation.secure import secured
 from huscf.federation.strategies import Strategy
 
 
@@ -83,3 +84,9 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise HuscfError(f"unknown method '{name}': choose from {', '.join(method_names(ablations=True))}")
     return _REGISTRY[name]()
+
+
+def build_strategy(cfg) -> Strategy:
+    """The round-end strategy of a validated ``RunConfig``: its method's, made secure when
+    ``federation.secure_aggregation`` is on (one line of error for a method it cannot serve)."""
+    return secured(get_method(cfg.method).strategy(cfg), cfg.federation.secure_aggregation)

@@ -27,8 +27,9 @@ from huscf.config import RunConfig
 from huscf.engines.execution import Execution
 from huscf.engines.simulation import keyed_rng, non_finite_loss
 from huscf.federation.features import FeatureStats
-from huscf.federation.rounds import federate
-from huscf.methods import get_method
+from huscf.federation.rounds import decide, federate, with_record
+from huscf.federation.secure import MaskingClient, SecurePlan, apply_opened, open_sums, plan_sums
+from huscf.methods import build_strategy
 from huscf.models.cgan import Architecture
 from huscf.runtime.messages import ClientContract, Message, PrivacyGuard, Wire, pack_state, unpack_state
 from huscf.setup import load_client_data
@@ -97,7 +98,9 @@ def _contracts(segs: dict[int, ClientSegments], g, d, arch: Architecture) -> dic
                 cut[("gradient", net)] = out[net][r.server[-1]]
         contracts[i] = ClientContract(
             cut=cut, segment={f"clients.{i}.{k}": tuple(v.shape) for k, v in seg.state_dict().items()},
-            opt_params={net: [tuple(p.shape) for p in seg.nets[net].parameters()] for net in NETS})
+            opt_params={net: [tuple(p.shape) for p in seg.nets[net].parameters()] for net in NETS},
+            block_sizes={f"{net}/{b}": sum(v.numel() for v in block.state_dict().values() if v.is_floating_point())
+                         for net in NETS for b, block in seg.nets[net].items()})
     return contracts
 
 
@@ -122,6 +125,7 @@ class ClientHost:
         self.delay = {int(k): v for k, v in self.cfg.runtime.inject_delay_s.items()}
         self.perms: dict[int, torch.Tensor] = {}
         self._g: dict = {}  # per-client generator graph kept from phase A to phase B
+        self._masking: dict[int, MaskingClient] = {}  # secure aggregation: this round end's key pairs
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def pid(self) -> int:
@@ -288,6 +292,47 @@ class ClientHost:
             prefix = f"clients.{m.client}."
             self.segs[m.client].load_state_dict({k.removeprefix(prefix): v for k, v in m.tensors(self.device).items()})
 
+    # -- secure aggregation (federation/secure.py): keys, masked sums, reveals, opened averages --------
+    def advertise_keys(self) -> list[Message]:
+        """A fresh key pair per client for this round end; the public halves."""
+        self._masking = {i: MaskingClient(i) for i in self.ids}
+        return [self.wire.pack("keys", "server", i, meta={"public_key": p.public_key()}, src=f"client:{i}")
+                for i, p in self._masking.items()]
+
+    def push_masked(self, plan_msg: Message, directory: dict[int, str]) -> None:
+        """Each client's masked sums straight to the server (the driver never sees them)."""
+        import ray
+
+        plan = SecurePlan.from_meta(plan_msg.meta["plan"])
+        msgs = []
+        for i in self.ids:
+            if plan.of(i):
+                words = self._masking[i].masked(plan, self.segs[i], directory)
+                msgs.append(self.wire.pack("masked", "server", i, {f"masked/{k}": v for k, v in words.items()},
+                                           {"round": plan.round}, src=f"client:{i}"))
+        ray.get(self.server.receive_masked.remote(msgs))
+
+    def reveal(self, plan_msg: Message, dropped: list[int], directory: dict[int, str]) -> None:
+        """Each client's mask seeds with the members that dropped, one message per sum."""
+        import ray
+
+        plan = SecurePlan.from_meta(plan_msg.meta["plan"])
+        msgs = [self.wire.pack("unmask", "server", i, meta={"sum": k, "seeds": {str(j): h for j, h in seeds.items()}},
+                               src=f"client:{i}")
+                for i in self.ids for k, seeds in self._masking[i].reveal(plan, set(dropped), directory).items()]
+        ray.get(self.server.receive_reveals.remote(msgs))
+
+    def pull_opened(self) -> None:
+        """The opened averages of the blocks this host's clients took part in."""
+        import ray
+
+        for m in ray.get(self.server.send_opened.remote(self.ids)):
+            prefix = f"clients.{m.client}."
+            with torch.no_grad():
+                own = self.segs[m.client].state_dict()
+                for k, v in m.tensors(self.device).items():
+                    own[k.removeprefix(prefix)].copy_(v)
+
     def get_state(self) -> list[Message]:
         out = []
         for i in self.ids:
@@ -322,10 +367,11 @@ class ServerNode:
         self.sizes = np.asarray(spec.sizes)
         self.feature_depth = spec.feature_depth
         self.features = FeatureStats(len(spec.cuts))
-        self.strategy = get_method(self.cfg.method).strategy(self.cfg)
+        self.strategy = build_strategy(self.cfg)
         self.wire = Wire("server")
         self.pending: dict[tuple[str, int], tuple] = {}
         self.seen: dict[int, torch.Tensor] = {}
+        self._secure: dict = {}  # secure aggregation: this round end's plan, masked sums, reveals
 
     def pid(self) -> int:
         return os.getpid()
@@ -423,6 +469,62 @@ class ServerNode:
         return self.wire.pack("control", "driver", None, meta={
             "groups": agg.groups.tolist(), "cluster_weights": agg.cluster_weights.tolist(),
             "global_weights": agg.global_weights.tolist(), "info": agg.info})
+
+    # -- secure round end: plan, masked sums, reveals, open ---------------------------------------------
+    def plan_secure(self, control: Message) -> Message:
+        """The strategy's aggregation and the sums that secure aggregation will open."""
+        meta = control.meta
+        clients = sorted(meta["clients"])
+        if meta["use_features"]:
+            clients = [i for i in clients if i in set(self.features.seen())]
+        if len(clients) == 0:
+            raise RuntimeError("no client finished an iteration this round: nothing to aggregate")
+        agg = decide(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
+                     self.features if meta["use_features"] else None, clients)
+        self._secure = {"clients": clients, "agg": agg, "plan": plan_sums(self.model, agg, clients, meta["round"]),
+                        "masked": {}, "revealed": {}, "opened": {}}
+        return self.wire.pack("control", "driver", None, meta={"plan": self._secure["plan"].to_meta()})
+
+    def receive_masked(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            self._secure["masked"][m.client] = {int(k.removeprefix("masked/")): a for k, a in m.arrays.items()}
+
+    def delivered(self) -> list[int]:
+        return sorted(self._secure["masked"])
+
+    def receive_reveals(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            self._secure["revealed"].setdefault(m.client, {})[m.meta["sum"]] = {
+                int(j): h for j, h in m.meta["seeds"].items()}
+
+    def finish_secure(self) -> Message:
+        """Open the sums, write the averages (into the server's copies of the members' blocks, to be
+        sent back) and mix the server body; the aggregation and its record for the driver."""
+        st = self._secure
+        plan, clients = st["plan"], st["clients"]
+        opened = open_sums(plan, st["masked"], st["revealed"])
+        record = apply_opened(self.model, plan, opened)
+        for o in opened:
+            s = plan.sums[o.index]
+            for i in o.members:
+                st["opened"].setdefault(i, []).append((s.net, s.block))
+        agg = with_record(st["agg"], record)
+        if len(clients) != len(self.sizes):
+            agg = agg.expand(clients, len(self.sizes))
+        return self.wire.pack("control", "driver", None, meta={
+            "groups": agg.groups.tolist(), "cluster_weights": agg.cluster_weights.tolist(),
+            "global_weights": agg.global_weights.tolist(), "info": agg.info})
+
+    def send_opened(self, clients: list[int]) -> list[Message]:
+        out = []
+        for i in clients:
+            tensors = {f"clients.{i}.nets.{net}.{b}.{k}": v
+                       for net, b in self._secure["opened"].get(i, [])
+                       for k, v in self.model.clients[i].nets[net][str(b)].state_dict().items()
+                       if v.is_floating_point()}
+            if tensors:
+                out.append(self.wire.pack("weights", f"client:{i}", i, tensors))
+        return out
 
     def send_weights(self, clients: list[int]) -> list[Message]:
         return [self.wire.pack("weights", f"client:{i}", i,

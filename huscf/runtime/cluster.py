@@ -3,7 +3,8 @@
 Without an address huscf starts a private Ray on this machine, bound to loopback (127.0.0.1),
 with usage statistics off and no dashboard; ``HUSCF_RAY_TMPDIR`` chooses its temp folder. With
 an address (``auto`` or ``HOST:PORT`` of a ``ray start --head`` node) it joins that cluster and
-leaves it running afterwards. If Ray is already initialised in this process it is used as is.
+leaves it running afterwards. A private Ray's processes end with the driver even when the driver
+is killed (``reaper``). If Ray is already initialised in this process it is used as is.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import socket
 
 from huscf.errors import HuscfError
+from huscf.runtime.reaper import start_watcher, unmark
 
 
 def _import_ray():
@@ -50,9 +52,24 @@ def connect(address: str | None):
                 ray.init(address=address, **kwargs)
             else:
                 tmp = os.environ.get("HUSCF_RAY_TMPDIR")
-                ray.init(_node_ip_address="127.0.0.1", _temp_dir=tmp, **kwargs)
+                start_watcher()  # its processes end with this one, even if this one is killed
                 owns = True
-        except ConnectionError as exc:
-            raise HuscfError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+                ray.init(_node_ip_address="127.0.0.1", _temp_dir=tmp, **kwargs)
+        except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
+            if owns:
+                unmark()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            if address:
+                raise HuscfError(f"cannot reach a Ray cluster at {address!r}: {first}") from None
+            raise HuscfError(f"could not start a local Ray ({type(exc).__name__}: {first}); a short "
+                             f"HUSCF_RAY_TMPDIR helps when the message is about a socket path") from None
     cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     return ray, owns, cpus
+
+
+def disconnect(ray, owns: bool) -> None:
+    """Shut down a Ray this process started (a joined cluster keeps running)."""
+    if owns and ray.is_initialized():
+        ray.shutdown()
+    if owns:
+        unmark()

@@ -27,7 +27,7 @@ from huscf.engines.simulation import keyed_rng
 from huscf.errors import HuscfError
 from huscf.federation.strategies import Aggregation
 from huscf.runtime.actors import ClientHost, RunSpec, ServerNode
-from huscf.runtime.cluster import connect
+from huscf.runtime.cluster import connect, disconnect
 from huscf.runtime.messages import Message, Wire, pack_state, unpack_state
 from huscf.split.segments import SplitGAN
 
@@ -72,6 +72,7 @@ class RayEngine:
         self._check_sizes()
         self._last_state = self._collect_state()
         self.after_iteration = []  # callables (round, epoch, t): monitoring and fault-injection tests
+        self.before_masking = []  # callables (round): fault injection in a secure round end (tests)
         self._events = self._no_events()
 
     # -- actors ------------------------------------------------------------------------------------
@@ -200,15 +201,14 @@ class RayEngine:
     def federate(self, strategy, sizes: np.ndarray, round_idx: int, seed: int, use_features: bool) -> Aggregation:
         """Round end on the server actor (the strategy there is built from the same config), then
         failed hosts restarted or dropped, and every actor's state collected for the checkpoint."""
-        live = self._live()
         where = (round_idx, -1, -1)
-        self._gather({k: h.push_weights.remote() for k, h in live.items()}, where)
-        live = self._live()
-        clients = sorted(i for k in live for i in self.groups[k] if self._done[i] > 0)
-        ctl = self.wire.pack("control", "server", meta={"round": round_idx, "seed": seed, "clients": clients,
-                                                        "use_features": use_features})
-        m = self._call(self.server.federate.remote(ctl), "aggregation")
-        self._gather({k: h.pull_weights.remote() for k, h in self._live().items()}, where)
+        if self.cfg.federation.secure_aggregation:
+            m = self._secure_round_end(round_idx, seed, use_features)
+        else:
+            self._gather({k: h.push_weights.remote() for k, h in self._live().items()}, where)
+            m = self._call(self.server.federate.remote(self._round_end_control(round_idx, seed, use_features)),
+                           "aggregation")
+            self._gather({k: h.pull_weights.remote() for k, h in self._live().items()}, where)
         agg = Aggregation(np.asarray(m.meta["groups"]), np.asarray(m.meta["cluster_weights"]),
                           np.asarray(m.meta["global_weights"]), m.meta["info"])
         for k in sorted(self._failed):
@@ -216,6 +216,34 @@ class RayEngine:
         self._last_state = self._collect_state()
         self.model.load_state_dict(self._last_state["model"])
         return agg
+
+    def _round_end_control(self, round_idx: int, seed: int, use_features: bool,
+                           keyed: set[int] | None = None) -> Message:
+        """The clients of the live hosts that trained this round (and, secure, published a key)."""
+        clients = sorted(i for k in self._live() for i in self.groups[k]
+                         if self._done[i] > 0 and (keyed is None or i in keyed))
+        return self.wire.pack("control", "server", meta={"round": round_idx, "seed": seed, "clients": clients,
+                                                         "use_features": use_features})
+
+    def _secure_round_end(self, round_idx: int, seed: int, use_features: bool) -> Message:
+        """Secure aggregation (federation/secure.py): keys, the server's plan, masked sums straight
+        from the hosts to the server, the survivors' reveals for members that dropped, the opened
+        averages back. A host that fails on the way drops its clients from the sums they were in."""
+        where = (round_idx, -1, -1)
+        keys = self._gather({k: h.advertise_keys.remote() for k, h in self._live().items()}, where)
+        directory = {m.client: m.meta["public_key"] for msgs in keys.values() for m in msgs}
+        ctl = self._round_end_control(round_idx, seed, use_features, keyed=set(directory))
+        plan = self._call(self.server.plan_secure.remote(ctl), "aggregation")
+        for hook in self.before_masking:  # tests: a host that dies between the plan and its sums
+            hook(round_idx)
+        self._gather({k: h.push_masked.remote(plan, directory) for k, h in self._live().items()}, where)
+        members = {i for s in plan.meta["plan"]["sums"] for i in s[2]}
+        dropped = sorted(members - set(self._call(self.server.delivered.remote(), "aggregation")))
+        if dropped:
+            self._gather({k: h.reveal.remote(plan, dropped, directory) for k, h in self._live().items()}, where)
+        m = self._call(self.server.finish_secure.remote(), "aggregation")
+        self._gather({k: h.pull_opened.remote() for k, h in self._live().items()}, where)
+        return m
 
     def swap_discriminators(self, perm: list[int]) -> None:
         raise HuscfError("the ray engine does not move discriminators between clients (MD-GAN): "
@@ -293,6 +321,5 @@ class RayEngine:
         self.model.load_state_dict(self._last_state["model"])
 
     def close(self) -> None:
-        if self._owns_ray and self.ray.is_initialized():
-            self.ray.shutdown()
+        disconnect(self.ray, self._owns_ray)
 

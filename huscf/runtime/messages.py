@@ -10,6 +10,8 @@ cross Ray's object store about twice as fast as torch tensors; bf16 travels as i
 * nothing a client sends is integer-typed (labels are), shaped like a batch of its images, or one
   value per sample (a discriminator output); ``weights``/``state`` carry only that client's own
   segment (``clients.{i}.``) keys and optimiser moments; ``meta`` is small JSON (<= 4 KiB);
+* the one exception to "no integers": a ``masked`` message's uint64 words, each array exactly as
+  long as one of the client's own blocks (secure aggregation);
 * every message is counted in the sender's ``AuditLog`` by (round, kind, src, dst, client, net,
   block, name, shape, dtype) with its bytes. The driver drains every log into ``audit.jsonl``.
 
@@ -34,8 +36,13 @@ KINDS = {
     "state": "weights and optimiser moments, to the driver's checkpoint or back on a restart",
     "metric": "scalar losses and counts, client -> driver",
     "control": "orchestration: round, epoch, iteration, client ids, cluster assignment (no tensors)",
+    # secure aggregation (federation/secure.py)
+    "keys": "a client's public key for one round end's pair secrets, client -> server (no tensors)",
+    "masked": "a client's weighted segment block masked with its pair masks, client -> server (uint64 words)",
+    "unmask": "a survivor's mask seeds with members that dropped out, for one sum, client -> server",
 }
-CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "control"})
+CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "control", "keys", "masked",
+                          "unmask"})
 META_LIMIT = 4096  # bytes of JSON a client may attach to one message
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -114,6 +121,8 @@ class ClientContract:
     cut: dict[tuple[str, str], tuple[int, ...]]
     segment: dict[str, tuple[int, ...]]
     opt_params: dict[str, list[tuple[int, ...]]]
+    # the floating-point values of each of its blocks ("G/1" -> count): a masked sum's length
+    block_sizes: dict[str, int] = field(default_factory=dict)
 
 
 CUT_NAMES = {"G": {"h"}, "D": {"fake", "real"}}  # the arrays of a cut-layer message, by net
@@ -146,6 +155,13 @@ class PrivacyGuard:
                 refuse(f"arrays for client {m.client}, which this process does not host")
             contract = self.contracts.get(m.client)
         for name, a in m.arrays.items():
+            if m.kind == "masked":
+                sizes = None if contract is None else set(contract.block_sizes.values())
+                if m.dtypes[name] != "uint64" or a.ndim != 1 or not name.startswith("masked/"):
+                    refuse(f"'{name}' ({m.dtypes[name]}, {a.ndim}-d): a masked sum is one uint64 vector 'masked/K'")
+                if sizes is not None and a.size not in sizes:
+                    refuse(f"a masked '{name}' of {a.size} words: none of its blocks has that many values")
+                continue
             if m.dtypes[name] not in FLOAT_DTYPES:
                 refuse(f"an integer array '{name}' (labels never leave a client)")
             if m.kind in ("weights", "state"):
@@ -215,6 +231,20 @@ class PrivacyGuard:
                 refuse("'skipped' other than a list of client ids")
             if hosted is not None and not {str(i) for i in skipped} <= hosted:
                 refuse("'skipped' with clients it does not host")
+        elif m.kind == "keys":
+            only({"public_key"})
+            if not _is_hex(meta.get("public_key"), 64):
+                refuse("a public key other than 32 bytes of hex")
+        elif m.kind == "masked":
+            only({"round"})
+            if not isinstance(meta.get("round"), int) or isinstance(meta.get("round"), bool):
+                refuse("masked-sum metadata other than the round")
+        elif m.kind == "unmask":
+            only({"sum", "seeds"})
+            seeds = meta.get("seeds")
+            if (not isinstance(meta.get("sum"), int) or not isinstance(seeds, dict)
+                    or not all(k.isdigit() and _is_hex(v, 64) for k, v in seeds.items())):
+                refuse("an unmask other than one sum's seeds (client id -> 32 bytes of hex)")
         elif m.kind == "state":
             only({"param_groups"})
             for net, groups in meta.get("param_groups", {}).items():
@@ -238,19 +268,24 @@ class PrivacyGuard:
             refuse(f"array-valued metadata in a '{m.kind}' message")
 
 
+def _is_hex(v, length: int) -> bool:
+    return isinstance(v, str) and len(v) == length and all(c in "0123456789abcdef" for c in v)
+
+
 class Wire:
     """One process's end of the message layer: packs, checks and counts what it sends."""
 
     def __init__(self, name: str, guard: PrivacyGuard | None = None):
         self.name, self.guard, self.audit = name, guard, AuditLog()
 
-    def pack(self, kind: str, dst: str, client: int | None = None, tensors: dict[str, torch.Tensor] | None = None,
+    def pack(self, kind: str, dst: str, client: int | None = None,
+             tensors: dict[str, torch.Tensor | np.ndarray] | None = None,
              meta: dict | None = None, src: str | None = None) -> Message:
         if kind not in KINDS:
             raise ValueError(f"unknown message kind {kind!r}")
         m = Message(kind, src or self.name, dst, client, meta=dict(meta or {}))
         for name, t in (tensors or {}).items():
-            m.arrays[name], m.dtypes[name] = _to_numpy(t)
+            m.arrays[name], m.dtypes[name] = (t, str(t.dtype)) if isinstance(t, np.ndarray) else _to_numpy(t)
         if self.guard is not None:
             self.guard.check(m)
         self.audit.record(m)

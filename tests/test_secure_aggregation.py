@@ -1,0 +1,210 @@
+"""Secure aggregation (federation/secure.py): masked sums equal plain averaging, reveal nothing
+one at a time, survive members that drop out, and refuse the methods they cannot serve."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_metrics
+
+from huscf.config import build_config
+from huscf.errors import HuscfError
+from huscf.federation.averaging import apply_aggregation
+from huscf.federation.secure import (
+    MaskingClient, block_vector, decode, encode, open_sums, plan_sums, secure_average,
+)
+from huscf.federation.strategies import Aggregation
+from huscf.methods import build_strategy
+from huscf.models import build_architecture
+from huscf.split.plan import Cuts
+from huscf.split.segments import SplitGAN
+from huscf.trainer import Trainer
+
+# heterogeneous cuts: every middle block of G and D is held by the server and by 2-4 clients
+CUTS = [Cuts(0, 0, 0, 0), Cuts(1, 0, 1, 0), Cuts(1, 1, 2, 0), Cuts(2, 0, 1, 1), Cuts(2, 1, 2, 1)]
+
+
+def _model(cuts=CUTS, seed=0):
+    """Every client's and the server's copies made different (as after a round of training)."""
+    torch.manual_seed(seed)
+    arch = build_architecture("cgan28", width=0.125)
+    m = SplitGAN(arch.generator(), arch.discriminator(), cuts)
+    with torch.no_grad():
+        for v in m.state_dict().values():
+            if v.is_floating_point():
+                v.add_(torch.randn_like(v) * 0.1)
+    return m
+
+
+def _floats(m):
+    return {k: v for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
+def _assert_same_clients(a, b, clients=None):
+    fa, fb = _floats(a), _floats(b)
+    for k in fa:
+        if k.startswith("clients.") and (clients is None or int(k.split(".")[1]) in clients):
+            torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_fedavg_equals_plain_averaging_with_heterogeneous_cuts():
+    plain, secure = _model(), _model()
+    w = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    agg = Aggregation(np.zeros(5, dtype=int), w, w)
+    apply_aggregation(plain, agg)
+    record = secure_average(secure, agg, list(range(5)), round_idx=3)
+    fa, fb = _floats(plain), _floats(secure)
+    for k in fa:  # every client block and every server block
+        torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=1e-6, msg=k)
+    assert record["opened"] == record["sums"] > 0 and record["closed"] == []
+    assert not torch.equal(fa["server.nets.D.1.0.weight"], _floats(_model())["server.nets.D.1.0.weight"])
+
+
+def test_clusters_average_their_holders_and_the_server_mixes_cluster_averages():
+    plain, secure = _model(), _model()
+    before = _model()
+    groups = np.array([0, 0, 1, 1, 1])
+    cw = np.array([0.4, 0.6, 0.2, 0.5, 0.3])
+    gw = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    agg = Aggregation(groups, cw, gw)
+    apply_aggregation(plain, agg)
+    secure_average(secure, agg, list(range(5)), round_idx=0)
+    _assert_same_clients(plain, secure)  # a cluster's holders get exactly the plain cluster average
+    # the server's copy of D block 1 (held by clients 1 and 3 in cluster 0 / 1, client 2 and 4 hold
+    # D blocks 1-2): each cluster's holder average with the cluster's summed global weight
+    for net, b in (("D", 1), ("G", 1)):
+        holders = [i for i in range(5) if before.clients[i].holds(net, b)]
+        ref = block_vector(before.server.nets[net][str(b)])
+        total = 0.0
+        for g in (0, 1):
+            pos = [i for i in holders if groups[i] == g]
+            if len(pos) < 2:
+                continue  # a lone holder's copy stays private: its share goes to the server's copy
+            avg = sum(cw[i] * block_vector(before.clients[i].nets[net][str(b)]) for i in pos) / cw[pos].sum()
+            ref = ref + gw[pos].sum() * (avg - block_vector(before.server.nets[net][str(b)]))
+            total += 1
+        assert total > 0
+        np.testing.assert_allclose(block_vector(secure.server.nets[net][str(b)]), ref, rtol=0, atol=1e-6)
+
+
+def test_a_lone_holder_sends_nothing_and_keeps_its_copy():
+    m = _model()
+    before = _model()
+    agg = Aggregation(np.arange(5), np.ones(5), np.full(5, 0.2))  # every client its own cluster
+    plan = plan_sums(m, agg, list(range(5)), 0)
+    assert plan.sums == ()  # nothing to open: every average would be one client's copy
+    secure_average(m, agg, list(range(5)), 0)
+    for k, v in _floats(m).items():
+        torch.testing.assert_close(v, _floats(before)[k], rtol=0, atol=0, msg=k)
+    # one cluster, but G block 2 is held by client 3 alone: its copy stays private, its global
+    # weight goes to the server's own copy (plain averaging would mix client 3's copy in)
+    lone = [Cuts(0, 0, 0, 0), Cuts(1, 0, 1, 0), Cuts(2, 0, 1, 0)]
+    m, before = _model(lone), _model(lone)
+    w = np.full(3, 1 / 3)
+    secure_average(m, Aggregation(np.zeros(3, dtype=int), w, w), [0, 1, 2], 0)
+    for name, v in m.server.nets["G"]["2"].state_dict().items():
+        torch.testing.assert_close(v, before.server.nets["G"]["2"].state_dict()[name], rtol=0, atol=0)
+    assert not torch.equal(m.server.nets["G"]["1"].state_dict()["0.weight"],
+                           before.server.nets["G"]["1"].state_dict()["0.weight"])  # held by 1 and 2: mixed
+
+
+def test_one_masked_vector_is_noise_and_the_masks_cancel_in_the_sum():
+    m = _model()
+    w = np.full(5, 0.2)
+    plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 7)
+    parties = {i: MaskingClient(i) for i in range(5)}
+    directory = {i: p.public_key() for i, p in parties.items()}
+    masked = {i: p.masked(plan, m.clients[i], directory) for i, p in parties.items()}
+    k = next(k for k, s in enumerate(plan.sums) if s.net == "D" and s.block == 0)  # every client's D head
+    s = plan.sums[k]
+    plain = {i: encode(s.weights[s.members.index(i)] * block_vector(m.clients[i].nets["D"]["0"]), i, "")
+             for i in s.members}
+    for i in s.members:
+        x = masked[i][k]
+        assert (x != plain[i]).mean() > 0.99
+        # fixed-point weights are small integers; the masked words spread over all of Z_{2^64}
+        assert np.abs(decode(plain[i])).max() < 1 and np.abs(decode(x)).max() > 1e8
+    total = sum(masked[i][k] for i in s.members[1:]) + masked[s.members[0]][k]
+    np.testing.assert_array_equal(total, sum(plain[i] for i in s.members[1:]) + plain[s.members[0]])
+    # a new key pair per round end: the same weights give different masked words
+    again = MaskingClient(0).masked(plan, m.clients[0], directory | {0: MaskingClient(0).public_key()})
+    assert (again[k] != masked[0][k]).mean() > 0.99
+
+
+def test_dropouts_leave_sums_the_survivors_can_open():
+    m, plain = _model(), _model()
+    before = _model()
+    w = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    agg = Aggregation(np.zeros(5, dtype=int), w, w)
+    record = secure_average(m, agg, list(range(5)), 0, drop=frozenset({2}))
+    # the survivors get plain averaging over the survivors; the dropped client keeps its weights
+    survivors = [0, 1, 3, 4]
+    apply_aggregation(plain, Aggregation(np.zeros(4, dtype=int), w[survivors] / w[survivors].sum(),
+                                         w[survivors]), survivors)
+    _assert_same_clients(plain, m, survivors)
+    for k, v in _floats(m).items():
+        if k.startswith("clients.2."):
+            torch.testing.assert_close(v, _floats(before)[k], rtol=0, atol=0, msg=k)
+    assert record["opened"] > 0
+    # a sum whose only other member dropped stays closed: its survivor's copy is never opened
+    two = _model([Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)])
+    kept = _model([Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)])
+    w3 = np.full(3, 1 / 3)
+    record = secure_average(two, Aggregation(np.zeros(3, dtype=int), w3, w3), [0, 1, 2], 0, drop=frozenset({1}))
+    assert record["closed"]  # e.g. G block 1, held by clients 0 and 1 only
+    torch.testing.assert_close(two.clients[0].nets["G"]["1"].state_dict(), kept.clients[0].nets["G"]["1"].state_dict())
+
+
+def test_a_survivor_does_not_reveal_a_seed_that_would_open_its_own_copy():
+    m = _model([Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)])
+    w = np.full(3, 1 / 3)
+    plan = plan_sums(m, Aggregation(np.zeros(3, dtype=int), w, w), [0, 1, 2], 0)
+    parties = {i: MaskingClient(i) for i in range(3)}
+    directory = {i: p.public_key() for i, p in parties.items()}
+    only_two = {k for k, s in enumerate(plan.sums) if s.members == (0, 1)}
+    shared = {k for k, s in enumerate(plan.sums) if s.members == (0, 1, 2)}
+    assert only_two and shared
+    revealed = parties[0].reveal(plan, {1}, directory)
+    assert set(revealed) == shared and all(set(v) == {1} for v in revealed.values())
+    # the server cannot open a sum it was not given every seed for
+    masked = {i: parties[i].masked(plan, m.clients[i], directory) for i in (0, 2)}
+    opened = open_sums(plan, masked, {0: revealed})
+    assert {o.index for o in opened} == set()  # client 2 revealed nothing: every sum with 1 stays shut
+    opened = open_sums(plan, masked, {0: revealed, 2: parties[2].reveal(plan, {1}, directory)})
+    assert {o.index for o in opened} == shared
+
+
+def test_methods_whose_server_reads_whole_models_are_refused_in_one_line():
+    for method in ("pflgan", "hflgan"):
+        cfg = build_config({}, [f"method={method}", "federation.secure_aggregation=true"])
+        with pytest.raises(HuscfError, match="secure_aggregation"):
+            build_strategy(cfg)
+    m = _model()
+    with pytest.raises(HuscfError, match="personalised"):
+        plan_sums(m, Aggregation(np.arange(5), np.ones(5), np.full(5, 0.2), mixing=np.eye(5)), list(range(5)), 0)
+    with pytest.raises(HuscfError, match="not finite"):
+        encode(np.array([np.nan]), 3, "D block 1")
+
+
+def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path):
+    """One-cluster federation (FedAvg) trains the same model with or without secure aggregation
+    (heterogeneous cuts, every locally held middle block held by two clients or more)."""
+    # one round: after it the two models differ by float rounding only; a second round would let
+    # Adam's early near-sign steps (lr 2e-4) turn those 1e-7 differences into 1e-4 ones
+    tiny = ["output.keep_full_checkpoints=1", "data.clients_per_domain=2", "model.width=0.125", "train.rounds=1",
+            "train.local_epochs=1", "train.batch_size=32", "train.max_iters_per_epoch=2", "output.samples_per_class=2",
+            "cuts.method=fixed", "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]",  # no lone holder
+            "federation.strategy=fedavg", "output.samples_every=0"]
+    plain = Trainer.new(build_config({}, tiny), tmp_path / "plain", quiet=True)
+    plain.fit()
+    secure = Trainer.new(build_config({}, tiny + ["federation.secure_aggregation=true"]), tmp_path / "secure",
+                         quiet=True)
+    secure.fit()
+    a, b = plain.engine.model.state_dict(), secure.engine.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+    rows = read_metrics(tmp_path / "secure")
+    assert all(r["federation"]["secure_aggregation"]["opened"] > 0 for r in rows)
+    assert "secure_aggregation" not in read_metrics(tmp_path / "plain")[0]["federation"]
+
