@@ -72,7 +72,9 @@ def local_ray(tmp_path_factory):
         if not left:
             break
         time.sleep(0.5)
-    assert not left, f"Ray processes still running: {left}"
+    names = {pid: (open(f"/proc/{pid}/cmdline", "rb").read()[:80], open(f"/proc/{pid}/stat").read()[:120])
+             for pid in left if isinstance(pid, int) and os.path.exists(f"/proc/{pid}/cmdline")}
+    assert not left, f"Ray processes still running: {left} {names}"
 
 
 def _outputs(model, cuts_clients) -> dict[str, torch.Tensor]:

@@ -120,22 +120,34 @@ class RoundRecord:
         return cls(**known, events=events)
 
 
+def json_lines(path: Path, damaged: str) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of an append-only JSONL file. A last line cut
+    short (a process killed while writing it) is dropped; any other line that is not JSON is an
+    error naming the line and ``damaged`` (what the file is and what to do)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((no for no, line in enumerate(lines, 1) if line.strip()), default=0)
+    out = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((no, json.loads(line)))
+        except json.JSONDecodeError:
+            if no == last:  # the line a kill cut short
+                break
+            raise HuscfError(f"{path} line {no}: not JSON ({damaged})") from None
+    return out
+
+
 def read_rounds(path: Path) -> list[RoundRecord]:
     """The rounds of a ``metrics.jsonl``: one record per line, rounds 1, 2, 3, ... in order. A
     last line cut short (a run killed while writing it) is dropped; any other line that is not a
     round, or a round out of sequence, is an error naming the line."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     rows: list[RoundRecord] = []
-    for no, line in enumerate(lines, 1):
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError:
-            if no == len(lines):  # the line a kill cut short
-                break
-            raise HuscfError(f"{path} line {no}: not JSON (a damaged metrics file: repair or delete that "
-                             f"line; nothing else reads or rewrites it until then)") from None
+    for no, raw in json_lines(path, "a damaged metrics file: repair or delete that line; nothing else reads "
+                                    "or rewrites it until then"):
         try:
             row = RoundRecord.from_json(raw)
         except RecordError as err:

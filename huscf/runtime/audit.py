@@ -15,6 +15,7 @@ from pathlib import Path
 
 from huscf.errors import HuscfError
 from huscf.rundir import RunDir
+from huscf.rundir.records import json_lines
 from huscf.runtime.messages import CLIENT_KINDS, FLOAT_DTYPES
 
 _FLOATS = {*FLOAT_DTYPES, "json", ""}  # json: message headers; "": a message without arrays
@@ -25,15 +26,8 @@ def read_audit(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "audit.jsonl"
     if not path.is_file():
         raise HuscfError(f"{run_dir}: no audit.jsonl (only runs with --engine ray write one)")
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     rows = []
-    for no, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if no == len(lines):  # the line a killed run was writing
-                break
-            raise HuscfError(f"{path} line {no}: not JSON (a damaged audit log)") from None
+    for no, row in json_lines(path, "a damaged audit log"):
         missing = [k for k in _KEYS if not isinstance(row, dict) or k not in row]
         if missing:
             raise HuscfError(f"{path} line {no}: not an audit record (missing '{missing[0]}')")

@@ -321,5 +321,11 @@ class RayEngine:
         self.model.load_state_dict(self._last_state["model"])
 
     def close(self) -> None:
+        """End this run's actors (on a joined or shared Ray they would otherwise live on with the
+        driver, computing nothing), then shut down a Ray this driver started."""
+        if self.ray.is_initialized():
+            for actor in [*self.hosts.values(), self.server]:
+                with contextlib.suppress(Exception):  # already dead
+                    self.ray.kill(actor)
         disconnect(self.ray, self._owns_ray)
 
