@@ -12,8 +12,9 @@ Probes, each a real ``huscf`` process:
   checkpoints truncated; then ``--resume`` and ``evaluate``;
 * **full disk**: a file-size limit that a checkpoint exceeds;
 * **NaN injection**: a learning rate that makes the losses explode;
-* **kills**: ``kill -9`` at seeded random moments of a run, then ``--resume``, compared with the
-  uninterrupted run (every round's losses);
+* **kills**: ``kill -9`` at seeded random moments of a run (after a random number of finished
+  rounds, 0-3 of 4, then a random part of a round's duration, so that they land mid-run), then
+  ``--resume``, compared with the uninterrupted run (every round's losses);
 * **Ray driver killed**: ``kill -9`` of a ``--engine ray`` driver after its first round: every
   process its private Ray started must end (runtime/reaper.py), and ``--resume`` must finish the run.
 
@@ -234,14 +235,27 @@ def nan_injection(tmp: Path, t: Tally, quick: bool = False) -> None:
 
 
 def kills(tmp: Path, n: int, seed: int, t: Tally) -> None:
-    ref = tiny_run(tmp, "uninterrupted", 4)
+    ref = tmp / "uninterrupted"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "huscf.cli", "train", "--quiet", "--out", str(ref),
+                             *sets(*TINY, "train.rounds=4")], stderr=subprocess.DEVNULL)
+    seen = {}  # when each round's row appeared: how long a round takes
+    while proc.poll() is None:
+        seen.setdefault(len(rounds_of(ref)), time.perf_counter() - t0)
+        time.sleep(0.05)
+    if proc.returncode != 0 or rounds_of(ref) != [1, 2, 3, 4]:
+        raise SystemExit("reliability: the uninterrupted run failed")
+    per_round = (seen.get(4, 0.0) - seen.get(1, 0.0)) / 3
     want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     rng = random.Random(seed)
     for k in range(n):
         run = tmp / f"killed_{k}"
         proc = subprocess.Popen([sys.executable, "-m", "huscf.cli", "train", "--quiet", "--out", str(run),
                                  *sets(*TINY, "train.rounds=4")], stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 14.0))
+        target, delay = rng.randint(0, 3), rng.uniform(0.0, 1.0) * per_round
+        while proc.poll() is None and len(rounds_of(run)) < target:  # mid-run: after `target` rounds,
+            time.sleep(0.02)
+        time.sleep(delay)  # then somewhere inside the next one
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         before = rounds_of(run)

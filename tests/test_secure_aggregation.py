@@ -186,7 +186,8 @@ def test_methods_whose_server_reads_whole_models_are_refused_in_one_line():
         encode(np.array([np.nan]), 3, "D block 1")
 
 
-def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path):
+@pytest.mark.parametrize("clients", ["loop", "batched"])
+def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path, clients):
     """One-cluster federation (FedAvg) trains the same model with or without secure aggregation
     (heterogeneous cuts, every locally held middle block held by two clients or more)."""
     # one round: after it the two models differ by float rounding only; a second round would let
@@ -194,7 +195,7 @@ def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path):
     tiny = ["output.keep_full_checkpoints=1", "data.clients_per_domain=2", "model.width=0.125", "train.rounds=1",
             "train.local_epochs=1", "train.batch_size=32", "train.max_iters_per_epoch=2", "output.samples_per_class=2",
             "cuts.method=fixed", "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]",  # no lone holder
-            "federation.strategy=fedavg", "output.samples_every=0"]
+            "federation.strategy=fedavg", "output.samples_every=0", f"compute.clients={clients}"]
     plain = Trainer.new(build_config({}, tiny), tmp_path / "plain", quiet=True)
     plain.fit()
     secure = Trainer.new(build_config({}, tiny + ["federation.secure_aggregation=true"]), tmp_path / "secure",
