@@ -481,6 +481,22 @@ def test_the_privacy_guard_admits_only_well_formed_secure_aggregation_messages()
             w.pack(kind, "server", 0, tensors, meta, src="client:0")
 
 
+def test_the_server_refuses_masked_words_after_it_named_the_dropouts():
+    """Survivors reveal their seeds with the dropouts; a dropout's late vector would then open alone."""
+    from huscf.runtime.actors import ServerNode
+    from huscf.runtime.messages import Wire
+
+    server = object.__new__(ServerNode)  # only its secure round-end state, no actor
+    server._secure = {"masked": {}}
+    words = np.arange(4, dtype=np.uint64)
+    on_time = Wire("host:0").pack("masked", "server", 0, {"masked/0": words}, {"round": 0}, src="client:0")
+    late = Wire("host:1").pack("masked", "server", 1, {"masked/0": words}, {"round": 0}, src="client:1")
+    server.receive_masked([on_time])
+    assert server.delivered() == [0]
+    server.receive_masked([late])
+    assert sorted(server._secure["masked"]) == [0]
+
+
 def test_state_round_trips_through_messages_with_bf16():
     from huscf.runtime.messages import Wire, pack_state, unpack_state
 

@@ -486,10 +486,14 @@ class ServerNode:
         return self.wire.pack("control", "driver", None, meta={"plan": self._secure["plan"].to_meta()})
 
     def receive_masked(self, msgs: list[Message]) -> None:
+        if self._secure.get("frozen"):  # after the dropouts were named: a late vector is refused,
+            return  # else the survivors' reveals would open it alone (SecAgg's self-mask is not built)
         for m in msgs:
             self._secure["masked"][m.client] = {int(k.removeprefix("masked/")): a for k, a in m.arrays.items()}
 
     def delivered(self) -> list[int]:
+        """Who delivered; from now on the set is frozen (members not in it are the dropouts)."""
+        self._secure["frozen"] = True
         return sorted(self._secure["masked"])
 
     def receive_reveals(self, msgs: list[Message]) -> None:
