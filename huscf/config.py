@@ -137,6 +137,9 @@ class FederationConfig(_Section):
     # mask the client-side segments so that the server opens only each cluster's average, never
     # one client's weights (federation/secure.py, docs/security.md)
     secure_aggregation: bool = False
+    # per_cluster: after the warm-up, one copy of the server's middle blocks per cluster
+    # (federation/bodies.py; max_clusters copies); shared: one body for every client
+    server_body: Literal["shared", "per_cluster"] = "shared"
 
     @field_validator("clusters")
     @classmethod

@@ -50,6 +50,22 @@ def _losses(per_epoch: list[dict]) -> dict:
     return out
 
 
+def cluster_bodies(cfg, method, execution: Execution | None = None) -> int:
+    """How many cluster bodies the split model has (``federation.server_body``); one line of
+    error for what per-cluster bodies do not support yet."""
+    if cfg.federation.server_body != "per_cluster":
+        return 0
+    if not method.split:
+        raise HuscfError(f"federation.server_body=per_cluster needs a split method; '{cfg.method}' has no server body")
+    if cfg.federation.secure_aggregation:
+        raise HuscfError("federation.server_body=per_cluster does not run with secure aggregation yet: "
+                         "set one of them back")
+    if cfg.runtime.engine == "ray" or (execution is not None and execution.batch_clients):
+        raise HuscfError("federation.server_body=per_cluster runs on the per-client loop engine only for now: "
+                         "use runtime.engine=simulation and compute.clients=loop")
+    return cfg.federation.max_clusters
+
+
 class Trainer:
     """Runs (or resumes) one training run into a run directory."""
 
@@ -65,7 +81,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
         g, d = s.arch.generator(), s.arch.discriminator()
         self.method = get_method(cfg.method)
-        self.model = SplitGAN(g, d, s.cuts)
+        self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cluster_bodies(cfg, self.method, self.execution))
         if self.method.shared_generator:
             self.model.tie_generators()
         self.strategy = build_strategy(cfg)

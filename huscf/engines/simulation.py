@@ -237,7 +237,8 @@ class SimulationEngine:
     def _requires_grad(self, net: str, flag: bool) -> None:
         for c in self.model.clients:
             c.nets[net].requires_grad_(flag)
-        self.model.server.nets[net].requires_grad_(flag)
+        for body in self.model.server_bodies():
+            body.nets[net].requires_grad_(flag)
 
     @staticmethod
     def _check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:
@@ -246,8 +247,17 @@ class SimulationEngine:
 
     def federate(self, strategy: Strategy, sizes: np.ndarray, round_idx: int, seed: int,
                  use_features: bool) -> Aggregation:
-        """The round-end aggregation, applied to ``self.model`` (see ``federation.rounds``)."""
-        return federate(self.model, strategy, sizes, round_idx, seed, self.features if use_features else None)
+        """The round-end aggregation, applied to ``self.model`` (see ``federation.rounds``). A
+        cluster body used for the first time takes the Adam state of the body its members used."""
+        agg = federate(self.model, strategy, sizes, round_idx, seed, self.features if use_features else None)
+        bodies = self.model.server_bodies()
+        for slot, source in agg.info.get("bodies", {}).get("new_slots", {}).items():
+            for net, opt in self.server_opts.items():
+                pairs = zip(bodies[int(slot) + 1].nets[net].parameters(), bodies[source + 1].nets[net].parameters())
+                for new, old in pairs:
+                    if old in opt.state:
+                        opt.state[new] = {k: v.clone() for k, v in opt.state[old].items()}
+        return agg
 
     def round_events(self) -> dict:
         """Faults and skipped iterations of the round (none in one process)."""

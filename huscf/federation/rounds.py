@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from huscf.federation.averaging import apply_aggregation
+from huscf.federation.bodies import apply_per_cluster
 from huscf.federation.features import FeatureStats
 from huscf.federation.secure import SecureStrategy, secure_average
 from huscf.federation.strategies import Aggregation, RoundState
@@ -43,6 +44,9 @@ def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed:
     agg = decide(model, strategy, sizes, round_idx, seed, features, ids)
     if isinstance(strategy, SecureStrategy):
         agg = with_record(agg, secure_average(model, agg, ids, round_idx))
+    elif len(model.cluster_bodies) and agg.info.get("phase") == "clustered":
+        agg = Aggregation(agg.groups, agg.cluster_weights, agg.global_weights,
+                          agg.info | {"bodies": apply_per_cluster(model, agg, ids)}, agg.mixing)
     else:
         apply_aggregation(model, agg, ids)
     return agg if len(ids) == n else agg.expand(ids, n)

@@ -131,7 +131,9 @@ class RunEvaluator:
         self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
                                        tuple(first.images.shape[1:]))
         self.domains = domains
-        self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts)
+        fed = self.cfg.federation  # a per-cluster run's checkpoints hold its cluster bodies
+        self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts,
+                              cluster_bodies=fed.max_clusters if fed.server_body == "per_cluster" else 0)
 
     def load_round(self, r: int) -> None:
         try:

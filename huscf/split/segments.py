@@ -87,12 +87,26 @@ class ServerBody(nn.Module):
 class SplitGAN(nn.Module):
     """All clients' segments plus the shared server body, and the U-shaped forward pass."""
 
-    def __init__(self, g: BlockNet, d: BlockNet, cuts: list[Cuts]):
+    def __init__(self, g: BlockNet, d: BlockNet, cuts: list[Cuts], cluster_bodies: int = 0):
+        """``cluster_bodies``: that many extra server bodies (``federation.server_body: per_cluster``);
+        ``body_of[i]`` is the one client i runs through (-1: ``server``, the shared body)."""
         super().__init__()
         self.num_blocks = {"G": len(g.blocks), "D": len(d.blocks)}
         self.clients = nn.ModuleList([ClientSegments(c, g, d) for c in cuts])
         self.server = ServerBody(g, d)
+        self.cluster_bodies = nn.ModuleList([ServerBody(g, d) for _ in range(cluster_bodies)])
+        if cluster_bodies:  # in the state dict (checkpoints) only when there are cluster bodies
+            self.register_buffer("body_of", torch.full((len(cuts),), -1, dtype=torch.long))
         self.seam = Seam()
+
+    def body(self, client: int) -> ServerBody:
+        """The server body client ``client`` runs through."""
+        k = int(self.body_of[client]) if len(self.cluster_bodies) else -1
+        return self.server if k < 0 else self.cluster_bodies[k]
+
+    def server_bodies(self) -> list[ServerBody]:
+        """The shared body, then the cluster bodies."""
+        return [self.server, *self.cluster_bodies]
 
     def tie_generators(self) -> None:
         """Make every client's G blocks the same modules as client 0's: one generator that all
@@ -121,7 +135,7 @@ class SplitGAN(nn.Module):
             h = self.seam.cross(h, "client->server", client, net, r.head[-1])
             if server_input is not None:
                 server_input.append(h.detach())
-            h = self.server.run(net, h, r.server)
+            h = self.body(client).run(net, h, r.server)
             h = self.seam.cross(h, "server->client", client, net, r.server[-1])
         return seg.run_tail(net, h)
 
@@ -135,11 +149,11 @@ class SplitGAN(nn.Module):
         return self.clients[client].nets[net].parameters()
 
     def server_parameters(self, net: str):
-        return self.server.nets[net].parameters()
+        return [p for body in self.server_bodies() for p in body.nets[net].parameters()]
 
     def assemble(self, client: int, net: str) -> BlockNet:
         """A standalone copy of client ``client``'s full network (its blocks + the server's)."""
-        own, body = self.clients[client].nets[net], self.server.nets[net]
+        own, body = self.clients[client].nets[net], self.body(client).nets[net]
         blocks = [copy.deepcopy(own[str(b)] if str(b) in own else body[str(b)]) for b in range(self.num_blocks[net])]
         return BlockNet(blocks)
 
