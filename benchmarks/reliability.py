@@ -277,7 +277,7 @@ def ray_driver_killed(tmp: Path, t: Tally) -> None:
     except ImportError:
         print("Ray driver killed: skipped (Ray is not installed)", file=sys.stderr)
         return
-    from huscf.runtime.reaper import process_table
+    from huscf.runtime.reaper import descendants, still_running
 
     run = tmp / "ray_killed"
     ray_tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # Ray's socket paths must stay short
@@ -287,18 +287,13 @@ def ray_driver_killed(tmp: Path, t: Tally) -> None:
     deadline = time.time() + 300
     while time.time() < deadline and not rounds_of(run) and proc.poll() is None:
         time.sleep(0.5)
-    table = process_table()
-    below, stack = set(), [proc.pid]
-    while stack:  # every process below the driver: its Ray (and the reaper, which leaves by itself)
-        p = stack.pop()
-        kids = [(c, st) for c, (pp, st) in table.items() if pp == p]
-        below.update(kids)
-        stack.extend(c for c, _ in kids)
+    # every process below the driver: its Ray (and the reaper, which leaves by itself)
+    below = {p for p in descendants([proc.pid]) if p[0] != proc.pid}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = rounds_of(run)
     deadline = time.time() + 30
-    while time.time() < deadline and (left := [c for c, st in below if process_table().get(c, (0, None))[1] == st]):
+    while time.time() < deadline and (left := still_running(below)):
         time.sleep(0.5)
     t.add("Ray driver killed", bool(below) and not left, f"kill -9 after rounds {before}",
           f"{len(left)} of its {len(below)} processes still running")

@@ -37,17 +37,9 @@ SMALL = ["data.clients_per_domain=2", "train.rounds=2", "train.local_epochs=1", 
 
 def _descendants(pid: int) -> set[tuple[int, str]]:
     """(pid, start time) of every process below ``pid``."""
-    from huscf.runtime.reaper import process_table
+    from huscf.runtime.reaper import descendants
 
-    table = process_table()
-    out, stack = set(), [pid]
-    while stack:
-        p = stack.pop()
-        for c, (ppid, start) in table.items():
-            if ppid == p:
-                out.add((c, start))
-                stack.append(c)
-    return out
+    return {p for p in descendants([pid]) if p[0] != pid}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +54,11 @@ def local_ray(tmp_path_factory):
     started = {(pid, start) for pid, start in _descendants(os.getpid()) if b"huscf.runtime.reaper" not in
                (open(f"/proc/{pid}/cmdline", "rb").read() if os.path.exists(f"/proc/{pid}/cmdline") else b"")}
     ray.shutdown()
+    from huscf.runtime.reaper import still_running
+
     deadline = time.time() + 20
     while time.time() < deadline:  # every process Ray started is gone once it has shut down
-        from huscf.runtime.reaper import process_table
-
-        table = process_table()
-        left = [pid for pid, start in started if pid in table and table[pid][1] == start]
+        left = still_running(started)
         left += subprocess.run(["pgrep", "-f", str(tmp)], check=False, capture_output=True, text=True).stdout.split()
         if not left:
             break
@@ -289,7 +280,7 @@ def test_a_client_that_dies_before_masking_leaves_sums_the_survivors_open(local_
 def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
     """kill -9 the driver mid-run: every process its private Ray started ends within seconds
     (Ray alone leaves its dashboard and runtime-env agents running; runtime/reaper.py)."""
-    from huscf.runtime.reaper import process_table
+    from huscf.runtime.reaper import still_running
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "huscf.cli", "train", "--engine", "ray", "--out", str(out), "--quiet"]
@@ -313,8 +304,7 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
         driver.wait()
         deadline = time.time() + 30
         while time.time() < deadline:
-            table = process_table()
-            left = [pid for pid, start in ray_procs if pid in table and table[pid][1] == start]
+            left = still_running(ray_procs)
             if not left:
                 break
             time.sleep(0.5)

@@ -29,10 +29,9 @@ def decide(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: i
     return strategy.aggregate(state)
 
 
-def with_record(agg: Aggregation, record: dict) -> Aggregation:
-    """``agg`` with secure aggregation's record (sums planned, opened, closed) in its info."""
-    return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights,
-                       agg.info | {"secure_aggregation": record}, agg.mixing)
+def with_info(agg: Aggregation, **extra) -> Aggregation:
+    """``agg`` with ``extra`` added to its info (what the round end did, for the metrics)."""
+    return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights, agg.info | extra, agg.mixing)
 
 
 def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: int,
@@ -43,10 +42,9 @@ def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed:
     ids = list(range(n)) if clients is None else sorted(clients)
     agg = decide(model, strategy, sizes, round_idx, seed, features, ids)
     if isinstance(strategy, SecureStrategy):
-        agg = with_record(agg, secure_average(model, agg, ids, round_idx))
+        agg = with_info(agg, secure_aggregation=secure_average(model, agg, ids, round_idx))
     elif len(model.cluster_bodies) and agg.info.get("phase") == "clustered":
-        agg = Aggregation(agg.groups, agg.cluster_weights, agg.global_weights,
-                          agg.info | {"bodies": apply_per_cluster(model, agg, ids)}, agg.mixing)
+        agg = with_info(agg, bodies=apply_per_cluster(model, agg, ids))
     else:
         apply_aggregation(model, agg, ids)
     return agg if len(ids) == n else agg.expand(ids, n)

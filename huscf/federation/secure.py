@@ -275,7 +275,8 @@ def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum]) -> 
         for w, mean in terms:
             mixed = mixed + w * mean
         load_block_vector(body, mixed)
-    closed = [k for k in range(len(plan.sums)) if k not in {o.index for o in opened}]
+    done = {o.index for o in opened}
+    closed = [k for k in range(len(plan.sums)) if k not in done]
     return {"sums": len(plan.sums), "opened": len(opened), "closed": closed}
 
 

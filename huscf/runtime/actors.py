@@ -27,7 +27,7 @@ from huscf.config import RunConfig
 from huscf.engines.execution import Execution
 from huscf.engines.simulation import keyed_rng, non_finite_loss
 from huscf.federation.features import FeatureStats
-from huscf.federation.rounds import decide, federate, with_record
+from huscf.federation.rounds import decide, federate, with_info
 from huscf.federation.secure import MaskingClient, SecurePlan, apply_opened, open_sums, plan_sums
 from huscf.methods import build_strategy
 from huscf.models.cgan import Architecture
@@ -456,29 +456,31 @@ class ServerNode:
             self.model.clients[m.client].load_state_dict(
                 {k.removeprefix(prefix): v for k, v in m.tensors(self.device).items()})
 
-    def federate(self, control: Message) -> Message:
-        meta = control.meta
-        clients = meta["clients"]
-        use_features = meta["use_features"]
-        if use_features:
+    def _round_clients(self, meta: dict) -> list[int]:
+        """The clients to aggregate: those the driver names, with clustering features if used."""
+        clients = sorted(meta["clients"])
+        if meta["use_features"]:
             clients = [i for i in clients if i in set(self.features.seen())]
         if not clients:
             raise RuntimeError("no client finished an iteration this round: nothing to aggregate")
-        agg = federate(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
-                       self.features if use_features else None, clients)
+        return clients
+
+    def _aggregation_message(self, agg) -> Message:
         return self.wire.pack("control", "driver", None, meta={
             "groups": agg.groups.tolist(), "cluster_weights": agg.cluster_weights.tolist(),
             "global_weights": agg.global_weights.tolist(), "info": agg.info})
+
+    def federate(self, control: Message) -> Message:
+        meta = control.meta
+        clients = self._round_clients(meta)
+        return self._aggregation_message(federate(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
+                                                  self.features if meta["use_features"] else None, clients))
 
     # -- secure round end: plan, masked sums, reveals, open ---------------------------------------------
     def plan_secure(self, control: Message) -> Message:
         """The strategy's aggregation and the sums that secure aggregation will open."""
         meta = control.meta
-        clients = sorted(meta["clients"])
-        if meta["use_features"]:
-            clients = [i for i in clients if i in set(self.features.seen())]
-        if len(clients) == 0:
-            raise RuntimeError("no client finished an iteration this round: nothing to aggregate")
+        clients = self._round_clients(meta)
         agg = decide(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
                      self.features if meta["use_features"] else None, clients)
         self._secure = {"clients": clients, "agg": agg, "plan": plan_sums(self.model, agg, clients, meta["round"]),
@@ -512,12 +514,10 @@ class ServerNode:
             s = plan.sums[o.index]
             for i in o.members:
                 st["opened"].setdefault(i, []).append((s.net, s.block))
-        agg = with_record(st["agg"], record)
+        agg = with_info(st["agg"], secure_aggregation=record)
         if len(clients) != len(self.sizes):
             agg = agg.expand(clients, len(self.sizes))
-        return self.wire.pack("control", "driver", None, meta={
-            "groups": agg.groups.tolist(), "cluster_weights": agg.cluster_weights.tolist(),
-            "global_weights": agg.global_weights.tolist(), "info": agg.info})
+        return self._aggregation_message(agg)
 
     def send_opened(self, clients: list[int]) -> list[Message]:
         out = []

@@ -42,6 +42,26 @@ def process_table() -> dict[int, tuple[int, str]]:
     return out
 
 
+def descendants(roots: list[int], table: dict[int, tuple[int, str]] | None = None) -> set[tuple[int, str]]:
+    """(pid, start time) of ``roots`` and every process below them (``table``: a ``process_table``)."""
+    table = process_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = set(), [p for p in roots if p in table]
+    while stack:
+        pid = stack.pop()
+        out.add((pid, table[pid][1]))
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def still_running(procs: set[tuple[int, str]]) -> list[int]:
+    """The pids of ``procs`` (pid, start time) that are still the same live processes."""
+    table = process_table()
+    return [pid for pid, start in procs if pid in table and table[pid][1] == start]
+
+
 def _carries(pid: int, owner: str) -> bool:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -62,26 +82,18 @@ class Tracker:
 
     def scan(self) -> set[tuple[int, str]]:
         table = process_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
         roots = []
-        for pid in children.get(self.driver, []):
-            key = (pid, table[pid][1])
-            if key not in self._checked:
-                self._checked[key] = _carries(pid, self.owner)
-            if self._checked[key]:
-                roots.append(pid)
-        stack = roots
-        while stack:
-            pid = stack.pop()
-            self.seen.add((pid, table[pid][1]))
-            stack.extend(children.get(pid, []))
+        for pid, (ppid, start) in table.items():
+            if ppid == self.driver:
+                if (pid, start) not in self._checked:
+                    self._checked[(pid, start)] = _carries(pid, self.owner)
+                if self._checked[(pid, start)]:
+                    roots.append(pid)
+        self.seen |= descendants(roots, table)
         return self.seen
 
     def alive(self) -> list[int]:
-        table = process_table()
-        return [pid for pid, start in self.seen if pid in table and table[pid][1] == start]
+        return still_running(self.seen)
 
 
 def end_all(tracker: Tracker, grace_s: float = 5.0) -> list[int]:
