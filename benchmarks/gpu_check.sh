@@ -5,7 +5,8 @@
 #
 # Steps, in this order unless named (a session with 15 device minutes runs the first five in one
 # call of about 7 minutes, then the rest if time is left):
-#   cuda_tests    the CUDA tests: CUDA graphs replay the eager iteration (fp32, bf16, folded BatchNorm)
+#   cuda_tests    the CUDA tests: CUDA graphs replay the eager iteration (fp32, bf16, folded BatchNorm,
+#                 clients over per-cluster server bodies)
 #   blocks        bench_blocks.py: the clients' own convolutions and BatchNorm as vmap, bmm or a loop
 #   s6_bf16       scenario 6 (four domains, IID, 80 clients, width 1, batch 64) at full scale in bf16
 #                 with the CUDA defaults: seconds per iteration, the round end, the projected 50 rounds
@@ -37,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 for s in $STEPS; do
     case $s in
-        cuda_tests) step "$s" 120 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py -k cuda_graphs ;;
+        cuda_tests) step "$s" 120 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py -k cuda_graph ;;
         blocks) step "$s" 120 python3 benchmarks/bench_blocks.py --device cuda --clients 40 80 --iters 10 ;;
         s6_bf16) step "$s" 150 python3 $S6 $BF16 --out /tmp/s6b ;;
         s6_bf16_fold) step "$s" 150 python3 $S6 $BF16 $FOLD --out /tmp/s6f ;;

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from huscf.errors import HuscfError
-from huscf.methods import method_names
+from huscf.methods import get_method, method_names
 
 
 def _takes_bool(annotation) -> bool:
@@ -138,8 +138,9 @@ class FederationConfig(_Section):
     # one client's weights (federation/secure.py, docs/security.md)
     secure_aggregation: bool = False
     # per_cluster: after the warm-up, one copy of the server's middle blocks per cluster
-    # (federation/bodies.py; max_clusters copies); shared: one body for every client
-    server_body: Literal["shared", "per_cluster"] = "shared"
+    # (federation/bodies.py; max_clusters copies); shared: one body for every client; auto:
+    # per_cluster for a split method (measured better: docs/results.md), else shared
+    server_body: Literal["auto", "shared", "per_cluster"] = "auto"
 
     @field_validator("clusters")
     @classmethod
@@ -246,6 +247,20 @@ class RunConfig(_Section):
             raise ValueError(f"got {v!r}, must be one of {', '.join(names)}")
         return v
 
+    @model_validator(mode="after")
+    def _cluster_bodies_need_a_server_body(self) -> "RunConfig":
+        if self.federation.server_body == "per_cluster" and not get_method(self.method).split:
+            raise ValueError(f"federation.server_body=per_cluster needs a split method; '{self.method}' has no "
+                             f"server body")
+        return self
+
+    @property
+    def cluster_bodies(self) -> int:
+        """How many server bodies the run keeps besides the shared one (``federation.server_body``)."""
+        fed = self.federation
+        per_cluster = fed.server_body == "per_cluster" or (fed.server_body == "auto" and get_method(self.method).split)
+        return fed.max_clusters if per_cluster else 0
+
     @property
     def num_clients(self) -> int:
         return len(self.data.domains) * self.data.clients_per_domain
@@ -262,6 +277,8 @@ def _one_line(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     got = "" if first["type"] == "value_error" and len(first["loc"]) <= 1 else f", got {first.get('input')!r}"
     extra = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if not first["loc"]:  # a rule across sections: its message names the keys
+        return f"config: {msg}{extra}"
     return f"config key '{key}': {msg}{got}{extra}"
 
 
@@ -299,26 +316,46 @@ def build_config(raw: dict | None = None, overrides: list[str] = ()) -> RunConfi
         raise HuscfError(_one_line(err)) from None
 
 
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise HuscfError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise HuscfError(f"config file {p}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise HuscfError(f"config file {p}: not a UTF-8 text file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise HuscfError(f"config file {p}{where}: invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise HuscfError(f"config file {p}: top level must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), data_dir: str | None = None) -> RunConfig:
     """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides; a
     ``data_dir`` given on the command line (``--data-dir``) replaces ``data.data_dir``."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise HuscfError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise HuscfError(f"config file {p}: cannot read ({exc.strerror or exc})") from None
-        except UnicodeDecodeError:
-            raise HuscfError(f"config file {p}: not a UTF-8 text file") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise HuscfError(f"config file {p}{where}: invalid YAML") from None
-        if not isinstance(raw, dict):
-            raise HuscfError(f"config file {p}: top level must be a mapping of sections")
+    return _finish(_read_yaml(Path(path)) if path is not None else {}, overrides, data_dir)
+
+
+# keys whose default changed after run directories were written without them: (section, key) ->
+# the value those runs used (a run directory's config.yaml holds every key that existed then)
+_RUN_DIR_DEFAULTS = {("federation", "server_body"): "shared"}
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), data_dir: str | None = None) -> RunConfig:
+    """A run directory's ``config.yaml`` (resume, evaluate): ``load_config``, except that a key the
+    run predates takes the value the run was trained with, not today's default."""
+    raw = _read_yaml(Path(path))
+    for (section, key), value in _RUN_DIR_DEFAULTS.items():
+        if isinstance(raw.get(section), dict) and key not in raw[section]:
+            raw[section] = {**raw[section], key: value}
+    return _finish(raw, overrides, data_dir)
+
+
+def _finish(raw: dict, overrides: list[str], data_dir: str | None) -> RunConfig:
     cfg = build_config(raw, overrides)
     if data_dir:
         cfg.data.data_dir = data_dir

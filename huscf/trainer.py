@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from tqdm import tqdm
 
-from huscf.config import RunConfig, load_config
+from huscf.config import RunConfig, load_run_config
 from huscf.data import load_domain, to_tensor
 from huscf.engines.batched import BatchedEngine
 from huscf.engines.execution import Execution
@@ -50,22 +50,6 @@ def _losses(per_epoch: list[dict]) -> dict:
     return out
 
 
-def cluster_bodies(cfg, method, execution: Execution | None = None) -> int:
-    """How many cluster bodies the split model has (``federation.server_body``); one line of
-    error for what per-cluster bodies do not support yet."""
-    if cfg.federation.server_body != "per_cluster":
-        return 0
-    if not method.split:
-        raise HuscfError(f"federation.server_body=per_cluster needs a split method; '{cfg.method}' has no server body")
-    if cfg.federation.secure_aggregation:
-        raise HuscfError("federation.server_body=per_cluster does not run with secure aggregation yet: "
-                         "set one of them back")
-    if cfg.runtime.engine == "ray" or (execution is not None and execution.batch_clients):
-        raise HuscfError("federation.server_body=per_cluster runs on the per-client loop engine only for now: "
-                         "use runtime.engine=simulation and compute.clients=loop")
-    return cfg.federation.max_clusters
-
-
 class Trainer:
     """Runs (or resumes) one training run into a run directory."""
 
@@ -81,7 +65,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # one initialisation, broadcast to every client and the server
         g, d = s.arch.generator(), s.arch.discriminator()
         self.method = get_method(cfg.method)
-        self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cluster_bodies(cfg, self.method, self.execution))
+        self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cfg.cluster_bodies)
         if self.method.shared_generator:
             self.model.tie_generators()
         self.strategy = build_strategy(cfg)
@@ -148,7 +132,7 @@ class Trainer:
                              f"(where it runs), got {bad[0]!r}")
         if data_dir:
             overrides = [*overrides, f"data.data_dir={data_dir}"]
-        cfg = load_config(rd.config, overrides)
+        cfg = load_run_config(rd.config, overrides)
         rows = rd.read_rounds()  # a damaged metrics file stops here, before anything changes
         ckpt, skipped = rd.latest_checkpoint()
         if ckpt is None and rd.list_checkpoints():  # resuming from scratch would overwrite them

@@ -22,13 +22,15 @@ from huscf.split.segments import SplitGAN
 B = 8
 
 
-def _setup(n=6, seed=0):
+def _setup(n=6, seed=0, cluster_bodies=0):
     arch = build_architecture("cgan28", 0.125)
     rng = random.Random(seed)
     cuts = [rng.choice(all_cuts(3, 3)) for _ in range(n)]
     assert len(set(cuts)) > 2, "the test needs heterogeneous cuts"
     torch.manual_seed(seed)
-    model = SplitGAN(arch.generator(), arch.discriminator(), cuts)
+    model = SplitGAN(arch.generator(), arch.discriminator(), cuts, cluster_bodies=cluster_bodies)
+    if cluster_bodies:  # clients spread over the shared body and three cluster bodies
+        model.body_of.copy_(torch.tensor([0, 2, -1, 0, 2, 1][:n]))
     gen = torch.Generator().manual_seed(seed)
     data = [ClientData(torch.rand(2 * B, 1, 28, 28, generator=gen) * 2 - 1,
                        torch.randint(0, 10, (2 * B,), generator=gen), "x") for _ in range(n)]
@@ -348,20 +350,23 @@ def _live_tensors(eng) -> list[torch.Tensor]:
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
-@pytest.mark.parametrize("device, precision, fold", [
-    ("cpu", "fp32", False), pytest.param("cuda", "fp32", False, marks=_CUDA),
-    pytest.param("cuda", "bf16", False, marks=_CUDA), pytest.param("cuda", "fp32", True, marks=_CUDA)])
-def test_cuda_graph_replays_equal_eager_steps(device, precision, fold, monkeypatch):
+@pytest.mark.parametrize("device, precision, fold, bodies", [
+    ("cpu", "fp32", False, 0), ("cpu", "fp32", False, 3), pytest.param("cuda", "fp32", False, 0, marks=_CUDA),
+    pytest.param("cuda", "bf16", False, 0, marks=_CUDA), pytest.param("cuda", "fp32", True, 0, marks=_CUDA),
+    pytest.param("cuda", "fp32", False, 3, marks=_CUDA)])
+def test_cuda_graph_replays_equal_eager_steps(device, precision, fold, bodies, monkeypatch):
     """Each iteration runs twice from one state: through the CUDA graph of its client set (eager
     warm-ups, then capture and replays), then eagerly after restoring the state in place (so the
     graphs' pointers stay valid). Losses, features and updated weights must agree. Single steps
     from one state keep GAN training's amplification of rounding out of the comparison (over ten
     chained iterations an H100 showed eager-vs-graph loss gaps growing from 1e-7 to 1e-3). On a CPU
-    both runs are eager, which checks the restore itself."""
+    both runs are eager, which checks the restore itself. ``bodies``: clients spread over that many
+    server bodies per cluster (federation.server_body: per_cluster) besides the shared one."""
     cuda = device == "cuda"
     # TF32 off: cuDNN may pick other TF32 algorithms under capture, whose rounding would hide a bug
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    eng = _engine(Execution(device, precision, batch_clients=True, cuda_graphs=cuda, fold_batch_norm=fold))
+    eng = _engine(Execution(device, precision, batch_clients=True, cuda_graphs=cuda, fold_batch_norm=fold),
+                  _setup(cluster_bodies=bodies))
     eng.feature_depth = 2
     graph_ex, eager_ex = eng.ex, dataclasses.replace(eng.ex, cuda_graphs=False)
     exact = precision == "fp32"
@@ -401,6 +406,10 @@ def test_cuda_graph_replays_equal_eager_steps(device, precision, fold, monkeypat
     assert compared == len(sets) - 1
     if cuda:
         assert len(eng._graphs) == 3  # all clients with and without features, five clients
+    if bodies:  # a round end that moves a client to another body: plans and graphs are rebuilt
+        eng.model.body_of[1] = 0
+        eng._follow_bodies()
+        assert not eng._graphs and not eng._plans
 
 
 def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():

@@ -229,6 +229,33 @@ def test_resume_continues_a_ray_run(local_ray, tmp_path):
     np.testing.assert_allclose(rows[1]["loss_g_per_client"], read_metrics(ref)[1]["loss_g_per_client"], rtol=2e-4)
 
 
+PER_CLUSTER = SMALL + ["federation.server_body=per_cluster", "federation.clusters=2", "federation.warmup_rounds=0",
+                      "train.rounds=3"]
+
+
+def test_per_cluster_bodies_on_ray_match_the_simulation_and_resume(local_ray, tmp_path):
+    """The server actor keeps a body per cluster (clusters form at the end of round 1): the same
+    losses, slots and functions as the simulation, also across a resume after the first slots."""
+    sim_dir, ray_dir = tmp_path / "sim", tmp_path / "ray"
+    sim = Trainer.new(build_config({}, PER_CLUSTER), sim_dir, quiet=True)
+    sim.fit()
+    Trainer.new(build_config({}, PER_CLUSTER + ["runtime.engine=ray", "runtime.clients_per_actor=2",
+                                                "train.rounds=2"]), ray_dir, quiet=True).fit()
+    assert main(["train", "--resume", str(ray_dir), "--set", "train.rounds=3", "--quiet"]) == 0
+    sim_rows, ray_rows = read_metrics(sim_dir), read_metrics(ray_dir)
+    assert len(ray_rows) == 3
+    for a, b in zip(sim_rows, ray_rows):
+        np.testing.assert_allclose(b["loss_d_per_client"], a["loss_d_per_client"], rtol=2e-4)
+        np.testing.assert_allclose(b["loss_g_per_client"], a["loss_g_per_client"], rtol=2e-4)
+        assert b["federation"]["bodies"] == a["federation"]["bodies"]
+    assert len(set(sim_rows[0]["federation"]["bodies"]["body_of"])) == 2
+    ray_model = Trainer.resume(ray_dir, ["runtime.engine=simulation"], quiet=True).model
+    assert ray_model.body_of.tolist() == sim.model.body_of.tolist()
+    o_sim, o_ray = _outputs(sim.model, range(4)), _outputs(ray_model, range(4))
+    for k in o_sim:
+        torch.testing.assert_close(o_ray[k], o_sim[k], atol=2e-3, rtol=1e-3)
+
+
 SECURE = SMALL + ["federation.secure_aggregation=true", "federation.strategy=fedavg", "cuts.method=fixed",
                   "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]"]  # every shared block: 2+ holders
 
@@ -251,6 +278,22 @@ def test_secure_aggregation_on_ray_matches_the_simulation_and_no_client_sends_it
     assert {r["kind"] for r in from_clients if r["dst"] == "server"} == {"activation", "gradient", "keys", "masked"}
     assert {r["dtype"] for r in from_clients if r["kind"] == "masked" and r["name"] != "meta"} == {"uint64"}
     assert not summarise(ray_dir)["violations"]
+
+
+def test_secure_per_cluster_bodies_on_ray_match_the_simulation(local_ray, tmp_path):
+    cfg = SECURE + ["federation.strategy=clustered_kld", "federation.server_body=per_cluster",
+                    "federation.clusters=2", "federation.warmup_rounds=0"]
+    Trainer.new(build_config({}, cfg), tmp_path / "sim", quiet=True).fit()
+    Trainer.new(build_config({}, cfg + ["runtime.engine=ray", "runtime.clients_per_actor=2"]), tmp_path / "ray",
+                quiet=True).fit()
+    sim, ray_rows = read_metrics(tmp_path / "sim"), read_metrics(tmp_path / "ray")
+    assert len(set(sim[0]["federation"]["bodies"]["body_of"])) == 2
+    for a, b in zip(sim, ray_rows):
+        np.testing.assert_allclose(b["loss_d_per_client"], a["loss_d_per_client"], rtol=2e-4)
+        np.testing.assert_allclose(b["loss_g_per_client"], a["loss_g_per_client"], rtol=2e-4)
+        assert b["federation"]["bodies"] == a["federation"]["bodies"]
+        assert b["federation"]["secure_aggregation"] == a["federation"]["secure_aggregation"]
+    assert not summarise(tmp_path / "ray")["violations"]
 
 
 def test_a_client_that_dies_before_masking_leaves_sums_the_survivors_open(local_ray, tmp_path):

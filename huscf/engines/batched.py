@@ -7,7 +7,8 @@ block b:
 * the clients that hold their own copy of b run it as **one call vmapped over their stacked
   weights** (``torch.func.vmap`` + ``functional_call``: grouped convolutions, batched matmuls);
 * the clients that use the server's copy run it as **one call over their folded batch** with the
-  server's weights (one dense convolution for all of them);
+  server's weights (one dense convolution for all of them); with a server body per cluster
+  (``federation.server_body: per_cluster``), one such call per body its clients use;
 * BatchNorm statistics stay per client in both cases (vmap normalises every client's rows on
   their own), exactly as in the loop, so no client's normalisation sees another client's data.
   With ``fold_batch_norm`` a block's BatchNorm2d instead runs as one ``batch_norm`` over the
@@ -71,9 +72,9 @@ class _BlockPlan(NamedTuple):
     """How one block runs for one chunk of clients (rows): precomputed once per chunk."""
 
     own: tuple[int, ...]                # clients running their own copy (a bank)
-    own_rows: slice | torch.Tensor | None
-    srv_rows: slice | torch.Tensor | None  # rows running the server's copy
-    inverse: torch.Tensor | None        # puts [server rows, own rows] back in row order
+    own_rows: slice | torch.Tensor | None  # their rows (None: every row)
+    bodies: tuple[tuple[int, slice | torch.Tensor | None], ...]  # (server body slot, its rows; None: every row)
+    inverse: torch.Tensor | None        # puts [each body's rows..., own rows] back in row order
     to_server: list[int]                # rows whose activation crosses to the server after the block
     back: list[int]                     # rows whose activation comes back to its client after it
 
@@ -164,6 +165,7 @@ class BatchedEngine(SimulationEngine):
                          shared_generator=shared_generator, feature_depth=feature_depth)
         lr, betas = train.lr, tuple(train.betas)
         self._plans: dict[tuple[str, tuple[int, ...]], list[_BlockPlan]] = {}
+        self._slots = self._body_slots()  # each client's server body (host copy of SplitGAN.body_of)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._graph_warmups: dict[tuple, int] = {}
         self._graph_pool = None
@@ -194,9 +196,10 @@ class BatchedEngine(SimulationEngine):
             return self._rows(self.model.clients[ids[0]].nets[net][str(b)], None, args)
         return self._rows(bank.template, bank.weights(ids), args)
 
-    def _shared(self, net: str, b: int, args: tuple) -> torch.Tensor:
-        """Block b of the server for every row of ``args``: the server's weights, per-client statistics."""
-        return self._rows(self.model.server.nets[net][str(b)], None, args)
+    def _shared(self, net: str, b: int, args: tuple, slot: int = -1) -> torch.Tensor:
+        """Block b of a server body (``slot``: -1 the shared one, else a cluster body) for every row
+        of ``args``: the body's weights, per-client statistics."""
+        return self._rows(self.model.server_bodies()[slot + 1].nets[net][str(b)], None, args)
 
     def _rows(self, module: nn.Module, weights: dict[str, torch.Tensor] | None, args: tuple) -> torch.Tensor:
         """``module`` applied to every row (client) of ``args``: with ``weights`` (stacked, one row per
@@ -227,37 +230,48 @@ class BatchedEngine(SimulationEngine):
         return vmap(banked)(weights, *args)
 
     def _plan(self, net: str, clients: list[int]) -> list[_BlockPlan]:
-        """Each block's plan for this chunk; cached, as the same chunks recur every iteration."""
+        """Each block's plan for this chunk; cached, as the same chunks recur every iteration (until
+        a round end moves clients between server bodies: ``federate`` clears the cache)."""
         key = (net, tuple(clients))
         if key not in self._plans:
             if len(self._plans) > 256:  # many distinct client subsets: keep the cache bounded
                 self._plans.clear()
             m, dev = self.model, self.device
             ranges = [m.ranges(i, net) for i in clients]
+            slot_of = [self._slots[i] for i in clients]
+            every = list(range(len(clients)))
+
+            def rows(ks: list[int]):
+                return None if ks == every else _selector(ks, dev)
+
             plans = []
             for b in range(m.num_blocks[net]):
                 own = [k for k, i in enumerate(clients) if m.clients[i].holds(net, b)]
-                srv = sorted(set(range(len(clients))) - set(own))
+                srv = [k for k in every if not m.clients[clients[k]].holds(net, b)]
+                groups = [[k for k in srv if slot_of[k] == s] for s in sorted({slot_of[k] for k in srv})]
+                order = [k for g in groups for k in g] + own
                 inverse = None
-                if own and srv and srv + own != sorted(srv + own):
+                if order != every:
                     inverse = torch.empty(len(clients), dtype=torch.long)
-                    inverse[torch.tensor(srv + own)] = torch.arange(len(clients))
+                    inverse[torch.tensor(order)] = torch.arange(len(clients))
                     inverse = inverse.to(dev)
                 plans.append(_BlockPlan(
-                    tuple(clients[k] for k in own), _selector(own, dev) if own else None,
-                    _selector(srv, dev) if srv else None, inverse,
+                    tuple(clients[k] for k in own), rows(own) if own else None,
+                    tuple((slot_of[g[0]], rows(g)) for g in groups), inverse,
                     [k for k, r in enumerate(ranges) if r.server and r.head[-1] == b],
                     [k for k, r in enumerate(ranges) if r.server and r.server[-1] == b]))
             self._plans[key] = plans
         return self._plans[key]
 
     def _block(self, net: str, b: int, plan: _BlockPlan, h: tuple) -> torch.Tensor:
-        if plan.srv_rows is None:
-            return self._stacked(net, b, plan.own, h)
-        if plan.own_rows is None:
-            return self._shared(net, b, h)
-        out = torch.cat([self._shared(net, b, tuple(a[plan.srv_rows] for a in h)),
-                         self._stacked(net, b, plan.own, tuple(a[plan.own_rows] for a in h))])
+        """Block b for the chunk: one call per server body its rows use, one vmapped call over the
+        own copies, put back in row order."""
+        outs = [self._shared(net, b, h if rows is None else tuple(a[rows] for a in h), slot)
+                for slot, rows in plan.bodies]
+        if plan.own:
+            outs.append(self._stacked(net, b, plan.own, h if plan.own_rows is None
+                                      else tuple(a[plan.own_rows] for a in h)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out if plan.inverse is None else out[plan.inverse]
 
     def _net(self, net: str, clients: list[int], inputs: tuple, server_input: dict | None = None) -> torch.Tensor:
@@ -300,7 +314,8 @@ class BatchedEngine(SimulationEngine):
         # the clients' own Parameters are views that the forward never reads: only banks and server
         for bank in self._banks_by_net[net]:
             bank.requires_grad_(flag)
-        self.model.server.nets[net].requires_grad_(flag)
+        for body in self.model.server_bodies():
+            body.nets[net].requires_grad_(flag)
 
     # -- one iteration ---------------------------------------------------------------------------
     def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:
@@ -436,6 +451,25 @@ class BatchedEngine(SimulationEngine):
         graph.replay()
         return static["out"], static["seen"]  # overwritten by the next replay: read before it
 
+    # -- round end and state -----------------------------------------------------------------------
+    def _body_slots(self) -> list[int]:
+        m = self.model
+        return m.body_of.tolist() if len(m.cluster_bodies) else [-1] * len(m.clients)
+
+    def _follow_bodies(self) -> None:
+        """After a round end or a load: if clients moved between server bodies, forget the plans
+        and graphs made for the old assignment."""
+        slots = self._body_slots()
+        if slots != self._slots:
+            self._slots = slots
+            self._plans.clear()
+            self._drop_graphs()
+
+    def federate(self, strategy, sizes, round_idx: int, seed: int, use_features: bool):
+        agg = super().federate(strategy, sizes, round_idx, seed, use_features)
+        self._follow_bodies()
+        return agg
+
     def _drop_graphs(self) -> None:
         """Forget the captured graphs (they point at optimiser states that a load replaces)."""
         self._graphs.clear()
@@ -444,6 +478,7 @@ class BatchedEngine(SimulationEngine):
     def load_state_dict(self, state: dict) -> None:
         self._drop_graphs()
         super().load_state_dict(state)
+        self._follow_bodies()
 
     def swap_discriminators(self, perm: list[int]) -> None:
         self._drop_graphs()

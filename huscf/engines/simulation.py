@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from huscf.config import TrainConfig
 from huscf.engines.execution import Execution
 from huscf.errors import HuscfError
+from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import federate
 from huscf.federation.strategies import Aggregation, Strategy
@@ -250,13 +251,7 @@ class SimulationEngine:
         """The round-end aggregation, applied to ``self.model`` (see ``federation.rounds``). A
         cluster body used for the first time takes the Adam state of the body its members used."""
         agg = federate(self.model, strategy, sizes, round_idx, seed, self.features if use_features else None)
-        bodies = self.model.server_bodies()
-        for slot, source in agg.info.get("bodies", {}).get("new_slots", {}).items():
-            for net, opt in self.server_opts.items():
-                pairs = zip(bodies[int(slot) + 1].nets[net].parameters(), bodies[source + 1].nets[net].parameters())
-                for new, old in pairs:
-                    if old in opt.state:
-                        opt.state[new] = {k: v.clone() for k, v in opt.state[old].items()}
+        carry_optimizer_state(self.model, self.server_opts, agg)
         return agg
 
     def round_events(self) -> dict:

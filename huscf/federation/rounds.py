@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from huscf.federation.averaging import apply_aggregation
-from huscf.federation.bodies import apply_per_cluster
+from huscf.federation.bodies import apply_opened_per_cluster, apply_per_cluster
 from huscf.federation.features import FeatureStats
-from huscf.federation.secure import SecureStrategy, secure_average
+from huscf.federation.secure import OpenedSum, SecurePlan, SecureStrategy, apply_opened, plan_sums, secure_sums
 from huscf.federation.strategies import Aggregation, RoundState
 from huscf.split.segments import SplitGAN
 
@@ -34,6 +34,21 @@ def with_info(agg: Aggregation, **extra) -> Aggregation:
     return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights, agg.info | extra, agg.mixing)
 
 
+def per_cluster_round(model: SplitGAN, agg: Aggregation) -> bool:
+    """Whether this round end makes a body per cluster (``federation.server_body: per_cluster``,
+    once the strategy has clustered)."""
+    return len(model.cluster_bodies) > 0 and agg.info.get("phase") == "clustered"
+
+
+def apply_secure(model: SplitGAN, agg: Aggregation, ids: list[int], plan: SecurePlan,
+                 opened: list[OpenedSum]) -> Aggregation:
+    """Apply the opened sums of a secure round end (one process or the Ray server actor)."""
+    if per_cluster_round(model, agg):
+        record = apply_opened(model, plan, opened, mix_server=False)
+        return with_info(agg, secure_aggregation=record, bodies=apply_opened_per_cluster(model, agg, ids, plan, opened))
+    return with_info(agg, secure_aggregation=apply_opened(model, plan, opened))
+
+
 def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: int,
              features: FeatureStats | None, clients: list[int] | None = None) -> Aggregation:
     """Aggregate ``clients`` (default: all) of ``model`` in place; returns the aggregation written
@@ -42,8 +57,9 @@ def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed:
     ids = list(range(n)) if clients is None else sorted(clients)
     agg = decide(model, strategy, sizes, round_idx, seed, features, ids)
     if isinstance(strategy, SecureStrategy):
-        agg = with_info(agg, secure_aggregation=secure_average(model, agg, ids, round_idx))
-    elif len(model.cluster_bodies) and agg.info.get("phase") == "clustered":
+        plan = plan_sums(model, agg, ids, round_idx)
+        agg = apply_secure(model, agg, ids, plan, secure_sums(model, plan, ids))
+    elif per_cluster_round(model, agg):
         agg = with_info(agg, bodies=apply_per_cluster(model, agg, ids))
     else:
         apply_aggregation(model, agg, ids)

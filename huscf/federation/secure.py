@@ -256,17 +256,18 @@ def open_sums(plan: SecurePlan, masked: dict[int, dict[int, np.ndarray]],
     return opened
 
 
-def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum]) -> dict:
+def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum], mix_server: bool = True) -> dict:
     """Write each opened average into its survivors' copies (where the model holds them: the server
-    of the Ray runtime holds stale copies it sends back) and mix the server body; returns the
-    round's record: how many sums were planned and opened, and which holders' shares were withheld."""
+    of the Ray runtime holds stale copies it sends back) and, with ``mix_server``, mix the server
+    body (without: the per-cluster bodies are made by ``bodies.apply_opened_per_cluster``);
+    returns the round's record: how many sums were planned and opened, and which stayed closed."""
     share: dict[tuple[str, int], float] = {}
     means: dict[tuple[str, int], list[tuple[float, np.ndarray]]] = {}
     for o in opened:
         s = plan.sums[o.index]
         for i in o.members:
             load_block_vector(model.clients[i].nets[s.net][str(s.block)], o.mean)
-        if o.server_weight > 0:
+        if o.server_weight > 0 and mix_server:
             means.setdefault((s.net, s.block), []).append((o.server_weight, o.mean))
             share[(s.net, s.block)] = share.get((s.net, s.block), 0.0) + o.server_weight
     for (net, b), terms in means.items():
@@ -280,14 +281,21 @@ def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum]) -> 
     return {"sums": len(plan.sums), "opened": len(opened), "closed": closed}
 
 
-def secure_average(model: SplitGAN, agg: Aggregation, clients: list[int], round_idx: int,
-                   drop: frozenset[int] = frozenset()) -> dict:
-    """The whole protocol in one process (the simulation engines): every client of ``clients``
-    masks its own segments, the server opens the sums. ``drop``: clients that fail to deliver
-    their masked vectors (tests). Returns the round's record (``apply_opened``)."""
-    plan = plan_sums(model, agg, clients, round_idx)
+def secure_sums(model: SplitGAN, plan: SecurePlan, clients: list[int],
+                drop: frozenset[int] = frozenset()) -> list[OpenedSum]:
+    """The protocol's client and server sides in one process (the simulation engines): every client
+    of ``clients`` masks its own segments, the server opens the sums. ``drop``: clients that fail
+    to deliver their masked vectors (tests)."""
     parties = {i: MaskingClient(i) for i in clients}
     directory = {i: p.public_key() for i, p in parties.items()}
     masked = {i: parties[i].masked(plan, model.clients[i], directory) for i in clients if i not in drop}
     revealed = {i: parties[i].reveal(plan, set(drop), directory) for i in masked} if drop else {}
-    return apply_opened(model, plan, open_sums(plan, masked, revealed))
+    return open_sums(plan, masked, revealed)
+
+
+def secure_average(model: SplitGAN, agg: Aggregation, clients: list[int], round_idx: int,
+                   drop: frozenset[int] = frozenset()) -> dict:
+    """Plan, mask, open and apply with the shared body (``secure_sums`` + ``apply_opened``);
+    returns the round's record."""
+    plan = plan_sums(model, agg, clients, round_idx)
+    return apply_opened(model, plan, secure_sums(model, plan, clients, drop))

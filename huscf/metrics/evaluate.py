@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from huscf.config import load_config
+from huscf.config import load_run_config
 from huscf.data import load_domain, to_tensor
 from huscf.data.audio import images_to_waves, write_wav
 from huscf.errors import HuscfError
@@ -113,7 +113,7 @@ class RunEvaluator:
         self.run = RunDir(run_dir)
         if not self.run.config.is_file() or not (self.run.path / "clients.json").is_file():
             raise HuscfError(f"{run_dir} is not a huscf run directory (config.yaml or clients.json missing)")
-        self.cfg = load_config(self.run.config, [f"data.data_dir={data_dir}"] if data_dir else [])
+        self.cfg = load_run_config(self.run.config, [f"data.data_dir={data_dir}"] if data_dir else [])
         clients_json = self.run.path / "clients.json"
         try:
             self.clients = json.loads(clients_json.read_text(encoding="utf-8"))["clients"]
@@ -131,9 +131,9 @@ class RunEvaluator:
         self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
                                        tuple(first.images.shape[1:]))
         self.domains = domains
-        fed = self.cfg.federation  # a per-cluster run's checkpoints hold its cluster bodies
+        # a per-cluster run's checkpoints hold its cluster bodies
         self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts,
-                              cluster_bodies=fed.max_clusters if fed.server_body == "per_cluster" else 0)
+                              cluster_bodies=self.cfg.cluster_bodies)
 
     def load_round(self, r: int) -> None:
         try:

@@ -26,15 +26,16 @@ import torch.nn.functional as F
 from huscf.config import RunConfig
 from huscf.engines.execution import Execution
 from huscf.engines.simulation import keyed_rng, non_finite_loss
+from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
-from huscf.federation.rounds import decide, federate, with_info
-from huscf.federation.secure import MaskingClient, SecurePlan, apply_opened, open_sums, plan_sums
+from huscf.federation.rounds import apply_secure, decide, federate
+from huscf.federation.secure import MaskingClient, SecurePlan, open_sums, plan_sums
 from huscf.methods import build_strategy
 from huscf.models.cgan import Architecture
 from huscf.runtime.messages import ClientContract, Message, PrivacyGuard, Wire, pack_state, unpack_state
 from huscf.setup import load_client_data
 from huscf.split.plan import Cuts
-from huscf.split.segments import NETS, ClientSegments, SplitGAN
+from huscf.split.segments import NETS, ClientSegments, SplitGAN, server_state
 
 
 @dataclass(frozen=True)
@@ -353,14 +354,15 @@ class ClientHost:
 
 
 class ServerNode:
-    """The server: one body shared by all clients, its optimisers, clustering and aggregation."""
+    """The server: its body (one shared by all clients, or with ``federation.server_body:
+    per_cluster`` one per cluster besides it), their optimisers, clustering and aggregation."""
 
     def __init__(self, spec: RunSpec):
         self.cfg, self.ex, g, d = spec.setup()
         self.device = self.ex.torch_device
         # the body plus every client's segments: the segments are only filled at the round end,
         # when the clients send their weights for aggregation
-        self.model = SplitGAN(g, d, list(spec.cuts)).to(self.device)
+        self.model = SplitGAN(g, d, list(spec.cuts), cluster_bodies=self.cfg.cluster_bodies).to(self.device)
         if self.ex.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.opts = {net: _adam(self.model.server_parameters(net), self.cfg, self.device) for net in NETS}
@@ -378,7 +380,7 @@ class ServerNode:
 
     def _body(self, net: str, client: int, h: torch.Tensor) -> torch.Tensor:
         with self.ex.autocast():
-            return self.model.server.run(net, h, self.model.ranges(client, net).server)
+            return self.model.body(client).run(net, h, self.model.ranges(client, net).server)
 
     def _reply(self, kind: str, m: Message, tensors: dict[str, torch.Tensor]) -> Message:
         return self.wire.pack(kind, f"client:{m.client}", m.client, tensors, {"net": m.meta["net"]})
@@ -424,7 +426,7 @@ class ServerNode:
         return self._backward("d", msgs)
 
     def dg_forward(self, msgs: list[Message]) -> list[Message]:
-        self.model.server.nets["D"].requires_grad_(False)  # the G step does not train D
+        self._train_d(False)  # the G step does not train D
         return self._forward("dg", "D", ("fake",), msgs)
 
     def dg_backward(self, msgs: list[Message]) -> list[Message]:
@@ -447,7 +449,11 @@ class ServerNode:
                 self.seen = {}
         else:
             self.pending = {}
-            self.model.server.nets["D"].requires_grad_(True)
+            self._train_d(True)
+
+    def _train_d(self, flag: bool) -> None:
+        for body in self.model.server_bodies():
+            body.nets["D"].requires_grad_(flag)
 
     # -- round end ---------------------------------------------------------------------------------
     def receive_weights(self, msgs: list[Message]) -> None:
@@ -473,8 +479,10 @@ class ServerNode:
     def federate(self, control: Message) -> Message:
         meta = control.meta
         clients = self._round_clients(meta)
-        return self._aggregation_message(federate(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
-                                                  self.features if meta["use_features"] else None, clients))
+        agg = federate(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
+                       self.features if meta["use_features"] else None, clients)
+        carry_optimizer_state(self.model, self.opts, agg)
+        return self._aggregation_message(agg)
 
     # -- secure round end: plan, masked sums, reveals, open ---------------------------------------------
     def plan_secure(self, control: Message) -> Message:
@@ -505,16 +513,16 @@ class ServerNode:
 
     def finish_secure(self) -> Message:
         """Open the sums, write the averages (into the server's copies of the members' blocks, to be
-        sent back) and mix the server body; the aggregation and its record for the driver."""
+        sent back) and make the server's body or bodies; the aggregation and its record for the driver."""
         st = self._secure
         plan, clients = st["plan"], st["clients"]
         opened = open_sums(plan, st["masked"], st["revealed"])
-        record = apply_opened(self.model, plan, opened)
+        agg = apply_secure(self.model, st["agg"], clients, plan, opened)
+        carry_optimizer_state(self.model, self.opts, agg)
         for o in opened:
             s = plan.sums[o.index]
             for i in o.members:
                 st["opened"].setdefault(i, []).append((s.net, s.block))
-        agg = with_info(st["agg"], secure_aggregation=record)
         if len(clients) != len(self.sizes):
             agg = agg.expand(clients, len(self.sizes))
         return self._aggregation_message(agg)
@@ -536,13 +544,14 @@ class ServerNode:
                 for i in clients]
 
     def get_state(self) -> Message:
-        tensors, meta = pack_state({f"server.{k}": v for k, v in self.model.server.state_dict().items()},
+        """The server's part of the run's state: its bodies (and ``body_of``) and optimisers."""
+        tensors, meta = pack_state(server_state(self.model.state_dict()),
                                    {net: o.state_dict() for net, o in self.opts.items()})
         return self.wire.pack("state", "driver", None, tensors, meta)
 
     def set_state(self, msg: Message) -> None:
         model, opts = unpack_state(msg.tensors(self.device), msg.meta)
-        self.model.server.load_state_dict({k.removeprefix("server."): v for k, v in model.items()})
+        self.model.load_state_dict(self.model.state_dict() | model)
         for net, st in opts.items():
             self.opts[net].load_state_dict(st)
 

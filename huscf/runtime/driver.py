@@ -29,7 +29,7 @@ from huscf.federation.strategies import Aggregation
 from huscf.runtime.actors import ClientHost, RunSpec, ServerNode
 from huscf.runtime.cluster import connect, disconnect
 from huscf.runtime.messages import Message, Wire, pack_state, unpack_state
-from huscf.split.segments import SplitGAN
+from huscf.split.segments import SplitGAN, server_state
 
 
 def plan_hosts(num_clients: int, clients_per_actor: int | str, cpus: int) -> list[list[int]]:
@@ -314,8 +314,7 @@ class RayEngine:
     def load_state_dict(self, state: dict) -> None:
         for k, h in self.hosts.items():
             self._call(h.set_state.remote(self._client_messages(state, self.groups[k])), "resume")
-        server_model = {k: v for k, v in state["model"].items() if k.startswith("server.")}
-        tensors, meta = pack_state(server_model, state["server_opts"])
+        tensors, meta = pack_state(server_state(state["model"]), state["server_opts"])
         self._call(self.server.set_state.remote(self.wire.pack("state", "server", None, tensors, meta)), "resume")
         self._last_state = self._collect_state()
         self.model.load_state_dict(self._last_state["model"])

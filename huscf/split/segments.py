@@ -168,3 +168,8 @@ class SplitGAN(nn.Module):
         """
         return {client: self.server.run("D", h, range(self.ranges(client, "D").head[-1] + 1, depth + 1))
                 for client, h in inputs.items()}
+
+
+def server_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The server's entries of a ``SplitGAN`` state dict: its bodies and ``body_of``, no client's."""
+    return {k: v for k, v in state.items() if not k.startswith("clients.")}
