@@ -19,7 +19,9 @@ Target: ratio <= 1.1 for every run. Methods that never cluster (FedGAN) are spli
 Runs (``--runs``):
   before         huscf on the loop engine with the checkpoint writer at torch's default threads,
                  as before issue 19: the baseline, measured in the same session
-  huscf          huscf, the per-client loop (the CPU default)
+  huscf          huscf, the per-client loop (the CPU default; a server body per cluster)
+  huscf-shared   huscf with one shared server body (``federation.server_body=shared``): the
+                 baseline for the per-cluster bodies' cost, printed as their ratio after clustering
   huscf-batched  huscf, batched clients (``compute.clients=batched``)
   fedgan         the FedGAN baseline (FedAvg round ends)
   huscf-ray      huscf on the Ray engine (client and server actors on this machine)
@@ -42,11 +44,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 RUNS = {
     "before": [],
     "huscf": [],
+    "huscf-shared": ["federation.server_body=shared"],
     "huscf-batched": ["compute.clients=batched"],
     "fedgan": ["method=fedgan"],
     "huscf-ray": ["runtime.engine=ray"],
 }
-DEFAULT_RUNS = ["before", "huscf", "huscf-batched", "fedgan", "huscf-ray"]
+DEFAULT_RUNS = ["before", "huscf", "huscf-shared", "huscf-batched", "fedgan", "huscf-ray"]
 
 
 def _one(name: str, rounds: int, overrides: list[str], out: Path) -> None:
@@ -112,11 +115,15 @@ def main() -> None:
             print(f"{'':14s} before clustering (rounds 2-{res['warmup'] + 1}) {mean:.3f}, slowest after "
                   f"{worst:.3f}: ratio {r:.2f}x {'(target <= 1.1x: met)' if r <= 1.1 else '(target <= 1.1x: MISSED)'}",
                   flush=True)
+    def after(name: str) -> float:
+        per, first = results[name]["per_iter"], results[name]["warmup"] + 1
+        return sum(per[first:]) / len(per[first:])
+
     if "before" in results and "huscf" in results:
-        b, h = results["before"]["per_iter"], results["huscf"]["per_iter"]
-        first = results["huscf"]["warmup"] + 1
-        print(f"rounds after clustering, mean s/iter: before the fix {sum(b[first:]) / len(b[first:]):.3f}, "
-              f"now {sum(h[first:]) / len(h[first:]):.3f}")
+        print(f"rounds after clustering, mean s/iter: before the fix {after('before'):.3f}, now {after('huscf'):.3f}")
+    if "huscf-shared" in results and "huscf" in results:
+        print(f"rounds after clustering, mean s/iter: a body per cluster {after('huscf'):.3f}, one shared body "
+              f"{after('huscf-shared'):.3f}: ratio {after('huscf') / after('huscf-shared'):.2f}x")
 
 
 if __name__ == "__main__":

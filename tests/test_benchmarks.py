@@ -63,12 +63,13 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
 def test_bench_rounds_prints_each_run_and_its_ratio():
     tiny = ["data.clients_per_domain=2", "model.width=0.125", "train.local_epochs=1", "train.max_iters_per_epoch=3",
             "output.samples_every=0"]
-    out = _run(str(BENCH / "bench_rounds.py"), "--runs", "before", "huscf", "--rounds", "5",
+    out = _run(str(BENCH / "bench_rounds.py"), "--runs", "before", "huscf", "huscf-shared", "--rounds", "5",
                *[a for s in tiny for a in ("--set", s)])
-    for name in ("before", "huscf"):
+    for name in ("before", "huscf", "huscf-shared"):
         assert re.search(rf"^{name}\s+s/iter by round:( [\d.]+){{5}}", out, re.M), out
-    assert len(re.findall(r"slowest after [\d.]+: ratio [\d.]+x", out)) == 2, out
+    assert len(re.findall(r"slowest after [\d.]+: ratio [\d.]+x", out)) == 3, out
     assert "failed" not in out and re.search(r"before the fix [\d.]+, now [\d.]+", out), out
+    assert re.search(r"a body per cluster [\d.]+, one shared body [\d.]+: ratio [\d.]+x", out), out
 
 
 def test_bench_quality_tabulates_seeds_and_huscf_wins(tmp_path, shared_data_dir):
