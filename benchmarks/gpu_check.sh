@@ -15,6 +15,8 @@
 #   bench_train   bench_train.py at 20 and 80 clients: the loop, the defaults in fp32 and bf16, and
 #                 bf16 with the BatchNorm and convolution options
 #   s6_fp32       scenario 6 in fp32 with the CUDA defaults
+#   paper_plan    bench_quality.py --paper --dry-run: the projected wall time of the paper-scale
+#                 quality grid (issue 16) on this GPU, from 5 iterations of HuSCF-GAN
 # Each step has its own time limit and a failing step does not stop the later ones.
 # Needs torch with CUDA, and huscf's dependencies importable (pip install -e . or PYTHONPATH=.);
 # benchmarks/gpu_bundle.sh prepares both for a machine without network.
@@ -22,7 +24,7 @@ set -uo pipefail
 : "${HUSCF_DATA:?set HUSCF_DATA to a folder holding mnist, fashion_mnist, kmnist and notmnist}"
 OUT=${1:-$(mktemp -d)}
 shift || true
-STEPS=${*:-cuda_tests blocks s6_bf16 s6_bf16_fold s6_bf16_loop bench_train s6_fp32}
+STEPS=${*:-cuda_tests blocks s6_bf16 s6_bf16_fold s6_bf16_loop bench_train s6_fp32 paper_plan}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 S6="benchmarks/bench_scenario.py configs/6_multi_domain_iid.yaml --set compute.device=cuda"
@@ -47,6 +49,7 @@ for s in $STEPS; do
             --modes loop ours-fp32 ours-bf16 ours-bf16+fold_batch_norm=true \
             ours-bf16+fold_batch_norm=true+client_convs=loop ours-bf16+fold_batch_norm=true+client_convs=bmm ;;
         s6_fp32) step "$s" 150 python3 $S6 --out /tmp/s6 ;;
+        paper_plan) step "$s" 180 python3 benchmarks/bench_quality.py --paper --dry-run --set compute.device=cuda ;;
         *) echo "gpu_check: unknown step $s" >&2; exit 2 ;;
     esac
 done
