@@ -4,6 +4,7 @@ iteration of every round of the default run, for several methods and engines.
 Run:  python benchmarks/bench_rounds.py                       # the default set (~8 min, 2 cores)
       python benchmarks/bench_rounds.py --runs huscf fedgan --rounds 8
       python benchmarks/bench_rounds.py --set train.local_epochs=1
+      python benchmarks/bench_rounds.py --runs huscf-batched huscf-batched-shared --repeats 3
 
 Each run is the default config of ``huscf train`` (two digit domains, 4 clients each, width 0.25,
 MILP cuts, the checkpoint writer as shipped) for ``--rounds`` rounds, trained through
@@ -15,6 +16,9 @@ the ones trained after a clustered round end. Printed per run: seconds per itera
 round, and **ratio = slowest round after clustering / mean of the rounds before it** (rounds 2..3:
 round 1 is left out of the mean, since its first iterations also build oneDNN's kernels).
 Target: ratio <= 1.1 for every run. Methods that never cluster (FedGAN) are split at the same round.
+With ``--repeats N`` the whole set runs N times, interleaved (one slow spell of the machine then
+hits every run alike), and a run with a ``-shared`` twin gets the paired ratio of their mean s/iter
+after clustering per repeat: what a body per cluster costs.
 
 Runs (``--runs``):
   before         huscf on the loop engine with the checkpoint writer at torch's default threads,
@@ -23,6 +27,7 @@ Runs (``--runs``):
   huscf-shared   huscf with one shared server body (``federation.server_body=shared``): the
                  baseline for the per-cluster bodies' cost, printed as their ratio after clustering
   huscf-batched  huscf, batched clients (``compute.clients=batched``)
+  huscf-batched-shared  the same with one shared server body
   fedgan         the FedGAN baseline (FedAvg round ends)
   huscf-ray      huscf on the Ray engine (client and server actors on this machine)
 """
@@ -46,6 +51,7 @@ RUNS = {
     "huscf": [],
     "huscf-shared": ["federation.server_body=shared"],
     "huscf-batched": ["compute.clients=batched"],
+    "huscf-batched-shared": ["compute.clients=batched", "federation.server_body=shared"],
     "fedgan": ["method=fedgan"],
     "huscf-ray": ["runtime.engine=ray"],
 }
@@ -83,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=1, help="run the set this many times, interleaved")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run (as huscf train --set)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one in this process
@@ -93,38 +100,48 @@ def main() -> None:
         return
     if args.rounds < 5:
         raise SystemExit("bench_rounds: --rounds must be at least 5 (rounds 2-3 before clustering, 4.. after)")
+    if args.repeats < 1:
+        raise SystemExit("bench_rounds: --repeats must be at least 1")
 
     import torch
     print(f"default config, {args.rounds} rounds, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}; s/iter = train_seconds / iterations of each round")
-    results = {}
+    results: dict[str, list[dict]] = {}  # name -> one result per repeat
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.runs:
-            cmd = [sys.executable, __file__, "--one", name, "--out", str(Path(tmp) / name),
-                   "--rounds", str(args.rounds), *[a for s in args.set for a in ("--set", s)]]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                print(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            res = json.loads(lines[-1])
-            results[name] = res
-            mean, worst, r = ratio(res["per_iter"], res["warmup"] + 1)
-            rounds = " ".join(f"{s:.3f}" for s in res["per_iter"])
-            print(f"{name:14s} s/iter by round: {rounds}   clusters: {res['clusters']}", flush=True)
-            print(f"{'':14s} before clustering (rounds 2-{res['warmup'] + 1}) {mean:.3f}, slowest after "
-                  f"{worst:.3f}: ratio {r:.2f}x {'(target <= 1.1x: met)' if r <= 1.1 else '(target <= 1.1x: MISSED)'}",
-                  flush=True)
-    def after(name: str) -> float:
-        per, first = results[name]["per_iter"], results[name]["warmup"] + 1
-        return sum(per[first:]) / len(per[first:])
+        for k in range(args.repeats):  # repeats interleave the runs, so a slow spell hits them alike
+            for name in args.runs:
+                cmd = [sys.executable, __file__, "--one", name, "--out", str(Path(tmp) / f"{name}_{k}"),
+                       "--rounds", str(args.rounds), *[a for s in args.set for a in ("--set", s)]]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    print(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                res = json.loads(lines[-1])
+                results.setdefault(name, []).append(res)
+                mean, worst, r = ratio(res["per_iter"], res["warmup"] + 1)
+                rounds = " ".join(f"{s:.3f}" for s in res["per_iter"])
+                label = name if args.repeats == 1 else f"{name} #{k + 1}"
+                print(f"{label:14s} s/iter by round: {rounds}   clusters: {res['clusters']}", flush=True)
+                print(f"{'':14s} before clustering (rounds 2-{res['warmup'] + 1}) {mean:.3f}, slowest after "
+                      f"{worst:.3f}: ratio {r:.2f}x "
+                      f"{'(target <= 1.1x: met)' if r <= 1.1 else '(target <= 1.1x: MISSED)'}", flush=True)
+
+    def after(name: str) -> list[float]:
+        """Mean s/iter of the rounds after clustering, one value per repeat."""
+        return [sum(r["per_iter"][r["warmup"] + 1:]) / len(r["per_iter"][r["warmup"] + 1:]) for r in results[name]]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
 
     if "before" in results and "huscf" in results:
-        print(f"rounds after clustering, mean s/iter: before the fix {after('before'):.3f}, now {after('huscf'):.3f}")
-    if "huscf-shared" in results and "huscf" in results:
-        print(f"rounds after clustering, mean s/iter: a body per cluster {after('huscf'):.3f}, one shared body "
-              f"{after('huscf-shared'):.3f}: ratio {after('huscf') / after('huscf-shared'):.2f}x")
-
+        print(f"rounds after clustering, mean s/iter: before the fix {mean(after('before')):.3f}, "
+              f"now {mean(after('huscf')):.3f}")
+    for name in [n for n in results if f"{n}-shared" in results]:  # a body per cluster against one
+        pairs = [a / b for a, b in zip(after(name), after(f"{name}-shared"))]
+        print(f"{name}: rounds after clustering, mean s/iter: a body per cluster {mean(after(name)):.3f}, one shared "
+              f"body {mean(after(f'{name}-shared')):.3f}: ratio {mean(pairs):.2f}x"
+              + (f" (repeats {' '.join(f'{p:.2f}' for p in pairs)})" if len(pairs) > 1 else ""))
 
 if __name__ == "__main__":
     main()

@@ -64,12 +64,14 @@ def test_bench_rounds_prints_each_run_and_its_ratio():
     tiny = ["data.clients_per_domain=2", "model.width=0.125", "train.local_epochs=1", "train.max_iters_per_epoch=3",
             "output.samples_every=0"]
     out = _run(str(BENCH / "bench_rounds.py"), "--runs", "before", "huscf", "huscf-shared", "--rounds", "5",
-               *[a for s in tiny for a in ("--set", s)])
+               "--repeats", "2", *[a for s in tiny for a in ("--set", s)])
     for name in ("before", "huscf", "huscf-shared"):
-        assert re.search(rf"^{name}\s+s/iter by round:( [\d.]+){{5}}", out, re.M), out
-    assert len(re.findall(r"slowest after [\d.]+: ratio [\d.]+x", out)) == 3, out
+        for k in (1, 2):
+            assert re.search(rf"^{name} #{k}\s+s/iter by round:( [\d.]+){{5}}", out, re.M), out
+    assert len(re.findall(r"slowest after [\d.]+: ratio [\d.]+x", out)) == 6, out
     assert "failed" not in out and re.search(r"before the fix [\d.]+, now [\d.]+", out), out
-    assert re.search(r"a body per cluster [\d.]+, one shared body [\d.]+: ratio [\d.]+x", out), out
+    assert re.search(r"^huscf: .*a body per cluster [\d.]+, one shared body [\d.]+: ratio [\d.]+x "
+                     r"\(repeats [\d.]+ [\d.]+\)$", out, re.M), out
 
 
 def test_bench_quality_tabulates_seeds_and_huscf_wins(tmp_path, shared_data_dir):
