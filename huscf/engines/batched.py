@@ -314,8 +314,7 @@ class BatchedEngine(SimulationEngine):
         # the clients' own Parameters are views that the forward never reads: only banks and server
         for bank in self._banks_by_net[net]:
             bank.requires_grad_(flag)
-        for body in self.model.server_bodies():
-            body.nets[net].requires_grad_(flag)
+        self.model.server_requires_grad_(net, flag)
 
     # -- one iteration ---------------------------------------------------------------------------
     def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:

@@ -238,8 +238,7 @@ class SimulationEngine:
     def _requires_grad(self, net: str, flag: bool) -> None:
         for c in self.model.clients:
             c.nets[net].requires_grad_(flag)
-        for body in self.model.server_bodies():
-            body.nets[net].requires_grad_(flag)
+        self.model.server_requires_grad_(net, flag)
 
     @staticmethod
     def _check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:

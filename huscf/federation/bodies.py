@@ -66,10 +66,10 @@ def _reslot(model: SplitGAN, agg: Aggregation, clients: list[int]) -> tuple[np.n
     body most of its members ran through (-1: the shared one), whose optimiser state it takes."""
     previous = model.body_of.cpu().numpy()
     slot = assign_slots(previous[clients], np.asarray(agg.groups), len(model.cluster_bodies))
-    before = previous[clients]
+    before, had_members = previous[clients], set(previous.tolist())
     new_slots = {}
     for s in sorted(set(slot.tolist())):
-        if s not in set(previous.tolist()):
+        if s not in had_members:
             came_from, counts = np.unique(before[slot == s], return_counts=True)
             new_slots[str(s)] = int(came_from[np.argmax(counts)])
     return slot, new_slots

@@ -426,7 +426,7 @@ class ServerNode:
         return self._backward("d", msgs)
 
     def dg_forward(self, msgs: list[Message]) -> list[Message]:
-        self._train_d(False)  # the G step does not train D
+        self.model.server_requires_grad_("D", False)  # the G step does not train D
         return self._forward("dg", "D", ("fake",), msgs)
 
     def dg_backward(self, msgs: list[Message]) -> list[Message]:
@@ -449,11 +449,7 @@ class ServerNode:
                 self.seen = {}
         else:
             self.pending = {}
-            self._train_d(True)
-
-    def _train_d(self, flag: bool) -> None:
-        for body in self.model.server_bodies():
-            body.nets["D"].requires_grad_(flag)
+            self.model.server_requires_grad_("D", True)
 
     # -- round end ---------------------------------------------------------------------------------
     def receive_weights(self, msgs: list[Message]) -> None:

@@ -108,6 +108,11 @@ class SplitGAN(nn.Module):
         """The shared body, then the cluster bodies."""
         return [self.server, *self.cluster_bodies]
 
+    def server_requires_grad_(self, net: str, flag: bool) -> None:
+        """Train (or freeze) ``net``'s blocks in every server body."""
+        for body in self.server_bodies():
+            body.nets[net].requires_grad_(flag)
+
     def tie_generators(self) -> None:
         """Make every client's G blocks the same modules as client 0's: one generator that all
         clients' generator passes run through (MD-GAN's server-side G). Needs whole-network cuts."""
