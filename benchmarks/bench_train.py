@@ -47,6 +47,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from huscf.engines.precision import bf16_support, choose_precision  # noqa: E402
+
+# environment variables that choose CPU kernels (torch's ATen, oneDNN, MKL): printed when set
+KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 MODES = {
     "loop": dict(precision="fp32", auto=False),
     "ours-fp32": dict(precision="fp32", auto=True),
@@ -252,10 +257,18 @@ def main() -> None:
         return
     width = max(13, *(len(m) for m in modes))
     name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    ceiling = {"fp32": matmul_flops(args.device, torch.float32), "bf16": matmul_flops(args.device, torch.bfloat16)}
+    # the ceilings of the precisions the modes use: emulated bf16 (a CPU without native bf16, or
+    # oneDNN held below it) runs a 2048^2 matmul at under 1 GFLOP/s, minutes for nothing
+    used = {mode_spec(m)["precision"] for m in modes}
+    ceiling = {p: matmul_flops(args.device, dtype) if p in used else float("nan")
+               for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     per_client = useful_flops_per_client(args.width, args.batch)
-    print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"dense matmul: fp32 {ceiling['fp32'] / 1e9:.0f} GFLOP/s, bf16 {ceiling['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"kernels {torch.backends.cpu.get_cpu_capability()}"
+          + "".join(f", {k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k)))
+    print("dense matmul: " + ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in ceiling.items() if p in used) + "; "
+          f"{bf16_support(args.device).reason} (compute.precision: auto picks "
+          f"{choose_precision('auto', args.device)[0]})")
     print(f"model: cgan28 width {args.width}, batch {args.batch}; useful work {per_client / 1e9:.2f} GFLOP per client "
           f"per iteration\n")
     head = f"{'clients':>7} {'mode':{width}} {'s/iter':>8} {'img/s':>8} {'vs loop':>8} {'GFLOP/s':>8} {'of peak':>8} {'peak RSS':>9}"

@@ -154,7 +154,9 @@ class ComputeConfig(_Section):
     """Where and how the iteration runs (none of it changes the method; see docs/performance.md)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees one
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward, fp32 weights and optimiser
+    # bf16: autocast forward, fp32 weights and optimiser (fast only where the hardware has native
+    # bf16); auto: bf16 where native, else fp32; fp64: everything float64, the numerical reference
+    precision: Literal["fp32", "bf16", "fp64", "auto"] = "fp32"
     channels_last: bool | Literal["auto"] = "auto"  # NHWC convolutions; auto: on
     # run the generator twice per iteration instead of keeping every client's graph through the
     # D step; auto: on for more than 16 clients (per-client loop) or when clients run in chunks

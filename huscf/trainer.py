@@ -278,7 +278,8 @@ class Trainer:
         statistics, as in training); returns (images, their labels)."""
         own = y < self.probes[self.setup.data[client].domain].num_classes
         dev = self.engine.device
-        return self.model.generate(client, z[own].to(dev), y[own].to(dev)).float().cpu(), y[own]
+        z_own = z[own].to(dev, self.execution.dtype)
+        return self.model.generate(client, z_own, y[own].to(dev)).float().cpu(), y[own]
 
     def _label_accuracy(self, r: int) -> dict[str, float]:
         z, y = self._fixed_inputs(10)
@@ -314,7 +315,7 @@ class Trainer:
         start = f"resuming at round {self.start_round}" if self.start_round > 1 else "starting"
         return (f"huscf: {start} {self.run.path}: {len(s.data)} clients ({per_domain}, {cfg.data.scenario}), "
                 f"{cfg.model.arch} width {cfg.model.width}, {cfg.train.rounds} rounds x {cfg.train.local_epochs} "
-                f"epochs x {self.engine.iterations_per_epoch()} iterations\n"
+                f"epochs x {self.engine.iterations_per_epoch()} iterations, {self._precision()}\n"
                 f"huscf: method {self.method.title}; {self._split_line(distinct)}\n"
                 f"huscf: compute {self._compute_line()}")
 
@@ -325,13 +326,18 @@ class Trainer:
         return (f"cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated latency "
                 f"{s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}")
 
+    def _precision(self) -> str:
+        """The precision and, when it needs one, why (auto's choice; bf16 emulated on this CPU)."""
+        ex = self.execution
+        return f"precision {ex.precision}" + (f" ({ex.precision_note})" if ex.precision_note else "")
+
     def _compute_line(self) -> str:
         ex = self.execution
         how = f"batched clients (chunk {ex.client_chunk or 'all'})" if ex.batch_clients else "per-client loop"
         how += ", BatchNorm folded" if ex.fold_batch_norm else ""
         how += f", client convolutions by {ex.client_convs}" if ex.client_convs != "vmap" else ""
         how += ", CUDA graphs" if ex.cuda_graphs else ""
-        return (f"{ex.device}, {ex.precision}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
+        return (f"{ex.device}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
                 f"generator recompute {'on' if ex.recompute_generator else 'off'}, {torch.get_num_threads()} threads")
 
     def _summary(self, row: RoundRecord) -> str:

@@ -2,6 +2,7 @@
 as the shared body, slots that follow clusters, one cluster == the shared body, checkpoints."""
 
 import copy
+import dataclasses
 import random
 
 import numpy as np
@@ -22,6 +23,8 @@ from huscf.split.plan import Cuts, all_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN
 from huscf.trainer import Trainer
+from numerics import (assert_close64, assert_losses_close64, assert_within_rounding, fixed_point_bound, gap,
+                      TOL64)
 
 
 def _split(n=5, slots=3, seed=0, noise=0.1):
@@ -39,8 +42,10 @@ def _split(n=5, slots=3, seed=0, noise=0.1):
 
 def test_split_equals_unsplit_through_each_clients_cluster_body():
     arch, g, d, split = _split()
+    split.double()  # float64: the split and the assembled net sum gradients in other orders
     split.body_of.copy_(torch.tensor([0, 1, 2, 1, -1]))
     z, y = arch.generator_inputs(6, torch.Generator().manual_seed(2))
+    z = z.double()
     for i in range(5):
         # the unsplit reference: the client's own blocks and its body's middle blocks in one net
         body = split.body(i)
@@ -49,8 +54,8 @@ def test_split_equals_unsplit_through_each_clients_cluster_body():
         split.zero_grad()
         fake = split.generate(i, z, y)
         out = split.discriminate(i, fake, y)
-        torch.testing.assert_close(fake, ref_g(z, y))
-        torch.testing.assert_close(out, ref_d(ref_g(z, y), y))
+        assert_close64(fake, ref_g(z, y), msg=f"client {i} G")
+        assert_close64(out, ref_d(ref_g(z, y), y), msg=f"client {i} D")
         out.square().sum().backward()
         ref_d(ref_g(z, y), y).square().sum().backward()
         for net, ref in (("G", ref_g), ("D", ref_d)):
@@ -58,7 +63,7 @@ def test_split_equals_unsplit_through_each_clients_cluster_body():
             for b, ref_block in enumerate(ref.blocks):
                 block = own[str(b)] if str(b) in own else body.nets[net][str(b)]
                 for p, q in zip(block.parameters(), ref_block.parameters()):
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+                    assert_close64(p.grad, q.grad, msg=f"client {i} {net} block {b} gradient")
         # the gradient reached the client's body, and no other body
         others = [bd for bd in split.server_bodies() if bd is not body]
         assert all(p.grad is None or not p.grad.any() for bd in others for p in bd.parameters())
@@ -117,26 +122,29 @@ def _tiny(*extra):
 def test_one_cluster_per_cluster_body_trains_as_the_shared_body(tmp_path):
     runs = {}
     for body in ("shared", "per_cluster"):
-        t = Trainer.new(_tiny("train.rounds=2", "federation.clusters=1", f"federation.server_body={body}"),
-                        tmp_path / body, quiet=True)
+        t = Trainer.new(_tiny("train.rounds=2", "federation.clusters=1", f"federation.server_body={body}",
+                              "compute.precision=fp64"), tmp_path / body, quiet=True)
         t.fit()
         runs[body] = t
     shared, per = runs["shared"].model, runs["per_cluster"].model
     assert per.body_of.tolist() == [per.body_of[0].item()] * 4 and per.body_of[0] >= 0
-    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).double(), torch.arange(8) % 10
     for i in range(4):  # every client computes the same functions (its body is the one slot)
         for net in ("G", "D"):
             a, b = shared.assemble(i, net).state_dict(), per.assemble(i, net).state_dict()
             for k in a:
-                torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-6, msg=f"{i} {net} {k}")
-        torch.testing.assert_close(shared.generate(i, z, y), per.generate(i, z, y), rtol=0, atol=1e-4)
+                if a[k].is_floating_point():
+                    assert_close64(a[k], b[k], msg=f"{i} {net} {k}")
+                else:
+                    assert torch.equal(a[k], b[k]), (i, net, k)
+        assert_close64(shared.generate(i, z, y), per.generate(i, z, y), msg=f"client {i}")
     # the slot took the shared body's Adam state, so the next round steps the same way
     for net in ("G", "D"):
         opt_s, opt_p = runs["shared"].engine.server_opts[net], runs["per_cluster"].engine.server_opts[net]
         slot = per.cluster_bodies[per.body_of[0].item()]
         for p_s, p_p in zip(shared.server.nets[net].parameters(), slot.nets[net].parameters()):
             for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(opt_s.state[p_s][key], opt_p.state[p_p][key], rtol=0, atol=1e-6)
+                assert_close64(opt_s.state[p_s][key], opt_p.state[p_p][key], scale=0.0, msg=f"{net} {key}")
 
 
 def test_cluster_bodies_are_checkpointed_and_resumed(tmp_path):
@@ -162,13 +170,14 @@ def test_per_cluster_bodies_need_a_split_method_in_one_line(tmp_path):
 
 def _engine_run(execution: Execution, iterations=3):
     """A few iterations of 6 clients with heterogeneous cuts spread over the shared body and three
-    different cluster bodies (client 2 sits one iteration out); the losses and the trained model."""
-    _, _, _, model = _split(n=6, slots=3, noise=0.02)  # (larger noise makes training ill-conditioned:
-    # the loop and the batched engine then drift apart by 1e-3 in 3 steps even through the shared body)
+    different cluster bodies (client 2 sits one iteration out), in float64 (tests/numerics.py rule
+    1); the losses and the trained engine."""
+    _, _, _, model = _split(n=6, slots=3, noise=0.02)
     model.body_of.copy_(torch.tensor([0, 2, -1, 0, 2, 1]))
     gen = torch.Generator().manual_seed(0)
     data = [ClientData(torch.rand(16, 1, 28, 28, generator=gen) * 2 - 1, torch.randint(0, 10, (16,), generator=gen),
                        "x") for _ in range(6)]
+    execution = dataclasses.replace(execution, precision="fp64")
     cls = BatchedEngine if execution.batch_clients else SimulationEngine
     eng = cls(copy.deepcopy(model), data, train=TrainConfig(batch_size=8), z_dim=100, seed=0, execution=execution,
               feature_depth=2)
@@ -179,27 +188,37 @@ def _engine_run(execution: Execution, iterations=3):
     return losses, eng
 
 
+def _assert_engines_agree(losses, eng, ref_losses, ref):
+    assert_losses_close64(losses, ref_losses, "losses")
+    # every client computes what the loop's does through its own body (outputs, not weights: the
+    # pre-BatchNorm conv biases have a zero true gradient and Adam steps on their rounding noise)
+    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(5)).double(), torch.arange(8) % 10
+    with torch.no_grad():
+        for i in range(6):
+            fake = eng.model.generate(i, z, y)
+            assert_close64(fake, ref.model.generate(i, z, y), msg=f"client {i} G")
+            assert_close64(eng.model.discriminate(i, fake, y), ref.model.discriminate(i, fake, y), msg=f"client {i} D")
+    assert_close64(eng.features.mean_and_noise()[0], ref.features.mean_and_noise()[0], msg="features")
+
+
 @pytest.mark.parametrize("execution", [
     Execution(batch_clients=True),
     Execution(batch_clients=True, client_chunk=4, recompute_generator=True, fold_batch_norm=True),
 ])
 def test_batched_engine_runs_each_clients_cluster_body_as_the_loop(execution):
-    ref_losses, ref = _engine_run(Execution())
-    losses, eng = _engine_run(execution)
-    for a, b in zip(losses, ref_losses):
-        assert sorted(a) == sorted(b)
-        for i in a:
-            assert a[i] == pytest.approx(b[i], abs=1e-5), i
-    # every client computes what the loop's does through its own body (outputs, not weights: the
-    # pre-BatchNorm conv biases have a zero true gradient and Adam steps on their rounding noise)
-    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(5)), torch.arange(8) % 10
-    with torch.no_grad():
-        for i in range(6):
-            fake = eng.model.generate(i, z, y)
-            torch.testing.assert_close(fake, ref.model.generate(i, z, y), rtol=0, atol=1e-4)
-            torch.testing.assert_close(eng.model.discriminate(i, fake, y), ref.model.discriminate(i, fake, y),
-                                       rtol=0, atol=1e-4)
-    assert abs(eng.features.mean_and_noise()[0] - ref.features.mean_and_noise()[0]).max() < 1e-4
+    _assert_engines_agree(*_engine_run(execution), *_engine_run(Execution()))
+
+
+def test_the_engine_comparison_catches_a_client_run_through_another_body(monkeypatch):
+    """The float64 tolerance is strong enough to see a real bug: the batched engine running
+    client 0 through client 5's cluster body instead of its own fails the comparison above."""
+    ref = _engine_run(Execution())
+    real = BatchedEngine._body_slots
+    monkeypatch.setattr(BatchedEngine, "_body_slots", lambda self: [1] + real(self)[1:])  # client 0: body 1, not 0
+    bad = _engine_run(Execution(batch_clients=True))
+    with pytest.raises(AssertionError, match="max"):
+        _assert_engines_agree(*bad, *ref)
+    assert gap([v for r in bad[0] for v in r[0]], [v for r in ref[0] for v in r[0]]) > 1e6 * TOL64
 
 
 def test_batched_per_cluster_follows_round_ends_and_resumes(tmp_path):
@@ -207,7 +226,7 @@ def test_batched_per_cluster_follows_round_ends_and_resumes(tmp_path):
     new slot, on a fresh run and on a resumed one (whose engine starts before the slots load)."""
     def run(name, rounds, clients, resume=False):
         extra = [f"train.rounds={rounds}", "federation.server_body=per_cluster", "federation.clusters=2",
-                 "federation.warmup_rounds=0", f"compute.clients={clients}"]
+                 "federation.warmup_rounds=0", f"compute.clients={clients}", "compute.precision=fp64"]
         if resume:
             t = Trainer.resume(tmp_path / name, [f"train.rounds={rounds}"], quiet=True)
         else:
@@ -218,11 +237,10 @@ def test_batched_per_cluster_follows_round_ends_and_resumes(tmp_path):
     loop, batched = run("loop", 2, "loop"), run("batched", 2, "batched")
     assert batched.model.body_of.tolist() == loop.model.body_of.tolist()
     assert len(set(loop.model.body_of.tolist())) == 2
-    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
-    with torch.no_grad():  # two rounds of float drift: ~4e-3; through stale (shared) bodies: ~3e-2
+    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).double(), torch.arange(8) % 10
+    with torch.no_grad():  # float64 (rule 1); through stale (shared) bodies the outputs differ by ~3e-2
         for i in range(4):
-            torch.testing.assert_close(batched.model.generate(i, z, y), loop.model.generate(i, z, y),
-                                       rtol=0, atol=1e-2)
+            assert_close64(batched.model.generate(i, z, y), loop.model.generate(i, z, y), msg=f"client {i}")
     run("part", 1, "batched")
     resumed = run("part", 2, "batched", resume=True)
     for k, v in batched.model.state_dict().items():
@@ -249,7 +267,7 @@ def test_secure_per_cluster_bodies_equal_the_plain_ones_when_every_sum_opens():
     cw = np.array([0.2, 0.5, 0.3, 0.6, 0.1, 0.3])
     gw = np.r_[cw[:3] * 0.4, cw[3:] * 0.6]  # global weights proportional to cluster weights within each cluster
     agg = Aggregation(groups, cw, gw, {"phase": "clustered"})
-    plain, secure = _paired(), _paired()
+    plain, secure = _paired().double(), _paired().double()  # float64 (rule 1) + fixed point (rule 4)
     apply_per_cluster(plain, agg, list(range(6)))
     plan = plan_sums(secure, agg, list(range(6)), 0)
     opened = secure_sums(secure, plan, list(range(6)))
@@ -260,7 +278,7 @@ def test_secure_per_cluster_bodies_equal_the_plain_ones_when_every_sum_opens():
     a, b = plain.state_dict(), secure.state_dict()
     for k in a:
         if a[k].is_floating_point():
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+            assert_close64(b[k], a[k], extra=fixed_point_bound(6), msg=k)
 
 
 def test_a_hidden_copy_has_its_body_stand_in_for_it():
@@ -269,7 +287,7 @@ def test_a_hidden_copy_has_its_body_stand_in_for_it():
     groups = np.array([0, 0, 0, 1, 1, 1])
     w = np.full(6, 1 / 6)
     agg = Aggregation(groups, w * 2, w, {"phase": "clustered"})
-    m = _paired()
+    m = _paired().double()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     plan = plan_sums(m, agg, list(range(6)), 0)
     opened = secure_sums(m, plan, list(range(6)), drop=frozenset({0}))
@@ -278,7 +296,7 @@ def test_a_hidden_copy_has_its_body_stand_in_for_it():
     slot0 = m.cluster_bodies[int(m.body_of[0])]
     for k, v in slot0.state_dict().items():
         if v.is_floating_point():
-            torch.testing.assert_close(v, before[f"server.{k}"], rtol=0, atol=1e-6, msg=k)
+            assert_close64(v, before[f"server.{k}"], extra=fixed_point_bound(6), msg=k)
     for net in ("G", "D"):  # and client 1 keeps its own copy of the middle block only it has left
         for k, v in m.clients[1].nets[net]["1"].state_dict().items():
             torch.testing.assert_close(v, before[f"clients.1.nets.{net}.1.{k}"], rtol=0, atol=0, msg=k)
@@ -292,22 +310,26 @@ def test_training_with_secure_per_cluster_bodies_matches_the_plain_ones(tmp_path
     same slots and client copies with and without secure aggregation."""
     cuts = "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]"
     runs = {}
-    for secure in ("false", "true"):
+    # fp32 both ways (the fixed point's 2^-33 per term is far below fp32 rounding), and the plain
+    # run in float64 too: its gap to the fp32 one is the rounding that the comparison allows (rule 2)
+    for secure, precision in (("false", "fp32"), ("true", "fp32"), ("false", "fp64")):
         t = Trainer.new(_tiny("train.rounds=2", "federation.server_body=per_cluster", "federation.clusters=2",
                               "federation.warmup_rounds=0", "cuts.method=fixed", cuts,
-                              f"federation.secure_aggregation={secure}"), tmp_path / secure, quiet=True)
+                              f"federation.secure_aggregation={secure}", f"compute.precision={precision}"),
+                        tmp_path / f"{secure}_{precision}", quiet=True)
         t.fit()
-        runs[secure] = t.model
-    assert runs["true"].body_of.tolist() == runs["false"].body_of.tolist()
-    slot = runs["true"].body_of.tolist()
+        runs[secure, precision] = t.model
+    plain, secure, plain64 = runs["false", "fp32"], runs["true", "fp32"], runs["false", "fp64"]
+    assert secure.body_of.tolist() == plain.body_of.tolist() == plain64.body_of.tolist()
+    slot = secure.body_of.tolist()
     assert slot[0] == slot[1] != slot[2] == slot[3]  # the two domains
     z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
     with torch.no_grad():  # what the weights compute (pre-BatchNorm conv biases are Adam noise)
         for i in range(4):
-            a, b = runs["false"].generate(i, z, y), runs["true"].generate(i, z, y)
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
-            torch.testing.assert_close(runs["true"].discriminate(i, a, y), runs["false"].discriminate(i, a, y),
-                                       rtol=0, atol=1e-4)
+            a, b, a64 = plain.generate(i, z, y), secure.generate(i, z, y), plain64.generate(i, z.double(), y)
+            assert_within_rounding(b, a, a64, msg=f"client {i} G")
+            assert_within_rounding(secure.discriminate(i, a, y), plain.discriminate(i, a, y),
+                                   plain64.discriminate(i, a.double(), y), msg=f"client {i} D")
 
 
 def test_auto_is_per_cluster_for_split_methods_and_older_runs_keep_their_shared_body(tmp_path):

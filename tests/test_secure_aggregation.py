@@ -19,13 +19,16 @@ from huscf.models import build_architecture
 from huscf.split.plan import Cuts
 from huscf.split.segments import SplitGAN
 from huscf.trainer import Trainer
+from numerics import assert_close64, fixed_point_bound
 
 # heterogeneous cuts: every middle block of G and D is held by the server and by 2-4 clients
 CUTS = [Cuts(0, 0, 0, 0), Cuts(1, 0, 1, 0), Cuts(1, 1, 2, 0), Cuts(2, 0, 1, 1), Cuts(2, 1, 2, 1)]
 
 
 def _model(cuts=CUTS, seed=0):
-    """Every client's and the server's copies made different (as after a round of training)."""
+    """Every client's and the server's copies made different (as after a round of training); in
+    float64, so that plain and secure averages differ by the fixed point's rounding alone
+    (tests/numerics.py rules 1 and 4)."""
     torch.manual_seed(seed)
     arch = build_architecture("cgan28", width=0.125)
     m = SplitGAN(arch.generator(), arch.discriminator(), cuts)
@@ -33,7 +36,11 @@ def _model(cuts=CUTS, seed=0):
         for v in m.state_dict().values():
             if v.is_floating_point():
                 v.add_(torch.randn_like(v) * 0.1)
-    return m
+    return m.double()
+
+
+# the most a masked sum's fixed point moves an average: one rounding per holder (at most 5 here)
+FIXED = fixed_point_bound(len(CUTS))
 
 
 def _floats(m):
@@ -44,7 +51,7 @@ def _assert_same_clients(a, b, clients=None):
     fa, fb = _floats(a), _floats(b)
     for k in fa:
         if k.startswith("clients.") and (clients is None or int(k.split(".")[1]) in clients):
-            torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=1e-6, msg=k)
+            assert_close64(fa[k], fb[k], extra=FIXED, msg=k)
 
 
 def test_fedavg_equals_plain_averaging_with_heterogeneous_cuts():
@@ -55,7 +62,7 @@ def test_fedavg_equals_plain_averaging_with_heterogeneous_cuts():
     record = secure_average(secure, agg, list(range(5)), round_idx=3)
     fa, fb = _floats(plain), _floats(secure)
     for k in fa:  # every client block and every server block
-        torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=1e-6, msg=k)
+        assert_close64(fa[k], fb[k], extra=FIXED, msg=k)
     assert record["opened"] == record["sums"] > 0 and record["closed"] == []
     assert not torch.equal(fa["server.nets.D.1.0.weight"], _floats(_model())["server.nets.D.1.0.weight"])
 
@@ -84,7 +91,7 @@ def test_clusters_average_their_holders_and_the_server_mixes_cluster_averages():
             ref = ref + gw[pos].sum() * (avg - block_vector(before.server.nets[net][str(b)]))
             total += 1
         assert total > 0
-        np.testing.assert_allclose(block_vector(secure.server.nets[net][str(b)]), ref, rtol=0, atol=1e-6)
+        assert_close64(block_vector(secure.server.nets[net][str(b)]), ref, extra=FIXED, msg=f"{net} block {b}")
 
 
 def test_a_lone_holder_sends_nothing_and_keeps_its_copy():
@@ -195,7 +202,8 @@ def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path, clients
     tiny = ["output.keep_full_checkpoints=1", "data.clients_per_domain=2", "model.width=0.125", "train.rounds=1",
             "train.local_epochs=1", "train.batch_size=32", "train.max_iters_per_epoch=2", "output.samples_per_class=2",
             "cuts.method=fixed", "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]",  # no lone holder
-            "federation.strategy=fedavg", "output.samples_every=0", f"compute.clients={clients}"]
+            "federation.strategy=fedavg", "output.samples_every=0", f"compute.clients={clients}",
+            "compute.precision=fp64"]  # training is the same code on both sides; the averages differ by rule 4
     plain = Trainer.new(build_config({}, tiny), tmp_path / "plain", quiet=True)
     plain.fit()
     secure = Trainer.new(build_config({}, tiny + ["federation.secure_aggregation=true"]), tmp_path / "secure",
@@ -203,7 +211,10 @@ def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path, clients
     secure.fit()
     a, b = plain.engine.model.state_dict(), secure.engine.model.state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+        if a[k].is_floating_point():
+            assert_close64(a[k], b[k], extra=fixed_point_bound(4), msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
 
     rows = read_metrics(tmp_path / "secure")
     assert all(r["federation"]["secure_aggregation"]["opened"] > 0 for r in rows)

@@ -10,6 +10,7 @@ from huscf.models import build_architecture
 from huscf.split.plan import Cuts, all_cuts, validate_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN
+from numerics import assert_close64
 
 
 def _grads(params):
@@ -20,10 +21,11 @@ def _grads(params):
 def test_split_equals_unsplit_forward_and_backward(arch_name):
     torch.manual_seed(0)
     arch = build_architecture(arch_name, width=0.25)
-    g, d = arch.generator(), arch.discriminator()
+    g, d = arch.generator().double(), arch.discriminator().double()  # float64: tests/numerics.py rule 1
     configs = random.Random(1).sample(all_cuts(g.num_middle, d.num_middle), 5)
     split = SplitGAN(g, d, configs)
     z, y = arch.generator_inputs(6, torch.Generator().manual_seed(2))
+    z = z.double()
     for i, cuts in enumerate(configs):
         split.zero_grad()
         g.zero_grad()
@@ -32,8 +34,8 @@ def test_split_equals_unsplit_forward_and_backward(arch_name):
         out_split = split.discriminate(i, fake_split, y)
         fake_ref = g(z, y)
         out_ref = d(fake_ref, y)
-        torch.testing.assert_close(fake_split, fake_ref)
-        torch.testing.assert_close(out_split, out_ref)
+        assert_close64(fake_split, fake_ref, msg=f"client {i} G")
+        assert_close64(out_split, out_ref, msg=f"client {i} D")
         out_split.square().sum().backward()
         out_ref.square().sum().backward()
         # every block of the assembled client network has the reference gradient
@@ -42,9 +44,9 @@ def test_split_equals_unsplit_forward_and_backward(arch_name):
             for b, ref_block in enumerate(ref.blocks):
                 block = own[str(b)] if str(b) in own else body[str(b)]
                 for p, q in zip(block.parameters(), ref_block.parameters()):
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+                    assert_close64(p.grad, q.grad, msg=f"client {i} {net_name} block {b} gradient")
         # the assembled standalone network is the same function
-        torch.testing.assert_close(split.assemble(i, "G")(z, y), fake_ref)
+        assert_close64(split.assemble(i, "G")(z, y), fake_ref, msg=f"client {i} assembled G")
 
 
 def test_server_gradient_is_sum_over_clients():

@@ -3,5 +3,6 @@
 * ``protocol`` - ``Engine``: what the trainer asks of every engine;
 * ``simulation`` - ``SimulationEngine``: a loop over clients, the reference numerics;
 * ``batched`` - ``BatchedEngine``: each block once per chunk of clients (``client_ops``: its layers);
-* ``execution`` - device, precision, memory layout and the other ways of running the same maths.
+* ``execution`` - device, precision, memory layout and the other ways of running the same maths;
+* ``precision`` - whether the hardware runs bf16 natively, and what ``precision: auto`` picks.
 """

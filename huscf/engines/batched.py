@@ -36,7 +36,8 @@ Speed: this is the CUDA default; on a CPU the per-client loop is the default. Th
 behind both choices are in docs/performance.md.
 
 Precision: ``precision="bf16"`` runs the forward passes under ``torch.autocast`` (bfloat16
-matmuls and convolutions, fp32 weights, optimiser states and losses).
+matmuls and convolutions, fp32 weights, optimiser states and losses); ``fp64`` runs everything in
+float64 (the reference the tests compare this engine with the loop in).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from torch.func import functional_call, vmap
 
 from huscf.config import TrainConfig
 from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
-from huscf.engines.execution import Execution
+from huscf.engines.execution import Execution, for_loss
 from huscf.engines.simulation import SimulationEngine, non_finite_loss, place_step
 from huscf.setup import ClientData
 from huscf.split.segments import NETS, SplitGAN
@@ -318,7 +319,7 @@ class BatchedEngine(SimulationEngine):
 
     # -- one iteration ---------------------------------------------------------------------------
     def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:
-        out = out.float().flatten(1)
+        out = for_loss(out).flatten(1)
         return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target), reduction="none").mean(1)
 
     def _finite(self, losses: dict[str, torch.Tensor], clients: list[int], where: tuple) -> dict[str, list[float]]:
@@ -338,7 +339,7 @@ class BatchedEngine(SimulationEngine):
         clients = sorted(batch, key=lambda i: (m.clients[i].cuts, i))
         if len({len(batch[i][1]) for i in clients}) > 1:
             raise ValueError("the batched engine needs equal batch sizes for all clients of an iteration")
-        zs = torch.stack([z[i] for i in clients]).to(self.device)
+        zs = torch.stack([z[i] for i in clients]).to(self.device, self.ex.dtype)
         xs = torch.stack([batch[i][0] for i in clients])
         ys = torch.stack([batch[i][1] for i in clients])
         collect = collect_features and self.feature_depth is not None
@@ -364,7 +365,7 @@ class BatchedEngine(SimulationEngine):
         for i in sorted(seen):
             start.setdefault(m.ranges(i, "D").head[-1] + 1, []).append(i)
         for first, ids in start.items():
-            h = torch.stack([seen[i].float() for i in ids])
+            h = torch.stack([for_loss(seen[i]) for i in ids])
             for b in range(first, self.feature_depth + 1):
                 h = self._shared("D", b, (h,))
             for i, act in zip(ids, h):

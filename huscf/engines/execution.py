@@ -3,8 +3,13 @@
 None of these change the mathematics of HuSCF-GAN; they change where and how fast it runs:
 
 * ``device``: ``cpu`` or ``cuda`` (the split model and the clients' data move there);
-* ``precision``: ``fp32`` (exact, the default) or ``bf16`` (forward matmuls and convolutions
-  under ``torch.autocast``; weights, optimiser states and losses stay fp32);
+* ``precision``: ``fp32`` (the default), ``bf16`` (forward matmuls and convolutions under
+  ``torch.autocast``; weights, optimiser states and losses stay fp32; fast only where the
+  hardware computes bf16 natively: ``precision.py``) or ``fp64`` (weights, activations, optimiser
+  states and losses in float64: the numerical reference the tests compare engines in, where
+  summation order moves results by ~1e-14 instead of ~1e-5; slower). Initial weights, data and
+  noise are the fp32 ones cast exactly, so an fp64 run is the same computation as an fp32 one
+  with less rounding;
 * ``channels_last``: NHWC memory layout for convolutions (oneDNN and cuDNN's fast layout);
 * ``recompute_generator``: run the generator forward of the discriminator step without a graph
   and recompute it in the generator step (same noise and weights, so the same fakes), so that no
@@ -25,12 +30,27 @@ None of these change the mathematics of HuSCF-GAN; they change where and how fas
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from huscf.engines.client_ops import CONV_WAYS
+from huscf.engines.precision import choose_precision
 from huscf.errors import HuscfError
+
+PRECISIONS = ("fp32", "bf16", "fp64")
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of weights, optimiser states and data: float64 for ``fp64``, else float32 (bf16
+    casts inside autocast only; ``auto`` resolves to fp32 or bf16)."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def for_loss(t: torch.Tensor) -> torch.Tensor:
+    """An autocast output as the losses and the round end take it: bf16/fp16 upcast to float32,
+    float32 and float64 kept (an fp64 run stays fp64 through its losses)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 @dataclass(frozen=True)
@@ -45,14 +65,17 @@ class Execution:
     cuda_graphs: bool = False
     fold_batch_norm: bool = False
     client_convs: str = "vmap"
+    # why the precision is what it is (auto's choice, or a warning for emulated bf16): printed in
+    # the run's compute line, never part of what the engine computes
+    precision_note: str = field(default="", compare=False)
 
     def __post_init__(self):
         # torch.func.vmap cannot query NHWC strides (BatchNorm on CUDA)
         if self.channels_last and self.batch_clients:
             raise HuscfError("compute.channels_last is not supported with batched clients: "
                              "set compute.channels_last to false or 'auto', or compute.clients to 'loop'")
-        if self.precision not in ("fp32", "bf16"):
-            raise HuscfError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise HuscfError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise HuscfError("compute.device is 'cuda' but torch sees no CUDA device: use 'cpu' or 'auto'")
         if self.fold_batch_norm and not self.batch_clients:
@@ -71,8 +94,12 @@ class Execution:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return precision_dtype(self.precision)
+
     def autocast(self):
-        """The forward-pass context: bf16 autocast, or nothing for fp32."""
+        """The forward-pass context: bf16 autocast, or nothing for fp32 and fp64."""
         if self.precision == "bf16":  # a graph capture cannot keep autocast's cache of cast weights
             return torch.autocast(self.torch_device.type, dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
         return nullcontext()
@@ -106,6 +133,7 @@ class Execution:
         """Turn the config's ``auto`` choices into concrete ones (see docs/performance.md)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision, note = choose_precision(precision, device)
         on_cuda = torch.device(device).type == "cuda"
         batch = on_cuda if clients == "auto" else clients == "batched"
         if channels_last == "auto":
@@ -120,4 +148,4 @@ class Execution:
         if fold_batch_norm == "auto":  # measured faster on a CPU; not yet measured on a GPU
             fold_batch_norm = batch and not on_cuda
         return cls(device, precision, bool(channels_last), bool(recompute_generator), batch, client_chunk,
-                   cudnn_benchmark, bool(cuda_graphs), bool(fold_batch_norm), client_convs)
+                   cudnn_benchmark, bool(cuda_graphs), bool(fold_batch_norm), client_convs, precision_note=note)

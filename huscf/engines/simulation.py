@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from huscf.config import TrainConfig
-from huscf.engines.execution import Execution
+from huscf.engines.execution import Execution, for_loss
 from huscf.errors import HuscfError
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
@@ -101,10 +101,11 @@ class SimulationEngine:
         self.device = self.ex.torch_device
         if self.device.type == "cuda":  # let cuDNN time its algorithms once per shape (off by default)
             torch.backends.cudnn.benchmark = self.ex.cudnn_benchmark
-        model.to(self.device)
+        model.to(device=self.device, dtype=self.ex.dtype)  # fp64: the fp32 initial weights, cast exactly
         if self.ex.channels_last:
             model.to(memory_format=torch.channels_last)
-        data = [ClientData(self.ex.layout(d.x.to(self.device)), d.y.to(self.device), d.domain) for d in data]
+        data = [ClientData(self.ex.layout(d.x.to(self.device, self.ex.dtype)), d.y.to(self.device), d.domain)
+                for d in data]
         self.model, self.data, self.batch_size, self.z_dim, self.seed = model, data, batch_size, z_dim, seed
         self.max_iters = train.max_iters_per_epoch
 
@@ -172,7 +173,9 @@ class SimulationEngine:
         """The paper's iteration for the clients in ``batch``; returns {client: (L_D, L_G)}."""
         m, ex = self.model, self.ex
         clients = sorted(batch)
-        z = {i: torch.randn(len(batch[i][1]), self.z_dim, generator=noise).to(self.device) for i in clients}
+        # drawn in float32 in every precision: an fp64 run sees the fp32 run's noise, cast exactly
+        z = {i: torch.randn(len(batch[i][1]), self.z_dim, generator=noise).to(self.device, ex.dtype)
+             for i in clients}
         fakes = {}
         # with recompute_generator the fakes carry no graph here; the generator step rebuilds it
         with torch.no_grad() if ex.recompute_generator else nullcontext(), ex.autocast():
@@ -192,8 +195,8 @@ class SimulationEngine:
                 out_fake = m.discriminate(i, fakes[i].detach(), y)
                 out_real = m.discriminate(i, x, y, server_input=received)
             if collect:  # keep the server's input only when it is needed: it pins that activation
-                seen[i] = received[0].float()
-            out_fake, out_real = out_fake.float(), out_real.float()
+                seen[i] = for_loss(received[0])
+            out_fake, out_real = for_loss(out_fake), for_loss(out_real)
             loss = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
                     + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
             self._check_finite(loss, i, "discriminator", where)
@@ -215,7 +218,7 @@ class SimulationEngine:
                 if ex.recompute_generator:
                     fake = m.generate(i, z[i], batch[i][1])
                 out = m.discriminate(i, fake, batch[i][1])
-            out = out.float()
+            out = for_loss(out)
             loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
             self._check_finite(loss, i, "generator", where)
             loss.backward()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from huscf.config import RunConfig
-from huscf.engines.execution import Execution
+from huscf.engines.execution import Execution, for_loss
 from huscf.engines.simulation import keyed_rng, non_finite_loss
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
@@ -67,7 +67,7 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bce(out: torch.Tensor, target: float) -> torch.Tensor:
-    out = out.float()
+    out = for_loss(out)
     return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target))
 
 
@@ -112,11 +112,11 @@ class ClientHost:
         self.cfg, self.ex, g, d = spec.setup()
         self.ids, self.server, self.index = list(clients), server, index
         self.device = self.ex.torch_device
-        self.segs = {i: ClientSegments(spec.cuts[i], g, d).to(self.device) for i in self.ids}
+        self.segs = {i: ClientSegments(spec.cuts[i], g, d).to(self.device, self.ex.dtype) for i in self.ids}
         if self.ex.channels_last:
             for seg in self.segs.values():
                 seg.to(memory_format=torch.channels_last)
-        self.data = {i: (self.ex.layout(c.x.to(self.device)), c.y.to(self.device))
+        self.data = {i: (self.ex.layout(c.x.to(self.device, self.ex.dtype)), c.y.to(self.device))
                      for i, c in load_client_data(self.cfg, self.ids).items()}
         self.opts = {i: {net: _adam(self.segs[i].nets[net].parameters(), self.cfg, self.device) for net in NETS}
                      for i in self.ids}
@@ -167,7 +167,7 @@ class ClientHost:
         meta = control.meta
         where = (meta["round"], meta["epoch"], meta["t"])
         deadline = meta.get("deadline_s")
-        z = {m.client: m.tensor("z", self.device) for m in noise}
+        z = {m.client: m.tensor("z", self.device).to(self.ex.dtype) for m in noise}  # drawn in fp32
         clients = sorted(z)
 
         def on_time(ids: list[int]) -> list[int]:
@@ -362,7 +362,8 @@ class ServerNode:
         self.device = self.ex.torch_device
         # the body plus every client's segments: the segments are only filled at the round end,
         # when the clients send their weights for aggregation
-        self.model = SplitGAN(g, d, list(spec.cuts), cluster_bodies=self.cfg.cluster_bodies).to(self.device)
+        self.model = SplitGAN(g, d, list(spec.cuts), cluster_bodies=self.cfg.cluster_bodies).to(self.device,
+                                                                                                  self.ex.dtype)
         if self.ex.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.opts = {net: _adam(self.model.server_parameters(net), self.cfg, self.device) for net in NETS}
@@ -419,7 +420,7 @@ class ServerNode:
         if self.feature_depth is not None:
             for m in msgs:
                 if m.meta.get("collect"):
-                    self.seen[m.client] = self.pending[("d", m.client)][0]["real"].detach().float()
+                    self.seen[m.client] = for_loss(self.pending[("d", m.client)][0]["real"].detach())
         return out
 
     def d_backward(self, msgs: list[Message]) -> list[Message]:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from huscf.engines.execution import precision_dtype
+from huscf.engines.precision import choose_precision
 from huscf.engines.simulation import keyed_rng
 from huscf.errors import HuscfError
 from huscf.federation.strategies import Aggregation
@@ -55,13 +57,18 @@ class RayEngine:
         self.batch_size, self.z_dim, self.seed = cfg.train.batch_size, arch.z_dim, cfg.seed
         self.max_iters, self.feature_depth = cfg.train.max_iters_per_epoch, feature_depth
         self.device = torch.device("cpu")  # the driver's mirror, for monitoring samples
+        model.to(dtype=precision_dtype(cfg.compute.precision))  # in the dtype the actors train in
         self.audit_path = Path(run_dir) / "audit.jsonl"
         rt = cfg.runtime
         self.ray, self._owns_ray, cpus = connect(rt.address)
         self.groups = plan_hosts(len(sizes), rt.clients_per_actor, cpus)
         threads = rt.threads_per_actor if rt.threads_per_actor != "auto" else max(1, cpus // (len(self.groups) + 1))
-        self.spec = RunSpec(cfg.model_dump(mode="json"), arch, tuple(model.cuts), tuple(self.sizes), feature_depth,
-                            threads)
+        config = cfg.model_dump(mode="json")
+        if cfg.compute.precision == "auto":  # chosen once, here: actors on different nodes must agree
+            device = cfg.compute.device if cfg.compute.device != "auto" else (
+                "cuda" if torch.cuda.is_available() else "cpu")
+            config["compute"]["precision"] = choose_precision("auto", device)[0]
+        self.spec = RunSpec(config, arch, tuple(model.cuts), tuple(self.sizes), feature_depth, threads)
         self.wire = Wire("driver")
         self.server = self.ray.remote(ServerNode).options(
             num_cpus=0, resources=dict(rt.server_resources) or None, max_concurrency=1).remote(self.spec)
