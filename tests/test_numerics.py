@@ -64,7 +64,7 @@ def test_engine_comparisons_hold_under_other_kernels(kernels, tmp_path):
     if probe.stdout.strip() != kernels:
         pytest.skip(f"this CPU does not run torch's {kernels} kernels (got {probe.stdout.strip()})")
     if kernels == torch.backends.cpu.get_cpu_capability():
-        pytest.skip(f"{kernels} is what this CPU runs natively: the rest of the suite covers it")
+        pytest.skip(f"{kernels} is what torch runs in this process already: the rest of the suite covers it")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO_ROOT),
                           *_UNDER_OTHER_KERNELS], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

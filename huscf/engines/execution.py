@@ -66,7 +66,7 @@ class Execution:
     fold_batch_norm: bool = False
     client_convs: str = "vmap"
     # why the precision is what it is (auto's choice, or a warning for emulated bf16): printed in
-    # the run's compute line, never part of what the engine computes
+    # the run's first line, never part of what the engine computes
     precision_note: str = field(default="", compare=False)
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ pays only where the hardware multiplies bf16 natively:
 Elsewhere oneDNN emulates bf16 through fp32 and it is *slower* than fp32: 0.48x the fp32 loop
 on a 2-core Intel Xeon (2.8 GHz) without AVX512-BF16 (issue 33; docs/performance.md). So
 ``precision: auto`` picks bf16 only where it is native, and an explicit ``bf16`` on a CPU
-without it runs but says why it will be slow, in the run's compute line.
+without it runs but says why it will be slow, in the run's first line.
 
 torch says what the CPU has through ``torch.cpu`` (the flags cpuinfo reads); where a torch build
 lacks those functions, the Linux CPU flags stand in. oneDNN, which runs torch's bf16 matmuls and
@@ -37,7 +37,7 @@ _ONEDNN_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX
 @dataclass(frozen=True)
 class Bf16Support:
     native: bool
-    reason: str  # what was found, in a few words (printed in the run's compute line)
+    reason: str  # what was found, in a few words (printed in the run's first line)
 
 
 def _cpu_flags() -> set[str]:
@@ -75,7 +75,7 @@ def bf16_support(device: str | torch.device) -> Bf16Support:
 
 def choose_precision(requested: str, device: str | torch.device) -> tuple[str, str]:
     """``requested`` (fp32, bf16, fp64 or auto) as a concrete precision, with a note for the run's
-    compute line: why auto chose what it chose, or a warning for bf16 where it is emulated."""
+    first line: why auto chose what it chose, or a warning for bf16 where it is emulated."""
     if requested == "auto":
         support = bf16_support(device)
         return ("bf16" if support.native else "fp32"), f"auto: {support.reason}"
