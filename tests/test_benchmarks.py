@@ -128,3 +128,12 @@ def test_bench_secagg_prints_the_ratio_and_agrees_with_plain_averaging():
         assert float(r[3]) > 0 and int(r[6]) > 0 and float(r[7]) < 1e-5, out
     ratios = [float(x) for x in re.findall(r"\(x([\d.]+)\)", out)]
     assert len(ratios) == 4 and all(0 < x <= 2.01 for x in ratios), out  # at most 8-byte words for 4-byte floats
+
+
+def test_bench_contention_prints_each_condition_against_alone():
+    out = _run(str(BENCH / "bench_contention.py"), "--rounds", "1", "--set", "model.width=0.125",
+               "--set", "data.clients_per_domain=1", "--set", "train.local_epochs=1")
+    rows = dict(re.findall(r"^(alone|busy|two)\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", out, re.M))
+    assert set(rows) == {"alone", "busy", "two"} and rows["alone"] == "1.00", out
+    assert float(rows["busy"]) > 0 and float(rows["two"]) > 0
+    assert len(re.findall(r"^  repeat 1 two  : rounds [\d.]+ [\d.]+ s", out, re.M)) == 1, out  # both runs' rounds
