@@ -68,7 +68,16 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
     max_iters_per_epoch: int | None = Field(None, ge=1)  # cap on iterations per local epoch (smoke runs)
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch's default
+    # torch intra-op threads; None: torch's default (every core); auto: the cores other processes
+    # leave idle, re-measured every epoch (engines/threads.py)
+    threads: int | Literal["auto"] | None = None
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_auto_or_positive(cls, v: int | str | None) -> int | str | None:
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be an integer >= 1, 'auto' or null")
 
     @field_validator("betas")
     @classmethod

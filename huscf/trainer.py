@@ -24,6 +24,7 @@ from huscf.engines.batched import BatchedEngine
 from huscf.engines.execution import Execution
 from huscf.engines.protocol import Engine
 from huscf.engines.simulation import SimulationEngine
+from huscf.engines.threads import ThreadPolicy
 from huscf.errors import HuscfError
 from huscf.federation.clustering import common_feature_depth
 from huscf.methods import build_strategy, get_method
@@ -55,8 +56,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, quiet: bool = False):
         self.cfg, self.run, self.quiet = cfg, RunDir(run_dir), quiet
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.threads = ThreadPolicy(cfg.train.threads)
         # resolved first: a device that is not there fails before any data loads
         self.execution = Execution.from_config(cfg.compute, cfg.num_clients)
         self.setup = build_setup(cfg)
@@ -190,6 +190,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 per_epoch = []
                 for e in range(epochs):
+                    self.threads.adjust()
                     bar.set_description(f"round {r}/{rounds} epoch {e + 1}/{epochs}")
 
                     def tick(losses, bar=bar):
@@ -338,7 +339,7 @@ class Trainer:
         how += f", client convolutions by {ex.client_convs}" if ex.client_convs != "vmap" else ""
         how += ", CUDA graphs" if ex.cuda_graphs else ""
         return (f"{ex.device}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
-                f"generator recompute {'on' if ex.recompute_generator else 'off'}, {torch.get_num_threads()} threads")
+                f"generator recompute {'on' if ex.recompute_generator else 'off'}, {self.threads.describe()}")
 
     def _summary(self, row: RoundRecord) -> str:
         acc = " ".join(f"{d}={v:.2f}" for d, v in row.label_accuracy.items())

@@ -523,3 +523,62 @@ def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():
         again = slot.state_dict()
         assert list(again["state"]) == [1] and again["param_groups"][0]["params"] == [0, 1]
         assert again["param_groups"][0]["capturable"] is capturable
+
+
+@pytest.fixture
+def torch_threads():
+    """Puts torch's thread count back after a test that changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_auto_threads_follow_what_other_processes_leave(monkeypatch, torch_threads):
+    """train.threads: auto runs on the cores that other processes left idle since the last look
+    (issue 31): the system's busy CPU seconds minus this process's, over the wall time."""
+    from huscf.engines import threads
+
+    clock = {"busy": 100.0, "own": 10.0, "wall": 1000.0}
+    monkeypatch.setattr(threads, "_system_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(threads.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    policy = threads.ThreadPolicy("auto")
+
+    def look(others: float, own: float, seconds: float = 10.0) -> int:
+        clock["wall"] += seconds
+        clock["own"] += own * seconds
+        clock["busy"] += (others + own) * seconds
+        return policy.adjust()
+
+    assert look(others=0.0, own=4.0) == 4  # idle machine: every core
+    assert look(others=1.0, own=3.0) == 3  # one busy core beside: one thread fewer
+    assert look(others=2.6, own=1.0) == 1  # rounds to the nearest whole core
+    assert look(others=7.0, own=1.0) == 1  # never fewer than one
+    assert look(others=0.2, own=1.0) == 4  # the others are gone: back to every core
+    assert "follows the load, at most 4" in policy.describe()
+    monkeypatch.setattr(threads, "_system_busy_seconds", lambda: None)  # no /proc/stat (not Linux)
+    assert not threads.ThreadPolicy("auto").follows_load
+
+
+def test_fixed_threads_and_the_cgroup_quota(monkeypatch, tmp_path, torch_threads):
+    from huscf.engines import threads
+
+    threads.ThreadPolicy(1)
+    assert torch.get_num_threads() == 1
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(threads, "_CPU_MAX", quota)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    quota.write_text("max 100000\n")
+    assert threads.usable_cores() == 4
+    quota.write_text("150000 100000\n")  # 1.5 CPUs of quota: one whole core
+    assert threads.usable_cores() == 1
+    quota.write_text("800000 100000\n")  # more quota than the affinity mask allows
+    assert threads.usable_cores() == 4
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "true", "1.5"])
+def test_bad_thread_counts_are_one_line(value, capsys, tmp_path):
+    assert main(["train", "--set", f"train.threads={value}", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("huscf: error:") and "train.threads" in err and len(err.splitlines()) == 1
