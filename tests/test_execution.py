@@ -540,8 +540,8 @@ def test_auto_threads_follow_what_other_processes_leave(monkeypatch, torch_threa
 
     clock = {"busy": 100.0, "own": 10.0, "wall": 1000.0}
     monkeypatch.setattr(threads, "_system_busy_seconds", lambda: clock["busy"])
-    monkeypatch.setattr(threads.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(threads, "_own_cpu_seconds", lambda: clock["own"])
+    monkeypatch.setattr(threads, "_wall_seconds", lambda: clock["wall"])
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     policy = threads.ThreadPolicy("auto")
 

@@ -47,6 +47,14 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def _own_cpu_seconds() -> float:
+    return time.process_time()  # every thread of this process
+
+
+def _wall_seconds() -> float:
+    return time.perf_counter()
+
+
 def _system_busy_seconds() -> float | None:
     """CPU seconds every process of the machine has spent busy since boot (None: no /proc/stat)."""
     try:
@@ -72,7 +80,7 @@ class ThreadPolicy:
         return self.mode == "auto" and self._last[0] is not None
 
     def _sample(self) -> tuple[float | None, float, float]:
-        return _system_busy_seconds(), time.process_time(), time.perf_counter()
+        return _system_busy_seconds(), _own_cpu_seconds(), _wall_seconds()
 
     def others_busy(self) -> float | None:
         """Cores other processes kept busy since the last call (None: not measurable here)."""
