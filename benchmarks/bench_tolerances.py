@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import random
 import sys
 from pathlib import Path
@@ -41,13 +40,12 @@ from numerics import AMPLIFICATION, TOL64, U32, gap  # noqa: E402
 from huscf.config import TrainConfig  # noqa: E402
 from huscf.engines.batched import BatchedEngine  # noqa: E402
 from huscf.engines.execution import Execution  # noqa: E402
+from huscf.engines.precision import cpu_kernels  # noqa: E402
 from huscf.engines.simulation import SimulationEngine  # noqa: E402
 from huscf.models import build_architecture  # noqa: E402
 from huscf.setup import ClientData  # noqa: E402
 from huscf.split.plan import all_cuts  # noqa: E402
 from huscf.split.segments import SplitGAN  # noqa: E402
-
-KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def _model(noise: float = 0.02) -> SplitGAN:
@@ -117,9 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iterations", type=int, default=3, help="training iterations of the engine comparison")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, kernels {torch.backends.cpu.get_cpu_capability()}"
-          + "".join(f", {k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k))
-          + f"; AMPLIFICATION {AMPLIFICATION:.0e}, TOL64 {TOL64:.2e}")
+    print(f"torch {torch.__version__}, {cpu_kernels()}; AMPLIFICATION {AMPLIFICATION:.0e}, TOL64 {TOL64:.2e}")
     rows = []
     for name, run in (("batched engine vs loop (losses, outputs)",
                        lambda a, prec, **kw: engine_outputs(a, prec, args.iterations, **kw)),

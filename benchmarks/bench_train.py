@@ -47,10 +47,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from huscf.engines.precision import bf16_support, choose_precision  # noqa: E402
-
-# environment variables that choose CPU kernels (torch's ATen, oneDNN, MKL): printed when set
-KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+from huscf.engines.precision import bf16_support, choose_precision, cpu_kernels  # noqa: E402
 
 MODES = {
     "loop": dict(precision="fp32", auto=False),
@@ -263,9 +260,7 @@ def main() -> None:
     ceiling = {p: matmul_flops(args.device, dtype) if p in used else float("nan")
                for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     per_client = useful_flops_per_client(args.width, args.batch)
-    print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"kernels {torch.backends.cpu.get_cpu_capability()}"
-          + "".join(f", {k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k)))
+    print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_kernels()}")
     print("dense matmul: " + ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in ceiling.items() if p in used) + "; "
           f"{bf16_support(args.device).reason} (compute.precision: auto picks "
           f"{choose_precision('auto', args.device)[0]})")

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+# environment variables that choose torch's CPU kernels (ATen's vector width, oneDNN's and MKL's
+# instruction sets): docs/numerics.md runs the tests under several
+KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # the x86 CPU flags (as Linux names them) that make bf16 matmuls native
 _NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN instruction-set caps that leave out bf16 dot products (its ISA names, lowest first)
@@ -71,6 +74,13 @@ def bf16_support(device: str | torch.device) -> Bf16Support:
     if found:
         return Bf16Support(True, f"CPU has native bf16 ({' and '.join(found)})")
     return Bf16Support(False, "CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated, slower than fp32")
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels torch runs and the kernel variables that chose them, for a benchmark's
+    first line (``kernels AVX512`` or ``kernels DEFAULT, ATEN_CPU_CAPABILITY=default, ...``)."""
+    return f"kernels {torch.backends.cpu.get_cpu_capability()}" + "".join(
+        f", {k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k))
 
 
 def choose_precision(requested: str, device: str | torch.device) -> tuple[str, str]:
