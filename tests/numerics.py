@@ -71,9 +71,10 @@ def assert_close64(a, b, *, extra: float = 0.0, scale: float = 1.0, msg: str = "
     if isinstance(a, torch.Tensor):
         assert a.dtype == torch.float64 and b.dtype == torch.float64, f"{msg}: rule 1 compares float64, " \
             f"got {a.dtype} and {b.dtype}"
-    size = max(scale, float(np.abs(_flat(b)).max()) if _flat(b).size else 0.0)
+    fb = _flat(b)
+    size = max(scale, float(np.abs(fb).max()) if fb.size else 0.0)
     tol = TOL64 * size + extra
-    g = gap(a, b)
+    g = gap(a, fb)
     assert g <= tol, f"{msg}: max |a - b| = {g:.3g} > {tol:.3g} (float64 rule: TOL64 x {size:.3g} + {extra:.3g})"
 
 
