@@ -137,3 +137,14 @@ def test_bench_contention_prints_each_condition_against_alone():
     assert set(rows) == {"alone", "busy", "two"} and rows["alone"] == "1.00", out
     assert float(rows["busy"]) > 0 and float(rows["two"]) > 0
     assert len(re.findall(r"^  repeat 1 two  : rounds [\d.]+ [\d.]+ s", out, re.M)) == 1, out  # both runs' rounds
+
+
+def test_bench_tolerances_measures_the_rounding_the_policy_allows_for():
+    """tests/numerics.py's AMPLIFICATION must cover what this CPU's kernels show, and an injected bug
+    must land far above the float64 tolerance (docs/numerics.md)."""
+    out = _run(str(BENCH / "bench_tolerances.py"))
+    assert re.search(r"^torch \S+, kernels \w+", out, re.M), out
+    bug = re.search(r"^batched engine vs loop .* ([\d.e+-]+)$", out, re.M)
+    assert bug and float(bug.group(1)) > 1e6, out
+    assert re.search(r"^split vs unsplit ", out, re.M), out
+    assert re.search(r"largest amplification \d+ \(AMPLIFICATION allows 100000: ok\)", out), out
