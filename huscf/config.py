@@ -28,6 +28,13 @@ def _takes_bool(annotation) -> bool:
     return any(_takes_bool(a) for a in get_args(annotation))
 
 
+def _auto_or_positive(v, none_ok: bool = False):
+    """A count key that also takes "auto" (and null where ``none_ok``): the value, or ValueError."""
+    if (none_ok and v is None) or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError("must be 'auto' or an integer >= 1" + (" or null" if none_ok else ""))
+
+
 class _Section(BaseModel):
     # no infinities or NaNs anywhere; a bool is never read as a number (YAML's true is not 1)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -75,9 +82,7 @@ class TrainConfig(_Section):
     @field_validator("threads")
     @classmethod
     def _threads_auto_or_positive(cls, v: int | str | None) -> int | str | None:
-        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError("must be an integer >= 1, 'auto' or null")
+        return _auto_or_positive(v, none_ok=True)
 
     @field_validator("betas")
     @classmethod
@@ -154,9 +159,7 @@ class FederationConfig(_Section):
     @field_validator("clusters")
     @classmethod
     def _clusters_auto_or_positive(cls, v: int | str) -> int | str:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError("must be 'auto' or an integer >= 1")
+        return _auto_or_positive(v)
 
 
 class ComputeConfig(_Section):
@@ -206,10 +209,8 @@ class RuntimeConfig(_Section):
 
     @field_validator("clients_per_actor", "threads_per_actor")
     @classmethod
-    def _auto_or_positive(cls, v: int | str) -> int | str:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError("must be 'auto' or an integer >= 1")
+    def _counts_auto_or_positive(cls, v: int | str) -> int | str:
+        return _auto_or_positive(v)
 
 
 class BaselinesConfig(_Section):
