@@ -75,9 +75,9 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
     max_iters_per_epoch: int | None = Field(None, ge=1)  # cap on iterations per local epoch (smoke runs)
-    # torch intra-op threads; None: torch's default (every core); auto: the cores other processes
-    # leave idle, re-measured every epoch (engines/threads.py)
-    threads: int | Literal["auto"] | None = None
+    # torch intra-op threads; auto: the cores other processes leave idle, re-measured every epoch
+    # (OMP_NUM_THREADS pins it); N: fixed; None: torch's default (every core) (engines/threads.py)
+    threads: int | Literal["auto"] | None = "auto"
 
     @field_validator("threads")
     @classmethod
@@ -192,8 +192,8 @@ class RuntimeConfig(_Section):
 
     engine: Literal["simulation", "ray"] = "simulation"
     address: str | None = None  # ray: None starts a local Ray; "auto" or host:port joins a cluster
-    clients_per_actor: int | Literal["auto"] = "auto"  # auto: clients spread over max(2, CPUs - 1) actors
-    threads_per_actor: int | Literal["auto"] = "auto"  # torch threads in each actor; auto: CPUs / actors
+    clients_per_actor: int | Literal["auto"] = "auto"  # auto: clients spread over CPUs - 1 actors (>= 1)
+    threads_per_actor: int | Literal["auto"] = "auto"  # torch threads in each actor; auto: CPUs / (actors + server)
     # custom Ray resources each client actor asks for (pins client actors to nodes started with
     # ``ray start --resources '{"edge": 4}'``), and the same for the server actor
     client_resources: dict[str, float] = Field(default_factory=dict)

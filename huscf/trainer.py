@@ -188,9 +188,9 @@ class Trainer:
         try:
             for r in range(self.start_round, rounds + 1):
                 t0 = time.perf_counter()
-                per_epoch = []
+                per_epoch, threads = [], []
                 for e in range(epochs):
-                    self.threads.adjust()
+                    threads.append(self.threads.adjust())
                     bar.set_description(f"round {r}/{rounds} epoch {e + 1}/{epochs}")
 
                     def tick(losses, bar=bar):
@@ -202,7 +202,7 @@ class Trainer:
 
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
                     self.method.after_epoch(self.engine, cfg.seed, r, e)
-                row = self._end_round(r, per_epoch, time.perf_counter() - t0)
+                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads)
                 if not self.quiet:
                     bar.write(self._summary(row), file=sys.stderr)
         finally:
@@ -212,7 +212,7 @@ class Trainer:
         self._say(f"done: {self.run.path}\nnext: huscf evaluate {self.run.path} && huscf report {self.run.path}")
         return self.run.path
 
-    def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float) -> RoundRecord:
+    def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float, threads: list[int]) -> RoundRecord:
         s, cfg = self.setup, self.cfg
         agg = self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, self.feature_depth is not None)
         self._check_finite_weights(r)
@@ -240,6 +240,7 @@ class Trainer:
             bytes_round_per_client=None if lat["bytes_per_client"] is None else [
                 b * iters for b in lat["bytes_per_client"]],
             train_seconds=round(train_seconds, 3),
+            threads=threads,
             events=self.engine.round_events(),
         )
         if cfg.output.eval_every and r % cfg.output.eval_every == 0:
@@ -316,7 +317,8 @@ class Trainer:
         start = f"resuming at round {self.start_round}" if self.start_round > 1 else "starting"
         return (f"huscf: {start} {self.run.path}: {len(s.data)} clients ({per_domain}, {cfg.data.scenario}), "
                 f"{cfg.model.arch} width {cfg.model.width}, {cfg.train.rounds} rounds x {cfg.train.local_epochs} "
-                f"epochs x {self.engine.iterations_per_epoch()} iterations, {self._precision()}\n"
+                f"epochs x {self.engine.iterations_per_epoch()} iterations, {self._precision()}, "
+                f"{self.threads.describe()}\n"
                 f"huscf: method {self.method.title}; {self._split_line(distinct)}\n"
                 f"huscf: compute {self._compute_line()}")
 
@@ -339,7 +341,8 @@ class Trainer:
         how += f", client convolutions by {ex.client_convs}" if ex.client_convs != "vmap" else ""
         how += ", CUDA graphs" if ex.cuda_graphs else ""
         return (f"{ex.device}, {how}, channels_last {'on' if ex.channels_last else 'off'}, "
-                f"generator recompute {'on' if ex.recompute_generator else 'off'}, {self.threads.describe()}")
+                f"generator recompute {'on' if ex.recompute_generator else 'off'}"
+                + (f"; {self.engine.placement}" if self.engine.placement else ""))
 
     def _summary(self, row: RoundRecord) -> str:
         acc = " ".join(f"{d}={v:.2f}" for d, v in row.label_accuracy.items())

@@ -1,6 +1,7 @@
 """Execution options change speed and memory, never the method: each is checked against the loop."""
 
 import copy
+import os
 import dataclasses
 import random
 
@@ -239,12 +240,12 @@ def test_the_run_header_says_which_precision_and_why(monkeypatch, tmp_path):
     tiny = ["data.clients_per_domain=1", "model.width=0.125", "train.rounds=1", "output.samples_every=0"]
     t = Trainer.new(build_config({}, tiny + ["compute.precision=bf16"]), tmp_path / "a", quiet=True)
     first = t._header().splitlines()[0]
-    assert first.endswith("precision bf16 (warning: CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated, "
-                          "slower than fp32; use fp32 or auto)"), first
+    assert ("precision bf16 (warning: CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 is emulated, "
+            "slower than fp32; use fp32 or auto), threads ") in first, first
     t = Trainer.new(build_config({}, tiny + ["compute.precision=auto"]), tmp_path / "b", quiet=True)
     assert t.execution.precision == "fp32" and "precision fp32 (auto: CPU has no native bf16" in t._header()
     t = Trainer.new(build_config({}, tiny), tmp_path / "c", quiet=True)
-    assert t._header().splitlines()[0].endswith("precision fp32")
+    assert ", precision fp32, threads " in t._header().splitlines()[0]
 
 
 def test_fp64_is_the_fp32_computation_with_less_rounding(tmp_path):
@@ -538,6 +539,7 @@ def test_auto_threads_follow_what_other_processes_leave(monkeypatch, torch_threa
     (issue 31): the system's busy CPU seconds minus this process's, over the wall time."""
     from huscf.engines import threads
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # tests/conftest.py pins it
     clock = {"busy": 100.0, "own": 10.0, "wall": 1000.0}
     monkeypatch.setattr(threads, "_system_busy_seconds", lambda: clock["busy"])
     monkeypatch.setattr(threads, "_own_cpu_seconds", lambda: clock["own"])
@@ -556,9 +558,51 @@ def test_auto_threads_follow_what_other_processes_leave(monkeypatch, torch_threa
     assert look(others=2.6, own=1.0) == 1  # rounds to the nearest whole core
     assert look(others=7.0, own=1.0) == 1  # never fewer than one
     assert look(others=0.2, own=1.0) == 4  # the others are gone: back to every core
-    assert "follows the load, at most 4" in policy.describe()
+    assert "threads auto (4 now, 1-4 as the load leaves cores" in policy.describe()
     monkeypatch.setattr(threads, "_system_busy_seconds", lambda: None)  # no /proc/stat (not Linux)
     assert not threads.ThreadPolicy("auto").follows_load
+
+
+@pytest.mark.parametrize("env, pinned", [("1", 1), ("3", 3), ("0", None), ("two", None), ("", None)])
+def test_omp_num_threads_pins_auto(env, pinned, monkeypatch, torch_threads):
+    """OMP_NUM_THREADS=N fixes auto's count at N, as torch itself reads it (bit-for-bit reruns);
+    a value that is not a positive count leaves auto following the load."""
+    from huscf.engines import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    torch.set_num_threads(2)
+    policy = threads.ThreadPolicy("auto")
+    assert policy.pinned == pinned and policy.follows_load == (pinned is None)
+    if pinned:
+        assert torch.get_num_threads() == pinned and policy.adjust() == pinned
+        assert f"auto pinned by OMP_NUM_THREADS={pinned}" in policy.describe()
+    assert threads.ThreadPolicy(2).pinned is None  # a fixed train.threads wins over the environment
+
+
+def test_parallel_test_workers_never_oversubscribe_the_cores():
+    """tests/conftest.py gives each pytest-xdist worker its share of the cores before torch loads
+    (2 workers on 2 cores each spinning 2 threads made the suite several times slower)."""
+    from huscf.engines.threads import usable_cores
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    assert torch.get_num_threads() * workers <= max(usable_cores(), workers)
+
+
+def test_the_default_run_follows_the_load_and_records_its_threads(monkeypatch, capsys, tmp_path, torch_threads):
+    """train.threads defaults to auto: the run's first line says so, and every round's record holds
+    the count of each epoch (forensics for a run whose count followed the load)."""
+    from conftest import read_metrics
+    from huscf.engines.threads import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert main(["train", "--set", "train.rounds=2", "--set", "train.local_epochs=2", "--set", "model.width=0.125",
+                 "--set", "train.max_iters_per_epoch=2", "--set", "output.samples_every=0",
+                 "--out", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "threads auto (" in first and "train.threads=N for bit-for-bit reruns" in first, first
+    rows = read_metrics(tmp_path / "run")
+    assert [len(r["threads"]) for r in rows] == [2, 2]
+    assert all(1 <= n <= usable_cores() for r in rows for n in r["threads"])
 
 
 def test_fixed_threads_and_the_cgroup_quota(monkeypatch, tmp_path, torch_threads):

@@ -26,6 +26,10 @@ from huscf.runtime.driver import plan_hosts
 from huscf.trainer import Trainer
 from numerics import RECORD_ROUNDING, assert_close64, assert_within_rounding
 
+# one worker runs every Ray test: local Ray clusters of several workers at once would compete for
+# the same cores and memory
+pytestmark = pytest.mark.xdist_group("ray")
+
 # read by Ray when it is imported: keep every Ray process on 127.0.0.1, report nothing
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -378,8 +382,22 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
 # -- no Ray needed --------------------------------------------------------------------------------
 def test_plan_hosts_groups_clients():
     assert plan_hosts(8, 3, 16) == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    assert plan_hosts(8, "auto", 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert plan_hosts(8, "auto", 2) == [[0, 1, 2, 3, 4, 5, 6, 7]]  # one client actor + the server on 2 CPUs
+    assert plan_hosts(8, "auto", 4) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert plan_hosts(3, "auto", 64) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("clients, cpus", [(8, 1), (8, 2), (8, 3), (8, 4), (8, 16), (3, 64), (64, 16)])
+def test_auto_actors_never_oversubscribe_the_cpus(clients, cpus):
+    """Issue 31: with runtime.clients_per_actor and threads_per_actor at auto, the client actors
+    plus the server actor times their torch threads fit the CPUs Ray was given (one CPU: one
+    thread in each of the two actors is the least there is)."""
+    from huscf.runtime.driver import actor_threads
+
+    actors = len(plan_hosts(clients, "auto", cpus)) + 1
+    threads = actor_threads("auto", cpus, actors)
+    assert threads >= 1 and (actors * threads <= cpus or (cpus == 1 and threads == 1 and actors == 2))
+    assert actor_threads(3, cpus, actors) == 3  # a fixed count is taken as given
 
 
 def test_a_damaged_audit_log_is_one_line_and_a_cut_last_line_is_dropped(tmp_path, capsys):

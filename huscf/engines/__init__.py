@@ -5,5 +5,6 @@
 * ``batched`` - ``BatchedEngine``: each block once per chunk of clients (``client_ops``: its layers);
 * ``execution`` - device, precision, memory layout and the other ways of running the same maths;
 * ``precision`` - whether the hardware runs bf16 natively, and what ``precision: auto`` picks;
-* ``threads`` - torch's thread count: fixed, torch's default, or following the machine's load.
+* ``threads`` - torch's thread count (following the machine's load, or fixed), and independent
+  runs in parallel processes sized to the cores (``huscf compare``, benchmarks).
 """

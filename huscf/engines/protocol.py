@@ -22,6 +22,7 @@ from huscf.split.segments import SplitGAN
 class Engine(Protocol):
     model: SplitGAN  # the split model (the Ray driver's is a mirror, refreshed at every round end)
     device: torch.device  # where ``model`` lives (monitoring samples are drawn there)
+    placement: str  # where the work runs, for the run's compute line ("" when it is this process)
 
     def iterations_per_epoch(self) -> int:
         """Iterations of one local epoch (the longest client's batches, capped by the config)."""

@@ -88,6 +88,8 @@ def place_step(step: torch.Tensor, param: torch.Tensor, on_device: bool) -> torc
 class SimulationEngine:
     """Owns the split model's optimisers and runs epochs of the iteration above."""
 
+    placement = ""  # every client and the server in this process
+
     def __init__(self, model: SplitGAN, data: list[ClientData], *, train: TrainConfig, z_dim: int, seed: int,
                  execution: Execution | None = None, shared_generator: bool = False,
                  feature_depth: int | None = None):

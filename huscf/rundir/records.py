@@ -82,6 +82,7 @@ class RoundRecord:
     latency_s_round: float | None = None
     bytes_round_per_client: list[float] | None = None
     train_seconds: float | None = None
+    threads: list[int] | None = None  # torch threads of each epoch (train.threads: auto follows the load)
     # the engine's events of the round (Ray: failures, skipped_iterations, iterations_per_client,
     # dropped_clients), written as top-level keys
     events: dict = field(default_factory=dict)
@@ -95,9 +96,9 @@ class RoundRecord:
         "label_accuracy": ("dict", False), "iterations": ("int", True), "method": ("str", True),
         "latency_s_per_iteration": ("number", True), "latency_s_round": ("number", True),
         "bytes_round_per_client": ("list", True), "train_seconds": ("number", True),
-        "generation_score": ("dict", True),
+        "threads": ("list", True), "generation_score": ("dict", True),
     }
-    _OMIT_WHEN_NONE = ("ari_vs_groups", "generation_score")
+    _OMIT_WHEN_NONE = ("ari_vs_groups", "generation_score", "threads")
 
     def to_json(self) -> dict:
         out: dict = {}

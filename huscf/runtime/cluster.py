@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
+from huscf.engines.threads import usable_cores
 from huscf.errors import HuscfError
 from huscf.runtime.reaper import start_watcher, unmark
 
@@ -54,7 +55,8 @@ def connect(address: str | None):
                 tmp = os.environ.get("HUSCF_RAY_TMPDIR")
                 start_watcher()  # its processes end with this one, even if this one is killed
                 owns = True
-                ray.init(_node_ip_address="127.0.0.1", _temp_dir=tmp, **kwargs)
+                # the CPUs this process may use (affinity mask, cgroup quota), not every core of the host
+                ray.init(_node_ip_address="127.0.0.1", _temp_dir=tmp, num_cpus=usable_cores(), **kwargs)
         except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
             if owns:
                 unmark()

@@ -36,13 +36,22 @@ from huscf.split.segments import SplitGAN, server_state
 
 def plan_hosts(num_clients: int, clients_per_actor: int | str, cpus: int) -> list[list[int]]:
     """Split clients 0..n-1 into contiguous groups, one group per client actor (``auto``: spread
-    over max(2, CPUs - 1) actors, at most one per client)."""
+    over CPUs - 1 actors, at least one, at most one per client: with the server actor, one actor
+    per CPU)."""
     if clients_per_actor == "auto":
-        hosts = min(num_clients, max(2, cpus - 1))
+        hosts = min(num_clients, max(1, cpus - 1))
         per = math.ceil(num_clients / hosts)
     else:
         per = int(clients_per_actor)
     return [list(range(s, min(s + per, num_clients))) for s in range(0, num_clients, per)]
+
+
+def actor_threads(threads_per_actor: int | str, cpus: int, actors: int) -> int:
+    """Torch threads in each actor (``auto``: CPUs // actors, at least one). Client actors work at
+    once and the server's calls interleave with theirs, so threads x actors <= CPUs keeps a run from
+    oversubscribing its cores (issue 31: spinning OpenMP threads on shared cores cost 4x); where
+    there are more actors than CPUs, one thread each is the least there is."""
+    return int(threads_per_actor) if threads_per_actor != "auto" else max(1, cpus // actors)
 
 
 class RayEngine:
@@ -62,7 +71,9 @@ class RayEngine:
         rt = cfg.runtime
         self.ray, self._owns_ray, cpus = connect(rt.address)
         self.groups = plan_hosts(len(sizes), rt.clients_per_actor, cpus)
-        threads = rt.threads_per_actor if rt.threads_per_actor != "auto" else max(1, cpus // (len(self.groups) + 1))
+        threads = actor_threads(rt.threads_per_actor, cpus, len(self.groups) + 1)
+        self.placement = (f"ray: {len(self.groups)} client actor{'s' if len(self.groups) > 1 else ''} + server, "
+                          f"{threads} thread{'s' if threads > 1 else ''} each on {cpus} CPUs")
         config = cfg.model_dump(mode="json")
         if cfg.compute.precision == "auto":  # chosen once, here: actors on different nodes must agree
             device = cfg.compute.device if cfg.compute.device != "auto" else (
