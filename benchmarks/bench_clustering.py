@@ -5,6 +5,10 @@ Run:  python benchmarks/bench_clustering.py                       # the default 
       python benchmarks/bench_clustering.py --scenarios 4 7 --clients 3 5 --seeds 0 1 2
       python benchmarks/bench_clustering.py --timing-only            # only the 80-client round end
 
+The grid's runs are independent: ``--jobs`` (default ``auto``: one per core) runs that many at once,
+each in its own process on its share of the cores (``--jobs 1``: one after the other, every core
+each). The rows print in grid order whichever finishes first.
+
 1. For every (scenario, clients per domain, seed): the shipped paper config
    (``configs/N_*.yaml``) reduced to width 0.25, ``--rounds`` rounds of one local epoch of at most
    ``--iters`` iterations, the first ``--limit`` training images of each domain, and seeded
@@ -35,6 +39,7 @@ import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from huscf.config import load_config  # noqa: E402
+from huscf.engines.threads import plan_jobs, run_parallel  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
 from huscf.federation.features import FeatureStats  # noqa: E402
 from huscf.federation.rounds import federate  # noqa: E402
@@ -92,6 +97,12 @@ def run_one(scenario: str, clients: int, seed: int, args) -> list[dict]:
     return out
 
 
+def _timed_run(cell: tuple) -> tuple[list[dict], float]:
+    """(run_one's rows, its seconds) for one (scenario, clients, seed, args)."""
+    start = time.perf_counter()
+    return run_one(*cell), time.perf_counter() - start
+
+
 def grid(args) -> None:
     print(f"clustering grid: width 0.25, {args.rounds} rounds ({args.warmup} FedAvg warm-up) x 1 epoch x <= "
           f"{args.iters} iterations, batch 32, first {args.limit} images per domain, random cuts; "
@@ -99,17 +110,22 @@ def grid(args) -> None:
     print(f"{'scen':>4} {'cpd':>3} {'seed':>4} {'round':>5} | {'k':>2} {'ARI':>5} {'eigenvalues':<34} | "
           f"{'means k':>7} {'ARI':>5} | {'fixed-k ARI':>11}")
     summary: dict[tuple[str, int], list[dict]] = {}
-    for scenario in args.scenarios:
-        for clients in args.clients:
-            for seed in args.seeds:
-                start = time.perf_counter()
-                rows = run_one(scenario, clients, seed, args)
-                for r in rows:
-                    eig = " ".join(f"{v:.2f}" for v in r["eig"][:6])
-                    print(f"{scenario:>4} {clients:>3} {seed:>4} {r['round']:>5} | {r['k']:>2} {r['ari']:5.2f} "
-                          f"{eig:<34} | {r['k_means']:>7} {r['ari_means']:5.2f} | {r['ari_fixed']:11.2f}", flush=True)
-                summary.setdefault((scenario, clients), []).extend(rows)
-                print(f"     ({time.perf_counter() - start:.0f} s)", flush=True)
+    cells = [(scenario, clients, seed) for scenario in args.scenarios for clients in args.clients
+             for seed in args.seeds]
+    jobs, threads = plan_jobs(args.jobs, len(cells))
+    if jobs > 1:
+        print(f"({len(cells)} runs, {jobs} at a time, {threads} torch thread{'s' if threads > 1 else ''} each)")
+        done = dict(run_parallel(_timed_run, [(*cell, args) for cell in cells], jobs, threads))
+        results = [done[k] for k in range(len(cells))]
+    else:
+        results = (_timed_run((*cell, args)) for cell in cells)
+    for (scenario, clients, seed), (rows, seconds) in zip(cells, results):
+        for r in rows:
+            eig = " ".join(f"{v:.2f}" for v in r["eig"][:6])
+            print(f"{scenario:>4} {clients:>3} {seed:>4} {r['round']:>5} | {r['k']:>2} {r['ari']:5.2f} "
+                  f"{eig:<34} | {r['k_means']:>7} {r['ari_means']:5.2f} | {r['ari_fixed']:11.2f}", flush=True)
+        summary.setdefault((scenario, clients), []).extend(rows)
+        print(f"     ({seconds:.0f} s)", flush=True)
     print("\nsummary (every clustered round of every seed):")
     print(f"{'scen':>4} {'cpd':>3} {'rounds':>6} | {'k found':<12} {'min ARI':>7} | {'means: k':<12} {'min ARI':>7} "
           f"| {'fixed-k min ARI':>15}")
@@ -166,6 +182,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--jobs", default="auto", help="grid runs at once (auto: one per core; 1: one after another)")
     args = ap.parse_args()
     try:
         if not args.timing_only:

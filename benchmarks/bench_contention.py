@@ -4,6 +4,7 @@ Run:  python benchmarks/bench_contention.py                       # ~5 min on 2 
       python benchmarks/bench_contention.py --repeats 3           # interleaved repeats, medians
       python benchmarks/bench_contention.py --set train.threads=1  # a thread policy to compare
       python benchmarks/bench_contention.py --env OMP_WAIT_POLICY=PASSIVE
+      python benchmarks/bench_contention.py --engine ray              # client and server actors
 
 Each run is ``huscf train`` with the default config for ``--rounds`` rounds (no sample grids), in
 its own process, with ``--set`` and ``--env`` applied to every run. Conditions:
@@ -37,28 +38,38 @@ CONDITIONS = ("alone", "busy", "two")
 TARGETS = {"busy": 1.6, "two": 2.3}  # issue 31, 2 cores: s/round ratio for busy, wall ratio for two
 
 
-def _train(out: Path, rounds: int, sets: list[str], env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "huscf.cli", "train", "--out", str(out), "--quiet",
+def _train(out: Path, rounds: int, sets: list[str], env: dict, engine: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "huscf.cli", "train", "--out", str(out), "--quiet", "--engine", engine,
            "--set", f"train.rounds={rounds}", "--set", "output.samples_every=0"]
     for s in sets:
         cmd += ["--set", s]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _round_seconds(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [float(r["train_seconds"]) for r in rows]
+    return [float(r["train_seconds"]) for r in _rows(run_dir)]
 
 
-def condition(name: str, work: Path, rounds: int, sets: list[str], env: dict) -> tuple[list[float], float]:
-    """One condition: (every round's seconds of its runs, wall seconds until all finished)."""
+def _threads(run_dir: Path) -> str:
+    """The torch threads of each epoch, as the run recorded them (its driver's, under Ray)."""
+    return "/".join(str(n) for r in _rows(run_dir) for n in r.get("threads") or ["?"])
+
+
+def condition(name: str, work: Path, rounds: int, sets: list[str], env: dict,
+              engine: str = "simulation") -> tuple[list[float], float, str]:
+    """One condition: (every round's seconds of its runs, wall seconds until all finished, the
+    runs' threads per epoch)."""
     busy = None
     if name == "busy":
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         time.sleep(0.5)  # the loop is spinning before the run starts
     start = time.perf_counter()
     outs = [work / f"{name}_{k}" for k in range(2 if name == "two" else 1)]
-    procs = [_train(out, rounds, sets, env) for out in outs]
+    procs = [_train(out, rounds, sets, env, engine) for out in outs]
     errors = [p.communicate()[1] for p in procs]
     wall = time.perf_counter() - start
     if busy is not None:
@@ -67,7 +78,7 @@ def condition(name: str, work: Path, rounds: int, sets: list[str], env: dict) ->
     for p, err in zip(procs, errors):
         if p.returncode != 0:
             raise SystemExit(f"bench_contention: a {name} run failed (exit {p.returncode}): {err.strip()[-500:]}")
-    return [s for out in outs for s in _round_seconds(out)], wall
+    return [s for out in outs for s in _round_seconds(out)], wall, " ".join(_threads(out) for out in outs)
 
 
 def main() -> None:
@@ -76,6 +87,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of all conditions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment of every run")
+    p.add_argument("--engine", choices=["simulation", "ray"], default="simulation",
+                   help="ray: each run starts its own local Ray with client and server actors")
     args = p.parse_args()
     env = dict(os.environ)
     for item in args.env:
@@ -84,18 +97,29 @@ def main() -> None:
             raise SystemExit(f"bench_contention: --env takes NAME=VALUE, got {item!r}")
         env[key] = value
     print(f"cores {os.cpu_count()}, affinity {sorted(os.sched_getaffinity(0))}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; default run, {args.rounds} rounds; "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; default run ({args.engine}), {args.rounds} rounds; "
           f"set {args.set or 'nothing'}; env {args.env or 'as is'}")
+    if args.engine == "ray":
+        from huscf.engines.threads import usable_cores
+        from huscf.runtime.driver import actor_threads, plan_hosts
+
+        cpus, clients = usable_cores(), 8  # the default config's clients
+        given = dict(item.partition("=")[::2] for item in args.set)
+        per_actor = given.get("runtime.clients_per_actor", "auto")
+        hosts = len(plan_hosts(clients, per_actor if per_actor == "auto" else int(per_actor), cpus))
+        threads = actor_threads(given.get("runtime.threads_per_actor", "auto"), cpus, hosts + 1)
+        print(f"ray placement: {hosts} client actor(s) + the server, {threads} torch thread(s) each, "
+              f"on {cpus} CPUs")
     seconds: dict[str, list[float]] = {c: [] for c in CONDITIONS}
     walls: dict[str, list[float]] = {c: [] for c in CONDITIONS}
     with tempfile.TemporaryDirectory(prefix="huscf-contention-") as tmp:
         for r in range(args.repeats):
             for c in CONDITIONS:
-                s, wall = condition(c, Path(tmp) / f"rep{r}", args.rounds, args.set, env)
+                s, wall, threads = condition(c, Path(tmp) / f"rep{r}", args.rounds, args.set, env, args.engine)
                 seconds[c] += s
                 walls[c].append(wall)
-                print(f"  repeat {r + 1} {c:5s}: rounds {' '.join(f'{x:.1f}' for x in s)} s, wall {wall:.1f} s",
-                      flush=True)
+                print(f"  repeat {r + 1} {c:5s}: rounds {' '.join(f'{x:.1f}' for x in s)} s, wall {wall:.1f} s, "
+                      f"threads per epoch {threads}", flush=True)
     med = {c: statistics.median(seconds[c]) for c in CONDITIONS}
     wall = {c: statistics.median(walls[c]) for c in CONDITIONS}
     print(f"\n{'condition':9s} {'s/round':>8s} {'wall s':>8s} {'ratio':>7s}  target")

@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--tstr-samples", type=int, help="synthetic images per generator for TSTR (grid: 2000)")
     ap.add_argument("--tstr-min-steps", type=int, help="least steps of each TSTR classifier (grid: 200)")
     ap.add_argument("--quiet", action="store_true", help="no training progress output")
+    ap.add_argument("--jobs", default="auto", help="methods of a seed trained at once (huscf compare --jobs; "
+                                                   "1 reproduces the one-at-a-time runs of docs/results.md)")
     args = ap.parse_args()
     out = Path(args.out)
     from huscf.compare import compare, resolve
@@ -196,7 +198,7 @@ def main() -> None:
                 print(f"== seed {s} ({time.perf_counter() - start:.0f} s so far)", flush=True)
                 compare(CONFIG, args.methods, out / f"seed_{s}", [*overrides, f"seed={s}"], eval_rounds="last",
                         samples=ev["samples"], tstr_samples=ev["tstr_samples"], tstr_min_steps=ev["tstr_min_steps"],
-                        every_client=True, quiet=args.quiet)
+                        every_client=True, quiet=args.quiet, jobs=args.jobs)
             print(f"grid done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     except HuscfError as e:
         raise SystemExit(f"bench_quality: {e}") from None

@@ -84,7 +84,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     compare(_config_path(args.config), args.methods, Path(args.out), args.set, eval_rounds=args.rounds,
             samples=args.samples, tstr_samples=args.tstr_samples, data_dir=args.data_dir, quiet=args.quiet,
-            every_client=args.every_client)
+            every_client=args.every_client, jobs=args.jobs)
     return 0
 
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tstr-samples", type=int, default=10000, help="synthetic images for TSTR (10000; 0 skips)")
     cmp_.add_argument("--every-client", action="store_true",
                       help="score every client's own generator, not one per cluster and domain")
+    cmp_.add_argument("--jobs", default="auto",
+                      help="methods trained at once, each in its own process on its share of the cores "
+                           "(auto: one per core; 1: one after the other with the config's threads)")
     cmp_.add_argument("--data-dir")
     cmp_.add_argument("--quiet", action="store_true")
     cmp_.set_defaults(func=_cmd_compare)

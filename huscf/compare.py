@@ -1,7 +1,11 @@
 """``huscf compare``: train and evaluate several methods on one config, then tabulate them.
 
 Every method runs on the same config (same partition seed, cGAN blocks, rounds, batch) in its own
-run directory ``OUT/METHOD``, one after the other. Re-running the same command resumes: a
+run directory ``OUT/METHOD``. ``jobs`` (``--jobs``, default ``auto``) runs that many methods at once,
+each in its own process on its share of the cores (2 cores: two methods, one thread each); a
+method's results then equal a one-at-a-time run with the same thread count (``--jobs 1 --set
+train.threads=1`` on 2 cores) bit for bit. The domain classifiers are trained (or read from the
+cache) once, before any method starts. Re-running the same command resumes: a
 finished method is skipped, a killed one continues from its last checkpoint, and a method whose
 ``eval.json`` covers its last round is not evaluated again. Outputs in ``OUT``:
 
@@ -16,13 +20,17 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from huscf.config import load_config
+from huscf.engines.threads import plan_jobs, run_parallel
 from huscf.errors import HuscfError
 from huscf.methods import get_method
+from huscf.metrics.classifiers import load_or_train
 from huscf.metrics.evaluate import evaluate_run
 from huscf.rundir import EvalSettings, RunDir, read_eval
 from huscf.trainer import Trainer
@@ -110,9 +118,35 @@ def _plot(out: Path, names: list[str]) -> None:
     (out / "compare_scores.png").write_bytes(plots.curves(list(panels.values())))
 
 
+class _MethodTask(NamedTuple):
+    """One method's training and evaluation (picklable: it may run in another process)."""
+
+    config: Path | None
+    name: str
+    run_dir: Path
+    overrides: tuple[str, ...]
+    data_dir: str | None
+    eval_rounds: str
+    settings: dict  # evaluate_run's samples, tstr_samples, every_client, tstr_min_steps
+    quiet: bool
+
+
+def _run_method(task: _MethodTask) -> str:
+    """Train (or resume) one method, then evaluate it unless its eval.json is up to date."""
+    try:
+        _train(task.config, task.name, task.run_dir, list(task.overrides), task.data_dir, task.quiet)
+        if _evaluated(task.run_dir, task.settings):
+            return "trained; eval.json was up to date"
+        evaluate_run(task.run_dir, rounds=task.eval_rounds, data_dir=task.data_dir, quiet=task.quiet,
+                     **task.settings)
+    except HuscfError as exc:
+        raise HuscfError(f"{task.name}: {exc}") from None
+    return "trained and evaluated"
+
+
 def compare(config: Path | None, names: list[str], out: Path, overrides: list[str] = (), eval_rounds: str = "all",
             samples: int = 2000, tstr_samples: int = 10000, data_dir: str | None = None, quiet: bool = False,
-            every_client: bool = False, tstr_min_steps: int = 600) -> Path:
+            every_client: bool = False, tstr_min_steps: int = 600, jobs: int | str = "auto") -> Path:
     """Train (or resume) and evaluate every method in ``names`` on one config into ``out``, then
     write the comparison. ``every_client`` scores each client's own generator (see
     ``evaluate_run``); the table's values are then means over the domain's clients."""
@@ -122,20 +156,30 @@ def compare(config: Path | None, names: list[str], out: Path, overrides: list[st
         resolve(name)  # every name checked before anything trains
     if len(set(names)) != len(names):
         raise HuscfError("--methods: a method is named twice")
-    load_config(config, list(overrides))  # a bad config or override fails before the first run
+    cfg = load_config(config, list(overrides), data_dir)  # a bad config or override fails before the first run
+    try:
+        processes, threads = plan_jobs(jobs, len(names))
+    except ValueError as exc:
+        raise HuscfError(f"--jobs: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    for k, name in enumerate(names, 1):
-        run_dir = out / name
-        say(f"== {name} ({k}/{len(names)}): {run_dir}")
-        _train(config, name, run_dir, list(overrides), data_dir, quiet)
-        settings = {"samples": samples, "tstr_samples": tstr_samples, "every_client": every_client,
-                    "tstr_min_steps": tstr_min_steps}
-        if _evaluated(run_dir, settings):
-            say(f"{name}: eval.json is up to date")
-        else:
-            evaluate_run(run_dir, rounds=eval_rounds, samples=samples, tstr_samples=tstr_samples, data_dir=data_dir,
-                         quiet=quiet, every_client=every_client, tstr_min_steps=tstr_min_steps)
+    settings = {"samples": samples, "tstr_samples": tstr_samples, "every_client": every_client,
+                "tstr_min_steps": tstr_min_steps}
+    tasks = [_MethodTask(config, name, out / name, tuple(overrides), data_dir, eval_rounds, settings, quiet)
+             for name in names]
+    for d in cfg.data.domains:  # once, here: parallel methods would each train the same classifier
+        load_or_train(d, cfg.data.data_dir, progress=not quiet)
+    if processes == 1:
+        for k, task in enumerate(tasks, 1):
+            say(f"== {task.name} ({k}/{len(names)}): {task.run_dir}")
+            say(f"{task.name}: {_run_method(task)}")
+    else:
+        say(f"== {len(names)} methods, {processes} at a time, {threads} torch thread{'s' if threads > 1 else ''} "
+            f"each (--jobs 1: one after the other): {', '.join(names)}")
+        start = time.perf_counter()
+        quiet_tasks = [task._replace(quiet=True) for task in tasks]
+        for k, (i, message) in enumerate(run_parallel(_run_method, quiet_tasks, processes, threads), 1):
+            say(f"== {names[i]} done ({k}/{len(names)}, {time.perf_counter() - start:.0f} s): {message}")
     rows = summarise(out, names)
     title = f"Comparison on {config or 'the default config'} ({', '.join(overrides) or 'no overrides'})"
     (out / "compare.md").write_text(_markdown(rows, title))

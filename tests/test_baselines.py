@@ -141,6 +141,42 @@ def test_compare_resumes_and_tabulates(tmp_path):
     assert f"| fedgan | digits | {n // 2} |" in (out / "compare.md").read_text()  # every client's generator
 
 
+def test_parallel_compare_equals_one_method_at_a_time(tmp_path, capsys):
+    """--jobs 2 trains two methods at once, one thread each; every checkpoint tensor and every
+    table value equals a one-at-a-time compare with one thread (issue 31)."""
+    from huscf.rundir import RunDir
+
+    args = dict(samples=50, tstr_samples=0)
+    compare(None, ["fedgan", "huscf-homocuts"], tmp_path / "seq", [*TINY, "train.rounds=1", "train.threads=1"],
+            jobs=1, quiet=True, **args)
+    compare(None, ["fedgan", "huscf-homocuts"], tmp_path / "par", [*TINY, "train.rounds=1"], jobs=2, **args)
+    assert "2 methods, 2 at a time, 1 torch thread each" in capsys.readouterr().err
+    for name in ["fedgan", "huscf-homocuts"]:
+        seq, par = (RunDir(tmp_path / mode / name) for mode in ("seq", "par"))
+        assert [r.threads for r in par.read_rounds()] == [[1] * len(par.read_rounds()[0].threads)]
+        a, b = (torch.load(run.path / "checkpoints" / "round_0001.pt", weights_only=False) for run in (seq, par))
+        flat_a, flat_b = _tensors(a), _tensors(b)
+        assert flat_a.keys() == flat_b.keys() and len(flat_a) > 10
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), name
+    tables = [[row.rsplit(",", 1)[0] for row in (tmp_path / mode / "compare.csv").read_text().splitlines()]
+              for mode in ("seq", "par")]  # every column but the last, train_seconds
+    assert tables[0] == tables[1] and len(tables[0]) == 5
+
+
+def _tensors(obj, prefix="") -> dict:
+    """Every tensor of a nested checkpoint, by its path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def test_a_bad_jobs_count_is_one_line(tmp_path, capsys):
+    assert main(["compare", "--methods", "fedgan", "--jobs", "0", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--jobs" in err and "positive count or 'auto'" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--set", "method=mdgann"], "config key 'method'"),
     (["compare", "--methods", "fedgan", "nope", "--out", "{tmp}/c"], "unknown method 'nope'"),

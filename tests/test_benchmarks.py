@@ -52,11 +52,16 @@ def test_gpu_scripts_parse():
 
 
 def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_dir):
-    out = _run(str(BENCH / "bench_clustering.py"), "--scenarios", "4", "--seeds", "0", "--rounds", "2",
-               "--warmup", "1", "--iters", "2", "--limit", "600", "--repeats", "1", "--data-dir", str(shared_data_dir))
-    rows = re.findall(r"^\s+4\s+3\s+0\s+2 \|\s+(\d+)\s+([\d.]+) .*\|\s+(\d+)\s+([\d.-]+) \|\s+([\d.-]+)$", out, re.M)
-    assert len(rows) == 1, out  # one clustered round: k, ARI, the means rule's k and ARI, fixed-k ARI
-    assert re.search(r"^\s+4\s+3\s+1 \| \[\d\]", out, re.M), out  # the summary line
+    """Two seeds, run as two processes at once (--jobs 2), print in grid order."""
+    out = _run(str(BENCH / "bench_clustering.py"), "--scenarios", "4", "--seeds", "0", "1", "--rounds", "2",
+               "--warmup", "1", "--iters", "2", "--limit", "600", "--repeats", "1", "--jobs", "2",
+               "--data-dir", str(shared_data_dir))
+    assert "(2 runs, 2 at a time, " in out, out
+    rows = re.findall(r"^\s+4\s+3\s+(\d)\s+2 \|\s+(\d+)\s+([\d.]+) .*\|\s+(\d+)\s+([\d.-]+) \|\s+([\d.-]+)$",
+                      out, re.M)
+    # one clustered round per seed, seed 0 first: k, ARI, the means rule's k and ARI, fixed-k ARI
+    assert [r[0] for r in rows] == ["0", "1"], out
+    assert re.search(r"^\s+4\s+3\s+2 \| \[\d", out, re.M), out  # the summary line: 2 clustered rounds
     assert re.search(r"means rule \(baseline\) [\d.]+ s \| samples rule [\d.]+ s \| ratio [\d.]+x", out), out
 
 
