@@ -9,6 +9,16 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Before torch loads: every test process (and the subprocesses it starts) runs on a fixed share
+# of the cores. Parallel workers (pytest-xdist, pyproject's addopts) then never oversubscribe them
+# (issue 31), and train.threads: auto, pinned by OMP_NUM_THREADS, keeps every run in a test
+# bit-reproducible whatever else the machine does (huscf/engines/threads.py).
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+if "PYTEST_XDIST_WORKER" in os.environ:  # a worker: its share, whatever the controller inherited or set
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+else:  # serial (-n 0), or the controller, which runs no test
+    os.environ.setdefault("OMP_NUM_THREADS", str(_CORES))
+
 
 def pytest_configure(config):
     """Keep what the tests cache (trained classifiers, spectrograms) out of the user's home: in

@@ -19,7 +19,8 @@ vector width, fused multiply-adds). A tolerance tuned on one machine therefore f
 3. **Bit for bit** (``rtol=0, atol=0``) where both sides run the same operations in the same
    order in one process (a resumed run, the loop's generator recompute, a checkpoint round trip).
 4. **Fixed point**: secure aggregation rounds each term to ``2**-32`` (``federation.secure``), an
-   error bounded by ``fixed_point_bound``; it is added to the float tolerance of rule 1.
+   error bounded by ``fixed_point_bound``; it is added to the float tolerance of rule 1, times
+   ``AMPLIFICATION`` where training ran on top of it (Adam amplifies it as it does rounding).
 5. **bf16** against fp32: ``BF16_TOL``, a multiple of bf16's unit roundoff (8 bits of mantissa).
 6. **Records**: values read back from ``metrics.jsonl`` carry its rounding, ``RECORD_ROUNDING``.
 """

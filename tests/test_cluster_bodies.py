@@ -23,8 +23,7 @@ from huscf.split.plan import Cuts, all_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN
 from huscf.trainer import Trainer
-from numerics import (assert_close64, assert_losses_close64, assert_within_rounding, fixed_point_bound, gap,
-                      TOL64)
+from numerics import AMPLIFICATION, TOL64, assert_close64, assert_losses_close64, fixed_point_bound, gap
 
 
 def _split(n=5, slots=3, seed=0, noise=0.1):
@@ -310,26 +309,30 @@ def test_training_with_secure_per_cluster_bodies_matches_the_plain_ones(tmp_path
     same slots and client copies with and without secure aggregation."""
     cuts = "cuts.fixed=[[1,0,1,0],[1,0,1,0],[1,1,1,1],[1,1,1,1]]"
     runs = {}
-    # fp32 both ways (the fixed point's 2^-33 per term is far below fp32 rounding), and the plain
-    # run in float64 too: its gap to the fp32 one is the rounding that the comparison allows (rule 2)
-    for secure, precision in (("false", "fp32"), ("true", "fp32"), ("false", "fp64")):
+    # float64 both ways (rule 1), so that the only difference is the fixed point's rounding at the
+    # round end (rule 4), amplified by round 2's training like any perturbation (AMPLIFICATION).
+    # In fp32 the same comparison under rule 2 failed by chance on one kernel and thread count
+    # (oneDNN SSE4.1, one thread): a sign flip of one near-zero gradient that Adam turned into a
+    # 1.1e-4 step, while the fp32 reference's own rounding happened to stay at 1.2e-6.
+    for secure in ("false", "true"):
         t = Trainer.new(_tiny("train.rounds=2", "federation.server_body=per_cluster", "federation.clusters=2",
                               "federation.warmup_rounds=0", "cuts.method=fixed", cuts,
-                              f"federation.secure_aggregation={secure}", f"compute.precision={precision}"),
-                        tmp_path / f"{secure}_{precision}", quiet=True)
+                              f"federation.secure_aggregation={secure}", "compute.precision=fp64"),
+                        tmp_path / secure, quiet=True)
         t.fit()
-        runs[secure, precision] = t.model
-    plain, secure, plain64 = runs["false", "fp32"], runs["true", "fp32"], runs["false", "fp64"]
-    assert secure.body_of.tolist() == plain.body_of.tolist() == plain64.body_of.tolist()
+        runs[secure] = t.model
+    plain, secure = runs["false"], runs["true"]
+    assert secure.body_of.tolist() == plain.body_of.tolist()
     slot = secure.body_of.tolist()
     assert slot[0] == slot[1] != slot[2] == slot[3]  # the two domains
-    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    z, y = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)).double(), torch.arange(8) % 10
+    amplified = AMPLIFICATION * fixed_point_bound(4)  # 4 clients' terms in a sum at most
     with torch.no_grad():  # what the weights compute (pre-BatchNorm conv biases are Adam noise)
         for i in range(4):
-            a, b, a64 = plain.generate(i, z, y), secure.generate(i, z, y), plain64.generate(i, z.double(), y)
-            assert_within_rounding(b, a, a64, msg=f"client {i} G")
-            assert_within_rounding(secure.discriminate(i, a, y), plain.discriminate(i, a, y),
-                                   plain64.discriminate(i, a.double(), y), msg=f"client {i} D")
+            a, b = plain.generate(i, z, y), secure.generate(i, z, y)
+            assert_close64(b, a, extra=amplified, msg=f"client {i} G")
+            assert_close64(secure.discriminate(i, a, y), plain.discriminate(i, a, y), extra=amplified,
+                           msg=f"client {i} D")
 
 
 def test_auto_is_per_cluster_for_split_methods_and_older_runs_keep_their_shared_body(tmp_path):

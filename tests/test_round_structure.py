@@ -78,16 +78,19 @@ def test_a_round_end_keeps_every_tensor_where_it_was(tmp_path, method, engine):
 def test_the_checkpoint_writer_runs_one_torch_thread_and_leaves_training_its_own(tmp_path):
     """A second thread that runs parallel ops gets its own OpenMP team, which slowed every
     iteration after the first slimmed checkpoint by 1.6-1.8x on 2 cores (issue 19)."""
-    if torch.get_num_threads() < 2:
-        torch.set_num_threads(2)
-    main_threads = torch.get_num_threads()
-    run = RunDir(tmp_path / "run")
-    run.create()
-    state = {"round": 1, "engine": {"model": {"w": torch.randn(300_000)}}}
-    for r in (1, 2, 3):  # the third save slims round 1 (load, dedupe, save) on the writer thread
-        run.save_checkpoint(r, state, keep_full=2)
-    run.flush()
-    assert torch.load(run.checkpoints / "round_0001.pt", weights_only=False)["slim"]
-    seen = run._writer.submit(lambda: (threading.current_thread().name, torch.get_num_threads())).result()
-    assert seen[0].startswith("huscf-checkpoint") and seen[1] == 1
-    assert torch.get_num_threads() == main_threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))  # put back below: a parallel test worker runs one thread
+    try:
+        main_threads = torch.get_num_threads()
+        run = RunDir(tmp_path / "run")
+        run.create()
+        state = {"round": 1, "engine": {"model": {"w": torch.randn(300_000)}}}
+        for r in (1, 2, 3):  # the third save slims round 1 (load, dedupe, save) on the writer thread
+            run.save_checkpoint(r, state, keep_full=2)
+        run.flush()
+        assert torch.load(run.checkpoints / "round_0001.pt", weights_only=False)["slim"]
+        seen = run._writer.submit(lambda: (threading.current_thread().name, torch.get_num_threads())).result()
+        assert seen[0].startswith("huscf-checkpoint") and seen[1] == 1
+        assert torch.get_num_threads() == main_threads
+    finally:
+        torch.set_num_threads(before)
