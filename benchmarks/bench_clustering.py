@@ -115,7 +115,11 @@ def grid(args) -> None:
     jobs, threads = plan_jobs(args.jobs, len(cells))
     if jobs > 1:
         print(f"({len(cells)} runs, {jobs} at a time, {threads} torch thread{'s' if threads > 1 else ''} each)")
-        done = dict(run_parallel(_timed_run, [(*cell, args) for cell in cells], jobs, threads))
+        done = {}
+        for k, result in run_parallel(_timed_run, [(*cell, args) for cell in cells], jobs, threads):
+            done[k] = result
+            print(f"  ({len(done)}/{len(cells)} done: scenario {cells[k][0]}, {cells[k][1]} clients per domain, "
+                  f"seed {cells[k][2]}, {result[1]:.0f} s)", file=sys.stderr, flush=True)
         results = [done[k] for k in range(len(cells))]
     else:
         results = (_timed_run((*cell, args)) for cell in cells)
