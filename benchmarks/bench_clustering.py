@@ -3,7 +3,7 @@ a round end takes at 80 clients.
 
 Run:  python benchmarks/bench_clustering.py                       # the default grid (~15 min, 2 cores)
       python benchmarks/bench_clustering.py --scenarios 4 7 --clients 3 5 --seeds 0 1 2
-      python benchmarks/bench_clustering.py --timing-only            # only the 80-client round end
+      python benchmarks/bench_clustering.py --timing-only            # only the round ends (80-1,000 clients)
 
 The grid's runs are independent: ``--jobs`` (default ``auto``: one per core) runs that many at once,
 each in its own process on its share of the cores (``--jobs 1``: one after the other, every core
@@ -17,9 +17,13 @@ each). The rows print in grid order whichever finishes first.
    very same round states it also runs the previous rule (k-means on whitened means, k by
    silhouette, ``federation.cluster_on: means``) and the default rule with k fixed to the number of
    domains, so the three are compared on identical features.
-2. The round end at 80 clients (4 domains x 20, width 0.25, the default 256 samples per client):
-   ``federate`` with the samples rule against the means rule, measured in the same run on the same
-   synthetic features; the ratio is printed.
+2. The round end for fleets of ``--fleets`` clients (default 80, 250, 1,000; 4 synthetic
+   label-skewed domains, width 0.25's activation shape): ``federate``'s time with the default rule
+   (whose neighbour graph is bounded: ``clustering.QUERY_BUDGET`` / ``REFERENCE_BUDGET``), its k
+   and ARI, the memory its kept activations take, and up to ``--exact-up-to`` clients the exact
+   graph (every one of 256 samples per client votes and is voted for) on the same activations:
+   its time, k, ARI, and its agreement (ARI) with the default's clusters. At 80 clients the
+   samples rule is also timed against the means rule, in the same run on the same features.
 
 The data must be in $HUSCF_DATA (or --data-dir); a missing file is one line and exit 2.
 """
@@ -41,7 +45,8 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from huscf.config import load_config  # noqa: E402
 from huscf.engines.threads import plan_jobs, run_parallel  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
-from huscf.federation.features import FeatureStats  # noqa: E402
+from huscf.federation.clustering import neighbour_affinity, spectral_clusters  # noqa: E402
+from huscf.federation.features import SAMPLES_PER_CLIENT, FeatureStats  # noqa: E402
 from huscf.federation.rounds import federate  # noqa: E402
 from huscf.federation.strategies import ClusteredKLD  # noqa: E402
 from huscf.models.cgan import build_architecture  # noqa: E402
@@ -141,37 +146,85 @@ def grid(args) -> None:
               f"{min(r['ari_fixed'] for r in rows):15.2f}")
 
 
+def _fleet(n: int, shape: tuple, seed: int = 0) -> tuple[list[torch.Tensor], np.ndarray]:
+    """n clients of 4 synthetic domains, highly non-IID: each client's 256 activations (of the real
+    shape at the common depth) come from 2-4 of its domain's 10 class centres; class offsets within
+    a domain are 6x the gap between domains (as in tests/test_federation.py's label-skew setting)."""
+    rng = np.random.default_rng(seed)
+    dim = int(np.prod(shape))
+    centres = [rng.normal(0, 1.0, dim) + rng.normal(0, 6.0, (10, dim)) for _ in range(4)]
+    truth = np.arange(n) % 4
+    acts = []
+    for i in range(n):
+        held = rng.choice(10, size=rng.integers(2, 5), replace=False)
+        x = centres[truth[i]][rng.choice(held, size=256)] + rng.normal(0, 0.5, (256, dim))
+        acts.append(torch.from_numpy(x.astype(np.float32)).reshape(256, *shape))
+    return acts, truth
+
+
+def _features(acts: list[torch.Tensor], keep: int | None) -> FeatureStats:
+    feats = FeatureStats(len(acts), keep=keep)
+    for i, a in enumerate(acts):
+        for b in range(8):  # 8 batches of 32, as a round's last epoch delivers them
+            feats.add(i, a[32 * b:32 * (b + 1)])
+    return feats
+
+
 def round_end_timing(args) -> None:
-    """federate() at 80 clients on synthetic activations of the real shape at the common depth."""
+    """The round end (federate: clustering + KLD weights + averaging) for fleets of clients on
+    synthetic activations of the real shape at the common depth: the default rule's time and ARI,
+    against the exact neighbour graph (every kept sample votes and is voted for, 256 per client)
+    on the same activations, and at 80 clients against the means rule."""
     torch.manual_seed(0)
     arch = build_architecture("cgan28", 0.25)
-    rng = np.random.default_rng(0)
-    cuts = [Cuts(*(int(c) for c in rng.integers(0, 2, 4))) for _ in range(80)]
-    g, d = arch.generator(), arch.discriminator()
-    depth = max(c.hd for c in cuts) + 1
-    with torch.no_grad():
-        shape = d.run(0, depth + 1, arch.discriminator_inputs(2)).shape[1:]  # D's activation after block `depth`
-    model = SplitGAN(g, d, cuts)
-    feats = FeatureStats(80)
-    for i in range(80):
-        centre = torch.randn(1, *shape) * (1 + i % 4)
-        for _ in range(8):  # 8 batches of 32: the default 256 samples kept per client
-            feats.add(i, centre + torch.randn(32, *shape))
-    sizes = np.full(80, 750)
-    times = {}
-    for rule in ("means", "samples"):
-        strategy = ClusteredKLD(warmup_rounds=0, cluster_on=rule)
-        federate(model, strategy, sizes, 5, 0, feats)  # warm-up (imports, allocations)
-        runs = []
+    print(f"\nround end by fleet size (width 0.25, 4 synthetic domains, 2-4 of 10 classes per client, "
+          f"median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to {args.exact_up_to} "
+          f"clients):")
+    print(f"{'clients':>7} | {'kept/client':>11} {'kept MB':>8} | {'round end s':>11} {'k':>2} {'ARI':>5} | "
+          f"{'exact graph s':>13} {'k':>2} {'ARI':>5} {'agree':>5}")
+    for n in args.fleets:
+        rng = np.random.default_rng(0)
+        cuts = [Cuts(*(int(c) for c in rng.integers(0, 2, 4))) for _ in range(n)]
+        g, d = arch.generator(), arch.discriminator()
+        depth = max(c.hd for c in cuts) + 1
+        with torch.no_grad():
+            shape = d.run(0, depth + 1, arch.discriminator_inputs(2)).shape[1:]  # D's activation after `depth`
+        model = SplitGAN(g, d, cuts)
+        acts, truth = _fleet(n, tuple(shape))
+        feats = _features(acts, None)  # the default: samples_to_keep(n) per client
+        sizes = np.full(n, 750)
+        strategy = ClusteredKLD(warmup_rounds=0)
+        runs, agg = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
-            federate(model, strategy, sizes, 5, 0, feats)
+            agg = federate(model, strategy, sizes, 5, 0, feats)
             runs.append(time.perf_counter() - start)
-        times[rule] = float(np.median(runs))
-    print(f"\nround end at 80 clients (federate: clustering + KLD weights + averaging; width 0.25, features "
-          f"{tuple(shape)}, 256 samples per client, median of {args.repeats}, {torch.get_num_threads()} threads):")
-    print(f"  means rule (baseline) {times['means']:.3f} s | samples rule {times['samples']:.3f} s | "
-          f"ratio {times['samples'] / times['means']:.2f}x")
+        kept = feats.keep
+        mb = sum(t.numel() * t.element_size() for ts in feats.kept for t in ts) / 2**20
+        line = (f"{n:>7} | {kept:>11} {mb:>8.0f} | {np.median(runs):>11.2f} {agg.info['k']:>2} "
+                f"{adjusted_rand_score(truth, agg.groups):5.2f} | ")
+        if n <= args.exact_up_to:
+            full = _features(acts, SAMPLES_PER_CLIENT).samples()
+            start = time.perf_counter()
+            exact = spectral_clusters(neighbour_affinity(full, strategy.neighbours, seed=0, max_queries=2**62,
+                                                         max_references=2**62), "auto", strategy.max_clusters, 0)
+            seconds = time.perf_counter() - start
+            line += (f"{seconds:>13.2f} {exact.k:>2} {adjusted_rand_score(truth, exact.labels):5.2f} "
+                     f"{adjusted_rand_score(exact.labels, agg.groups):5.2f}")
+        else:
+            line += f"{'-':>13} {'-':>2} {'-':>5} {'-':>5}"
+        print(line, flush=True)
+        if n == 80:
+            means = ClusteredKLD(warmup_rounds=0, cluster_on="means")
+            federate(model, means, sizes, 5, 0, feats)  # warm-up
+            base = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                federate(model, means, sizes, 5, 0, feats)
+                base.append(time.perf_counter() - start)
+            print(f"  at 80 clients: means rule (baseline) {np.median(base):.3f} s | samples rule "
+                  f"{np.median(runs):.3f} s | ratio {np.median(runs) / np.median(base):.2f}x", flush=True)
+        del model, acts, feats
 
 
 def main() -> int:
@@ -186,6 +239,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--fleets", nargs="+", type=int, default=[80, 250, 1000], help="clients per round end timed")
+    ap.add_argument("--exact-up-to", type=int, default=250,
+                    help="also cluster with the exact neighbour graph up to this many clients (1000: ~3 min)")
     ap.add_argument("--jobs", default="auto", help="grid runs at once (auto: one per core; 1: one after another)")
     args = ap.parse_args()
     try:

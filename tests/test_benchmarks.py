@@ -55,7 +55,7 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
     """Two seeds, run as two processes at once (--jobs 2), print in grid order."""
     out = _run(str(BENCH / "bench_clustering.py"), "--scenarios", "4", "--seeds", "0", "1", "--rounds", "2",
                "--warmup", "1", "--iters", "2", "--limit", "600", "--repeats", "1", "--jobs", "2",
-               "--data-dir", str(shared_data_dir))
+               "--fleets", "80", "300", "--exact-up-to", "80", "--data-dir", str(shared_data_dir))
     assert "(2 runs, 2 at a time, " in out, out
     rows = re.findall(r"^\s+4\s+3\s+(\d)\s+2 \|\s+(\d+)\s+([\d.]+) .*\|\s+(\d+)\s+([\d.-]+) \|\s+([\d.-]+)$",
                       out, re.M)
@@ -63,6 +63,11 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
     assert [r[0] for r in rows] == ["0", "1"], out
     assert re.search(r"^\s+4\s+3\s+2 \| \[\d", out, re.M), out  # the summary line: 2 clustered rounds
     assert re.search(r"means rule \(baseline\) [\d.]+ s \| samples rule [\d.]+ s \| ratio [\d.]+x", out), out
+    # the round end by fleet size: 300 clients keep fewer samples each; the exact graph only up to 80
+    fleets = dict(re.findall(r"^\s+(80|300) \|\s+(\d+)\s+[\d.]+ \|\s+[\d.]+\s+\d+\s+[\d.-]+ \|", out, re.M))
+    assert fleets == {"80": "256", "300": "218"}, out
+    assert re.search(r"^\s+80 \|.*\|\s+[\d.]+\s+\d+\s+[\d.-]+\s+[\d.-]+$", out, re.M), out
+    assert re.search(r"^\s+300 \|.*\|\s+-\s+-\s+-\s+-$", out, re.M), out
 
 
 def test_bench_rounds_prints_each_run_and_its_ratio():

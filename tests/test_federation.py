@@ -251,3 +251,63 @@ def test_feature_stats_keep_the_newest_samples_as_copies_and_pool_wide_activatio
     assert v.shape == (3, 256 * 2 * 2) and v.shape[1] <= MAX_SAMPLE_DIM
     assert torch.allclose(v.view(3, 256, 2, 2), torch.nn.functional.adaptive_avg_pool2d(wide, 2))
     assert FeatureStats(1, keep=0).samples() is None
+
+
+# -- clustering at scale (issue 32): a bounded neighbour graph, bounded memory ---------------------
+def test_bounded_neighbour_graph_is_the_exact_one_while_the_budgets_cover_every_sample():
+    from huscf.federation.clustering import neighbour_affinity
+
+    samples, _, _, _ = _skewed_domains(domains=2, clients_per_domain=3, seed=6)  # 6 x 120 samples
+    exact = neighbour_affinity(samples, seed=6, max_queries=10**9, max_references=10**9)
+    assert np.array_equal(neighbour_affinity(samples, seed=6), exact)  # the defaults cover 6 x 120
+    assert np.array_equal(neighbour_affinity(samples, seed=6, max_queries=720, max_references=720), exact)
+    assert not np.array_equal(neighbour_affinity(samples, seed=6, max_queries=200), exact)  # 33 of 120 vote
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_bounded_neighbour_graph_finds_the_domains_the_exact_one_finds(seed):
+    """Many clients, each voting with the minimum 16 of its 120 samples and voted for through 16:
+    the same domains as the exact graph, and one label-skewed domain still one cluster."""
+    from huscf.federation.clustering import MIN_PER_CLIENT, neighbour_affinity, spectral_clusters
+
+    samples, truth, _, _ = _skewed_domains(domains=4, clients_per_domain=20, seed=seed)
+    exact = spectral_clusters(neighbour_affinity(samples, seed=seed, max_queries=10**9, max_references=10**9))
+    bounded = spectral_clusters(neighbour_affinity(samples, seed=seed, max_queries=1, max_references=1))
+    assert exact.k == bounded.k == 4 and _ari(truth, exact.labels) == _ari(truth, bounded.labels) == 1.0
+    one, _, _, _ = _skewed_domains(domains=1, clients_per_domain=40, seed=seed)
+    assert spectral_clusters(neighbour_affinity(one, seed=seed, max_queries=1, max_references=1)).k == 1
+    assert MIN_PER_CLIENT == 16
+
+
+def test_kept_samples_per_client_shrink_with_the_fleet_so_memory_grows_linearly():
+    from huscf.federation.features import FeatureStats, samples_to_keep
+
+    assert [samples_to_keep(n) for n in (1, 80, 256, 257, 1000, 10**6)] == [256, 256, 256, 255, 65, 16]
+    assert all(n * samples_to_keep(n) <= 65536 for n in (300, 1000, 4096))  # the reference budget
+    assert FeatureStats(1000).keep == 65 and FeatureStats(8).keep == 256 and FeatureStats(8, keep=0).keep == 0
+
+
+def test_chunked_averaging_of_a_large_fleet_equals_one_matmul(monkeypatch):
+    """Beyond MIX_CHUNK holders the averages accumulate chunk by chunk: the same numbers as one
+    matmul over all of them, up to float64 rounding (tests/numerics.py rule 1)."""
+    from huscf.federation import averaging
+    from numerics import assert_close64
+
+    cuts = [Cuts(1, 0, 1, 0)] * 7
+    agg = Aggregation(np.array([0, 0, 1, 1, 1, 0, 1]), np.linspace(0.1, 0.7, 7), np.full(7, 1 / 7))
+    models = []
+    for chunk in (1000, 3):  # one matmul; then chunks of 3 holders
+        m = _model(cuts).double()
+        with torch.no_grad():
+            for i, c in enumerate(m.clients):
+                for p in c.parameters():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype))
+        monkeypatch.setattr(averaging, "MIX_CHUNK", chunk)
+        apply_aggregation(m, agg)
+        models.append(m)
+    a, b = (m.state_dict() for m in models)
+    for k in a:
+        if a[k].is_floating_point():
+            assert_close64(b[k], a[k], msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k

@@ -35,16 +35,27 @@ def _mixing(agg: Aggregation, holders: list[int], groups: np.ndarray) -> tuple[n
     return m / m.sum(1, keepdims=True), pick
 
 
+# values stacked at a time: a fleet of more clients is mixed in chunks of this many, so the
+# round end never holds a second copy of every client's weights (1,000 clients: 1.2 GB at width
+# 0.25, whose page faults alone took 1-3 s; issue 32)
+MIX_CHUNK = 256
+
+
 def _mix(values: list[torch.Tensor], weights: np.ndarray) -> torch.Tensor:
-    """``weights @ stack(values)``: (rows, ...) new tensors from one matmul over the stacked values.
-    Integer buffers (BatchNorm's batch counter) take the maximum over the values a row mixes."""
-    stacked = torch.stack(values)
-    if not stacked.is_floating_point():
+    """``weights @ stack(values)``: (rows, ...) new tensors from one matmul over the stacked values
+    (one per ``MIX_CHUNK`` values, accumulated, beyond that). Integer buffers (BatchNorm's batch
+    counter) take the maximum over the values a row mixes."""
+    if not values[0].is_floating_point():
+        stacked = torch.stack(values)
         mask = torch.as_tensor(weights > 0, device=stacked.device).view(*weights.shape, *([1] * (stacked.dim() - 1)))
         low = torch.iinfo(stacked.dtype).min
         return torch.where(mask, stacked.unsqueeze(0), torch.full_like(stacked, low).unsqueeze(0)).amax(1)
-    w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    return (w @ stacked.flatten(1)).view(len(weights), *stacked.shape[1:])
+    w = torch.as_tensor(weights, dtype=values[0].dtype, device=values[0].device)
+    out = None
+    for c in range(0, len(values), MIX_CHUNK):
+        part = w[:, c:c + MIX_CHUNK] @ torch.stack(values[c:c + MIX_CHUNK]).flatten(1)
+        out = part if out is None else out.add_(part)
+    return out.view(len(weights), *values[0].shape)
 
 
 @torch.no_grad()

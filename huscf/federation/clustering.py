@@ -91,8 +91,26 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return np.array([order[lab] for lab in labels.tolist()], dtype=int)
 
 
+# Work bounds of the neighbour graph: at most this many query samples (whose neighbours vote) and
+# reference samples (who can be voted for) over all clients, split evenly. Up to 64 clients of 256
+# kept samples each, every sample is both (the exact rule); beyond, each client's votes come from
+# QUERY_BUDGET / n of its samples (at least MIN_PER_CLIENT), so the distance computation, which was
+# quadratic in the number of clients, stays bounded (docs/performance.md, issue 32).
+QUERY_BUDGET = 16384
+REFERENCE_BUDGET = 65536
+MIN_PER_CLIENT = 16
+
+
+def _subsample(counts: list[int], budget: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per client, the indices of its samples to use: all of them, or an even share of ``budget``
+    (at least ``MIN_PER_CLIENT``) drawn without replacement, in their original order."""
+    per = max(MIN_PER_CLIENT, budget // len(counts))
+    return [np.arange(m) if m <= per else np.sort(rng.choice(m, per, replace=False)) for m in counts]
+
+
 def neighbour_affinity(samples: list[np.ndarray], neighbours: int = 10, dims: int = 20,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, max_queries: int = QUERY_BUDGET,
+                       max_references: int = REFERENCE_BUDGET) -> np.ndarray:
     """(n, n) symmetric affinity between clients from their per-sample activations.
 
     The samples of all clients are pooled and reduced to their ``dims`` principal components;
@@ -102,32 +120,50 @@ def neighbour_affinity(samples: list[np.ndarray], neighbours: int = 10, dims: in
     not prefer j, 0 when they never land there, ``(n - 1) / (m - 1)`` when they all land in i's
     m-member group. The affinity is ``(A + A.T) / 2``. A client's class mix decides which of its
     group's clients its samples vote for, hardly whether they stay in the group.
+
+    Many clients: the voting samples (queries) and the samples voted for (references) are each an
+    even, seeded share of ``max_queries`` and ``max_references`` per client (all of them while
+    that share covers them), so time and memory grow linearly with the number of clients.
     """
     n = len(samples)
     sets = [np.asarray(s, dtype=np.float32).reshape(len(s), -1) for s in samples]
     if any(len(s) == 0 for s in sets):
         raise ValueError("every client needs at least one sample for the neighbour affinity")
-    owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(sets)])
-    bounds = np.cumsum([0] + [len(s) for s in sets])  # client i's samples are rows bounds[i]:bounds[i+1]
-    x = np.concatenate(sets)
-    k = min(neighbours, len(x) - max(len(s) for s in sets))
+    rng = np.random.default_rng(seed)
+    refs = [s if len(i) == len(s) else s[i] for s, i in zip(sets, _subsample([len(s) for s in sets],
+                                                                              max_references, rng))]
+    owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(refs)])
+    bounds = np.cumsum([0] + [len(s) for s in refs])  # client i's references are rows bounds[i]:bounds[i+1]
+    # a client's queries are among its references: rows of z
+    query_rows = [bounds[i] + q for i, q in enumerate(_subsample([len(s) for s in refs], max_queries, rng))]
+    q_owner = np.concatenate([np.full(len(q), i) for i, q in enumerate(query_rows)])
+    k = min(neighbours, bounds[-1] - max(len(s) for s in refs))
     if k < 1:
         raise ValueError("the neighbour affinity needs samples from at least two clients")
-    # principal axes from at most 4096 of the samples (seeded): the same axes, a fraction of the time
-    rows = np.random.default_rng(seed).permutation(len(x))[:4096]
-    dims = max(1, min(dims, len(rows) - 1, x.shape[1]))
-    z = torch.from_numpy(PCA(dims, random_state=seed).fit(x[rows]).transform(x).astype(np.float32))
+    # principal axes from at most 4096 of the samples (seeded): the same axes, a fraction of the
+    # time; each client's samples are projected where they lie (no copy of them all in one array)
+    rows = np.random.default_rng(seed).permutation(bounds[-1])[:4096]
+    dims = max(1, min(dims, len(rows) - 1, sets[0].shape[1]))
+    pca = PCA(dims, random_state=seed).fit(np.stack([refs[owner[r]][r - bounds[owner[r]]] for r in rows]))
+    z = torch.from_numpy(np.concatenate([pca.transform(s) for s in refs]).astype(np.float32))
+    all_vote = len(q_owner) == len(owner)  # every reference also votes
+    zq = z if all_vote else z[torch.from_numpy(np.concatenate(query_rows))]
     sq = z.square().sum(1)
     votes = np.zeros((n, n))
-    for start in range(0, len(z), 2048):  # bounded memory: 2048 rows of distances at a time
-        stop = min(start + 2048, len(z))
+    step = max(64, min(2048, 2**25 // len(z)))  # query rows per block: at most ~128 MB of distances
+    block = torch.empty(min(step, len(zq)), len(z))  # one buffer: no page faults per block
+    for start in range(0, len(zq), step):
+        stop = min(start + step, len(zq))
         # |z_j|^2 - 2 z_i.z_j ranks the j by distance from z_i (|z_i|^2 is the same along a row)
-        d = torch.addmm(sq[None, :], z[start:stop], z.T, alpha=-2)
-        for i in range(owner[start], owner[stop - 1] + 1):  # only other clients' samples vote
-            a, b = max(bounds[i], start), min(bounds[i + 1], stop)
+        d = torch.addmm(sq[None, :], zq[start:stop], z.T, alpha=-2, out=block[:stop - start])
+        q0 = np.searchsorted(q_owner, q_owner[start])  # first query row of the block's first client
+        for i in range(q_owner[start], q_owner[stop - 1] + 1):  # only other clients' samples vote
+            a = max(q0, start)
+            b = min(q0 + len(query_rows[i]), stop)
             d[a - start:b - start, bounds[i]:bounds[i + 1]] = float("inf")
+            q0 += len(query_rows[i])
         nearest = owner[d.topk(k, largest=False).indices.numpy()]
-        np.add.at(votes, (np.repeat(owner[start:stop], k), nearest.ravel()), 1)
+        votes += np.bincount(np.repeat(q_owner[start:stop], k) * n + nearest.ravel(), minlength=n * n).reshape(n, n)
     counts = np.bincount(owner, minlength=n).astype(np.float64)
     chance = np.where(np.eye(n, dtype=bool), 0.0, counts[None, :])
     chance /= chance.sum(1, keepdims=True)

@@ -1,7 +1,8 @@
 """The server's view of each client for clustering, from the D activation it computes at the
 common depth over every real batch of a round's last local epoch: running mean and variance (the
 KLD scores and the ``means`` clustering rule) and the newest per-sample activations (the
-``samples`` rule, which label skew does not fool; see ``clustering.neighbour_affinity``)."""
+``samples`` rule, which label skew does not fool; see ``clustering.neighbour_affinity``): 256 per
+client up to 256 clients, fewer beyond (``samples_to_keep``), so memory grows linearly."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from huscf.federation.clustering import MIN_PER_CLIENT, REFERENCE_BUDGET
+
 # per-sample activations kept per client for the neighbour graph, and the most values kept per
 # sample (wider activations are average-pooled spatially down to this: 2048 = 128 channels x 4 x 4)
 SAMPLES_PER_CLIENT = 256
 MAX_SAMPLE_DIM = 2048
+
+
+def samples_to_keep(n: int) -> int:
+    """Per-sample activations kept per client in a fleet of ``n``: ``SAMPLES_PER_CLIENT`` up to
+    256 clients, then an even share of the neighbour graph's reference budget (at least its
+    minimum per client), so that the kept samples, and the graph built from them, grow linearly
+    with the number of clients (``clustering.REFERENCE_BUDGET``; issue 32)."""
+    return min(SAMPLES_PER_CLIENT, max(MIN_PER_CLIENT, REFERENCE_BUDGET // max(1, n)))
 
 
 def sample_vectors(act: torch.Tensor, max_dim: int = MAX_SAMPLE_DIM) -> torch.Tensor:
@@ -31,9 +42,11 @@ def sample_vectors(act: torch.Tensor, max_dim: int = MAX_SAMPLE_DIM) -> torch.Te
 class FeatureStats:
     """Per-client running mean and variance of the server's D activation at the common depth,
     over every real batch of an epoch, and the client's newest ``keep`` per-sample activations
-    (from its last batches: batches are shuffled, so a random subset of its data)."""
+    (from its last batches: batches are shuffled, so a random subset of its data; default
+    ``samples_to_keep(n)``)."""
 
-    def __init__(self, n: int, keep: int = SAMPLES_PER_CLIENT):
+    def __init__(self, n: int, keep: int | None = None):
+        keep = samples_to_keep(n) if keep is None else keep
         self.sum: list[torch.Tensor | None] = [None] * n
         self.sumsq: list[torch.Tensor | None] = [None] * n
         self.count = np.zeros(n, dtype=np.int64)
