@@ -351,7 +351,9 @@ class Trainer:
                 + (f"ARI(groups)={row.ari_vs_groups:.2f}  " if row.ari_vs_groups is not None else "")
                 + f"label-acc {acc}  "
                 + (f"sim-latency {row.latency_s_round:.1f} s  " if row.latency_s_round is not None else "")
-                + f"({row.train_seconds:.1f} s)")
+                + f"({row.train_seconds:.1f} s)"
+                + (f"\n  clustering: {row.federation['clustering_note']}" if row.federation.get("clustering_note")
+                   else ""))
 
     def _say(self, msg: str) -> None:
         if not self.quiet:

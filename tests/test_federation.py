@@ -311,3 +311,53 @@ def test_chunked_averaging_of_a_large_fleet_equals_one_matmul(monkeypatch):
             assert_close64(b[k], a[k], msg=k)
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+def _four_pairs(weak: float, cross: float, base: float) -> np.ndarray:
+    """8 clients in 4 pairs (within-pair affinity 4.5), the last pair's only ``weak``, and pairs 3
+    and 4 drawn together at ``cross``; ``base`` elsewhere (as 4 domains of 2 clients look)."""
+    a = np.full((8, 8), base)
+    for p in range(4):
+        a[2 * p, 2 * p + 1] = a[2 * p + 1, 2 * p] = 4.5 if p < 3 else weak
+    a[4:6, 6:8] = a[6:8, 4:6] = cross
+    np.fill_diagonal(a, 0)
+    return a
+
+
+def test_a_merge_the_eigengap_makes_is_undone_by_cohesion_or_said_not_confident():
+    """Issue 32: with two clients per domain the eigengap can merge a weak pair into another
+    cluster; a cluster must keep MIN_COHESION x chance's votes among its members."""
+    from huscf.federation.clustering import MIN_COHESION, spectral_clusters
+
+    fixed = spectral_clusters(_four_pairs(2.1, 1.1, 0.2))
+    assert fixed.k == 4 and _ari([0, 0, 1, 1, 2, 2, 3, 3], fixed.labels) == 1.0
+    assert fixed.note.startswith("k = 4: the eigengap's k = 3 left a cluster below 2x")
+    assert min(fixed.cohesion) >= MIN_COHESION == 2.0
+    unsure = spectral_clusters(_four_pairs(1.5, 1.1, 0.2))  # the weak pair is below 2x itself
+    assert unsure.k == 3 and unsure.note.startswith("not confident: k = 3 by the eigengap")
+    clear = spectral_clusters(_four_pairs(2.5, 1.2, 0.2))  # the eigengap is right: nothing said
+    assert clear.k == 4 and clear.note == ""
+    flat = np.ones((8, 8)) - np.eye(8)  # no structure at all: one cluster, confidently
+    assert spectral_clusters(flat).k == 1 and spectral_clusters(flat).note == ""
+    hidden = spectral_clusters(_four_pairs(2.5, 1.2, 0.5))  # groups, but the eigengap says 1
+    assert hidden.k == 1 and hidden.note.startswith("not confident: k = 1 by the eigengap, but the second")
+
+
+def test_the_strategy_records_the_clustering_note_for_the_metrics_and_progress_line():
+    samples, _, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
+    feats = means.reshape(len(means), 3, 10, 1)
+    state = RoundState(3, np.full(8, 100), feats, noise.reshape(feats.shape), samples=samples)
+    agg = ClusteredKLD(warmup_rounds=0).aggregate(state)
+    assert len(agg.info["cohesion"]) == 2 and min(agg.info["cohesion"]) >= 2.0
+    assert "clustering_note" not in agg.info  # confident: nothing to say
+
+
+def test_the_progress_line_says_when_the_clustering_is_not_confident():
+    from huscf.rundir.records import RoundRecord
+    from huscf.trainer import Trainer
+
+    row = RoundRecord(round=3, loss_d=1.0, loss_g=1.0, num_clusters=1, ari_vs_domains=0.0, train_seconds=2.0,
+                      federation={"clustering_note": "not confident: k = 1 by the eigengap, but ..."})
+    assert Trainer._summary(None, row).splitlines()[1] == "  clustering: not confident: k = 1 by the eigengap, but ..."
+    row.federation = {}
+    assert len(Trainer._summary(None, row).splitlines()) == 1

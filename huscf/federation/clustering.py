@@ -39,6 +39,19 @@ class ClusterResult:
     k: int
     silhouette: dict[int, float]  # silhouette score per candidate k (empty when k was fixed or n < 3)
     eigenvalues: tuple[float, ...] = ()  # spectral rule: the affinity graph's largest eigenvalues
+    # spectral rule, k "auto": each cluster's mean affinity among its members (how many times the
+    # votes chance gives them they send each other; None for a lone client), and what the rule did
+    # when the eigengap alone would have been wrong or when it is not confident ("" otherwise)
+    cohesion: tuple[float | None, ...] = ()
+    note: str = ""
+
+
+# A cluster is a group of clients that send each other at least this many times the votes chance
+# would give them (its mean affinity among members). From the exploration runs of issue 32 (real
+# activations; scenarios 1 and 2 with 6 clients of one domain, 5 with 2 x 3, 7 with 4 x 2 highly
+# non-IID; seeds 0-4, rounds 3-4): any split of one label-skewed domain 1.03-1.39, true domains
+# 2.25-4.94, two domains the eigengap had merged 1.69-1.85. Held-out seeds: docs/results.md.
+MIN_COHESION = 2.0
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -172,6 +185,20 @@ def neighbour_affinity(samples: list[np.ndarray], neighbours: int = 10, dims: in
     return (a + a.T) / 2
 
 
+def cohesion(affinity: np.ndarray, labels: np.ndarray) -> tuple[float | None, ...]:
+    """Per cluster, the mean affinity between its members (None for a cluster of one client)."""
+    out = []
+    for c in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == c)
+        sub = affinity[np.ix_(members, members)]
+        out.append(float(sub[~np.eye(len(members), dtype=bool)].mean()) if len(members) > 1 else None)
+    return tuple(out)
+
+
+def _cohesive(c: tuple[float | None, ...]) -> bool:
+    return all(v is not None and v >= MIN_COHESION for v in c)
+
+
 def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters: int = 8,
                       seed: int = 0) -> ClusterResult:
     """Spectral clustering of an (n, n) affinity (Ng, Jordan and Weiss): the eigenvectors of
@@ -179,7 +206,14 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
 
     ``k="auto"``: the eigengap, i.e. the k in 1..min(max_clusters, n - 1) with the largest drop
     ``lambda_k - lambda_(k+1)``. k groups that keep their votes inside give k eigenvalues near 1;
-    a graph with no group structure has one eigenvalue 1 and the rest below 0, so k = 1.
+    a graph with no group structure has one eigenvalue 1 and the rest below 0, so k = 1. Where it
+    finds groups, they are checked: every cluster must hold two or more clients who send each other
+    at least ``MIN_COHESION`` times chance's votes. Where the eigengap's clusters fail that (a
+    domain of two clients whose eigenvalue stayed low, merged with another: issue 32), the
+    smallest larger k whose clusters all pass is taken; where none does, the eigengap's k stays
+    and ``note`` says the clustering is not confident, and why. k = 1 is never split this way:
+    within one label-skewed domain, clients that hold the same classes prefer each other too; it
+    is flagged as not confident when the second eigenvalue is above 0.
     """
     w = np.asarray(affinity, dtype=np.float64)
     n = len(w)
@@ -189,12 +223,46 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     values, vectors = eigh(w / np.sqrt(deg[:, None] * deg[None, :]))
     values, vectors = values[::-1], vectors[:, ::-1]
     top = tuple(round(float(v), 4) for v in values[:min(n, max_clusters + 1)])
-    if k == "auto":
-        kmax = min(max_clusters, n - 1)
-        k = 1 if kmax < 1 else int(np.argmax(values[:kmax] - values[1:kmax + 1])) + 1
-    k = min(int(k), n)
-    if k == 1:
-        return ClusterResult(np.zeros(n, dtype=int), 1, {}, top)
-    u = vectors[:, :k] / np.maximum(np.linalg.norm(vectors[:, :k], axis=1, keepdims=True), 1e-12)
-    labels = _relabel(_kmeans(u, k, seed))
-    return ClusterResult(labels, len(set(labels.tolist())), {}, top)
+
+    def partition(kk: int) -> np.ndarray:
+        if kk == 1:
+            return np.zeros(n, dtype=int)
+        u = vectors[:, :kk] / np.maximum(np.linalg.norm(vectors[:, :kk], axis=1, keepdims=True), 1e-12)
+        return _relabel(_kmeans(u, kk, seed))
+
+    if k != "auto":
+        labels = partition(min(int(k), n))
+        return ClusterResult(labels, len(set(labels.tolist())), {}, top)
+    kmax = min(max_clusters, n - 1)
+    k_eig = 1 if kmax < 1 else int(np.argmax(values[:kmax] - values[1:kmax + 1])) + 1
+    labels = partition(k_eig)
+    if k_eig == 1:  # never split by cohesion: within one label-skewed domain, clients that hold the
+        # same classes prefer each other too; but a positive second eigenvalue is group structure
+        # that the eigengap did not separate (4 domains of 2 clients: 0.42-0.49; one domain on real
+        # activations: -0.28 to -0.02, synthetic strong label skew: 0.21-0.40), so it is said
+        note = "" if values[1] <= 0 else (
+            f"not confident: k = 1 by the eigengap, but the second eigenvalue {values[1]:.2f} is above 0 "
+            f"(groups the eigengap does not separate, or label skew within one domain)")
+        return ClusterResult(labels, 1, {}, top, (), note)
+    found = cohesion(w, labels)
+    if _cohesive(found):
+        return ClusterResult(labels, len(set(labels.tolist())), {}, top, found)
+    for kk in range(k_eig + 1, kmax + 1):
+        other = partition(kk)
+        c = cohesion(w, other)
+        if len(set(other.tolist())) == kk and _cohesive(c):
+            return ClusterResult(other, kk, {}, top, c,
+                                 f"k = {kk}: the eigengap's k = {k_eig} left a cluster below {MIN_COHESION:g}x "
+                                 f"chance's votes ({_weakest(found)}); every cluster of {kk} keeps >= "
+                                 f"{MIN_COHESION:g}x among its members")
+    return ClusterResult(labels, len(set(labels.tolist())), {}, top, found,
+                         f"not confident: k = {k_eig} by the eigengap, but {_weakest(found)} and no k up to "
+                         f"{kmax} gives clusters that all keep >= {MIN_COHESION:g}x chance's votes")
+
+
+def _weakest(c: tuple[float | None, ...]) -> str:
+    lone = [i for i, v in enumerate(c) if v is None]
+    if lone:
+        return f"cluster {lone[0]} is one client"
+    i = int(np.argmin([v for v in c]))
+    return f"cluster {i} keeps {c[i]:.2f}x"

@@ -95,7 +95,12 @@ class ClusteredKLD:
         if self.cluster_on == "samples" and state.samples is not None and len(state.samples) > 1:
             affinity = neighbour_affinity(state.samples, self.neighbours, seed=state.seed)
             result = spectral_clusters(affinity, self.clusters, self.max_clusters, state.seed)
-            return result, {"rule": "samples", "eigenvalues": list(result.eigenvalues)}
+            scored = {"rule": "samples", "eigenvalues": list(result.eigenvalues)}
+            if result.cohesion:
+                scored["cohesion"] = [None if v is None else round(v, 3) for v in result.cohesion]
+            if result.note:
+                scored["clustering_note"] = result.note
+            return result, scored
         n = len(state.sizes)
         feats = np.asarray(state.features, dtype=np.float64)
         x = feats.reshape(n, -1) if state.feature_noise is None else whiten(feats, state.feature_noise)
