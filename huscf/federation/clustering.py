@@ -49,8 +49,8 @@ class ClusterResult:
 # A cluster is a group of clients that send each other at least this many times the votes chance
 # would give them (its mean affinity among members). From the exploration runs of issue 32 (real
 # activations; scenarios 1 and 2 with 6 clients of one domain, 5 with 2 x 3, 7 with 4 x 2 highly
-# non-IID; seeds 0-4, rounds 3-4): any split of one label-skewed domain 1.03-1.39, true domains
-# 2.25-4.94, two domains the eigengap had merged 1.69-1.85. Held-out seeds: docs/results.md.
+# non-IID; seeds 0-4, rounds 3-5): any split of one label-skewed domain 1.03-1.39, true domains
+# 2.25-4.94, two domains the eigengap had merged 1.69-1.96. Held-out seeds: docs/results.md.
 MIN_COHESION = 2.0
 
 
@@ -108,7 +108,7 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
 # reference samples (who can be voted for) over all clients, split evenly. Up to 64 clients of 256
 # kept samples each, every sample is both (the exact rule); beyond, each client's votes come from
 # QUERY_BUDGET / n of its samples (at least MIN_PER_CLIENT), so the distance computation, which was
-# quadratic in the number of clients, stays bounded (docs/performance.md, issue 32).
+# quadratic in the number of clients, stays bounded (docs/method.md "Limits", issue 32).
 QUERY_BUDGET = 16384
 REFERENCE_BUDGET = 65536
 MIN_PER_CLIENT = 16
@@ -238,7 +238,7 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     labels = partition(k_eig)
     if k_eig == 1:  # never split by cohesion: within one label-skewed domain, clients that hold the
         # same classes prefer each other too; but a positive second eigenvalue is group structure
-        # that the eigengap did not separate (4 domains of 2 clients: 0.42-0.49; one domain on real
+        # that the eigengap did not separate (4 domains of 2 clients: 0.42-0.56; one domain on real
         # activations: -0.28 to -0.02, synthetic strong label skew: 0.21-0.40), so it is said
         note = "" if values[1] <= 0 else (
             f"not confident: k = 1 by the eigengap, but the second eigenvalue {values[1]:.2f} is above 0 "
