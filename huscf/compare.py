@@ -167,8 +167,9 @@ def compare(config: Path | None, names: list[str], out: Path, overrides: list[st
                 "tstr_min_steps": tstr_min_steps}
     tasks = [_MethodTask(config, name, out / name, tuple(overrides), data_dir, eval_rounds, settings, quiet)
              for name in names]
-    for d in cfg.data.domains:  # once, here: parallel methods would each train the same classifier
-        load_or_train(d, cfg.data.data_dir, progress=not quiet)
+    if not all(_evaluated(task.run_dir, settings) for task in tasks):
+        for d in cfg.data.domains:  # once, here: parallel methods would each train the same classifier
+            load_or_train(d, cfg.data.data_dir, progress=not quiet)
     if processes == 1:
         for k, task in enumerate(tasks, 1):
             say(f"== {task.name} ({k}/{len(names)}): {task.run_dir}")

@@ -264,5 +264,5 @@ def _weakest(c: tuple[float | None, ...]) -> str:
     lone = [i for i, v in enumerate(c) if v is None]
     if lone:
         return f"cluster {lone[0]} is one client"
-    i = int(np.argmin([v for v in c]))
+    i = int(np.argmin(c))
     return f"cluster {i} keeps {c[i]:.2f}x"
