@@ -55,7 +55,8 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
     """Two seeds, run as two processes at once (--jobs 2), print in grid order."""
     out = _run(str(BENCH / "bench_clustering.py"), "--scenarios", "4", "--seeds", "0", "1", "--rounds", "2",
                "--warmup", "1", "--iters", "2", "--limit", "600", "--repeats", "1", "--jobs", "2",
-               "--fleets", "80", "300", "--exact-up-to", "80", "--data-dir", str(shared_data_dir))
+               "--fleets", "80", "300", "--exact-up-to", "80", "--no-two-clients-grid", "--data-dir",
+               str(shared_data_dir))
     assert "(2 runs, 2 at a time, " in out, out
     rows = re.findall(r"^\s+4\s+3\s+(\d)\s+2 \|\s+(\d+)\s+([\d.]+) .*\|\s+(\d+)\s+([\d.-]+) \|\s+([\d.-]+)$",
                       out, re.M)

@@ -339,8 +339,36 @@ def test_a_merge_the_eigengap_makes_is_undone_by_cohesion_or_said_not_confident(
     assert clear.k == 4 and clear.note == ""
     flat = np.ones((8, 8)) - np.eye(8)  # no structure at all: one cluster, confidently
     assert spectral_clusters(flat).k == 1 and spectral_clusters(flat).note == ""
-    hidden = spectral_clusters(_four_pairs(2.5, 1.2, 0.5))  # groups, but the eigengap says 1
-    assert hidden.k == 1 and hidden.note.startswith("not confident: k = 1 by the eigengap, but the second")
+    merged = spectral_clusters(_four_pairs(3.0, 1.5, 0.2))  # the merged pairs keep 2.25x: cohesive,
+    # but the split into 4 is separated and its drop is large: kept, and said
+    assert merged.k == 3 and merged.note.startswith("not confident: k = 3 by the eigengap, but 4 clusters are "
+                                                    "separated too (0.41 < 0.55")
+
+
+def test_groups_of_two_the_eigengap_counts_as_one_are_found_when_separated():
+    """Issue 32: four pairs whose eigenvalues stay near 0.5, so the drop from 1 is the largest;
+    the split into 4 has a drop nearly as large and clusters that hardly vote for each other."""
+    from huscf.federation.clustering import SEPARATION, separation, spectral_clusters
+
+    a = _four_pairs(2.5, 1.2, 0.5)
+    hidden = spectral_clusters(a)
+    assert int(np.argmax(-np.diff(hidden.eigenvalues))) == 0  # the eigengap alone says k = 1
+    assert hidden.k == 4 and _ari([0, 0, 1, 1, 2, 2, 3, 3], hidden.labels) == 1.0
+    assert hidden.note.startswith("k = 4: the eigengap says 1, which under-counts groups of two clients")
+    # separation: pairs 3-4 vote for each other at 1.2 against cohesions 4.5 and 2.5
+    assert hidden.separation == pytest.approx(separation(a, hidden.labels)) == pytest.approx(1.2 / np.sqrt(4.5 * 2.5))
+    assert hidden.separation < SEPARATION
+    # two groups of four that prefer each other only as much as one label-skewed domain's clients
+    # do (separation 0.62 >= 0.55, as measured on real activations): one cluster, said
+    one = np.full((8, 8), 0.8)
+    one[:4, :4] = one[4:, 4:] = 1.3
+    np.fill_diagonal(one, 0)
+    res = spectral_clusters(one)
+    assert separation(one, np.repeat([0, 1], 4)) == pytest.approx(0.8 / 1.3) and 0.8 / 1.3 > SEPARATION
+    assert res.k == 1 and res.eigenvalues[1] > 0
+    assert res.note.startswith("not confident: k = 1 by the eigengap, but the second eigenvalue")
+    assert separation(one, np.zeros(8, dtype=int)) is None  # one cluster: nothing to separate
+    assert separation(one, np.array([0, 0, 0, 0, 1, 1, 1, 2])) is None  # a lone client: no cohesion
 
 
 def test_the_strategy_records_the_clustering_note_for_the_metrics_and_progress_line():

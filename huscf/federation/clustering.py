@@ -9,7 +9,8 @@ Two rules:
 * ``neighbour_affinity`` + ``spectral_clusters`` (the default, ``cluster_on: samples``): from
   each client's set of per-sample activations. The nearest neighbours of a client's samples among
   the *other* clients' samples fall in clients of the same domain, whichever classes each holds,
-  so label skew does not move the graph the way it moves a mean; k is the eigengap of the graph.
+  so label skew does not move the graph the way it moves a mean; k is the eigengap of the graph,
+  checked for clusters the eigengap merges or misses (``SEPARATION``, ``MIN_COHESION``).
 * ``cluster_clients`` (``cluster_on: means``, and HFL-GAN's edges): k-means on one vector per
   client, k by silhouette. It separates domains on IID data, not under label skew.
 """
@@ -44,6 +45,8 @@ class ClusterResult:
     # when the eigengap alone would have been wrong or when it is not confident ("" otherwise)
     cohesion: tuple[float | None, ...] = ()
     note: str = ""
+    # spectral rule, k "auto": the chosen clusters' separation (``separation``; None for k = 1)
+    separation: float | None = None
 
 
 # A cluster is a group of clients that send each other at least this many times the votes chance
@@ -52,6 +55,16 @@ class ClusterResult:
 # non-IID; seeds 0-4, rounds 3-5): any split of one label-skewed domain 1.03-1.39, true domains
 # 2.25-4.94, two domains the eigengap had merged 1.69-1.96. Held-out seeds: docs/results.md.
 MIN_COHESION = 2.0
+
+# Clusters are separated when, for every two of them, the mean affinity between their members is
+# below SEPARATION times the geometric mean of the two clusters' cohesions. Measured (issue 32,
+# 2026-12-06, real activations, the same runs as above plus scenario 4 and 5 with 2 x 2 clients,
+# seeds 0-5 and 100-105): the true domains 0.09-0.47; every split of one label-skewed or IID domain
+# into clusters of two or more clients 0.64-1.06. A k that the eigengap under-counts (groups of two
+# clients: issue 32) is taken when its drop ``lambda_k - lambda_(k+1)`` is at least MIN_GAP_SHARE of
+# the largest drop and its clusters are separated.
+SEPARATION = 0.55
+MIN_GAP_SHARE = 0.5
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -195,6 +208,22 @@ def cohesion(affinity: np.ndarray, labels: np.ndarray) -> tuple[float | None, ..
     return tuple(out)
 
 
+def separation(affinity: np.ndarray, labels: np.ndarray) -> float | None:
+    """The largest, over pairs of clusters, of their members' mean affinity to each other divided by
+    the geometric mean of the two clusters' cohesions: near 0 for clusters that never vote for
+    each other, near 1 when they do as much as their own members do. None when a cluster is one
+    client (no cohesion) or there is one cluster."""
+    c = cohesion(affinity, labels)
+    if len(c) < 2 or any(v is None or v <= 0 for v in c):
+        return None
+    worst = 0.0
+    for i in range(len(c)):
+        for j in range(i + 1, len(c)):
+            between = affinity[np.ix_(labels == i, labels == j)].mean()
+            worst = max(worst, float(between / np.sqrt(c[i] * c[j])))
+    return worst
+
+
 def _cohesive(c: tuple[float | None, ...]) -> bool:
     return all(v is not None and v >= MIN_COHESION for v in c)
 
@@ -206,14 +235,20 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
 
     ``k="auto"``: the eigengap, i.e. the k in 1..min(max_clusters, n - 1) with the largest drop
     ``lambda_k - lambda_(k+1)``. k groups that keep their votes inside give k eigenvalues near 1;
-    a graph with no group structure has one eigenvalue 1 and the rest below 0, so k = 1. Where it
-    finds groups, they are checked: every cluster must hold two or more clients who send each other
-    at least ``MIN_COHESION`` times chance's votes. Where the eigengap's clusters fail that (a
-    domain of two clients whose eigenvalue stayed low, merged with another: issue 32), the
-    smallest larger k whose clusters all pass is taken; where none does, the eigengap's k stays
-    and ``note`` says the clustering is not confident, and why. k = 1 is never split this way:
-    within one label-skewed domain, clients that hold the same classes prefer each other too; it
-    is flagged as not confident when the second eigenvalue is above 0.
+    a graph with no group structure has one eigenvalue 1 and the rest below 0, so k = 1. Groups of
+    two clients keep lower eigenvalues (a client has no affinity with itself), so the eigengap
+    under-counts them (issue 32). Three checks follow:
+
+    * k = 1: a larger k whose drop is at least ``MIN_GAP_SHARE`` of the largest and whose clusters
+      are separated (``separation`` < ``SEPARATION``) is taken. One domain, label-skewed or not,
+      is never split into separated clusters on real activations (0.64 and above, measured).
+    * k > 1 and every cluster holds two or more clients who send each other at least
+      ``MIN_COHESION`` times chance's votes: k stays, and where such a larger, separated k exists
+      too, ``note`` says the clustering is not confident (a pair of two-client domains may be merged).
+    * k > 1 and a cluster fails that (a weak pair merged with another): the smallest larger k whose
+      clusters all pass is taken; where none does, k stays and ``note`` says it is not confident.
+
+    k = 1 with a second eigenvalue above 0 and no separated split is flagged as not confident.
     """
     w = np.asarray(affinity, dtype=np.float64)
     n = len(w)
@@ -234,19 +269,51 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
         labels = partition(min(int(k), n))
         return ClusterResult(labels, len(set(labels.tolist())), {}, top)
     kmax = min(max_clusters, n - 1)
-    k_eig = 1 if kmax < 1 else int(np.argmax(values[:kmax] - values[1:kmax + 1])) + 1
+    gaps = values[:kmax] - values[1:kmax + 1]
+    k_eig = 1 if kmax < 1 else int(np.argmax(gaps)) + 1
     labels = partition(k_eig)
+
+    def finer_separated() -> tuple[int, np.ndarray, float] | None:
+        """The larger k, by falling drop, whose drop is >= MIN_GAP_SHARE of the eigengap's and
+        whose clusters (all of two or more clients) are separated; None if there is none."""
+        for kk in sorted(range(k_eig + 1, kmax + 1), key=lambda kk: -gaps[kk - 1]):
+            if gaps[kk - 1] < MIN_GAP_SHARE * gaps[k_eig - 1]:
+                break
+            other = partition(kk)
+            sep = separation(w, other)
+            if len(set(other.tolist())) == kk and sep is not None and sep < SEPARATION:
+                return kk, other, sep
+        return None
+
+    def drop(kk: int) -> str:
+        return f"its drop {gaps[kk - 1]:.2f} is {gaps[kk - 1] / gaps[k_eig - 1]:.2f} of the largest"
+
     if k_eig == 1:  # never split by cohesion: within one label-skewed domain, clients that hold the
-        # same classes prefer each other too; but a positive second eigenvalue is group structure
-        # that the eigengap did not separate (4 domains of 2 clients: 0.42-0.56; one domain on real
-        # activations: -0.28 to -0.02, synthetic strong label skew: 0.21-0.40), so it is said
+        # same classes prefer each other too. Groups of two clients keep a low eigenvalue (no self
+        # affinity: a pair's is about the share of votes it keeps less the share it sends to one
+        # other pair), so the eigengap under-counts them; a k with a large drop whose clusters are
+        # separated is taken instead
+        finer = finer_separated()
+        if finer is not None:
+            kk, other, sep = finer
+            return ClusterResult(other, kk, {}, top, cohesion(w, other),
+                                 f"k = {kk}: the eigengap says 1, which under-counts groups of two clients; "
+                                 f"{drop(kk)} and its clusters are separated ({sep:.2f} < {SEPARATION:g})", sep)
+        # a positive second eigenvalue is group structure that was not separated (4 domains of 2
+        # clients: 0.42-0.56; one domain on real activations: -0.28 to 0.04, synthetic strong
+        # label skew: 0.21-0.40), so it is said
         note = "" if values[1] <= 0 else (
             f"not confident: k = 1 by the eigengap, but the second eigenvalue {values[1]:.2f} is above 0 "
             f"(groups the eigengap does not separate, or label skew within one domain)")
         return ClusterResult(labels, 1, {}, top, (), note)
     found = cohesion(w, labels)
     if _cohesive(found):
-        return ClusterResult(labels, len(set(labels.tolist())), {}, top, found)
+        finer = finer_separated()
+        note = "" if finer is None else (
+            f"not confident: k = {k_eig} by the eigengap, but {finer[0]} clusters are separated too "
+            f"({finer[2]:.2f} < {SEPARATION:g}; {drop(finer[0])}): two domains of two clients each may "
+            f"be merged (set federation.clusters if the number of domains is known)")
+        return ClusterResult(labels, len(set(labels.tolist())), {}, top, found, note, separation(w, labels))
     for kk in range(k_eig + 1, kmax + 1):
         other = partition(kk)
         c = cohesion(w, other)
@@ -254,10 +321,11 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
             return ClusterResult(other, kk, {}, top, c,
                                  f"k = {kk}: the eigengap's k = {k_eig} left a cluster below {MIN_COHESION:g}x "
                                  f"chance's votes ({_weakest(found)}); every cluster of {kk} keeps >= "
-                                 f"{MIN_COHESION:g}x among its members")
+                                 f"{MIN_COHESION:g}x among its members", separation(w, other))
     return ClusterResult(labels, len(set(labels.tolist())), {}, top, found,
                          f"not confident: k = {k_eig} by the eigengap, but {_weakest(found)} and no k up to "
-                         f"{kmax} gives clusters that all keep >= {MIN_COHESION:g}x chance's votes")
+                         f"{kmax} gives clusters that all keep >= {MIN_COHESION:g}x chance's votes",
+                         separation(w, labels))
 
 
 def _weakest(c: tuple[float | None, ...]) -> str:

@@ -98,6 +98,8 @@ class ClusteredKLD:
             scored = {"rule": "samples", "eigenvalues": list(result.eigenvalues)}
             if result.cohesion:
                 scored["cohesion"] = [None if v is None else round(v, 3) for v in result.cohesion]
+            if result.separation is not None:
+                scored["separation"] = round(result.separation, 3)
             if result.note:
                 scored["clustering_note"] = result.note
             return result, scored
