@@ -17,8 +17,12 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from huscf.cuts.search import cut_methods
+from huscf.data.partition import scenario_names
 from huscf.errors import HuscfError
+from huscf.federation.strategies import STRATEGIES
 from huscf.methods import get_method, method_names
+from huscf.models.cgan import ARCHITECTURES
 
 
 def _takes_bool(annotation) -> bool:
@@ -26,6 +30,15 @@ def _takes_bool(annotation) -> bool:
     if annotation is bool:
         return True
     return any(_takes_bool(a) for a in get_args(annotation))
+
+
+def _registered(v: str, names) -> str:
+    """A key whose values are a registry's names (methods, architectures, cut searches, strategies,
+    scenarios: each listed once, where it is implemented): the value, or ValueError."""
+    names = tuple(names)
+    if v not in names:
+        raise ValueError(f"got {v!r}, must be one of {', '.join(names)}")
+    return v
 
 
 def _auto_or_positive(v, none_ok: bool = False):
@@ -53,17 +66,27 @@ class DataConfig(_Section):
     domains: list[str] = Field(default_factory=lambda: ["digits", "digits_inverted"], min_length=1)
     data_dir: str | None = None  # None: $HUSCF_DATA, else ~/.cache/huscf/data
     # by_group: the domain's natural groups (fsdd: one speaker per client group; docs/data.md)
-    scenario: Literal["iid", "noniid", "highly_noniid", "by_group"] = "iid"
+    scenario: str = "iid"  # data.partition.scenario_names()
     clients_per_domain: int = Field(4, ge=1, le=10_000)
     limit_per_domain: int | None = Field(None, ge=1)  # use only the first N training images of a domain
+
+    @field_validator("scenario")
+    @classmethod
+    def _registered_scenario(cls, v: str) -> str:
+        return _registered(v, scenario_names())
 
 
 class ModelConfig(_Section):
     """The conditional GAN: a shipped block-list architecture and its channel width multiplier."""
 
-    arch: Literal["cgan28", "dcgan32"] = "cgan28"
+    arch: str = "cgan28"  # models.cgan.ARCHITECTURES
     width: float = Field(0.25, gt=0, le=8)  # 1.0 = the paper's channel counts
     num_classes: int | None = Field(None, ge=2)  # label embeddings; None: the domains' largest class count
+
+    @field_validator("arch")
+    @classmethod
+    def _registered_arch(cls, v: str) -> str:
+        return _registered(v, ARCHITECTURES)
 
 
 class TrainConfig(_Section):
@@ -100,8 +123,13 @@ class CutsConfig(_Section):
     ``milp`` / ``ga`` / ``brute``: chosen from the device profiles by the latency optimiser.
     """
 
-    method: Literal["fixed", "random", "milp", "ga", "brute"] = "milp"
+    method: str = "milp"  # cuts.search.cut_methods()
     fixed: list[int] | list[list[int]] | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _registered_cut_method(cls, v: str) -> str:
+        return _registered(v, cut_methods())
 
     @model_validator(mode="after")
     def _fixed_needs_values(self) -> "CutsConfig":
@@ -136,7 +164,7 @@ class DevicesConfig(_Section):
 class FederationConfig(_Section):
     """Round-end aggregation: clustering, KLD weights, warm-up FedAvg rounds."""
 
-    strategy: Literal["clustered_kld", "fedavg"] = "clustered_kld"
+    strategy: str = "clustered_kld"  # federation.strategies.STRATEGIES
     alpha: float = Field(1.0, ge=0)  # w_i = n_i * exp(-alpha * KLD_i)
     warmup_rounds: int = Field(2, ge=0)  # plain size-weighted FedAvg over everyone before clustering
     clusters: int | str = "auto"  # "auto": chosen from the data (eigengap or silhouette, by cluster_on)
@@ -155,6 +183,11 @@ class FederationConfig(_Section):
     # (federation/bodies.py; max_clusters copies); shared: one body for every client; auto:
     # per_cluster for a split method (measured better: docs/results.md), else shared
     server_body: Literal["auto", "shared", "per_cluster"] = "auto"
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered_strategy(cls, v: str) -> str:
+        return _registered(v, STRATEGIES)
 
     @field_validator("clusters")
     @classmethod
@@ -254,10 +287,7 @@ class RunConfig(_Section):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, v: str) -> str:
-        names = method_names()
-        if v not in names:
-            raise ValueError(f"got {v!r}, must be one of {', '.join(names)}")
-        return v
+        return _registered(v, method_names())
 
     @model_validator(mode="after")
     def _cluster_bodies_need_a_server_body(self) -> "RunConfig":
@@ -287,7 +317,8 @@ def _one_line(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
-    got = "" if first["type"] == "value_error" and len(first["loc"]) <= 1 else f", got {first.get('input')!r}"
+    said = msg.startswith("got ") or (first["type"] == "value_error" and len(first["loc"]) <= 1)
+    got = "" if said else f", got {first.get('input')!r}"
     extra = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     if not first["loc"]:  # a rule across sections: its message names the keys
         return f"config: {msg}{extra}"

@@ -195,3 +195,28 @@ def test_registering_checks_the_class():
 
     with pytest.raises(ValueError, match="registered already"):
         register(Clash)
+
+
+def test_the_configs_choices_are_the_registries_names(monkeypatch):
+    """Issue 27: a key whose values a registry holds (architectures, cut searches, strategies,
+    scenarios, methods) takes exactly that registry's names: adding an entry makes it a valid
+    value with no edit to config.py, and a typo names the registry's choices in one line."""
+    from huscf.cuts.search import SOLVERS
+    from huscf.data.partition import SCENARIOS
+    from huscf.federation.strategies import STRATEGIES, FedAvg, make_strategy
+    from huscf.models.cgan import ARCHITECTURES
+
+    cases = [("model.arch", ARCHITECTURES, "cgan28-toy", ARCHITECTURES["cgan28"]),
+             ("cuts.method", SOLVERS, "toy-search", SOLVERS["ga"]),
+             ("federation.strategy", STRATEGIES, "toy-strategy", lambda fed: FedAvg()),
+             ("data.scenario", SCENARIOS, "toy-skew", SCENARIOS["noniid"])]
+    for key, registry, name, entry in cases:
+        with pytest.raises(HuscfError, match=rf"^config key '{key}': got '{name}', must be one of .*\b"
+                                             rf"{list(registry)[0]}\b") as bad:
+            build_config({}, [f"{key}={name}"])
+        assert "\n" not in str(bad.value) and name not in str(bad.value).split("must be one of")[1]
+        monkeypatch.setitem(registry, name, entry)
+        cfg = build_config({}, [f"{key}={name}"])
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == name
+    assert isinstance(make_strategy(build_config({}, ["federation.strategy=toy-strategy"]).federation), FedAvg)

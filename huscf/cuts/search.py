@@ -153,6 +153,12 @@ def solve_ga(model: LatencyModel, seed: int = 0, population: int = 200, generati
 SOLVERS = {"milp": solve_milp, "ga": solve_ga, "brute": solve_brute}
 
 
+def cut_methods() -> tuple[str, ...]:
+    """Every value of ``cuts.method`` (the config takes its allowed names from here): cuts given in
+    the config or drawn at random (chosen where the run is set up), or one of the ``SOLVERS``."""
+    return ("fixed", "random", *SOLVERS)
+
+
 def plan_cuts(arch: Architecture | str, batch_size: int, devices: Sequence[DeviceProfile], server: ServerProfile,
               method: str = "milp", alpha: float = 1.0, gamma: float = 0.5, seed: int = 0, *,
               dtype: torch.dtype = torch.float32, **opts) -> CutPlan:

@@ -29,6 +29,12 @@ SCENARIOS: dict[str, tuple[tuple[tuple[int, ...], tuple[float, ...]], tuple[tupl
 }
 
 
+def scenario_names() -> tuple[str, ...]:
+    """Every value of ``data.scenario`` (the config takes its allowed names from here): the
+    ``SCENARIOS`` tables and the natural split of a domain whose samples come in groups."""
+    return (*SCENARIOS, "by_group")
+
+
 @dataclass(frozen=True, eq=False)
 class ClientPartition:
     """One client's slice: ``indices`` (int64, sorted) into its domain's training arrays."""
@@ -116,8 +122,8 @@ def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, 
               num_classes: dict[str, int] | int = 10,
               groups_by_domain: dict[str, np.ndarray | None] | None = None) -> list[ClientPartition]:
     """Split every domain over ``clients_per_domain`` clients; clients are numbered domain by domain."""
-    if scenario not in (*SCENARIOS, "by_group"):
-        raise HuscfError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}, by_group")
+    if scenario not in scenario_names():
+        raise HuscfError(f"unknown scenario {scenario!r}; choose one of {', '.join(scenario_names())}")
     if clients_per_domain < 1:
         raise HuscfError(f"clients_per_domain must be >= 1, got {clients_per_domain}")
     out: list[ClientPartition] = []

@@ -9,7 +9,7 @@ input (it is used only for reporting, by the engine).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -83,12 +83,19 @@ class ClusteredKLD:
     name = "clustered_kld"
     uses_client_params = False
 
-    def __init__(self, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
+    def __init__(self, *, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,
                  kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = 10):
         self.alpha, self.warmup_rounds = alpha, warmup_rounds
         self.clusters, self.max_clusters, self.min_silhouette = clusters, max_clusters, min_silhouette
         self.kld_direction, self.cluster_on, self.neighbours = kld_direction, cluster_on, neighbours
+
+    @classmethod
+    def from_config(cls, fed) -> "ClusteredKLD":
+        """From a ``FederationConfig`` section (its keys of the same names)."""
+        return cls(alpha=fed.alpha, warmup_rounds=fed.warmup_rounds, clusters=fed.clusters,
+                   max_clusters=fed.max_clusters, min_silhouette=fed.min_silhouette,
+                   kld_direction=fed.kld_direction, cluster_on=fed.cluster_on, neighbours=fed.neighbours)
 
     def cluster(self, state: RoundState):
         """The clusters of this round's clients and what the rule scored, for the metrics."""
@@ -128,9 +135,14 @@ class ClusteredKLD:
         )
 
 
-def make_strategy(cfg) -> Strategy:
-    """Build the strategy named in a ``FederationConfig``."""
-    if cfg.strategy == "fedavg":
-        return FedAvg()
-    return ClusteredKLD(cfg.alpha, cfg.warmup_rounds, cfg.clusters, cfg.max_clusters, cfg.min_silhouette,
-                        cfg.kld_direction, cfg.cluster_on, cfg.neighbours)
+# ``federation.strategy``'s values (the config takes its allowed names from here): each builds its
+# strategy from the ``FederationConfig`` section
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "clustered_kld": ClusteredKLD.from_config,
+    "fedavg": lambda fed: FedAvg(),
+}
+
+
+def make_strategy(fed) -> Strategy:
+    """Build the strategy named in a ``FederationConfig`` section."""
+    return STRATEGIES[fed.strategy](fed)
