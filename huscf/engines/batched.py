@@ -47,14 +47,14 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
 from huscf.config import TrainConfig
 from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
 from huscf.engines.execution import Execution, for_loss
-from huscf.engines.simulation import SimulationEngine, non_finite_loss, place_step
+from huscf.engines.objective import adam, discriminator_loss, generator_loss, non_finite_loss
+from huscf.engines.simulation import SimulationEngine, place_step
 from huscf.setup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
@@ -164,7 +164,6 @@ class BatchedEngine(SimulationEngine):
                  feature_depth: int | None = None):
         super().__init__(model, data, train=train, z_dim=z_dim, seed=seed, execution=execution,
                          shared_generator=shared_generator, feature_depth=feature_depth)
-        lr, betas = train.lr, tuple(train.betas)
         self._plans: dict[tuple[str, tuple[int, ...]], list[_BlockPlan]] = {}
         self._slots = self._body_slots()  # each client's server body (host copy of SplitGAN.body_of)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
@@ -182,9 +181,8 @@ class BatchedEngine(SimulationEngine):
                 if holders:
                     self._banks[net, b] = _Bank(holders, [model.clients[i].nets[net][str(b)] for i in holders])
             per_client = [list(model.client_parameters(i, net)) for i in range(len(data))]
-            self._shared_opts[net] = torch.optim.Adam([p for ps in per_client for p in ps], lr=lr, betas=betas,
-                                                      fused=self.device.type == "cuda" or None,
-                                                      capturable=self.ex.cuda_graphs)
+            self._shared_opts[net] = adam([p for ps in per_client for p in ps], train, fused=self.device.type == "cuda",
+                                          capturable=self.ex.cuda_graphs)
             for i, ps in enumerate(per_client):
                 self.client_opts[i][net] = _ClientAdam(self._shared_opts[net], ps)
         self._banks_by_net = {net: [bank for (n, _), bank in self._banks.items() if n == net] for net in NETS}
@@ -318,10 +316,6 @@ class BatchedEngine(SimulationEngine):
         self.model.server_requires_grad_(net, flag)
 
     # -- one iteration ---------------------------------------------------------------------------
-    def _row_losses(self, out: torch.Tensor, target: float) -> torch.Tensor:
-        out = for_loss(out).flatten(1)
-        return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target), reduction="none").mean(1)
-
     def _finite(self, losses: dict[str, torch.Tensor], clients: list[int], where: tuple) -> dict[str, list[float]]:
         """The rows' losses as floats: one device sync per iteration, the first non-finite one an error."""
         values = torch.stack([losses["discriminator"], losses["generator"]]).tolist()
@@ -393,7 +387,7 @@ class BatchedEngine(SimulationEngine):
             with autocast():
                 out_fake = self._net("D", clients[a:b], (fake.detach(), ys[a:b]))
                 out_real = self._net("D", clients[a:b], (xs[a:b], ys[a:b]), server_input=seen)
-            loss = self._row_losses(out_fake, 0.0) + self._row_losses(out_real, 1.0)
+            loss = discriminator_loss(out_fake, out_real, per_row=True)
             loss.sum().backward()
             d_losses.append(loss.detach())
         self._step("D", all_clients)
@@ -407,7 +401,7 @@ class BatchedEngine(SimulationEngine):
                 fake = self._net("G", clients[a:b], (zs[a:b], ys[a:b])) if recompute else fakes[k]
                 out = self._net("D", clients[a:b], (fake, ys[a:b]))
             fakes[k] = None
-            loss = self._row_losses(out, 1.0)
+            loss = generator_loss(out, per_row=True)
             loss.sum().backward()
             g_losses.append(loss.detach())
         self._requires_grad("D", True)

@@ -1,17 +1,14 @@
-"""All clients in one process: the reference numerics of one HuSCF-GAN iteration.
+"""All clients in one process: the reference schedule of one HuSCF-GAN iteration.
 
-One iteration, every participating client at once (the server's blocks accumulate the sum of
-all clients' gradients, then each optimiser steps once):
+What an iteration computes (its losses, step order and optimisers) is ``engines.objective``; this
+engine runs it client by client in one process: every participating client at once per step, the
+server's blocks accumulating the sum of all clients' gradients before each optimiser steps once.
 
-1. fake_i = G_i(z_i, y_i) through client head -> server body -> client tail;
-2. D step: L_D = sum_i BCE(D_i(fake_i.detach(), y_i), 0) + BCE(D_i(x_i, y_i), 1);
-3. G step: L_G = sum_i BCE(D_i(fake_i, y_i), 1).
-
-Losses are computed at the client tails only. An epoch is a real pass over each client's own
-partition (shuffled, without replacement, remainder dropped): client i has n_i // B batches, the
-epoch runs max_i of that, and a client whose batches are used up sits out the rest of the epoch.
-All randomness of a round is drawn from generators keyed by (seed, round, ...), so a resumed run
-replays exactly what an uninterrupted one does.
+An epoch is a real pass over each client's own partition (shuffled, without replacement,
+remainder dropped): client i has n_i // B batches, the epoch runs max_i of that, and a client
+whose batches are used up sits out the rest of the epoch. All randomness of a round is drawn from
+generators keyed by (seed, round, ...), so a resumed run replays exactly what an uninterrupted
+one does.
 """
 
 from __future__ import annotations
@@ -21,11 +18,10 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from huscf.config import TrainConfig
 from huscf.engines.execution import Execution, for_loss
-from huscf.errors import HuscfError
+from huscf.engines.objective import adam, check_finite, discriminator_loss, generator_loss
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import federate
@@ -38,14 +34,6 @@ def keyed_rng(*key: int) -> np.random.Generator:
     """The generator of one piece of a round's randomness, keyed by (seed, round, epoch, ...): every
     engine and process draws the same numbers for the same key."""
     return np.random.default_rng(list(key))
-
-
-def non_finite_loss(client: int, what: str, where: tuple) -> HuscfError:
-    """The one-line error for a NaN or infinite loss; ``where`` is (round, epoch, iteration), 0-based,
-    and the message counts from 1, as the progress bar and metrics.jsonl do."""
-    r, e, t = (k + 1 for k in where) if len(where) == 3 else ("?", "?", "?")
-    return HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
-                      f"epoch {e}, iteration {t}: lower train.lr or check the data")
 
 
 class _NoOptimizer:
@@ -98,7 +86,7 @@ class SimulationEngine:
         whose server-side activations the round end clusters on (None: no clustering features)."""
         if len(data) != len(model.clients):
             raise ValueError("one ClientData per client is required")
-        batch_size, lr, betas = train.batch_size, train.lr, tuple(train.betas)
+        batch_size = train.batch_size
         self.ex = execution or Execution()
         self.device = self.ex.torch_device
         if self.device.type == "cuda":  # let cuDNN time its algorithms once per shape (off by default)
@@ -113,21 +101,18 @@ class SimulationEngine:
 
         # on CUDA, one fused kernel per optimiser step: with one optimiser per client segment the
         # default multi-kernel step was a third of the GPU time of an 80-client iteration
-        fused = self.device.type == "cuda"
+        flags = {"fused": self.device.type == "cuda", "capturable": self.ex.cuda_graphs}
 
-        def adam(params):
-            opt = torch.optim.Adam(list(params), lr=lr, betas=betas, fused=fused or None,
-                                   capturable=self.ex.cuda_graphs)
-            opt.huscf_flags = {"fused": fused or None, "capturable": self.ex.cuda_graphs}
-            return opt
+        def opt(params):
+            return adam(params, train, **flags)
 
         if shared_generator:  # MD-GAN: one generator (the server's) that every client's G slot points to
-            self.client_opts = [{"G": _NoOptimizer(), "D": adam(model.client_parameters(i, "D"))}
+            self.client_opts = [{"G": _NoOptimizer(), "D": opt(model.client_parameters(i, "D"))}
                                 for i in range(len(data))]
-            self.server_opts = {"G": adam(model.client_parameters(0, "G")), "D": adam(model.server_parameters("D"))}
+            self.server_opts = {"G": opt(model.client_parameters(0, "G")), "D": opt(model.server_parameters("D"))}
         else:
-            self.client_opts = [{net: adam(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
-            self.server_opts = {net: adam(model.server_parameters(net)) for net in NETS}
+            self.client_opts = [{net: opt(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
+            self.server_opts = {net: opt(model.server_parameters(net)) for net in NETS}
         # when set (to a depth), the server collects clustering features from the real D passes
         self.feature_depth = feature_depth
         self.features = FeatureStats(len(data))
@@ -172,7 +157,7 @@ class SimulationEngine:
     # -- one iteration ---------------------------------------------------------------------------
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
-        """The paper's iteration for the clients in ``batch``; returns {client: (L_D, L_G)}."""
+        """``objective``'s iteration for the clients in ``batch``; returns {client: (L_D, L_G)}."""
         m, ex = self.model, self.ex
         clients = sorted(batch)
         # drawn in float32 in every precision: an fp64 run sees the fp32 run's noise, cast exactly
@@ -198,10 +183,8 @@ class SimulationEngine:
                 out_real = m.discriminate(i, x, y, server_input=received)
             if collect:  # keep the server's input only when it is needed: it pins that activation
                 seen[i] = for_loss(received[0])
-            out_fake, out_real = for_loss(out_fake), for_loss(out_real)
-            loss = (F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake))
-                    + F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real)))
-            self._check_finite(loss, i, "discriminator", where)
+            loss = discriminator_loss(out_fake, out_real)
+            check_finite(loss, i, "discriminator", where)
             loss.backward()
             d_losses[i] = loss.item()
         self._step("D", clients)
@@ -220,9 +203,8 @@ class SimulationEngine:
                 if ex.recompute_generator:
                     fake = m.generate(i, z[i], batch[i][1])
                 out = m.discriminate(i, fake, batch[i][1])
-            out = for_loss(out)
-            loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-            self._check_finite(loss, i, "generator", where)
+            loss = generator_loss(out)
+            check_finite(loss, i, "generator", where)
             loss.backward()
             g_losses[i] = loss.item()
         self._requires_grad("D", True)
@@ -244,11 +226,6 @@ class SimulationEngine:
         for c in self.model.clients:
             c.nets[net].requires_grad_(flag)
         self.model.server_requires_grad_(net, flag)
-
-    @staticmethod
-    def _check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:
-        if not torch.isfinite(loss):
-            raise non_finite_loss(client, what, where)
 
     def federate(self, strategy: Strategy, sizes: np.ndarray, round_idx: int, seed: int,
                  use_features: bool) -> Aggregation:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from huscf.config import RunConfig
 from huscf.engines.execution import Execution, for_loss
-from huscf.engines.simulation import keyed_rng, non_finite_loss
+from huscf.engines.objective import adam, check_finite, discriminator_loss, generator_loss
+from huscf.engines.simulation import keyed_rng
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import apply_secure, decide, federate
@@ -57,18 +57,8 @@ class RunSpec:
         return cfg, ex, self.arch.generator(), self.arch.discriminator()
 
 
-def _adam(params, cfg: RunConfig, device: torch.device):
-    return torch.optim.Adam(list(params), lr=cfg.train.lr, betas=cfg.train.betas,
-                            fused=(device.type == "cuda") or None)
-
-
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
-
-
-def _bce(out: torch.Tensor, target: float) -> torch.Tensor:
-    out = for_loss(out)
-    return F.binary_cross_entropy_with_logits(out, torch.full_like(out, target))
 
 
 @torch.no_grad()
@@ -118,7 +108,8 @@ class ClientHost:
                 seg.to(memory_format=torch.channels_last)
         self.data = {i: (self.ex.layout(c.x.to(self.device, self.ex.dtype)), c.y.to(self.device))
                      for i, c in load_client_data(self.cfg, self.ids).items()}
-        self.opts = {i: {net: _adam(self.segs[i].nets[net].parameters(), self.cfg, self.device) for net in NETS}
+        fused = self.device.type == "cuda"
+        self.opts = {i: {net: adam(self.segs[i].nets[net].parameters(), self.cfg.train, fused=fused) for net in NETS}
                      for i in self.ids}
         contracts = _contracts(self.segs, g, d, spec.arch)
         self.wire = Wire(f"host:{index}", PrivacyGuard(spec.arch.image_shape, contracts, self.cfg.train.batch_size))
@@ -156,10 +147,6 @@ class ClientHost:
         import ray
 
         return {m.client: m for m in ray.get(method.remote(msgs))}
-
-    def _finite(self, loss: torch.Tensor, i: int, what: str, where: tuple) -> None:
-        if not torch.isfinite(loss):
-            raise non_finite_loss(i, what, where)
 
     # -- phase A: generator forward, discriminator step --------------------------------------------
     def phase_a(self, control: Message, noise: list[Message]) -> Message:
@@ -211,8 +198,8 @@ class ClientHost:
                 lf, lr = dh[i]
             with ex.autocast():
                 out_f, out_r = s[i].run_tail("D", lf), s[i].run_tail("D", lr)
-            loss = _bce(out_f, 0.0) + _bce(out_r, 1.0)
-            self._finite(loss, i, "discriminator", where)
+            loss = discriminator_loss(out_f, out_r)
+            check_finite(loss, i, "discriminator", where)
             loss.backward()
             losses[i] = loss.item()
             if i in replies:
@@ -253,8 +240,8 @@ class ClientHost:
             lf = _leaf(replies[i].tensor("fake", self.device)) if i in replies else dh[i]
             with ex.autocast():
                 out = s[i].run_tail("D", lf)
-            loss = _bce(out, 1.0)
-            self._finite(loss, i, "generator", where)
+            loss = generator_loss(out)
+            check_finite(loss, i, "generator", where)
             loss.backward()
             losses[i] = loss.item()
             if i in replies:
@@ -366,7 +353,8 @@ class ServerNode:
                                                                                                   self.ex.dtype)
         if self.ex.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.opts = {net: _adam(self.model.server_parameters(net), self.cfg, self.device) for net in NETS}
+        fused = self.device.type == "cuda"
+        self.opts = {net: adam(self.model.server_parameters(net), self.cfg.train, fused=fused) for net in NETS}
         self.sizes = np.asarray(spec.sizes)
         self.feature_depth = spec.feature_depth
         self.features = FeatureStats(len(spec.cuts))
