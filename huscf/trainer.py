@@ -200,6 +200,7 @@ class Trainer:
                         bar.set_postfix(last, refresh=False)
                         bar.update()
 
+                    self.method.before_epoch(self.engine, cfg.seed, r, e)
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
                     self.method.after_epoch(self.engine, cfg.seed, r, e)
                 row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads)

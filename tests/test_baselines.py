@@ -85,7 +85,7 @@ def test_mdgan_swaps_discriminators_between_clients(tmp_path):
     for i, c in enumerate(t.model.clients):
         for p in c.nets["D"].parameters():
             p.data.fill_(float(i))
-    t.engine.swap_discriminators([1, 2, 0, 4, 5, 3])
+    t.engine.exchange("D", [1, 2, 0, 4, 5, 3])
     got = [next(c.nets["D"].parameters()).flatten()[0].item() for c in t.model.clients]
     assert got == [1, 2, 0, 4, 5, 3]
 

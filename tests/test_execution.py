@@ -413,7 +413,7 @@ def test_batched_discriminator_swap_equals_the_loop(tied):
     engines = [_engine(fp64(Execution()), shared, tied), _engine(fp64(Execution(batch_clients=True)), shared, tied)]
     for eng in engines:
         _train(eng, 1)
-        eng.swap_discriminators([1, 2, 3, 4, 5, 0])
+        eng.exchange("D", [1, 2, 3, 4, 5, 0])
         _train(eng, 1)
     _assert_outputs_close64(engines[1].model, engines[0].model)
 

@@ -582,3 +582,47 @@ def test_state_round_trips_through_messages_with_bf16():
     fresh.load_state_dict(opts["G"])
     for k, v in opt.state_dict()["state"][0].items():
         torch.testing.assert_close(fresh.state_dict()["state"][0][k], v)
+
+
+def test_a_toy_method_with_a_new_hook_runs_the_same_on_every_engine(local_ray, tmp_path):
+    """Issue 27: a method defined outside huscf (tests/toy_methods.py) gives every client a peer's
+    synthetic samples before each epoch (``Method.before_epoch`` + ``Engine.give``). It runs on
+    the loop, the batched and the Ray engine with no code of its own in engines/ or runtime/, and
+    all three compute the same run (float64: tests/numerics.py rule 1, per-client losses as
+    metrics.jsonl rounds them)."""
+    import toy_methods
+    from ray import cloudpickle
+
+    from huscf.methods import register, unregister
+
+    cloudpickle.register_pickle_by_value(toy_methods)  # Ray's workers cannot import the tests folder
+    register(toy_methods.GivesPeerFakes)
+    register(toy_methods.GivesNothing)
+    try:
+        runs = {}
+        for name, extra in [("loop", []), ("batched", ["compute.clients=batched"]),
+                            ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
+                            ("plain", ["method=toy-plain"])]:
+            cfg = build_config({}, SMALL + FP64 + ["method=toy-given", *extra])
+            Trainer.new(cfg, tmp_path / name, quiet=True).fit()
+            runs[name] = read_metrics(tmp_path / name)
+    finally:
+        unregister("toy-given")
+        unregister("toy-plain")
+        cloudpickle.unregister_pickle_by_value(toy_methods)
+    for name in ("batched", "ray"):
+        for a, b in zip(runs["loop"], runs[name]):
+            for key in ("loss_d_per_client", "loss_g_per_client"):
+                assert_close64(np.array(b[key]), np.array(a[key]), extra=RECORD_ROUNDING, msg=f"{name} {key}")
+    # the given samples were trained on: without them the same run computes other losses
+    assert np.abs(np.array(runs["plain"][0]["loss_d_per_client"]) - runs["loop"][0]["loss_d_per_client"]).max() > 1e-3
+    # on Ray they travelled from the driver to each client as "given" messages, in the audit
+    rows = [json.loads(line) for line in (tmp_path / "ray" / "audit.jsonl").read_text().splitlines()]
+    given = [r for r in rows if r["kind"] == "given"]
+    assert {(r["src"], r["dst"], r["name"]) for r in given} == {
+        ("driver", f"client:{i}", n) for i in range(4) for n in ("x", "y")}
+    assert sorted({tuple(r["shape"]) for r in given}) == [(toy_methods.GIVEN,), (toy_methods.GIVEN, 1, 28, 28)]
+    assert not summarise(tmp_path / "ray")["violations"]
+    from huscf.runtime.audit import format_summary
+
+    assert "clients were given samples with their labels" in format_summary(summarise(tmp_path / "ray"))

@@ -474,6 +474,6 @@ class BatchedEngine(SimulationEngine):
         super().load_state_dict(state)
         self._follow_bodies()
 
-    def swap_discriminators(self, perm: list[int]) -> None:
+    def exchange(self, net: str, perm: list[int]) -> None:
         self._drop_graphs()
-        super().swap_discriminators(perm)
+        super().exchange(net, perm)

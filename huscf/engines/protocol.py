@@ -23,6 +23,7 @@ class Engine(Protocol):
     model: SplitGAN  # the split model (the Ray driver's is a mirror, refreshed at every round end)
     device: torch.device  # where ``model`` lives (monitoring samples are drawn there)
     placement: str  # where the work runs, for the run's compute line ("" when it is this process)
+    z_dim: int  # the generator's latent size (a method that samples ``model`` draws noise of it)
 
     def iterations_per_epoch(self) -> int:
         """Iterations of one local epoch (the longest client's batches, capped by the config)."""
@@ -36,8 +37,12 @@ class Engine(Protocol):
                  use_features: bool) -> Aggregation:
         """The round end: the strategy's aggregation applied to the model; returns it."""
 
-    def swap_discriminators(self, perm: list[int]) -> None:
-        """Client i continues with client perm[i]'s discriminator and its optimiser state."""
+    def give(self, data: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """For the next epoch only, client i trains on its own partition plus ``data[i]`` (images,
+        integer labels): what a method hands a client besides its data (a peer's synthetic data)."""
+
+    def exchange(self, net: str, perm: list[int]) -> None:
+        """Client i continues with client perm[i]'s copy of ``net`` and its optimiser state."""
 
     def round_events(self) -> dict:
         """Faults and skipped iterations of the round, for the round record (then reset)."""

@@ -22,12 +22,25 @@ import torch
 from huscf.config import TrainConfig
 from huscf.engines.execution import Execution, for_loss
 from huscf.engines.objective import adam, check_finite, discriminator_loss, generator_loss
+from huscf.errors import HuscfError
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import federate
 from huscf.federation.strategies import Aggregation, Strategy
 from huscf.setup import ClientData
 from huscf.split.segments import NETS, SplitGAN
+
+
+def check_given(data: dict, num_clients: int, sample_shape: tuple[int, ...]) -> dict:
+    """``Engine.give``'s input checked: client ids in the run, samples of the data's shape, one
+    integer label each. The same dict, or one line of error."""
+    for i, (x, y) in data.items():
+        if not 0 <= i < num_clients:
+            raise HuscfError(f"give: no client {i} (the run has {num_clients})")
+        if tuple(x.shape[1:]) != tuple(sample_shape) or y.shape != (len(x),) or y.is_floating_point():
+            raise HuscfError(f"give: client {i} takes samples of shape {tuple(sample_shape)} with one integer "
+                             f"label each; got {tuple(x.shape)} and labels {tuple(y.shape)} {y.dtype}")
+    return data
 
 
 def keyed_rng(*key: int) -> np.random.Generator:
@@ -116,10 +129,23 @@ class SimulationEngine:
         # when set (to a depth), the server collects clustering features from the real D passes
         self.feature_depth = feature_depth
         self.features = FeatureStats(len(data))
+        self._given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ``give``: for the next epoch
 
     # -- epochs --------------------------------------------------------------------------------
+    def give(self, data: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """For the next epoch only, client i trains on its partition plus ``data[i]`` (images, int
+        labels): samples a method hands a client, e.g. a peer's synthetic data."""
+        for i, (x, y) in check_given(data, len(self.data), self.data[0].x.shape[1:]).items():
+            self._given[i] = (self.ex.layout(x.to(self.device, self.ex.dtype)), y.to(self.device))
+
+    def _epoch_data(self) -> list[ClientData]:
+        """Each client's samples for this epoch: its partition, then what it was given."""
+        return [d if i not in self._given else
+                ClientData(torch.cat([d.x, self._given[i][0]]), torch.cat([d.y, self._given[i][1]]), d.domain)
+                for i, d in enumerate(self.data)]
+
     def batches_per_client(self) -> list[int]:
-        return [max(1, len(d) // self.batch_size) for d in self.data]
+        return [max(1, len(d) // self.batch_size) for d in self._epoch_data()]
 
     def iterations_per_epoch(self) -> int:
         n = max(self.batches_per_client())
@@ -132,15 +158,16 @@ class SimulationEngine:
         if collect_features:
             self.features = FeatureStats(len(self.data))
         nb = self.batches_per_client()
+        data, self._given = self._epoch_data(), {}
         # the permutations live beside the data: a batch is then one gather, with no host copy
         perms = [torch.from_numpy(keyed_rng(self.seed, round_idx, epoch, i).permutation(len(d))).to(d.y.device)
-                 for i, d in enumerate(self.data)]
+                 for i, d in enumerate(data)]
         noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
         counts = np.zeros(len(self.data))
         for t in range(self.iterations_per_epoch()):
             batch = {}
-            for i, d in enumerate(self.data):
+            for i, d in enumerate(data):
                 if t < nb[i]:
                     idx = perms[i][t * self.batch_size:(t + 1) * self.batch_size]
                     batch[i] = (d.x[idx], d.y[idx])
@@ -242,16 +269,16 @@ class SimulationEngine:
     def close(self) -> None:
         pass
 
-    def swap_discriminators(self, perm: list[int]) -> None:
-        """MD-GAN's peer-to-peer swap: client i continues with client perm[i]'s discriminator
-        (weights and Adam state)."""
+    def exchange(self, net: str, perm: list[int]) -> None:
+        """Client i continues with client perm[i]'s copy of ``net`` ("G" or "D"): its segment's
+        weights and Adam state (a peer-to-peer move; MD-GAN's discriminators)."""
         # clones, not deep copies: a deep copy of a view (the batched engine's weight banks) copies
         # the whole bank
-        states = [{k: v.clone() for k, v in c.nets["D"].state_dict().items()} for c in self.model.clients]
-        opt_states = [copy.deepcopy(o["D"].state_dict()) for o in self.client_opts]
+        states = [{k: v.clone() for k, v in c.nets[net].state_dict().items()} for c in self.model.clients]
+        opt_states = [copy.deepcopy(o[net].state_dict()) for o in self.client_opts]
         for i, j in enumerate(perm):
-            self.model.clients[i].nets["D"].load_state_dict(states[j])
-            self.client_opts[i]["D"].load_state_dict(opt_states[j])
+            self.model.clients[i].nets[net].load_state_dict(states[j])
+            self.client_opts[i][net].load_state_dict(opt_states[j])
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -42,6 +42,10 @@ class Method:
         """The round-end policy for a validated ``RunConfig``."""
         raise NotImplementedError
 
+    def before_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
+        """Called before every local epoch with the engine (``engine.give``: data a client trains
+        on this epoch besides its own)."""
+
     def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
         """Called after every local epoch with the engine (MD-GAN moves discriminators here)."""
 

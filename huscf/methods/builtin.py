@@ -76,7 +76,7 @@ class MDGAN(Method):
 
     def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
         """The peer-to-peer swap: a seeded derangement of the discriminators after every epoch."""
-        engine.swap_discriminators(derangement(len(engine.model.clients), seed, round_no, epoch))
+        engine.exchange("D", derangement(len(engine.model.clients), seed, round_no, epoch))
 
 
 @register

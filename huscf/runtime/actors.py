@@ -30,7 +30,7 @@ from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import apply_secure, decide, federate
 from huscf.federation.secure import MaskingClient, SecurePlan, open_sums, plan_sums
-from huscf.methods import build_strategy
+from huscf.methods import Method, build_strategy, method_names, register
 from huscf.models.cgan import Architecture
 from huscf.runtime.messages import ClientContract, Message, PrivacyGuard, Wire, pack_state, unpack_state
 from huscf.setup import load_client_data
@@ -48,9 +48,14 @@ class RunSpec:
     sizes: tuple[int, ...]
     feature_depth: int | None
     threads: int
+    # the run's method class: an actor registers it when its process does not know it yet (a method
+    # defined outside huscf, e.g. a user's or a test's), before the config names it
+    method: type[Method] | None = None
 
     def setup(self) -> tuple[RunConfig, Execution, torch.nn.Module, torch.nn.Module]:
         torch.set_num_threads(self.threads)
+        if self.method is not None and self.method.name not in method_names(ablations=True):
+            register(self.method)
         cfg = RunConfig.model_validate(self.config)
         ex = Execution.from_config(cfg.compute, len(self.cuts), per_client_loop=True)
         torch.manual_seed(cfg.seed)  # the same initialisation as the driver's and every other process's
@@ -126,15 +131,22 @@ class ClientHost:
     def sizes(self) -> dict[int, int]:
         return {i: len(y) for i, (_, y) in self.data.items()}
 
-    def begin_epoch(self, msg: Message) -> None:
+    def begin_epoch(self, msg: Message, given: list[Message] = ()) -> None:
+        """The epoch's permutations, over each client's partition plus the samples it was given
+        for this epoch (``Engine.give``), appended as the one-process engines append them."""
         r, e = msg.meta["round"], msg.meta["epoch"]
         self.wire.audit.round = r + 1
+        self.epoch_data = dict(self.data)
+        for m in given:
+            x, y = self.data[m.client]
+            gx = self.ex.layout(m.tensor("x", self.device).to(self.ex.dtype))
+            self.epoch_data[m.client] = (torch.cat([x, gx]), torch.cat([y, m.tensor("y", self.device)]))
         self.perms = {i: torch.from_numpy(keyed_rng(self.cfg.seed, r, e, i).permutation(len(y)))
-                      for i, (_, y) in self.data.items()}
+                      for i, (_, y) in self.epoch_data.items()}
 
     def _batch(self, i: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.perms[i][t * self.batch_size:(t + 1) * self.batch_size]
-        x, y = self.data[i]
+        x, y = self.epoch_data[i]
         return x[idx], y[idx]
 
     def _send(self, method, kind: str, net: str, payload: dict[int, dict[str, torch.Tensor]],

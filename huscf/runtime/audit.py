@@ -106,4 +106,7 @@ def format_summary(s: dict) -> str:
     verdict = "OK" if not s["violations"] else f"{len(s['violations'])} VIOLATION(S)"
     lines.append(f"privacy: clients sent only {', '.join(s['kinds_sent_by_clients'])}: {verdict} "
                  f"(never images, labels, synthetic images or discriminator outputs)")
+    if "given" in s["bytes_by_kind"]:  # samples and labels the method handed clients (Engine.give)
+        lines.append(f"clients were given samples with their labels ({_mb(sum(s['bytes_by_kind']['given'].values()))}, "
+                     f"kind 'given'): the method shares data, see its 'shares'")
     return "\n".join(lines)

@@ -25,9 +25,10 @@ import torch
 
 from huscf.engines.execution import precision_dtype
 from huscf.engines.precision import choose_precision
-from huscf.engines.simulation import keyed_rng
+from huscf.engines.simulation import check_given, keyed_rng
 from huscf.errors import HuscfError
 from huscf.federation.strategies import Aggregation
+from huscf.methods import get_method
 from huscf.runtime.actors import ClientHost, RunSpec, ServerNode
 from huscf.runtime.cluster import connect, disconnect
 from huscf.runtime.messages import Message, Wire, pack_state, unpack_state
@@ -79,7 +80,8 @@ class RayEngine:
             device = cfg.compute.device if cfg.compute.device != "auto" else (
                 "cuda" if torch.cuda.is_available() else "cpu")
             config["compute"]["precision"] = choose_precision("auto", device)[0]
-        self.spec = RunSpec(config, arch, tuple(model.cuts), tuple(self.sizes), feature_depth, threads)
+        self.spec = RunSpec(config, arch, tuple(model.cuts), tuple(self.sizes), feature_depth, threads,
+                            type(get_method(cfg.method)))
         self.wire = Wire("driver")
         self.server = self.ray.remote(ServerNode).options(
             num_cpus=0, resources=dict(rt.server_resources) or None, max_concurrency=1).remote(self.spec)
@@ -92,6 +94,7 @@ class RayEngine:
         self.after_iteration = []  # callables (round, epoch, t): monitoring and fault-injection tests
         self.before_masking = []  # callables (round): fault injection in a secure round end (tests)
         self._events = self._no_events()
+        self._given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ``give``: for the next epoch
 
     # -- actors ------------------------------------------------------------------------------------
     def _start_host(self, k: int):
@@ -154,8 +157,15 @@ class RayEngine:
             self.ray.kill(self.hosts[k])
 
     # -- epochs ------------------------------------------------------------------------------------
+    def give(self, data: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``Engine.give``: the samples travel to the client's actor with the next epoch's start
+        (message kind ``given``, in the audit)."""
+        for i, (x, y) in check_given(data, len(self.sizes), self.spec.arch.image_shape).items():
+            self._given[i] = (x.detach().cpu(), y.detach().cpu())
+
     def batches_per_client(self) -> list[int]:
-        return [max(1, n // self.batch_size) for n in self.sizes]
+        return [max(1, (n + len(self._given.get(i, ((), ()))[1])) // self.batch_size)
+                for i, n in enumerate(self.sizes)]
 
     def iterations_per_epoch(self) -> int:
         n = max(self.batches_per_client())
@@ -175,8 +185,11 @@ class RayEngine:
                                                          "collect": collect_features})
         self.wire.audit.round = round_idx + 1
         self._call(self.server.begin_epoch.remote(control), "epoch start")
-        self._gather({k: h.begin_epoch.remote(control) for k, h in self._live().items()}, (round_idx, epoch, 0))
         nb = self.batches_per_client()
+        given = {i: self.wire.pack("given", f"client:{i}", i, {"x": x, "y": y}) for i, (x, y) in self._given.items()}
+        self._given = {}
+        self._gather({k: h.begin_epoch.remote(control, [given[i] for i in self.groups[k] if i in given])
+                      for k, h in self._live().items()}, (round_idx, epoch, 0))
         n = len(self.sizes)
         noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(n), "g": np.zeros(n)}
@@ -263,9 +276,9 @@ class RayEngine:
         self._gather({k: h.pull_opened.remote() for k, h in self._live().items()}, where)
         return m
 
-    def swap_discriminators(self, perm: list[int]) -> None:
-        raise HuscfError("the ray engine does not move discriminators between clients (MD-GAN): "
-                         "use runtime.engine=simulation")
+    def exchange(self, net: str, perm: list[int]) -> None:
+        raise HuscfError(f"the ray engine does not move a client's {net} to another client (method "
+                         f"{self.cfg.method!r}): use runtime.engine=simulation")
 
     def _recover(self, k: int) -> None:
         if self.cfg.runtime.on_failure == "drop":

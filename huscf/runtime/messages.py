@@ -36,6 +36,7 @@ KINDS = {
     "state": "weights and optimiser moments, to the driver's checkpoint or back on a restart",
     "metric": "scalar losses and counts, client -> driver",
     "control": "orchestration: round, epoch, iteration, client ids, cluster assignment (no tensors)",
+    "given": "samples and labels a method hands a client for one epoch (Engine.give), driver -> client",
     # secure aggregation (federation/secure.py)
     "keys": "a client's public key for one round end's pair secrets, client -> server (no tensors)",
     "masked": "a client's weighted segment block masked with its pair masks, client -> server (uint64 words)",

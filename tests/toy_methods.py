@@ -1,0 +1,49 @@
+"""A toy method that uses a hook no shipped method uses, for the tests that run it on every
+engine (issue 27): the engines and the runtime know nothing of it."""
+
+from __future__ import annotations
+
+import torch
+
+from huscf.federation.strategies import FedAvg
+from huscf.methods import Method
+
+GIVEN = 32  # samples given to each client before each epoch
+
+
+class GivesPeerFakes(Method):
+    """Before every epoch each client is given GIVEN synthetic samples from the next client's
+    generator (a stand-in for a peer's synthetic data), and trains on them besides its own."""
+
+    name = "toy-given"
+    title = "a toy method: each client also trains on its peer's synthetic samples"
+    shares = "cut-layer activations and gradients; client weights for averaging; a peer's synthetic samples"
+    split = True
+    gives = True
+
+    def strategy(self, cfg):
+        return FedAvg()
+
+    def before_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
+        if not self.gives:
+            return
+        model = engine.model
+        n = len(model.clients)
+        dtype = next(model.parameters()).dtype
+        noise = torch.Generator().manual_seed(seed * 1_000 + round_no * 10 + epoch)
+        y = torch.arange(GIVEN) % 10
+        given, training = {}, model.training
+        model.eval()  # sampling: BatchNorm's running statistics, which it leaves as they are
+        with torch.no_grad():
+            for i in range(n):
+                z = torch.randn(GIVEN, engine.z_dim, generator=noise).to(engine.device, dtype)
+                given[i] = (model.generate((i + 1) % n, z, y.to(engine.device)).cpu(), y)
+        model.train(training)
+        engine.give(given)
+
+
+class GivesNothing(GivesPeerFakes):
+    """The same method without the hook's effect: what the toy's runs are compared with."""
+
+    name = "toy-plain"
+    gives = False
