@@ -401,3 +401,30 @@ def test_download_unreachable_and_unsupported(tmp_path, monkeypatch):
     with pytest.raises(HuscfError, match="unknown domain 'svhn'"):
         download("svhn", tmp_path, quiet=True)
     assert download("digits", tmp_path, quiet=True) == []
+
+
+def test_a_new_domain_is_one_entry(monkeypatch, tmp_path):
+    """Issue 27: adding a dataset is one ``DOMAINS`` entry; loading, listing, the download command
+    and a run's set-up read it from there."""
+    from huscf.config import build_config
+    from huscf.data import sources
+    from huscf.setup import build_setup
+
+    def read(split, root):
+        digits = load_domain("digits", split)
+        flipped = np.ascontiguousarray(digits.images[..., ::-1])  # mirrored digits: a new domain
+        flipped.flags.writeable = False
+        return sources.Domain("digits_mirrored", flipped, digits.labels, 10, digits.class_names)
+
+    with pytest.raises(HuscfError, match="unknown domain 'digits_mirrored'"):
+        load_domain("digits_mirrored")
+    monkeypatch.setitem(sources.DOMAINS, "digits_mirrored", sources.DomainSource(read, None, "made in a test"))
+    assert "digits_mirrored" in known_domains()
+    d = load_domain("digits_mirrored", "test", tmp_path)
+    plain = load_domain("digits", "test").images
+    assert d.images.shape[1:] == (1, 28, 28) and np.array_equal(d.images[0, 0, :, 0], plain[0, 0, :, -1])
+    with pytest.raises(HuscfError, match="^made in a test$"):
+        download("digits_mirrored", tmp_path, quiet=True)
+    setup = build_setup(build_config({}, ["data.domains=[digits, digits_mirrored]", "data.clients_per_domain=2",
+                                          "cuts.method=random"]))
+    assert [c.domain for c in setup.data] == ["digits", "digits", "digits_mirrored", "digits_mirrored"]

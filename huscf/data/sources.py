@@ -7,6 +7,9 @@ The ``digits*`` domains are built from scikit-learn's bundled 8x8 digits and nee
 writes it), else ``cifar10_subset.npz`` (32x32 RGB). ``fsdd`` reads
 ``<data_dir>/fsdd/fsdd.npz`` (8 kHz speech) and turns every recording into a fixed-size log-mel
 spectrogram image (``data/audio.py``); its speakers are the domain's ``groups``.
+
+Every domain is one entry of ``DOMAINS`` (how to read a split, how to download it): ``load_domain``,
+``download`` and ``known_domains`` read nothing else.
 """
 
 from __future__ import annotations
@@ -161,10 +164,6 @@ _OFFLINE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def known_domains() -> tuple[str, ...]:
-    return tuple(_IDX_CLASSES) + tuple(_NPZ) + tuple(_OFFLINE)
-
-
 # ---- npz domains (CIFAR-10 subset, spoken digits) ----------------------------------------------
 
 def _npz(name: str, root: Path) -> dict[str, np.ndarray]:
@@ -241,23 +240,64 @@ def _frozen(name: str, images: np.ndarray, labels: np.ndarray, class_names: tupl
     return Domain(name, images, labels, len(class_names), class_names)
 
 
+def _idx_domain(name: str) -> Callable[[str, Path], Domain]:
+    def read(split: str, root: Path) -> Domain:
+        images, labels = _load_idx(name, split, root)
+        class_names = _IDX_CLASSES[name]
+        if labels.size and labels.max() >= len(class_names):
+            raise HuscfError(f"data for '{name}': label {labels.max()} out of range 0..{len(class_names) - 1}")
+        return _frozen(name, images, labels, class_names)
+    return read
+
+
+@dataclass(frozen=True)
+class DomainSource:
+    """One domain, as ``load_domain`` and ``download`` use it: an entry of ``DOMAINS``, which a new
+    dataset copies. ``read`` returns one split from the data folder; ``fetch`` downloads and
+    verifies its files into the domain's folder (None: nothing to download, ``no_download`` says
+    why). Its class names, files and digests are in the tables ``read`` and ``fetch`` name
+    (``_IDX_CLASSES``, ``_NPZ``; ``checksums.MIRRORS``/``SHA256``, ``archives.RELEASES``)."""
+
+    read: Callable[[str, Path], Domain]
+    fetch: Callable[[Path, bool], list[Path]] | None = None
+    no_download: str = ""
+
+
+def _idx_fetch(name: str) -> Callable[[Path, bool], list[Path]]:
+    return lambda dest, quiet: _download_idx(name, dest, quiet)
+
+
+def _release_fetch(name: str) -> Callable[[Path, bool], list[Path]]:
+    return lambda dest, quiet: _download_release(name, dest, quiet)
+
+
+_BUNDLED = "bundled with scikit-learn, nothing to download"
+DOMAINS: dict[str, DomainSource] = {
+    "mnist": DomainSource(_idx_domain("mnist"), _idx_fetch("mnist")),
+    "fashion_mnist": DomainSource(_idx_domain("fashion_mnist"), _idx_fetch("fashion_mnist")),
+    "kmnist": DomainSource(_idx_domain("kmnist"), _idx_fetch("kmnist")),
+    "notmnist": DomainSource(_idx_domain("notmnist"), None, (
+        "notmnist has no official IDX download: get t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+        "from github.com/davidflanagan/notMNIST-to-MNIST and put them in <data_dir>/notmnist/")),
+    "pneumoniamnist": DomainSource(_idx_domain("pneumoniamnist"), _release_fetch("pneumoniamnist")),
+    "cifar10": DomainSource(_load_cifar10, _release_fetch("cifar10")),
+    "fsdd": DomainSource(_load_fsdd, _release_fetch("fsdd")),
+    **{name: DomainSource(lambda split, root, name=name: _load_offline(name, split), None, _BUNDLED)
+       for name in _OFFLINE},
+}
+
+
+def known_domains() -> tuple[str, ...]:
+    return tuple(DOMAINS)
+
+
 def load_domain(name: str, split: str = "train", data_dir: str | Path | None = None) -> Domain:
     """Load the ``"train"`` or ``"test"`` split of domain ``name`` (see ``known_domains()``)."""
     if split not in ("train", "test"):
         raise HuscfError(f"split must be 'train' or 'test', got {split!r}")
-    if name in _OFFLINE:
-        return _load_offline(name, split)
-    if name == "cifar10":
-        return _load_cifar10(split, resolve_data_dir(data_dir))
-    if name == "fsdd":
-        return _load_fsdd(split, resolve_data_dir(data_dir))
-    if name not in _IDX_CLASSES:
+    if name not in DOMAINS:
         raise _unknown(name)
-    images, labels = _load_idx(name, split, resolve_data_dir(data_dir))
-    class_names = _IDX_CLASSES[name]
-    if labels.size and labels.max() >= len(class_names):
-        raise HuscfError(f"data for '{name}': label {labels.max()} out of range 0..{len(class_names) - 1}")
-    return _frozen(name, images, labels, class_names)
+    return DOMAINS[name].read(split, resolve_data_dir(data_dir))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -301,19 +341,20 @@ def _fetch_first(name: str, what: str, urls: tuple[str, ...], dest: Path, algori
 def download(name: str, data_dir: str | Path | None = None, quiet: bool = False) -> list[Path]:
     """Download and verify the official files of ``name`` into ``<data_dir>/<name>/``: the IDX files
     (SHA-256), or a release archive converted to the layout huscf reads (``archives``)."""
-    if name == "notmnist":
-        raise HuscfError("notmnist has no official IDX download: get t10k-images-idx3-ubyte.gz and "
-                         "t10k-labels-idx1-ubyte.gz from github.com/davidflanagan/notMNIST-to-MNIST "
-                         "and put them in <data_dir>/notmnist/")
-    if name in _OFFLINE:
-        if not quiet:
-            print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
-        return []
-    if name in archives.RELEASES:
-        return _download_release(name, resolve_data_dir(data_dir) / name, quiet)
-    if name not in checksums.MIRRORS:
+    if name not in DOMAINS:
         raise _unknown(name)
-    dest = resolve_data_dir(data_dir) / name
+    source = DOMAINS[name]
+    if source.fetch is None:
+        if source.no_download == _BUNDLED:
+            if not quiet:
+                print(f"{name}: {_BUNDLED}", file=sys.stderr)
+            return []
+        raise HuscfError(source.no_download)
+    return source.fetch(resolve_data_dir(data_dir) / name, quiet)
+
+
+def _download_idx(name: str, dest: Path, quiet: bool) -> list[Path]:
+    """The four IDX files from ``checksums.MIRRORS[name]``, each checked against its SHA-256."""
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for fname in checksums.IDX_FILES:
