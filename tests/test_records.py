@@ -108,3 +108,25 @@ def test_a_broken_eval_json_is_one_line(tmp_path, mutate, match):
     path.write_text(json.dumps(raw))
     with pytest.raises(HuscfError, match=rf"cannot read {path}: .*{match}"):
         read_eval(path)
+
+
+def test_the_schema_is_the_dataclass_annotations():
+    """Issue 27: a record's JSON types are read from its field annotations, not a second table: a
+    new field is checked as soon as it is declared."""
+    from dataclasses import dataclass
+
+    from huscf.rundir.records import GeneratorScore, RecordError, json_types
+
+    assert json_types(GeneratorScore) == {"round": ("int", False), "cluster": ("int", True), "client": ("int", True),
+                                          "domain": ("str", False), "generation_score": ("number", True),
+                                          "fid": ("number", True)}
+
+    @dataclass(kw_only=True)
+    class WithSteps(GeneratorScore):
+        steps: list[int | None] | None = None
+
+    assert json_types(WithSteps)["steps"] == ("list", True)
+    ok = {"round": 1, "domain": "mnist", "steps": [1, None]}
+    assert WithSteps.from_json(ok).steps == [1, None]
+    with pytest.raises(RecordError, match="'steps' should be a list or null"):
+        WithSteps.from_json(ok | {"steps": 3})

@@ -43,14 +43,44 @@ def _check(value, kind: str, key: str, optional: bool = False):
     return value
 
 
-def _fields_from(cls, raw: Any, types: dict[str, tuple[str, bool]], where: str = "") -> dict:
-    """The declared keys of ``raw`` checked against ``types`` ({key: (kind, optional)}); a missing
-    key is an error unless the field has a default."""
+_KINDS = {"int": "int", "float": "number", "str": "str", "bool": "bool", "list": "list", "dict": "dict"}
+
+
+def _union(annotation: str) -> list[str]:
+    """The members of a type annotation's top-level union ("list[int | None] | None" -> 2)."""
+    parts, depth, cur = [], 0, ""
+    for ch in annotation:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "|" and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur.strip()]
+
+
+def json_types(cls, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, bool]]:
+    """{field: (JSON kind, may be null)} read from a record's annotations, the one schema: ``int``,
+    ``float`` (a number), ``str``, ``bool``, ``list[...]``, ``dict[...]``, a nested record (an
+    object); ``| None``: null allowed. ``skip``: fields that are not keys of their own."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in skip:  # annotations as strings (postponed evaluation) or as types
+            t = f.type
+            parts = _union(t if isinstance(t, str) else t.__name__ if isinstance(t, type) else str(t))
+            base = next(p for p in parts if p != "None").split("[")[0]
+            out[f.name] = (_KINDS.get(base, "dict"), "None" in parts)
+    return out
+
+
+def _fields_from(cls, raw: Any, where: str = "", skip: tuple[str, ...] = ()) -> dict:
+    """The declared keys of ``raw`` checked against the record's field types (``json_types``); a
+    missing key is an error unless the field has a default."""
     if not isinstance(raw, dict):
         raise RecordError(f"{where or 'the entry'} is not a JSON object")
     out = {}
     defaults = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
-    for key, (kind, optional) in types.items():
+    for key, (kind, optional) in json_types(cls, skip).items():
         if key in raw:
             out[key] = _check(raw[key], kind, f"{where}{key}", optional)
         elif key not in defaults:
@@ -64,9 +94,9 @@ class RoundRecord:
     """One finished round, as the trainer writes it to ``metrics.jsonl`` (docs/evaluation.md)."""
 
     round: int
-    loss_d: float
+    loss_d: float | None
     loss_d_per_client: list[float | None] = field(default_factory=list)
-    loss_g: float
+    loss_g: float | None
     loss_g_per_client: list[float | None] = field(default_factory=list)
     clusters: list[int] = field(default_factory=list)  # cluster per client, -1: absent this round
     num_clusters: int | None = None
@@ -88,16 +118,6 @@ class RoundRecord:
     events: dict = field(default_factory=dict)
     generation_score: dict[str, float] | None = None  # every output.eval_every rounds (omitted otherwise)
 
-    _TYPES = {
-        "round": ("int", False), "loss_d": ("number", True), "loss_d_per_client": ("list", False),
-        "loss_g": ("number", True), "loss_g_per_client": ("list", False), "clusters": ("list", False),
-        "num_clusters": ("int", True), "ari_vs_domains": ("number", True), "ari_vs_groups": ("number", True),
-        "cluster_weights": ("list", False), "global_weights": ("list", False), "federation": ("dict", False),
-        "label_accuracy": ("dict", False), "iterations": ("int", True), "method": ("str", True),
-        "latency_s_per_iteration": ("number", True), "latency_s_round": ("number", True),
-        "bytes_round_per_client": ("list", True), "train_seconds": ("number", True),
-        "threads": ("list", True), "generation_score": ("dict", True),
-    }
     _OMIT_WHEN_NONE = ("ari_vs_groups", "generation_score", "threads")
 
     def to_json(self) -> dict:
@@ -112,12 +132,12 @@ class RoundRecord:
 
     @classmethod
     def from_json(cls, raw: Any) -> "RoundRecord":
-        known = _fields_from(cls, raw, cls._TYPES)
+        known = _fields_from(cls, raw, skip=("events",))
         if known["round"] < 1:
             raise RecordError(f"'round' should be >= 1, got {known['round']}")
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in known.get("clusters", [])):
             raise RecordError("'clusters' should be a list of integers")
-        events = {k: v for k, v in raw.items() if k not in cls._TYPES}
+        events = {k: v for k, v in raw.items() if k not in known}
         return cls(**known, events=events)
 
 
@@ -169,16 +189,14 @@ def write_rounds(path: Path, rows: list[RoundRecord]) -> None:
 
 # -- eval.json ---------------------------------------------------------------------------------------
 class _FlatRecord:
-    """A record whose JSON object is its fields, in order (``_TYPES``: each field's JSON kind)."""
-
-    _TYPES: dict[str, tuple[str, bool]] = {}
+    """A record whose JSON object is its fields, in order (their types: ``json_types``)."""
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, raw: Any, where: str = ""):
-        return cls(**_fields_from(cls, raw, cls._TYPES, where))
+        return cls(**_fields_from(cls, raw, where))
 
 
 @dataclass(kw_only=True)
@@ -194,9 +212,6 @@ class EvalSettings(_FlatRecord):
     client: int | None = None
     every_client: bool = False
 
-    _TYPES = {"samples": ("int", False), "tstr_samples": ("int", False), "tstr_epochs": ("int", False),
-              "seed": ("int", False), "tstr_min_steps": ("int", False), "rounds": ("list", False),
-              "client": ("int", True), "every_client": ("bool", False)}
 
 
 @dataclass(kw_only=True)
@@ -209,8 +224,6 @@ class GeneratorRef(_FlatRecord):
     domain: str
     members: list[int] = field(default_factory=list)
 
-    _TYPES = {"round": ("int", False), "cluster": ("int", True), "client": ("int", True), "domain": ("str", False),
-              "members": ("list", False)}
 
 
 @dataclass(kw_only=True)
@@ -224,8 +237,6 @@ class GeneratorScore(_FlatRecord):
     generation_score: float | None = None
     fid: float | None = None
 
-    _TYPES = {"round": ("int", False), "cluster": ("int", True), "client": ("int", True), "domain": ("str", False),
-              "generation_score": ("number", True), "fid": ("number", True)}
 
 
 @dataclass(kw_only=True)
@@ -236,7 +247,6 @@ class FinalScore(GeneratorScore):
     tstr: dict | None = None
     real_ceiling: dict | None = None
 
-    _TYPES = GeneratorScore._TYPES | {"tstr": ("dict", True), "real_ceiling": ("dict", True)}
 
 
 @dataclass(kw_only=True)
@@ -263,11 +273,7 @@ class EvalRecord:
 
     @classmethod
     def from_json(cls, raw: Any) -> "EvalRecord":
-        top = _fields_from(cls, raw, {"run_dir": ("str", False), "created": ("str", False),
-                                      "settings": ("dict", False), "classifiers": ("dict", False),
-                                      "inception_fid": ("dict", False), "generators": ("list", False),
-                                      "per_round": ("list", False), "final": ("list", False),
-                                      "samples": ("dict", False), "audio": ("dict", False)})
+        top = _fields_from(cls, raw)
 
         def items(key, kind):
             return [kind.from_json(x, f"{key}[{i}].") for i, x in enumerate(top.get(key, []))]
