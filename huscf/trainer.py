@@ -188,7 +188,7 @@ class Trainer:
         try:
             for r in range(self.start_round, rounds + 1):
                 t0 = time.perf_counter()
-                per_epoch, threads = [], []
+                per_epoch, threads, iterations = [], [], 0
                 for e in range(epochs):
                     threads.append(self.threads.adjust())
                     bar.set_description(f"round {r}/{rounds} epoch {e + 1}/{epochs}")
@@ -201,9 +201,10 @@ class Trainer:
                         bar.update()
 
                     self.method.before_epoch(self.engine, cfg.seed, r, e)
+                    iterations += self.engine.iterations_per_epoch()  # with what the method gave
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
                     self.method.after_epoch(self.engine, cfg.seed, r, e)
-                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads)
+                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads, iterations)
                 if not self.quiet:
                     bar.write(self._summary(row), file=sys.stderr)
         finally:
@@ -213,13 +214,13 @@ class Trainer:
         self._say(f"done: {self.run.path}\nnext: huscf evaluate {self.run.path} && huscf report {self.run.path}")
         return self.run.path
 
-    def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float, threads: list[int]) -> RoundRecord:
+    def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float, threads: list[int],
+                   iters: int) -> RoundRecord:
         s, cfg = self.setup, self.cfg
         agg = self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, self.feature_depth is not None)
         self._check_finite_weights(r)
         present = agg.groups >= 0  # a client whose actor failed this round took no part (Ray engine)
 
-        iters = self.engine.iterations_per_epoch() * cfg.train.local_epochs
         lat = s.latency
         row = RoundRecord(
             round=r,

@@ -626,3 +626,44 @@ def test_bad_thread_counts_are_one_line(value, capsys, tmp_path):
     assert main(["train", "--set", f"train.threads={value}", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("huscf: error:") and "train.threads" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("clients", ["loop", "batched"])
+def test_given_samples_lengthen_that_clients_epoch_once(tmp_path, clients):
+    """``Engine.give`` (issue 27): client 0 trains its next epoch on its 48 samples plus 80 given
+    ones (8 batches of 16, against 3 for everyone else), every given sample seen once; the epoch
+    after is its own data again. Bad input is one line."""
+    from huscf.config import build_config
+    from huscf.trainer import Trainer
+
+    cfg = build_config({}, ["data.clients_per_domain=2", "data.limit_per_domain=96", "model.width=0.125",
+                            "train.batch_size=16", "output.samples_every=0", "cuts.method=random",
+                            f"compute.clients={clients}", "train.threads=1"])
+    eng = Trainer.new(cfg, tmp_path / "run", quiet=True).engine
+    assert eng.batches_per_client() == [3, 3, 3, 3]
+    own = eng.data[0]
+    x = torch.full((80, *own.x.shape[1:]), 0.5)
+    y = torch.arange(80) % 10
+    eng.give({0: (x, y)})
+    assert eng.batches_per_client() == [8, 3, 3, 3] and eng.iterations_per_epoch() == 8
+    seen, count = [], {"given": 0}
+    original = eng.iteration
+
+    def spy(batch, *args, **kwargs):
+        seen.append(sorted(batch))
+        count["given"] += int((batch[0][0] == 0.5).flatten(1).all(1).sum()) if 0 in batch else 0
+        return original(batch, *args, **kwargs)
+
+    eng.iteration = spy
+    eng.run_epoch(0, 0)
+    assert seen == [[0, 1, 2, 3]] * 3 + [[0]] * 5  # client 0 alone once the others' batches are used up
+    assert count["given"] == 80  # 128 samples, 8 full batches: every given sample once
+    seen.clear()
+    eng.run_epoch(0, 1)
+    assert seen == [[0, 1, 2, 3]] * 3  # one epoch only
+    with pytest.raises(HuscfError, match="give: no client 9"):
+        eng.give({9: (x, y)})
+    with pytest.raises(HuscfError, match="give: client 1 takes samples of shape"):
+        eng.give({1: (x[:, :, :5], y)})
+    with pytest.raises(HuscfError, match="one integer label each"):
+        eng.give({1: (x, y.float())})

@@ -603,7 +603,9 @@ def test_a_toy_method_with_a_new_hook_runs_the_same_on_every_engine(local_ray, t
         for name, extra in [("loop", []), ("batched", ["compute.clients=batched"]),
                             ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
                             ("plain", ["method=toy-plain"])]:
-            cfg = build_config({}, SMALL + FP64 + ["method=toy-given", *extra])
+            # 32 samples per client (2 batches) and 32 given: 4 iterations an epoch, uncapped
+            cfg = build_config({}, SMALL + FP64 + ["method=toy-given", "data.limit_per_domain=64",
+                                                   "train.max_iters_per_epoch=null", *extra])
             Trainer.new(cfg, tmp_path / name, quiet=True).fit()
             runs[name] = read_metrics(tmp_path / name)
     finally:
@@ -614,6 +616,8 @@ def test_a_toy_method_with_a_new_hook_runs_the_same_on_every_engine(local_ray, t
         for a, b in zip(runs["loop"], runs[name]):
             for key in ("loss_d_per_client", "loss_g_per_client"):
                 assert_close64(np.array(b[key]), np.array(a[key]), extra=RECORD_ROUNDING, msg=f"{name} {key}")
+    assert [r["iterations"] for name in ("loop", "batched", "ray") for r in runs[name]] == [4] * 6
+    assert [r["iterations"] for r in runs["plain"]] == [2, 2]
     # the given samples were trained on: without them the same run computes other losses
     assert np.abs(np.array(runs["plain"][0]["loss_d_per_client"]) - runs["loop"][0]["loss_d_per_client"]).max() > 1e-3
     # on Ray they travelled from the driver to each client as "given" messages, in the audit

@@ -157,15 +157,15 @@ class SimulationEngine:
         ``collect_features``, ``self.features`` holds the epoch's clustering features afterwards."""
         if collect_features:
             self.features = FeatureStats(len(self.data))
-        nb = self.batches_per_client()
-        data, self._given = self._epoch_data(), {}
+        nb, iterations = self.batches_per_client(), self.iterations_per_epoch()
+        data, self._given = self._epoch_data(), {}  # what was given counts for this epoch only
         # the permutations live beside the data: a batch is then one gather, with no host copy
         perms = [torch.from_numpy(keyed_rng(self.seed, round_idx, epoch, i).permutation(len(d))).to(d.y.device)
                  for i, d in enumerate(data)]
         noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
         counts = np.zeros(len(self.data))
-        for t in range(self.iterations_per_epoch()):
+        for t in range(iterations):
             batch = {}
             for i, d in enumerate(data):
                 if t < nb[i]:

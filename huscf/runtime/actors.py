@@ -113,6 +113,7 @@ class ClientHost:
                 seg.to(memory_format=torch.channels_last)
         self.data = {i: (self.ex.layout(c.x.to(self.device, self.ex.dtype)), c.y.to(self.device))
                      for i, c in load_client_data(self.cfg, self.ids).items()}
+        self.epoch_data = self.data  # begin_epoch adds what a client was given for that epoch
         fused = self.device.type == "cuda"
         self.opts = {i: {net: adam(self.segs[i].nets[net].parameters(), self.cfg.train, fused=fused) for net in NETS}
                      for i in self.ids}

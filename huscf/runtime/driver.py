@@ -185,16 +185,16 @@ class RayEngine:
                                                          "collect": collect_features})
         self.wire.audit.round = round_idx + 1
         self._call(self.server.begin_epoch.remote(control), "epoch start")
-        nb = self.batches_per_client()
+        nb, iterations = self.batches_per_client(), self.iterations_per_epoch()
         given = {i: self.wire.pack("given", f"client:{i}", i, {"x": x, "y": y}) for i, (x, y) in self._given.items()}
-        self._given = {}
+        self._given = {}  # for this epoch only
         self._gather({k: h.begin_epoch.remote(control, [given[i] for i in self.groups[k] if i in given])
                       for k, h in self._live().items()}, (round_idx, epoch, 0))
         n = len(self.sizes)
         noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
         sums = {"d": np.zeros(n), "g": np.zeros(n)}
         counts = np.zeros(n)
-        for t in range(self.iterations_per_epoch()):
+        for t in range(iterations):
             where = (round_idx, epoch, t)
             # the simulation's noise stream, whoever takes part: the same z for the same client
             z = {i: torch.randn(self.batch_size, self.z_dim, generator=noise) for i in range(n) if t < nb[i]}
