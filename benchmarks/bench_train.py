@@ -92,7 +92,7 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
 
     spec = mode_spec(mode)
     if spec["auto"]:
-        ex = Execution.resolve(device, spec["precision"], num_clients=n,
+        ex = Execution.resolve(device=device, precision=spec["precision"], num_clients=n,
                                **{k: spec[k] for k in OVERRIDABLE if k in spec})
     else:
         ex = Execution(device=device)

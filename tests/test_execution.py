@@ -209,20 +209,21 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     from huscf.engines import precision
 
     _bf16_hardware(monkeypatch, native=False)
-    ex = Execution.resolve("cpu", precision="auto")
+    ex = Execution.resolve(device="cpu", precision="auto")
     assert ex.precision == "fp32" and ex.precision_note.startswith("auto: CPU has no native bf16")
-    ex = Execution.resolve("cpu", precision="bf16")
+    ex = Execution.resolve(device="cpu", precision="bf16")
     assert ex.precision == "bf16" and ex.precision_note.startswith("warning: CPU has no native bf16")
     _bf16_hardware(monkeypatch, native=True)
-    ex = Execution.resolve("cpu", precision="auto")
+    ex = Execution.resolve(device="cpu", precision="auto")
     assert ex.precision == "bf16" and "AVX512-BF16" in ex.precision_note
-    assert Execution.resolve("cpu", precision="bf16").precision_note == ""
-    assert Execution.resolve("cpu", precision="fp32") == Execution.resolve("cpu")  # fp32 stays the default
+    assert Execution.resolve(device="cpu", precision="bf16").precision_note == ""
+    # fp32 stays the default
+    assert Execution.resolve(device="cpu", precision="fp32") == Execution.resolve(device="cpu")
     _bf16_hardware(monkeypatch, native=True, cap="avx512_core_vnni")  # oneDNN held below bf16
-    ex = Execution.resolve("cpu", precision="auto")
+    ex = Execution.resolve(device="cpu", precision="auto")
     assert ex.precision == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI" in ex.precision_note
     _bf16_hardware(monkeypatch, native=True, cap="AVX512_CORE_AMX")
-    assert Execution.resolve("cpu", precision="auto").precision == "bf16"
+    assert Execution.resolve(device="cpu", precision="auto").precision == "bf16"
     # a torch without the probes: the kernel's CPU flags decide
     _bf16_hardware(monkeypatch, native=True)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
@@ -279,11 +280,11 @@ def test_fp64_is_the_fp32_computation_with_less_rounding(tmp_path):
 
 
 def test_auto_choices():
-    cpu = Execution.resolve("cpu", num_clients=80)
+    cpu = Execution.resolve(device="cpu", num_clients=80)
     assert (cpu.batch_clients, cpu.channels_last, cpu.recompute_generator) == (False, True, True)
-    assert not Execution.resolve("cpu", num_clients=8).recompute_generator
-    assert Execution.resolve("cpu", clients="batched", client_chunk=4, num_clients=8).recompute_generator
-    assert not cpu.fold_batch_norm and Execution.resolve("cpu", clients="batched").fold_batch_norm
+    assert not Execution.resolve(device="cpu", num_clients=8).recompute_generator
+    assert Execution.resolve(device="cpu", clients="batched", client_chunk=4, num_clients=8).recompute_generator
+    assert not cpu.fold_batch_norm and Execution.resolve(device="cpu", clients="batched").fold_batch_norm
     with pytest.raises(HuscfError, match="precision"):
         Execution(precision="fp16")
 
@@ -458,8 +459,8 @@ def test_cuda_graph_replays_equal_eager_steps(device, precision, fold, bodies, m
     cuda = device == "cuda"
     # TF32 off: cuDNN may pick other TF32 algorithms under capture, whose rounding would hide a bug
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    eng = _engine(Execution(device, precision, batch_clients=True, cuda_graphs=cuda, fold_batch_norm=fold),
-                  _setup(cluster_bodies=bodies))
+    ex = Execution(device=device, precision=precision, batch_clients=True, cuda_graphs=cuda, fold_batch_norm=fold)
+    eng = _engine(ex, _setup(cluster_bodies=bodies))
     eng.feature_depth = 2
     graph_ex, eager_ex = eng.ex, dataclasses.replace(eng.ex, cuda_graphs=False)
     exact = precision == "fp32"

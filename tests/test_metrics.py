@@ -3,6 +3,7 @@
 Classifiers are trained once per session into a temporary cache (about a minute on 2 CPU cores).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,9 +62,9 @@ def fast_training(monkeypatch):
     calls = []
     real = classifiers.train_classifier
 
-    def quick(x, y, num_classes, **kwargs):
+    def quick(x, y, num_classes, *, recipe=classifiers.DEFAULT_RECIPE, **kwargs):
         calls.append(len(x))
-        return real(x, y, num_classes, epochs=1, min_steps=20, seed=kwargs.get("seed", 0))
+        return real(x, y, num_classes, recipe=dataclasses.replace(recipe, epochs=1, min_steps=20))
 
     monkeypatch.setattr(classifiers, "train_classifier", quick)
     return calls
@@ -183,9 +184,9 @@ def test_recipe_options_keep_old_cache_keys_and_train_deterministically():
     assert {"arch", "flip"} <= set(classifiers.recipe_key_dict(classifiers.RECIPES["cifar10"]))
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1, torch.arange(64) % 2
-    kw = dict(min_steps=3, batch_size=16, arch="vgg", width=4, flip=True, shift=2, weight_decay=1e-3,
-              label_smoothing=0.1, class_weight="balanced")
-    a, b = train_classifier(x, y, 2, **kw), train_classifier(x, y, 2, **kw)
+    recipe = classifiers.Recipe(min_steps=3, batch_size=16, arch="vgg", width=4, flip=True, shift=2,
+                                weight_decay=1e-3, label_smoothing=0.1, class_weight="balanced")
+    a, b = train_classifier(x, y, 2, recipe=recipe), train_classifier(x, y, 2, recipe=recipe)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 # ---- generation score -------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def for_loss(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Execution:
     device: str = "cpu"
     precision: str = "fp32"
@@ -125,7 +125,7 @@ class Execution:
                            fold_batch_norm=c.fold_batch_norm, client_convs=c.client_convs)
 
     @classmethod
-    def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
+    def resolve(cls, *, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
                 recompute_generator: bool | str = "auto", clients: str = "auto", client_chunk: int | None = None,
                 num_clients: int = 1, cudnn_benchmark: bool = False,
                 cuda_graphs: bool | str = "auto", fold_batch_norm: bool | str = "auto",
@@ -147,5 +147,7 @@ class Execution:
                                                                          and client_chunk < num_clients)
         if fold_batch_norm == "auto":  # measured faster on a CPU; not yet measured on a GPU
             fold_batch_norm = batch and not on_cuda
-        return cls(device, precision, bool(channels_last), bool(recompute_generator), batch, client_chunk,
-                   cudnn_benchmark, bool(cuda_graphs), bool(fold_batch_norm), client_convs, precision_note=note)
+        return cls(device=device, precision=precision, channels_last=bool(channels_last),
+                   recompute_generator=bool(recompute_generator), batch_clients=batch, client_chunk=client_chunk,
+                   cudnn_benchmark=cudnn_benchmark, cuda_graphs=bool(cuda_graphs),
+                   fold_batch_norm=bool(fold_batch_norm), client_convs=client_convs, precision_note=note)

@@ -161,22 +161,20 @@ def _class_weights(y: torch.Tensor, num_classes: int, mode: str | None) -> torch
     return (len(y) / (num_classes * counts.clamp(min=1))).float()
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int = DEFAULT_RECIPE.epochs,
-                     seed: int = 0, min_steps: int = DEFAULT_RECIPE.min_steps, shift: int = DEFAULT_RECIPE.shift,
-                     lr: float = DEFAULT_RECIPE.lr, batch_size: int = DEFAULT_RECIPE.batch_size,
-                     arch: str = DEFAULT_RECIPE.arch, width: int = DEFAULT_RECIPE.width,
-                     depth: int = DEFAULT_RECIPE.depth, flip: bool = DEFAULT_RECIPE.flip,
-                     weight_decay: float = DEFAULT_RECIPE.weight_decay,
-                     label_smoothing: float = DEFAULT_RECIPE.label_smoothing,
-                     class_weight: str | None = DEFAULT_RECIPE.class_weight,
+def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, recipe: Recipe = DEFAULT_RECIPE,
                      progress: bool = False) -> DomainClassifier:
-    """Train a fresh ``DomainClassifier`` on images ``x`` in [-1, 1] and labels ``y``; returned in eval mode.
+    """Train a fresh ``DomainClassifier`` on images ``x`` in [-1, 1] and labels ``y`` with ``recipe``;
+    returned in eval mode.
 
     Runs ``max(epochs * batches_per_epoch, min_steps)`` Adam steps (AdamW when ``weight_decay`` > 0) under a
     one-cycle schedule. ``arch``, ``width``, ``depth`` pick the network; ``shift`` and ``flip`` augment each
     batch; ``label_smoothing`` and ``class_weight`` shape the cross-entropy. The global torch RNG is left
-    untouched: ``seed`` fixes the initial weights, the batch order and the augmentations.
+    untouched: ``recipe.seed`` fixes the initial weights, the batch order and the augmentations.
     """
+    r = recipe
+    epochs, seed, min_steps, shift, lr, batch_size = r.epochs, r.seed, r.min_steps, r.shift, r.lr, r.batch_size
+    arch, width, depth, flip, weight_decay = r.arch, r.width, r.depth, r.flip, r.weight_decay
+    label_smoothing, class_weight = r.label_smoothing, r.class_weight
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
     _check_images(x, "classifier training images")
     if len(x) != len(y) or len(y) == 0:
@@ -216,11 +214,6 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
         if progress:
             print(f"  classifier: {step}/{steps} steps", file=sys.stderr)
     return model.eval()
-
-
-def recipe_kwargs(recipe: Recipe) -> dict:
-    """``train_classifier`` keyword arguments for ``recipe``."""
-    return asdict(recipe)
 
 
 @torch.no_grad()
@@ -297,7 +290,7 @@ def load_or_train(domain_name: str, data_dir: str | Path | None = None, cache_di
         print(f"training the {domain_name} classifier ({len(train)} images, recipe {RECIPE_VERSION})", file=sys.stderr)
     start = time.perf_counter()
     model = train_classifier(to_tensor(train.images), torch.from_numpy(train.labels.copy()), train.num_classes,
-                             **recipe_kwargs(recipe), progress=progress)
+                             recipe=recipe, progress=progress)
     seconds = time.perf_counter() - start
     acc = accuracy(model, to_tensor(test.images), torch.from_numpy(test.labels.copy()))
     info = {"domain": domain_name, "test_accuracy": acc, "test_size": len(test), "train_size": len(train),
@@ -318,4 +311,4 @@ def load_or_train(domain_name: str, data_dir: str | Path | None = None, cache_di
 
 
 __all__ = ["DEFAULT_RECIPE", "RECIPES", "RECIPE_VERSION", "DomainClassifier", "Recipe", "accuracy", "cache_root",
-           "data_hash", "load_or_train", "recipe_key_dict", "recipe_kwargs", "train_classifier"]
+           "data_hash", "load_or_train", "recipe_key_dict", "train_classifier"]

@@ -160,7 +160,7 @@ class RunEvaluator:
         return sample_generator(self.model.assemble(gen.client, "G"), nc, self.arch.z_dim, n, seed, what=what)
 
 
-def evaluate_run(run_dir: Path, rounds: str = "all", samples: int = 5000, tstr_samples: int = 30000,
+def evaluate_run(run_dir: Path, *, rounds: str = "all", samples: int = 5000, tstr_samples: int = 30000,
                  tstr_epochs: int = 3, client: int | None = None, seed: int = 0, data_dir: str | None = None,
                  quiet: bool = False, tstr_min_steps: int = 600, every_client: bool = False) -> Path:
     """Evaluate a run; writes ``eval.json``, ``eval.csv`` and ``eval_samples/`` in the run dir."""

@@ -9,6 +9,7 @@ synthetic score is read against (``real_ceiling``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def tstr(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = DE
     xt = as_images(test_x, "test images", generated=False)
     y, yt = _labels(train_y, len(x), num_classes, "training"), _labels(test_y, len(xt), num_classes, "test")
     start = time.perf_counter()
-    model = train_classifier(x, y, num_classes, epochs=epochs, seed=seed, min_steps=min_steps, shift=shift)
+    recipe = replace(DEFAULT_RECIPE, epochs=epochs, seed=seed, min_steps=min_steps, shift=shift)
+    model = train_classifier(x, y, num_classes, recipe=recipe)
     seconds = time.perf_counter() - start
     pred = predict(model, xt)
     report = classification_report_dict(yt.numpy(), pred.numpy(), num_classes)
