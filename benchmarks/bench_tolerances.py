@@ -43,7 +43,7 @@ from huscf.engines.execution import Execution  # noqa: E402
 from huscf.engines.precision import cpu_kernels  # noqa: E402
 from huscf.engines.simulation import SimulationEngine  # noqa: E402
 from huscf.models import build_architecture  # noqa: E402
-from huscf.setup import ClientData  # noqa: E402
+from huscf.runsetup import ClientData  # noqa: E402
 from huscf.split.plan import all_cuts  # noqa: E402
 from huscf.split.segments import SplitGAN  # noqa: E402
 

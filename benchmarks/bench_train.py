@@ -87,7 +87,7 @@ def build(n: int, device: str, mode: str, width: float, batch: int):
     from huscf.engines.execution import Execution
     from huscf.engines.simulation import SimulationEngine
     from huscf.models import build_architecture
-    from huscf.setup import ClientData
+    from huscf.runsetup import ClientData
     from huscf.split.segments import SplitGAN
 
     spec = mode_spec(mode)

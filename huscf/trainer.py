@@ -34,7 +34,7 @@ from huscf.metrics.grids import class_grid_inputs, save_grid
 from huscf.metrics.label_probe import LabelProbe
 from huscf.metrics.scores import classifier_probs, generation_score
 from huscf.rundir import RoundRecord, RunDir
-from huscf.setup import ClientData, build_setup
+from huscf.runsetup import ClientData, build_setup
 from huscf.split.segments import SplitGAN
 
 

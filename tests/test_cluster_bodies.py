@@ -18,7 +18,7 @@ from huscf.federation.bodies import apply_opened_per_cluster, apply_per_cluster,
 from huscf.federation.secure import apply_opened, plan_sums, secure_sums
 from huscf.federation.strategies import Aggregation
 from huscf.models import build_architecture
-from huscf.setup import ClientData
+from huscf.runsetup import ClientData
 from huscf.split.plan import Cuts, all_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN

@@ -408,7 +408,7 @@ def test_a_new_domain_is_one_entry(monkeypatch, tmp_path):
     and a run's set-up read it from there."""
     from huscf.config import build_config
     from huscf.data import sources
-    from huscf.setup import build_setup
+    from huscf.runsetup import build_setup
 
     def read(split, root):
         digits = load_domain("digits", split)

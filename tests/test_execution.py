@@ -15,7 +15,7 @@ from huscf.engines.execution import Execution
 from huscf.engines.simulation import SimulationEngine
 from huscf.errors import HuscfError
 from huscf.models import build_architecture
-from huscf.setup import ClientData
+from huscf.runsetup import ClientData
 from huscf.split.plan import Cuts, all_cuts
 from huscf.split.seam import SeamRecorder
 from huscf.split.segments import SplitGAN

@@ -13,7 +13,7 @@ from huscf.config import build_config
 from huscf.data import load_domain, partition
 from huscf.data.audio import SPEC, images_to_waves, waves_to_images
 from huscf.errors import HuscfError
-from huscf.setup import build_setup
+from huscf.runsetup import build_setup
 from huscf.trainer import Trainer
 
 

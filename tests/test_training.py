@@ -9,7 +9,7 @@ import torch
 from huscf.config import build_config
 from huscf.errors import HuscfError
 from huscf.rundir.files import RunDir
-from huscf.setup import build_setup
+from huscf.runsetup import build_setup
 from huscf.split.seam import SeamRecorder
 from huscf.trainer import Trainer
 

@@ -55,7 +55,7 @@ from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supp
 from huscf.engines.execution import Execution, for_loss
 from huscf.engines.objective import adam, discriminator_loss, generator_loss, non_finite_loss
 from huscf.engines.simulation import SimulationEngine, place_step
-from huscf.setup import ClientData
+from huscf.runsetup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
 

@@ -27,7 +27,7 @@ from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import federate
 from huscf.federation.strategies import Aggregation, Strategy
-from huscf.setup import ClientData
+from huscf.runsetup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
 

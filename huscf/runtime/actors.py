@@ -33,7 +33,7 @@ from huscf.federation.secure import MaskingClient, SecurePlan, open_sums, plan_s
 from huscf.methods import Method, build_strategy, method_names, register
 from huscf.models.cgan import Architecture
 from huscf.runtime.messages import ClientContract, Message, PrivacyGuard, Wire, pack_state, unpack_state
-from huscf.setup import load_client_data
+from huscf.runsetup import load_client_data
 from huscf.split.plan import Cuts
 from huscf.split.segments import NETS, ClientSegments, SplitGAN, server_state
 
