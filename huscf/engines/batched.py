@@ -181,8 +181,7 @@ class BatchedEngine(SimulationEngine):
                 if holders:
                     self._banks[net, b] = _Bank(holders, [model.clients[i].nets[net][str(b)] for i in holders])
             per_client = [list(model.client_parameters(i, net)) for i in range(len(data))]
-            self._shared_opts[net] = adam([p for ps in per_client for p in ps], train, fused=self.device.type == "cuda",
-                                          capturable=self.ex.cuda_graphs)
+            self._shared_opts[net] = adam([p for ps in per_client for p in ps], train, **self._opt_flags)
             for i, ps in enumerate(per_client):
                 self.client_opts[i][net] = _ClientAdam(self._shared_opts[net], ps)
         self._banks_by_net = {net: [bank for (n, _), bank in self._banks.items() if n == net] for net in NETS}

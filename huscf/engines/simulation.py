@@ -114,10 +114,10 @@ class SimulationEngine:
 
         # on CUDA, one fused kernel per optimiser step: with one optimiser per client segment the
         # default multi-kernel step was a third of the GPU time of an 80-client iteration
-        flags = {"fused": self.device.type == "cuda", "capturable": self.ex.cuda_graphs}
+        self._opt_flags = {"fused": self.device.type == "cuda", "capturable": self.ex.cuda_graphs}
 
         def opt(params):
-            return adam(params, train, **flags)
+            return adam(params, train, **self._opt_flags)
 
         if shared_generator:  # MD-GAN: one generator (the server's) that every client's G slot points to
             self.client_opts = [{"G": _NoOptimizer(), "D": opt(model.client_parameters(i, "D"))}

@@ -172,9 +172,6 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, reci
     untouched: ``recipe.seed`` fixes the initial weights, the batch order and the augmentations.
     """
     r = recipe
-    epochs, seed, min_steps, shift, lr, batch_size = r.epochs, r.seed, r.min_steps, r.shift, r.lr, r.batch_size
-    arch, width, depth, flip, weight_decay = r.arch, r.width, r.depth, r.flip, r.weight_decay
-    label_smoothing, class_weight = r.label_smoothing, r.class_weight
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
     _check_images(x, "classifier training images")
     if len(x) != len(y) or len(y) == 0:
@@ -182,30 +179,30 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, reci
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise HuscfError(f"classifier training: labels must be in 0..{num_classes - 1}, "
                          f"got {int(y.min())}..{int(y.max())}")
-    weight = _class_weights(y, num_classes, class_weight)
-    batch = min(batch_size, len(y))
+    weight = _class_weights(y, num_classes, r.class_weight)
+    batch = min(r.batch_size, len(y))
     per_epoch = len(y) // batch
-    steps = max(epochs * per_epoch, min_steps)
-    gen = torch.Generator().manual_seed(seed)
+    steps = max(r.epochs * per_epoch, r.min_steps)
+    gen = torch.Generator().manual_seed(r.seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DomainClassifier(x.shape[1], num_classes, width, arch=arch, depth=depth)
-    if weight_decay:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        torch.manual_seed(r.seed)
+        model = DomainClassifier(x.shape[1], num_classes, r.width, arch=r.arch, depth=r.depth)
+    if r.weight_decay:
+        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        opt = torch.optim.Adam(model.parameters(), lr=r.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=steps)
     model.train()
     step = 0
     while step < steps:
         order = torch.randperm(len(y), generator=gen)
         for i in range(per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            xb = _random_shift(x[idx], shift, gen) if shift else x[idx]
-            if flip:
+            xb = _random_shift(x[idx], r.shift, gen) if r.shift else x[idx]
+            if r.flip:
                 xb = _random_flip(xb, gen)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), y[idx], weight=weight, label_smoothing=label_smoothing).backward()
+            F.cross_entropy(model(xb), y[idx], weight=weight, label_smoothing=r.label_smoothing).backward()
             opt.step()
             sched.step()
             step += 1
