@@ -254,7 +254,7 @@ def _idx_domain(name: str) -> Callable[[str, Path], Domain]:
 class DomainSource:
     """One domain, as ``load_domain`` and ``download`` use it: an entry of ``DOMAINS``, which a new
     dataset copies. ``read`` returns one split from the data folder; ``fetch`` downloads and
-    verifies its files into the domain's folder (None: nothing to download, ``no_download`` says
+    verifies its files into the domain's folder (None: it cannot be downloaded, ``no_download`` says
     why). Its class names, files and digests are in the tables ``read`` and ``fetch`` name
     (``_IDX_CLASSES``, ``_NPZ``; ``checksums.MIRRORS``/``SHA256``, ``archives.RELEASES``)."""
 
@@ -271,7 +271,15 @@ def _release_fetch(name: str) -> Callable[[Path, bool], list[Path]]:
     return lambda dest, quiet: _download_release(name, dest, quiet)
 
 
-_BUNDLED = "bundled with scikit-learn, nothing to download"
+def _bundled(name: str) -> Callable[[Path, bool], list[Path]]:
+    """The fetch of a domain built from scikit-learn's bundled digits: nothing to download."""
+    def fetch(dest: Path, quiet: bool) -> list[Path]:
+        if not quiet:
+            print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
+        return []
+    return fetch
+
+
 DOMAINS: dict[str, DomainSource] = {
     "mnist": DomainSource(_idx_domain("mnist"), _idx_fetch("mnist")),
     "fashion_mnist": DomainSource(_idx_domain("fashion_mnist"), _idx_fetch("fashion_mnist")),
@@ -282,7 +290,7 @@ DOMAINS: dict[str, DomainSource] = {
     "pneumoniamnist": DomainSource(_idx_domain("pneumoniamnist"), _release_fetch("pneumoniamnist")),
     "cifar10": DomainSource(_load_cifar10, _release_fetch("cifar10")),
     "fsdd": DomainSource(_load_fsdd, _release_fetch("fsdd")),
-    **{name: DomainSource(lambda split, root, name=name: _load_offline(name, split), None, _BUNDLED)
+    **{name: DomainSource(lambda split, root, name=name: _load_offline(name, split), _bundled(name))
        for name in _OFFLINE},
 }
 
@@ -345,10 +353,6 @@ def download(name: str, data_dir: str | Path | None = None, quiet: bool = False)
         raise _unknown(name)
     source = DOMAINS[name]
     if source.fetch is None:
-        if source.no_download == _BUNDLED:
-            if not quiet:
-                print(f"{name}: {_BUNDLED}", file=sys.stderr)
-            return []
         raise HuscfError(source.no_download)
     return source.fetch(resolve_data_dir(data_dir) / name, quiet)
 
