@@ -20,11 +20,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from huscf.config import load_config
     from huscf.trainer import Trainer
 
-    runtime = ([f"runtime.engine={args.engine}"] if args.engine else []) + (
-        [f"runtime.address={args.address}"] if args.address else [])
     if args.address and args.engine != "ray":
         raise HuscfError("--address joins a Ray cluster: use it with --engine ray")
-    args.set = [*args.set, *runtime]
+    runtime = {"engine": args.engine, "address": args.address}  # the flags are shorthands for these overrides
+    args.set = [*args.set, *(f"runtime.{key}={value}" for key, value in runtime.items() if value)]
     if args.resume:
         if args.config is not None:
             raise HuscfError("give either CONFIG or --resume RUN_DIR, not both (a resumed run keeps its config)")
@@ -72,10 +71,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from huscf.metrics.evaluate import evaluate_run
+    from huscf.rundir import EvalSettings
 
-    evaluate_run(Path(args.run_dir), rounds=args.rounds, samples=args.samples, tstr_samples=args.tstr_samples,
-                 tstr_epochs=args.tstr_epochs, client=args.client, seed=args.seed, data_dir=args.data_dir,
-                 quiet=args.quiet, every_client=args.every_client)
+    settings = EvalSettings(samples=args.samples, tstr_samples=args.tstr_samples, tstr_epochs=args.tstr_epochs,
+                            client=args.client, seed=args.seed, every_client=args.every_client)
+    evaluate_run(Path(args.run_dir), settings, rounds=args.rounds, data_dir=args.data_dir, quiet=args.quiet)
     return 0
 
 
@@ -170,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except HuscfError as err:

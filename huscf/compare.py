@@ -18,7 +18,7 @@ finished method is skipped, a killed one continues from its last checkpoint, and
 from __future__ import annotations
 
 import csv
-import io
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -36,7 +36,7 @@ from huscf.rundir import EvalSettings, RunDir, read_eval
 from huscf.trainer import Trainer
 
 FIELDS = ["method", "domain", "generators", "generation_score", "fid", "tstr_accuracy", "tstr_f1", "rounds",
-          "train_seconds"]
+          "latency_s_iteration", "latency_s_rounds", "train_seconds"]
 
 
 def resolve(name: str) -> tuple[str, tuple[str, ...]]:
@@ -45,25 +45,14 @@ def resolve(name: str) -> tuple[str, tuple[str, ...]]:
     return method.ablation_of or method.name, method.overrides
 
 
-def _train(config: Path | None, name: str, run_dir: Path, overrides: list[str], data_dir: str | None,
-           quiet: bool) -> None:
-    method, extra = resolve(name)
-    if (run_dir / "config.yaml").is_file():
-        trainer = Trainer.resume(run_dir, quiet=quiet, data_dir=data_dir)
-    else:
-        cfg = load_config(config, [*overrides, f"method={method}", *extra], data_dir)
-        trainer = Trainer.new(cfg, run_dir, quiet=quiet)
-    trainer.fit()
-
-
-def _evaluated(run_dir: Path, settings: dict) -> bool:
+def _evaluated(run_dir: Path, settings: EvalSettings) -> bool:
     """Whether eval.json covers the run's last round with these evaluation settings."""
     path = run_dir / "eval.json"
     if not path.is_file():
         return False
     last = RunDir(run_dir).list_checkpoints()[-1][0]
     saved: EvalSettings = read_eval(path).settings
-    return saved.rounds[-1] == last and all(getattr(saved, k) == v for k, v in settings.items())
+    return saved.rounds[-1] == last and dataclasses.replace(saved, rounds=settings.rounds) == settings
 
 
 def summarise(out: Path, names: list[str]) -> list[dict]:
@@ -73,7 +62,6 @@ def summarise(out: Path, names: list[str]) -> list[dict]:
         run_dir = out / name
         ev = read_eval(run_dir / "eval.json")
         metrics = RunDir(run_dir).read_rounds()
-        seconds = sum(r.train_seconds or 0.0 for r in metrics)
         by_domain: dict[str, list] = {}
         for entry in ev.final:
             by_domain.setdefault(entry.domain, []).append(entry)
@@ -87,7 +75,9 @@ def summarise(out: Path, names: list[str]) -> list[dict]:
                 "generation_score": mean(lambda e: e.generation_score), "fid": mean(lambda e: e.fid),
                 "tstr_accuracy": mean(lambda e: e.tstr["accuracy"] if e.tstr else None),
                 "tstr_f1": mean(lambda e: e.tstr["f1"] if e.tstr else None),
-                "rounds": metrics[-1].round, "train_seconds": round(seconds, 1),
+                "rounds": metrics[-1].round, "latency_s_iteration": metrics[-1].latency_s_per_iteration,
+                "latency_s_rounds": round(sum(r.latency_s_round or 0.0 for r in metrics), 3),
+                "train_seconds": round(sum(r.train_seconds or 0.0 for r in metrics), 1),
             })
     return rows
 
@@ -106,9 +96,8 @@ def _plot(out: Path, names: list[str]) -> None:
 
     panels: dict[str, plots.Panel] = {}
     for name in names:
-        ev = read_eval(out / name / "eval.json")
         per: dict[str, dict[int, list[float]]] = {}
-        for p in ev.per_round:
+        for p in read_eval(out / name / "eval.json").per_round:
             per.setdefault(p.domain, {}).setdefault(p.round, []).append(p.generation_score)
         for domain, series in per.items():
             rounds = sorted(series)
@@ -127,18 +116,23 @@ class _MethodTask(NamedTuple):
     overrides: tuple[str, ...]
     data_dir: str | None
     eval_rounds: str
-    settings: dict  # evaluate_run's samples, tstr_samples, every_client, tstr_min_steps
+    settings: EvalSettings
     quiet: bool
 
 
 def _run_method(task: _MethodTask) -> str:
     """Train (or resume) one method, then evaluate it unless its eval.json is up to date."""
     try:
-        _train(task.config, task.name, task.run_dir, list(task.overrides), task.data_dir, task.quiet)
+        if (task.run_dir / "config.yaml").is_file():
+            trainer = Trainer.resume(task.run_dir, quiet=task.quiet, data_dir=task.data_dir)
+        else:
+            method, extra = resolve(task.name)
+            cfg = load_config(task.config, [*task.overrides, f"method={method}", *extra], task.data_dir)
+            trainer = Trainer.new(cfg, task.run_dir, quiet=task.quiet)
+        trainer.fit()
         if _evaluated(task.run_dir, task.settings):
             return "trained; eval.json was up to date"
-        evaluate_run(task.run_dir, rounds=task.eval_rounds, data_dir=task.data_dir, quiet=task.quiet,
-                     **task.settings)
+        evaluate_run(task.run_dir, task.settings, rounds=task.eval_rounds, data_dir=task.data_dir, quiet=task.quiet)
     except HuscfError as exc:
         raise HuscfError(f"{task.name}: {exc}") from None
     return "trained and evaluated"
@@ -163,8 +157,8 @@ def compare(config: Path | None, names: list[str], out: Path, overrides: list[st
         raise HuscfError(f"--jobs: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    settings = {"samples": samples, "tstr_samples": tstr_samples, "every_client": every_client,
-                "tstr_min_steps": tstr_min_steps}
+    settings = EvalSettings(samples=samples, tstr_samples=tstr_samples, every_client=every_client,
+                            tstr_min_steps=tstr_min_steps)
     tasks = [_MethodTask(config, name, out / name, tuple(overrides), data_dir, eval_rounds, settings, quiet)
              for name in names]
     if not all(_evaluated(task.run_dir, settings) for task in tasks):
@@ -184,11 +178,10 @@ def compare(config: Path | None, names: list[str], out: Path, overrides: list[st
     rows = summarise(out, names)
     title = f"Comparison on {config or 'the default config'} ({', '.join(overrides) or 'no overrides'})"
     (out / "compare.md").write_text(_markdown(rows, title))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / "compare.csv").write_text(buf.getvalue())
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
     _plot(out, names)
     say(f"wrote {out / 'compare.md'}, compare.csv and compare_scores.png")
     return out / "compare.md"

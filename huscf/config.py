@@ -12,13 +12,14 @@ fully resolved config that a run directory keeps next to its results.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Callable, Iterable, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from huscf.cuts.search import cut_methods
 from huscf.data.partition import scenario_names
+from huscf.data.sources import known_domains
 from huscf.errors import HuscfError
 from huscf.federation.strategies import STRATEGIES
 from huscf.methods import get_method, method_names
@@ -32,13 +33,16 @@ def _takes_bool(annotation) -> bool:
     return any(_takes_bool(a) for a in get_args(annotation))
 
 
-def _registered(v: str, names) -> str:
-    """A key whose values are a registry's names (methods, architectures, cut searches, strategies,
-    scenarios: each listed once, where it is implemented): the value, or ValueError."""
-    names = tuple(names)
-    if v not in names:
-        raise ValueError(f"got {v!r}, must be one of {', '.join(names)}")
-    return v
+def _one_of(names: Callable[[], Iterable[str]]) -> AfterValidator:
+    """The check of a key whose values are a registry's names (methods, architectures, cut searches,
+    strategies, scenarios, domains: each listed once, where it is implemented). ``names`` is read at
+    each check, so an entry added to the registry is a valid value with no edit here."""
+    def check(v: str) -> str:
+        known = tuple(names())
+        if v not in known:
+            raise ValueError(f"got {v!r}, must be one of {', '.join(known)}")
+        return v
+    return AfterValidator(check)
 
 
 def _auto_or_positive(v, none_ok: bool = False):
@@ -63,30 +67,21 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which domains, where their files are, and how they are split across clients."""
 
-    domains: list[str] = Field(default_factory=lambda: ["digits", "digits_inverted"], min_length=1)
+    domains: list[Annotated[str, _one_of(known_domains)]] = Field(
+        default_factory=lambda: ["digits", "digits_inverted"], min_length=1)
     data_dir: str | None = None  # None: $HUSCF_DATA, else ~/.cache/huscf/data
     # by_group: the domain's natural groups (fsdd: one speaker per client group; docs/data.md)
-    scenario: str = "iid"  # data.partition.scenario_names()
+    scenario: Annotated[str, _one_of(scenario_names)] = "iid"
     clients_per_domain: int = Field(4, ge=1, le=10_000)
     limit_per_domain: int | None = Field(None, ge=1)  # use only the first N training images of a domain
-
-    @field_validator("scenario")
-    @classmethod
-    def _registered_scenario(cls, v: str) -> str:
-        return _registered(v, scenario_names())
 
 
 class ModelConfig(_Section):
     """The conditional GAN: a shipped block-list architecture and its channel width multiplier."""
 
-    arch: str = "cgan28"  # models.cgan.ARCHITECTURES
+    arch: Annotated[str, _one_of(ARCHITECTURES.keys)] = "cgan28"
     width: float = Field(0.25, gt=0, le=8)  # 1.0 = the paper's channel counts
     num_classes: int | None = Field(None, ge=2)  # label embeddings; None: the domains' largest class count
-
-    @field_validator("arch")
-    @classmethod
-    def _registered_arch(cls, v: str) -> str:
-        return _registered(v, ARCHITECTURES)
 
 
 class TrainConfig(_Section):
@@ -123,13 +118,8 @@ class CutsConfig(_Section):
     ``milp`` / ``ga`` / ``brute``: chosen from the device profiles by the latency optimiser.
     """
 
-    method: str = "milp"  # cuts.search.cut_methods()
+    method: Annotated[str, _one_of(cut_methods)] = "milp"
     fixed: list[int] | list[list[int]] | None = None
-
-    @field_validator("method")
-    @classmethod
-    def _registered_cut_method(cls, v: str) -> str:
-        return _registered(v, cut_methods())
 
     @model_validator(mode="after")
     def _fixed_needs_values(self) -> "CutsConfig":
@@ -164,7 +154,7 @@ class DevicesConfig(_Section):
 class FederationConfig(_Section):
     """Round-end aggregation: clustering, KLD weights, warm-up FedAvg rounds."""
 
-    strategy: str = "clustered_kld"  # federation.strategies.STRATEGIES
+    strategy: Annotated[str, _one_of(STRATEGIES.keys)] = "clustered_kld"
     alpha: float = Field(1.0, ge=0)  # w_i = n_i * exp(-alpha * KLD_i)
     warmup_rounds: int = Field(2, ge=0)  # plain size-weighted FedAvg over everyone before clustering
     clusters: int | str = "auto"  # "auto": chosen from the data (eigengap or silhouette, by cluster_on)
@@ -183,11 +173,6 @@ class FederationConfig(_Section):
     # (federation/bodies.py; max_clusters copies); shared: one body for every client; auto:
     # per_cluster for a split method (measured better: docs/results.md), else shared
     server_body: Literal["auto", "shared", "per_cluster"] = "auto"
-
-    @field_validator("strategy")
-    @classmethod
-    def _registered_strategy(cls, v: str) -> str:
-        return _registered(v, STRATEGIES)
 
     @field_validator("clusters")
     @classmethod
@@ -250,6 +235,7 @@ class BaselinesConfig(_Section):
     """Settings of the baseline methods (``method`` other than huscf; see docs/baselines.md)."""
 
     pfl_temperature: float = Field(0.1, gt=0)  # PFL-GAN: W_ij ~ n_j exp(cos_sim_ij / temperature)
+    fedgan_sync_every: int = Field(20, ge=1)  # FedGAN: local steps between averagings (K; Rasouli et al.: 20)
 
 
 class OutputConfig(_Section):
@@ -272,7 +258,7 @@ class RunConfig(_Section):
     seed: int = 0
     # huscf, or a baseline run on the same partition, blocks and evaluation (docs/baselines.md);
     # any method registered in ``huscf.methods``
-    method: str = "huscf"
+    method: Annotated[str, _one_of(method_names)] = "huscf"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -283,11 +269,6 @@ class RunConfig(_Section):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-
-    @field_validator("method")
-    @classmethod
-    def _registered_method(cls, v: str) -> str:
-        return _registered(v, method_names())
 
     @model_validator(mode="after")
     def _cluster_bodies_need_a_server_body(self) -> "RunConfig":

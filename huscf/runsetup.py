@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from huscf.config import RunConfig
-from huscf.cuts import assign_devices, evaluate_latency, load_profiles, plan_cuts
+from huscf.cuts import assign_devices, load_profiles, plan_cuts
+from huscf.cuts.fleet import RoundLatency, build_fleet
 from huscf.data import ClientPartition, load_domain, partition, to_tensor
 from huscf.errors import HuscfError
 from huscf.methods import get_method
@@ -45,7 +46,7 @@ class Setup:
     partitions: list[ClientPartition]
     domains: list[str]
     cuts: list[Cuts]
-    latency: dict  # the latency model's report for these cuts (total_s None when nothing is split)
+    latency: RoundLatency  # the method's simulated seconds and bytes (``Method.latency``)
     devices: list[str]  # per client, the name of its device profile
     cut_method: str  # how the cuts were chosen, for the header and clients.json
     # per domain, its (limited) training images and labels: what the label probe is fit on
@@ -55,8 +56,7 @@ class Setup:
 
 
 def _choose_cuts(cfg: RunConfig, arch, g_middle: int, d_middle: int, devices, server) -> tuple[list[Cuts], str]:
-    n = cfg.num_clients
-    c = cfg.cuts
+    n, c = cfg.num_clients, cfg.cuts
     if c.method == "fixed":
         rows = c.fixed if c.fixed and isinstance(c.fixed[0], list) else [c.fixed] * n
         if len(rows) != n:
@@ -75,8 +75,8 @@ def _partition(cfg: RunConfig, train: dict) -> tuple[dict, list[ClientPartition]
     """The run's client partition (deterministic in the config): (labels per domain, parts)."""
     labels = {name: d.labels[: cfg.data.limit_per_domain] for name, d in train.items()}
     # the centralised baseline pools each domain's data on one machine (one client per domain)
-    per_domain, scenario = (1, "iid") if get_method(cfg.method).pooled else (cfg.data.clients_per_domain,
-                                                                              cfg.data.scenario)
+    pooled = get_method(cfg.method).pooled
+    per_domain, scenario = (1, "iid") if pooled else (cfg.data.clients_per_domain, cfg.data.scenario)
     groups = {name: None if d.groups is None else d.groups[: cfg.data.limit_per_domain] for name, d in train.items()}
     return labels, partition(labels, per_domain, scenario, cfg.seed,
                              {name: d.num_classes for name, d in train.items()}, groups)
@@ -95,8 +95,8 @@ def load_client_data(cfg: RunConfig, clients: list[int]) -> dict[int, ClientData
     return out
 
 
-def _image_kind(d) -> str:
-    c, h, w = d.images.shape[1:]
+def _image_kind(shape: tuple[int, ...]) -> str:
+    c, h, w = shape
     return f"{c}x{h}x{w} ({'grey' if c == 1 else 'colour' if c == 3 else f'{c} channels'})"
 
 
@@ -105,20 +105,17 @@ def _architecture(cfg: RunConfig, train: dict) -> Architecture:
     shapes = {d.images.shape[1:] for d in train.values()}
     if len(shapes) != 1:
         raise HuscfError("config key 'data.domains': the domains' images differ in shape: "
-                         + ", ".join(f"'{d.name}' {_image_kind(d)}" for d in train.values()))
+                         + ", ".join(f"'{d.name}' {_image_kind(d.images.shape[1:])}" for d in train.values()))
     data_classes = {name: d.num_classes for name, d in train.items()}
     num_classes = cfg.model.num_classes or max(data_classes.values())
-    too_many = next((n for n, k in data_classes.items() if k > num_classes), None)
-    if too_many is not None:
+    if (too_many := next((n for n, k in data_classes.items() if k > num_classes), None)) is not None:
         raise HuscfError(f"config key 'model.num_classes': {num_classes} label embeddings, but domain '{too_many}' "
                          f"has {data_classes[too_many]} classes")
     arch_shape = build_architecture(cfg.model.arch).image_shape
     first = next(iter(train.values()))
     if tuple(first.images.shape[1:]) != arch_shape:
-        c, h, w = arch_shape
-        kind = "grey" if c == 1 else "colour" if c == 3 else f"{c}-channel"
-        raise HuscfError(f"config key 'model.arch': {cfg.model.arch} makes {c}x{h}x{w} ({kind}) images, domain "
-                         f"'{first.name}' has {_image_kind(first)} "
+        raise HuscfError(f"config key 'model.arch': {cfg.model.arch} makes {_image_kind(arch_shape)} images, domain "
+                         f"'{first.name}' has {_image_kind(first.images.shape[1:])} "
                          f"{'spectrograms' if first.kind == 'spectrogram' else 'images'}")
     return build_architecture(cfg.model.arch, cfg.model.width, num_classes, arch_shape)
 
@@ -136,21 +133,18 @@ def build_setup(cfg: RunConfig) -> Setup:
 
     tiny = next((c for c, d in enumerate(data) if len(d) < 2), None)
     if tiny is not None:  # BatchNorm cannot normalise a batch of one
-        raise HuscfError(f"client {tiny} ({data[tiny].domain}) has {len(data[tiny])} training sample(s), BatchNorm needs "
-                         f"at least 2: lower data.clients_per_domain or raise data.limit_per_domain")
+        raise HuscfError(f"client {tiny} ({data[tiny].domain}) has {len(data[tiny])} training sample(s), BatchNorm "
+                         f"needs at least 2: lower data.clients_per_domain or raise data.limit_per_domain")
 
     server, device_list = load_profiles(cfg.devices.profiles)
     devices = assign_devices(device_list, len(parts), cfg.devices.assignment, cfg.seed)
-    g_middle = len(arch.g_middle)
-    d_middle = len(arch.d_middle)
+    g_middle, d_middle = len(arch.g_middle), len(arch.d_middle)
     if method.split:
         cuts, cut_method = _choose_cuts(cfg, arch, g_middle, d_middle, devices, server)
-        latency = evaluate_latency(arch, cfg.train.batch_size, cuts, devices, server, cfg.devices.client_time_weight,
-                                   cfg.devices.server_time_weight).to_dict()
-    else:  # whole networks on every client: no cut, no per-iteration traffic to simulate
+    else:  # whole networks on every client: no cut
         cuts = [whole_network_cuts(g_middle, d_middle)] * len(parts)
         cut_method = f"none ({method.name}: whole networks)"
-        latency = {"total_s": None, "server_s": None, "bytes_per_client": None, "stages": {}}
+    latency = method.latency(build_fleet(arch, cfg.train.batch_size, devices, server), cuts, cfg)
 
     client_groups = None
     if cfg.data.scenario == "by_group" and all(train[p.domain].groups is not None for p in parts):

@@ -66,8 +66,7 @@ class Trainer:
         g, d = s.arch.generator(), s.arch.discriminator()
         self.method = get_method(cfg.method)
         self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cfg.cluster_bodies)
-        if self.method.shared_generator:
-            self.model.tie_generators()
+        self.method.place(self.model)
         self.strategy = build_strategy(cfg)
         self.sizes = np.array([len(c) for c in s.data])
         self.true_domains = [c.domain for c in s.data]
@@ -98,10 +97,10 @@ class Trainer:
             # the client actors load their own partitions: the driver keeps none of the tensors
             s.data = [ClientData(torch.empty(0), torch.empty(0, dtype=torch.long), c.domain) for c in s.data]
             return RayEngine(cfg, self.model, arch=s.arch, sizes=self.sizes.tolist(), feature_depth=self.feature_depth,
-                             run_dir=self.run.path, shared_generator=self.method.shared_generator)
+                             run_dir=self.run.path)
         engine = BatchedEngine if self.execution.batch_clients else SimulationEngine
         return engine(self.model, s.data, train=cfg.train, z_dim=s.arch.z_dim, seed=cfg.seed, execution=self.execution,
-                      shared_generator=self.method.shared_generator, feature_depth=self.feature_depth)
+                      feature_depth=self.feature_depth)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -164,7 +163,7 @@ class Trainer:
             "cut_method": s.cut_method,
             "feature_depth": self.feature_depth,
             "probe_real_test_accuracy": {n: round(p.real_test_accuracy, 4) for n, p in self.probes.items()},
-            "latency_per_iteration": lat,
+            "latency_per_iteration": lat.to_dict(),
             "clients": [
                 {"client": p.client_id, "domain": p.domain, "size": len(p.indices),
                  "excluded_classes": list(p.excluded_classes), "cuts": list(c), "device": dev}
@@ -189,6 +188,7 @@ class Trainer:
             for r in range(self.start_round, rounds + 1):
                 t0 = time.perf_counter()
                 per_epoch, threads, iterations = [], [], 0
+                steps, syncs = [0], [0]  # the round's local steps so far; the steps the clients synced after
                 for e in range(epochs):
                     threads.append(self.threads.adjust())
                     bar.set_description(f"round {r}/{rounds} epoch {e + 1}/{epochs}")
@@ -199,12 +199,18 @@ class Trainer:
                         last.update(D=f"{ld:.3f}", G=f"{lg:.3f}")
                         bar.set_postfix(last, refresh=False)
                         bar.update()
+                        steps[0] += 1
+                        if self.method.synchronises(cfg, steps[0] - syncs[-1]):
+                            syncs.append(steps[0])
+                            self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, use_features=False)
 
                     self.method.before_epoch(self.engine, cfg.seed, r, e)
-                    iterations += self.engine.iterations_per_epoch()  # with what the method gave
+                    planned = self.engine.iterations_per_epoch()  # with what the method gave
+                    bar.total += planned - iters
+                    iterations += planned
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
                     self.method.after_epoch(self.engine, cfg.seed, r, e)
-                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads, iterations)
+                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads, iterations, len(syncs) - 1)
                 if not self.quiet:
                     bar.write(self._summary(row), file=sys.stderr)
         finally:
@@ -215,7 +221,7 @@ class Trainer:
         return self.run.path
 
     def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float, threads: list[int],
-                   iters: int) -> RoundRecord:
+                   iters: int, syncs: int) -> RoundRecord:
         s, cfg = self.setup, self.cfg
         agg = self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, self.feature_depth is not None)
         self._check_finite_weights(r)
@@ -233,14 +239,14 @@ class Trainer:
                 np.array(s.client_groups)[present], agg.groups[present])),
             cluster_weights=agg.cluster_weights.round(6).tolist(),
             global_weights=agg.global_weights.round(6).tolist(),
-            federation=agg.info,
+            federation=agg.info | ({"syncs_before_round_end": syncs} if syncs else {}),
             label_accuracy=self._label_accuracy(r),
             iterations=iters,
             method=cfg.method,
-            latency_s_per_iteration=lat["total_s"],
-            latency_s_round=None if lat["total_s"] is None else lat["total_s"] * iters,
-            bytes_round_per_client=None if lat["bytes_per_client"] is None else [
-                b * iters for b in lat["bytes_per_client"]],
+            latency_s_per_iteration=lat.total_s,
+            # every synchronisation: the method's own during the round, then the round end's
+            latency_s_round=lat.round_s(iters, syncs + 1, cfg.train.local_epochs),
+            bytes_round_per_client=lat.round_bytes(iters, syncs + 1, cfg.train.local_epochs),
             train_seconds=round(train_seconds, 3),
             threads=threads,
             events=self.engine.round_events(),
@@ -327,9 +333,10 @@ class Trainer:
     def _split_line(self, distinct: list) -> str:
         s = self.setup
         if not self.method.split:
-            return f"no split: every client holds all of G and D; shares {self.method.shares}"
+            return (f"no split: every client holds all of G and D; shares {self.method.shares}; simulated "
+                    f"latency {s.latency.total_s:.3f} s per iteration")
         return (f"cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated latency "
-                f"{s.latency['total_s']:.3f} s per iteration; clustering at D block {self.feature_depth}")
+                f"{s.latency.total_s:.3f} s per iteration; clustering at D block {self.feature_depth}")
 
     def _precision(self) -> str:
         """The precision and, when it needs one, why (auto's choice; bf16 emulated on this CPU)."""

@@ -220,3 +220,16 @@ def test_the_configs_choices_are_the_registries_names(monkeypatch):
         section, field = key.split(".")
         assert getattr(getattr(cfg, section), field) == name
     assert isinstance(make_strategy(build_config({}, ["federation.strategy=toy-strategy"]).federation), FedAvg)
+
+
+def test_data_domains_take_the_dataset_registrys_names(monkeypatch):
+    """Issue 27: each name in data.domains is checked against ``DOMAINS`` when the config is read, not
+    when the data loads: a typo is one line naming the known domains; a new entry is valid at once."""
+    from huscf.data import sources
+
+    with pytest.raises(HuscfError, match=r"^config key 'data\.domains\.1': got 'nosuch', must be one of mnist, "
+                                         r"fashion_mnist, .*\bdigits_rotated$") as bad:
+        build_config({}, ["data.domains=[mnist, nosuch]"])
+    assert "\n" not in str(bad.value)
+    monkeypatch.setitem(sources.DOMAINS, "nosuch", sources.DOMAINS["digits"])
+    assert build_config({}, ["data.domains=[mnist, nosuch]"]).data.domains == ["mnist", "nosuch"]

@@ -13,14 +13,16 @@ from scipy.io import wavfile
 
 from huscf.cli import main
 from huscf.data import archives, load_domain
+from huscf.data.sources import DOMAINS
 
 
-def _serve(monkeypatch, name, path, digest=None):
-    """Point ``name``'s release at a local file (and at its md5 unless ``digest`` is given)."""
-    release = archives.RELEASES[name]
-    if digest is None:
-        digest = release.digest if release.algorithm == "content" else hashlib.md5(path.read_bytes()).hexdigest()
-    monkeypatch.setitem(archives.RELEASES, name, dataclasses.replace(release, urls=(path.as_uri(),), digest=digest))
+def _serve(monkeypatch, name, path, md5=None):
+    """Point ``name``'s release at a local file (and at its md5 unless ``md5`` is given or it has none)."""
+    source = DOMAINS[name]
+    if md5 is None and source.fetch.md5 is not None:
+        md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    release = dataclasses.replace(source.fetch, urls=(path.as_uri(),), md5=md5)
+    monkeypatch.setitem(DOMAINS, name, dataclasses.replace(source, fetch=release))
 
 
 def _download(name, data_dir, capsys):
@@ -69,7 +71,7 @@ def test_cifar10_download_is_verified_and_converted(tmp_path, monkeypatch, capsy
 
 
 def test_a_download_that_fails_verification_leaves_nothing(tmp_path, monkeypatch, capsys):
-    _serve(monkeypatch, "cifar10", _cifar_archive(tmp_path / "a.tar.gz"), digest="0" * 32)
+    _serve(monkeypatch, "cifar10", _cifar_archive(tmp_path / "a.tar.gz"), md5="0" * 32)
     code, err = _download("cifar10", tmp_path / "data", capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert "failed verification: md5" in err and "expected " + "0" * 32 in err
@@ -77,7 +79,7 @@ def test_a_download_that_fails_verification_leaves_nothing(tmp_path, monkeypatch
 
 
 def test_an_unreachable_download_is_one_line(tmp_path, monkeypatch, capsys):
-    _serve(monkeypatch, "pneumoniamnist", tmp_path / "missing.npz", digest="0" * 32)
+    _serve(monkeypatch, "pneumoniamnist", tmp_path / "missing.npz", md5="0" * 32)
     code, err = _download("pneumoniamnist", tmp_path / "data", capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "could not download pneumoniamnist" in err
 
@@ -86,7 +88,8 @@ def test_pneumoniamnist_download_becomes_idx(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     splits = {"train": 6, "val": 3, "test": 4}
     release = {f"{s}_images": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in splits.items()}
-    release |= {f"{s}_labels": rng.integers(0, 2, (n, 1), dtype=np.uint8) for s, n in splits.items()}  # MedMNIST's (N, 1)
+    # labels as MedMNIST ships them: (N, 1)
+    release |= {f"{s}_labels": rng.integers(0, 2, (n, 1), dtype=np.uint8) for s, n in splits.items()}
     np.savez(tmp_path / "pneumoniamnist.npz", **release)
     _serve(monkeypatch, "pneumoniamnist", tmp_path / "pneumoniamnist.npz")
     code, err = _download("pneumoniamnist", tmp_path / "data", capsys)
@@ -139,4 +142,4 @@ def test_fsdd_rejects_audio_it_cannot_use(tmp_path):
     with zipfile.ZipFile(tmp_path / "a.zip", "w") as out:
         out.writestr("x/recordings/1_theo_3.wav", buf.getvalue())
     with pytest.raises(Exception, match="1_theo_3.wav is 16000 Hz"):
-        archives.convert_fsdd(tmp_path / "a.zip", tmp_path)
+        archives.convert_fsdd(tmp_path / "a.zip", tmp_path, "0" * 64)

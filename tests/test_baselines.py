@@ -38,7 +38,10 @@ def test_each_baseline_trains_and_its_models_change(tmp_path, method):
         assert any(k.startswith(f"clients.{i}.nets.D.") for k in changed)
     assert all(c.cuts.hg == 3 and c.cuts.hd == 3 for c in t.model.clients)  # nothing runs on a server
     rows = read_metrics(tmp_path / method)
-    assert [r["method"] for r in rows] == [method, method] and rows[-1]["latency_s_round"] is None
+    assert [r["method"] for r in rows] == [method, method]
+    # every method's simulated latency (issue 28): its iterations, and its syncs and epoch ends
+    assert all(r["latency_s_per_iteration"] > 0 and r["latency_s_round"] >= 2 * r["latency_s_per_iteration"]
+               for r in rows)
     assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in rows)
     if method == "centralized":
         assert len(t.model.clients) == 2 and sorted(len(d) for d in t.setup.data) == [1437, 1437]
@@ -130,6 +133,9 @@ def test_compare_resumes_and_tabulates(tmp_path):
     assert (out / "fedgan" / "eval.json").stat().st_mtime_ns == stamp
     rows = (out / "compare.csv").read_text().splitlines()
     assert rows[0].startswith("method,domain") and len(rows) == 5
+    latency = [dict(zip(rows[0].split(","), r.split(",")))["latency_s_iteration"] for r in rows[1:]]
+    assert all(float(v) > 0 for v in latency)  # a latency for every method
+    assert "latency_s_iteration" in table
     assert (out / "compare_scores.png").stat().st_size > 0
     # other evaluation settings: evaluated again (every client's generator), not trained again
     ckpt = (out / "fedgan" / "checkpoints" / "round_0001.pt").stat().st_mtime_ns
@@ -187,3 +193,33 @@ def test_bad_method_input_is_one_line(tmp_path, capsys, argv, needle):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_fedgan_averages_every_k_steps_and_every_agent_takes_every_step(tmp_path):
+    """Issue 28: FedGAN (Rasouli et al. 2020) averages G and D over all agents every K local steps,
+    every agent taking the same number of steps. On unequal partitions (80, 53, ... samples: 5 and
+    3 batches) what it degenerated into (one average a round, small clients sitting out once their
+    data is used up) fails both checks."""
+    t = _trainer(tmp_path, "fedgan", "train.rounds=1", "train.max_iters_per_epoch=null", "data.scenario=noniid",
+                 "data.limit_per_domain=240", "baselines.fedgan_sync_every=2")
+    n = len(t.model.clients)
+    assert sorted({len(d) // 16 for d in t.engine.data}) == [3, 5]
+    takers, equal_after_sync = [], []
+    iteration, federate = t.engine.iteration, t.engine.federate
+
+    def spy_iteration(batch, *args, **kwargs):
+        takers.append(sorted(batch))
+        return iteration(batch, *args, **kwargs)
+
+    def spy_federate(*args, **kwargs):
+        out = federate(*args, **kwargs)
+        first = t.model.clients[0].state_dict()
+        equal_after_sync.append(all(torch.equal(v, c.state_dict()[k])
+                                    for c in t.model.clients for k, v in first.items()))
+        return out
+
+    t.engine.iteration, t.engine.federate = spy_iteration, spy_federate
+    t.fit()
+    assert takers == [list(range(n))] * 5  # every agent in every one of the epoch's 5 steps
+    assert equal_after_sync == [True, True, True]  # after steps 2 and 4, and at the round end
+    assert read_metrics(tmp_path / "fedgan")[0]["federation"]["syncs_before_round_end"] == 2

@@ -60,3 +60,64 @@ def test_evaluate_latency_on_real_arch():
     rep = evaluate_latency("dcgan32", 16, [Cuts(0, 0, 0, 0), Cuts(1, 2, 3, 0)], devices[:2], server)
     assert math.isclose(rep.total_s, sum(rep.stages.values())) and rep.objective > 0
     assert all(b > 0 for b in rep.bytes_per_client)
+
+
+def _toy_fleet(n=2):
+    """Two blocks per net: G 10+20 / 1+2 FLOPs (fwd / bwd), D 100 / 10; weights 4+6 (G), 8 bytes (D)
+    per block; devices of 10 and 5 FLOP/s, uploading at 2 and 1 bytes/s; the server at 100 FLOP/s,
+    sending at 4 bytes/s."""
+    from huscf.cuts.fleet import Fleet
+    from huscf.cuts.profile import ArchProfile, NetProfile
+
+    g = NetProfile((10, 20), (1, 2), (16, 64))
+    d = NetProfile((100, 0), (10, 0), (4, 1))
+    speeds = [(10, 2), (5, 1)][:n]
+    devices = tuple(DeviceProfile(f"d{i}", mhz, 1e-6, rate) for i, (mhz, rate) in enumerate(speeds))
+    return Fleet(ArchProfile(g, d, batch_size=2), devices, ServerProfile(1e-7, 1, 4), {"G": (4, 6), "D": (8, 0)})
+
+
+def test_every_methods_latency_follows_its_formula():
+    """docs/latency.md, "Every method", by hand on a toy fleet (issue 28)."""
+    from huscf.methods import get_method
+
+    fleet = _toy_fleet()
+    compute = 1 * (30 + 3) + 3 * (110)  # G once, D three times, forward and backward
+    whole = fleet.whole_networks()
+    assert whole.total_s == pytest.approx(compute / 5)  # the slower device
+    # a sync: 18 bytes up at 2 and 1 bytes/s (the slower ends it), then 18 bytes down at 4 bytes/s
+    assert whole.sync_s == pytest.approx(18 / 1 + 18 / 4) and whole.sync_bytes == [36, 36]
+    assert whole.round_s(iterations=10, syncs=3, epochs=2) == pytest.approx(10 * compute / 5 + 3 * (18 + 4.5))
+    assert fleet.whole_networks(synchronises=False).sync_s == 0
+    assert get_method("local").latency(fleet, [], None).round_s(10, 3, 2) == pytest.approx(10 * compute / 5)
+    hfl = get_method("hflgan").latency(fleet, [], None)
+    assert hfl.sync_s == pytest.approx(whole.sync_s + 2 * 18 / 4)  # the edge's hop to the global server
+    md = get_method("mdgan").latency(fleet, [], None)
+    server = 2 * 33 / 100  # G forward and backward for both clients
+    # client 1: labels up (16 bytes at 1/s), fake down (64 at 4/s), D x3 (330 FLOPs at 5/s), feedback up
+    assert md.total_s == pytest.approx(server + 16 + 16 + 66 + 64) and md.sync_s == 0
+    assert md.epoch_s == pytest.approx(8 / 1 + 8 / 4)  # each D to a peer after an epoch
+    assert md.bytes_per_client == [2 * 64 + 16] * 2
+
+
+def test_huscf_latency_is_the_split_model_plus_its_segments_round_end():
+    from huscf.cuts.fleet import build_fleet
+    from huscf.methods import get_method
+    from huscf.models import build_architecture
+
+    server, profiles = load_profiles()
+    devices = profiles[:2]
+    arch = build_architecture("cgan28", 0.25)
+    cuts = [Cuts(0, 0, 0, 0), Cuts(1, 1, 2, 0)]
+    fleet = build_fleet(arch, 16, devices, server)
+
+    class Cfg:
+        class devices:
+            client_time_weight, server_time_weight = 1.0, 0.5
+
+    lat = get_method("huscf").latency(fleet, cuts, Cfg)
+    rep = evaluate_latency(arch, 16, cuts, devices, server)
+    assert lat.total_s == pytest.approx(rep.total_s) and lat.bytes_per_client == rep.bytes_per_client
+    held = [sum(p.numel() * 4 for b in (0, 4) for p in arch.generator().blocks[b].parameters())
+            + sum(p.numel() * 4 for b in (0, 4) for p in arch.discriminator().blocks[b].parameters())]
+    assert fleet.segment_bytes(cuts)[0] == held[0]  # cuts (0,0,0,0): G's and D's first and last blocks
+    assert fleet.segment_bytes(cuts)[1] > held[0]

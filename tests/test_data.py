@@ -1,5 +1,6 @@
 """Tests for huscf.data: IDX files, domains, carved splits, offline domains, partitions, download."""
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -10,7 +11,6 @@ import torch
 
 from huscf.data import (
     ClientPartition,
-    checksums,
     describe,
     download,
     known_domains,
@@ -21,7 +21,7 @@ from huscf.data import (
     to_tensor,
     write_idx,
 )
-from huscf.data.sources import carve_split
+from huscf.data.sources import DOMAINS, IdxFiles, carve_split
 from huscf.errors import HuscfError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -152,8 +152,8 @@ def test_shared_sha256sums_match_download_table(shared_data_dir):
         digest, path = line.split()
         listed[path.removeprefix("./")] = digest
     compared = 0
-    for name, files in checksums.SHA256.items():
-        for fname, digest in files.items():
+    for name, source in DOMAINS.items():
+        for fname, digest in (source.fetch.sha256 if isinstance(source.fetch, IdxFiles) else {}).items():
             if f"{name}/{fname}" in listed:
                 assert listed[f"{name}/{fname}"] == digest, f"{name}/{fname}"
                 compared += 1
@@ -356,6 +356,16 @@ def test_describe():
 
 # ---- download ---------------------------------------------------------------------------------
 
+IDX_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
+
+
+def _serve_idx(monkeypatch, name, **changes):
+    """Give ``name``'s entry other mirrors or digests (``IdxFiles`` fields) for one test."""
+    source = DOMAINS[name]
+    monkeypatch.setitem(DOMAINS, name, dataclasses.replace(source, fetch=dataclasses.replace(source.fetch, **changes)))
+
+
 @pytest.fixture
 def fake_mirror(tmp_path, monkeypatch):
     """A file:// mirror holding four small IDX files for 'kmnist', with their digests patched in."""
@@ -363,26 +373,26 @@ def fake_mirror(tmp_path, monkeypatch):
     images, labels = _fake(40)
     _write_split(src, "train", images, labels)
     _write_split(src, "t10k", images[:20], labels[::2])
-    digests = {f: hashlib.sha256((src / f).read_bytes()).hexdigest() for f in checksums.IDX_FILES}
-    monkeypatch.setitem(checksums.MIRRORS, "kmnist", ((tmp_path / "absent").as_uri() + "/", src.as_uri() + "/"))
-    monkeypatch.setitem(checksums.SHA256, "kmnist", digests)
+    digests = {f: hashlib.sha256((src / f).read_bytes()).hexdigest() for f in IDX_FILES}
+    mirrors = ((tmp_path / "absent").as_uri() + "/", src.as_uri() + "/")  # the first is not there
+    _serve_idx(monkeypatch, "kmnist", mirrors=mirrors, sha256=digests)
     return src, digests
 
 
 def test_download_from_file_url(tmp_path, fake_mirror):
     out = tmp_path / "data"
     paths = download("kmnist", out, quiet=True)
-    assert [p.name for p in paths] == list(checksums.IDX_FILES)
+    assert [p.name for p in paths] == IDX_FILES
     assert all(p.parent == out / "kmnist" for p in paths)
     assert len(load_domain("kmnist", "train", out)) == 40  # real train present: no carving
     assert len(load_domain("kmnist", "test", out)) == 20
-    assert sorted(q.name for q in (out / "kmnist").iterdir()) == sorted(checksums.IDX_FILES)  # no temp files
+    assert sorted(q.name for q in (out / "kmnist").iterdir()) == sorted(IDX_FILES)  # no temp files
 
 
 def test_download_checksum_mismatch(tmp_path, fake_mirror, monkeypatch):
     _, digests = fake_mirror
     wrong = "0" * 64
-    monkeypatch.setitem(checksums.SHA256, "kmnist", {**digests, "train-images-idx3-ubyte.gz": wrong})
+    _serve_idx(monkeypatch, "kmnist", sha256={**digests, "train-images-idx3-ubyte.gz": wrong})
     out = tmp_path / "data"
     with pytest.raises(HuscfError) as err:
         download("kmnist", out, quiet=True)
@@ -393,7 +403,7 @@ def test_download_checksum_mismatch(tmp_path, fake_mirror, monkeypatch):
 
 
 def test_download_unreachable_and_unsupported(tmp_path, monkeypatch):
-    monkeypatch.setitem(checksums.MIRRORS, "mnist", ((tmp_path / "nowhere").as_uri() + "/",))
+    _serve_idx(monkeypatch, "mnist", mirrors=((tmp_path / "nowhere").as_uri() + "/",))
     with pytest.raises(HuscfError, match="could not download mnist/train-images-idx3-ubyte.gz"):
         download("mnist", tmp_path / "data", quiet=True)
     with pytest.raises(HuscfError, match="notmnist has no official IDX download"):

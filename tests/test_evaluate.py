@@ -10,6 +10,7 @@ from huscf.cli import main
 from huscf.config import build_config
 from huscf.errors import HuscfError
 from huscf.metrics.evaluate import cluster_generators, evaluate_run
+from huscf.rundir import EvalSettings
 from huscf.trainer import Trainer
 
 TINY = ["data.clients_per_domain=2", "model.width=0.125", "train.rounds=3", "train.local_epochs=1",
@@ -40,7 +41,7 @@ def test_cluster_generators_score_every_domain_of_every_cluster():
 
 
 def test_evaluate_writes_json_csv_and_grids(tiny_run):
-    evaluate_run(tiny_run, samples=200, tstr_samples=300, tstr_epochs=1, quiet=True, tstr_min_steps=60)
+    evaluate_run(tiny_run, EvalSettings(samples=200, tstr_samples=300, tstr_epochs=1, tstr_min_steps=60), quiet=True)
     ev = json.loads((tiny_run / "eval.json").read_text())
     rows = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert ev["settings"]["rounds"] == [1, 2, 3]
@@ -148,8 +149,8 @@ def test_every_client_is_scored_on_all_classes_and_identical_generators_once(
 
     monkeypatch.setattr(evaluate, "tstr", counting_tstr)
     monkeypatch.setattr(evaluate, "real_ceiling", counting_ceiling)
-    evaluate_run(run, rounds="last", samples=100, tstr_samples=300, tstr_epochs=1, quiet=True, tstr_min_steps=20,
-                 every_client=True)
+    evaluate_run(run, EvalSettings(samples=100, tstr_samples=300, tstr_epochs=1, tstr_min_steps=20, every_client=True),
+                 rounds="last", quiet=True)
     ev = json.loads((run / "eval.json").read_text())
     assert [e["client"] for e in ev["final"]] == [0, 1, 2, 3] and ev["settings"]["every_client"]
     assert len(calls["tstr"]) == distinct and calls["ceiling"] == 2  # one real ceiling per domain

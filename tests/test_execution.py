@@ -325,10 +325,9 @@ def _engine(execution: Execution, model_and_data=None, tied=False):
     model, data = model_and_data or _setup()
     model = copy.deepcopy(model)
     if tied:
-        model.tie_generators()
+        model.tie("G")
     cls = BatchedEngine if execution.batch_clients else SimulationEngine
-    return cls(model, data, train=TrainConfig(batch_size=B), z_dim=100, seed=0, execution=execution,
-               shared_generator=tied)
+    return cls(model, data, train=TrainConfig(batch_size=B), z_dim=100, seed=0, execution=execution)
 
 
 def _train(eng, iterations=2):
@@ -510,13 +509,13 @@ def test_client_optimiser_slots_load_states_where_the_shared_adam_wants_them():
     """Step counters are placed by the same rule as the loop engine's optimisers: float32, on the
     parameter's device for a capturable (CUDA graphs) or fused Adam, on the CPU for a plain one.
     Values survive the round trip."""
-    from huscf.engines.batched import _ClientAdam
+    from huscf.engines.banks import ClientAdam
 
     saved = {"state": {1: {"step": torch.tensor(3, dtype=torch.int64), "exp_avg": torch.ones(2, dtype=torch.float64),
                            "exp_avg_sq": torch.full((2,), 2.0)}}, "param_groups": [{"params": [0, 1]}]}
     for capturable in (True, False):
         params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
-        slot = _ClientAdam(torch.optim.Adam(params, capturable=capturable), params)
+        slot = ClientAdam(torch.optim.Adam(params, capturable=capturable), params)
         slot.load_state_dict(saved)
         step = slot.shared.state[params[1]]["step"]
         assert step.dtype == torch.float32 and step.device.type == "cpu" and step.item() == 3
@@ -668,3 +667,105 @@ def test_given_samples_lengthen_that_clients_epoch_once(tmp_path, clients):
         eng.give({1: (x[:, :, :5], y)})
     with pytest.raises(HuscfError, match="one integer label each"):
         eng.give({1: (x, y.float())})
+
+
+# -- the iteration, written once (engines/objective.py) ---------------------------------------------
+class _Recorder:
+    """Pieces that record what the objective asks of them, with losses the test can follow."""
+
+    per_row, recompute = False, False
+
+    def __init__(self, recompute=False):
+        self.recompute, self.calls, self.w = recompute, [], torch.tensor(1.0, requires_grad=True)
+
+    def generate(self, g):
+        self.calls.append(("generate", g, torch.is_grad_enabled()))
+        return self.w * (g + 1.0) * torch.ones(2, 1)
+
+    def discriminate(self, g, fake, *, real):
+        self.calls.append(("discriminate", g, real, fake.requires_grad))
+        return (fake, torch.full_like(fake, 3.0)) if real else fake
+
+    def backward(self, g, loss, what, where):
+        self.calls.append(("backward", g, what))
+        return float(loss.detach())
+
+    def zero_grad(self, net):
+        self.calls.append(("zero_grad", net))
+
+    def step(self, net):
+        self.calls.append(("step", net))
+
+    def requires_grad(self, net, flag):
+        self.calls.append(("requires_grad", net, flag))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_objective_is_the_one_step_order_every_engine_runs(recompute):
+    from huscf.engines import objective
+
+    p = _Recorder(recompute)
+    d, g = objective.iteration(p, [0, 1], where=(0, 0, 0))
+    fakes = [("generate", k, not recompute) for k in (0, 1)]  # step 1: no graph when step 3 recomputes
+    again = [[("generate", k, True)] if recompute else [] for k in (0, 1)]
+    assert p.calls == [
+        *fakes,
+        ("zero_grad", "D"),
+        ("discriminate", 0, True, False), ("backward", 0, "discriminator"),  # the fakes detached
+        ("discriminate", 1, True, False), ("backward", 1, "discriminator"),
+        ("step", "D"),
+        ("zero_grad", "G"), ("requires_grad", "D", False),
+        *again[0], ("discriminate", 0, False, True), ("backward", 0, "generator"),
+        *again[1], ("discriminate", 1, False, True), ("backward", 1, "generator"),
+        ("requires_grad", "D", True), ("step", "G")]
+    # the losses are the objective's: BCE(D(fake), 0) + BCE(D(x), 1) and BCE(D(fake), 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    for k in (0, 1):
+        fake, real = torch.full((2, 1), k + 1.0), torch.full((2, 1), 3.0)
+        zeros, ones = torch.zeros(2, 1), torch.ones(2, 1)
+        assert d[k] == pytest.approx(float(bce(fake, zeros) + bce(real, ones)))
+        assert g[k] == pytest.approx(float(bce(fake, ones)))
+
+
+def test_no_engine_computes_a_loss_or_orders_the_steps_itself():
+    """The losses and the step order live in objective.py only: an engine or the Ray host that
+    called a loss, or stepped a network between the objective's steps, would be a second copy."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "huscf"
+    copies = []
+    for path in [*root.glob("engines/*.py"), *root.glob("runtime/*.py")]:
+        if path.name == "objective.py":
+            continue
+        text = path.read_text()
+        for pattern in (r"\b(discriminator|generator)_loss\(", r"binary_cross_entropy", r"\bbce\("):
+            copies += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert copies == []
+
+
+def test_the_progress_bar_counts_the_iterations_given_samples_add(tmp_path, monkeypatch):
+    """A method that gives samples lengthens epochs: the bar's total follows, ending full."""
+    import toy_methods
+    from huscf import trainer as trainer_module
+    from huscf.config import build_config
+    from huscf.methods import register, unregister
+
+    bars = []
+
+    class Recording(trainer_module.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(trainer_module, "tqdm", Recording)
+    register(toy_methods.GivesPeerFakes)
+    try:
+        cfg = build_config({}, ["method=toy-given", "data.clients_per_domain=2", "data.limit_per_domain=96",
+                                "model.width=0.125", "train.batch_size=16", "train.rounds=1", "train.local_epochs=2",
+                                "output.samples_every=0", "output.eval_every=0", "train.threads=1"])
+        trainer_module.Trainer.new(cfg, tmp_path / "run", quiet=False).fit()
+    finally:
+        unregister("toy-given")
+    # 48 own + 32 given samples per client: 5 batches of 16 an epoch instead of 3
+    assert bars[0] == (10, 10)

@@ -459,7 +459,7 @@ def test_privacy_guard_refuses_data_leaving_a_client():
 def _contract_guard():
     """A host of clients 0 and 1 of a real split cGAN (heterogeneous cuts) with its contracts."""
     from huscf.models import build_architecture
-    from huscf.runtime.actors import _contracts
+    from huscf.runtime.spec import contracts as _contracts
     from huscf.runtime.messages import PrivacyGuard
     from huscf.split.plan import Cuts
     from huscf.split.segments import SplitGAN
@@ -552,7 +552,7 @@ def test_the_privacy_guard_admits_only_well_formed_secure_aggregation_messages()
 
 def test_the_server_refuses_masked_words_after_it_named_the_dropouts():
     """Survivors reveal their seeds with the dropouts; a dropout's late vector would then open alone."""
-    from huscf.runtime.actors import ServerNode
+    from huscf.runtime.server import ServerNode
     from huscf.runtime.messages import Wire
 
     server = object.__new__(ServerNode)  # only its secure round-end state, no actor
@@ -630,3 +630,56 @@ def test_a_toy_method_with_a_new_hook_runs_the_same_on_every_engine(local_ray, t
     from huscf.runtime.audit import format_summary
 
     assert "clients were given samples with their labels" in format_summary(summarise(tmp_path / "ray"))
+
+
+def test_a_method_that_synchronises_every_k_steps_runs_on_every_engine(local_ray, tmp_path):
+    """``Method.synchronises`` (issue 27: when a method synchronises): FedAvg after every second
+    iteration leaves all clients equal at the end of a 4-iteration epoch on the loop, the batched
+    and the Ray engine, records the syncs, and computes the same run on all three (float64); the
+    same method without syncs ends the epoch with every client different."""
+    import toy_methods
+    from ray import cloudpickle
+
+    from huscf.methods import register, unregister
+
+    cloudpickle.register_pickle_by_value(toy_methods)
+    register(toy_methods.SyncsEveryTwo)
+    register(toy_methods.SyncsNever)
+    toy_methods.SyncsEveryTwo.equal_after_epoch.clear()
+    try:
+        runs = {}
+        for name, extra in [("loop", []), ("batched", ["compute.clients=batched"]),
+                            ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
+                            ("never", ["method=toy-nosync"])]:
+            cfg = build_config({}, SMALL + FP64 + ["method=toy-sync", "train.rounds=1", "data.limit_per_domain=128",
+                                                   "train.max_iters_per_epoch=null", *extra])
+            Trainer.new(cfg, tmp_path / name, quiet=True).fit()
+            runs[name] = read_metrics(tmp_path / name)
+    finally:
+        unregister("toy-sync")
+        unregister("toy-nosync")
+        cloudpickle.unregister_pickle_by_value(toy_methods)
+    assert toy_methods.SyncsEveryTwo.equal_after_epoch == [True, True, True, False]
+    assert [runs[n][0]["iterations"] for n in runs] == [4] * 4
+    assert [runs[n][0]["federation"].get("syncs_before_round_end") for n in runs] == [2, 2, 2, None]
+    for name in ("batched", "ray"):
+        for key in ("loss_d_per_client", "loss_g_per_client"):
+            assert_close64(np.array(runs[name][0][key]), np.array(runs["loop"][0][key]), extra=RECORD_ROUNDING,
+                           msg=f"{name} {key}")
+
+
+def test_fedgan_equal_steps_and_syncs_are_the_same_on_ray(local_ray, tmp_path):
+    """FedGAN's equal steps (``Engine.equal_steps``: a client past its last batch starts over) and
+    its syncs every K steps compute the same run on Ray as in one process (float64), on unequal
+    partitions where the small clients start over."""
+    runs = {}
+    for name, extra in [("loop", []), ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"])]:
+        cfg = build_config({}, SMALL + FP64 + ["method=fedgan", "train.rounds=1", "data.scenario=noniid",
+                                               "data.limit_per_domain=240", "train.max_iters_per_epoch=null",
+                                               "baselines.fedgan_sync_every=2", "data.clients_per_domain=3", *extra])
+        Trainer.new(cfg, tmp_path / name, quiet=True).fit()
+        runs[name] = read_metrics(tmp_path / name)[0]
+    assert runs["ray"]["iterations_per_client"] == [5] * 6  # 80 and 53 samples: 5 and 3 batches
+    assert [runs[n]["federation"]["syncs_before_round_end"] for n in runs] == [2, 2]
+    for key in ("loss_d_per_client", "loss_g_per_client"):
+        assert_close64(np.array(runs["ray"][key]), np.array(runs["loop"][key]), extra=RECORD_ROUNDING, msg=key)

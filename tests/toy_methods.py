@@ -47,3 +47,30 @@ class GivesNothing(GivesPeerFakes):
 
     name = "toy-plain"
     gives = False
+
+
+class SyncsEveryTwo(Method):
+    """Whole networks per client, averaged after every second iteration of an epoch (a FedGAN-like
+    schedule, ``Method.synchronises``); records after each epoch whether the clients were equal."""
+
+    name = "toy-sync"
+    title = "a toy method: FedAvg after every second iteration"
+    shares = "whole G and D weights, averaged every second iteration"
+    every = 2
+    equal_after_epoch: list[bool] = []
+
+    def strategy(self, cfg):
+        return FedAvg()
+
+    def synchronises(self, cfg, steps: int) -> bool:
+        return steps == self.every
+
+    def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
+        first = engine.model.clients[0].state_dict()
+        self.equal_after_epoch.append(all(torch.equal(v, c.state_dict()[k]) for c in engine.model.clients[1:]
+                                          for k, v in first.items()))
+
+
+class SyncsNever(SyncsEveryTwo):
+    name = "toy-nosync"
+    every = 10**9

@@ -11,7 +11,7 @@ import json
 import math
 from collections import Counter, defaultdict
 
-from huscf.cuts.devices import assign_devices, load_profiles
+from huscf.cuts.devices import DeviceProfile, assign_devices, load_profiles
 from huscf.cuts.latency import resolve_arch
 from huscf.cuts.search import SOLVERS, plan_cuts
 from huscf.errors import HuscfError
@@ -37,25 +37,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _assignment(text: str):
-    if text in ("round_robin", "shuffle"):
-        return text
-    return [int(k) if k.strip().isdigit() else k.strip() for k in text.split(",")]
-
-
-def _check_numbers(args) -> None:
-    """Widths, batches and weights that make a plan: finite, and positive where a size is meant."""
+def run(args) -> int:
+    # widths, batches and weights that make a plan: finite, and positive where a size is meant
     for flag, value, low in (("--width", args.width, "positive"), ("--batch", args.batch, "positive"),
                              ("--clients", args.clients, "positive"), ("--alpha", args.alpha, "non-negative"),
                              ("--gamma", args.gamma, "non-negative")):
         if not math.isfinite(value) or (value <= 0 if low == "positive" else value < 0):
             raise HuscfError(f"huscf cuts {flag} must be a finite {low} number, got {value}")
-
-
-def run(args) -> int:
-    _check_numbers(args)
     server, profiles = load_profiles(args.profiles)
-    devices = assign_devices(profiles, args.clients, _assignment(args.assignment), seed=args.seed)
+    how = args.assignment  # a policy, or a device name or index per client
+    if how not in ("round_robin", "shuffle"):
+        how = [int(k) if k.strip().isdigit() else k.strip() for k in how.split(",")]
+    devices = assign_devices(profiles, args.clients, how, seed=args.seed)
     arch = resolve_arch(args.arch, args.width)
     plan = plan_cuts(arch, args.batch, devices, server, method=args.method,
                      alpha=args.alpha, gamma=args.gamma, seed=args.seed)
@@ -72,18 +65,16 @@ def run(args) -> int:
           f"method {plan.method} ({plan.solve_seconds:.3f} s)")
     print("\ncuts per device (hg tg hd td: middle blocks of G and D kept on the client head / tail)")
     print(f"  {'device':<12} {'MFLOP/s':>10} {'rate B/s':>10} {'clients':>7}  {'cuts':<22} {'MB/client/iter':>14}")
-    rows: dict[str, Counter] = defaultdict(Counter)
+    rows: dict[DeviceProfile, Counter] = defaultdict(Counter)  # device kinds in order of first client
     traffic: dict[tuple, int] = {}
     for d, c, b in zip(devices, plan.cuts, rep.bytes_per_client):
-        rows[d.name][tuple(c)] += 1
-        traffic[d.name, tuple(c)] = b
-    specs = {d.name: d for d in devices}
-    for name, counts in rows.items():
-        d = specs[name]
+        rows[d][tuple(c)] += 1
+        traffic[d, tuple(c)] = b
+    for d, counts in rows.items():
         for k, (cut, n) in enumerate(sorted(counts.items())):
-            head = (f"  {name:<12} {d.cpu_mhz * d.flops_per_cycle:>10.0f} {d.data_rate:>10.3g} "
+            head = (f"  {d.name:<12} {d.cpu_mhz * d.flops_per_cycle:>10.0f} {d.data_rate:>10.3g} "
                     f"{sum(counts.values()):>7}" if k == 0 else " " * 43)
-            print(f"{head}  {' '.join(map(str, cut)) + f'  x{n}':<22} {traffic[name, cut] / 1e6:>14.2f}")
+            print(f"{head}  {' '.join(map(str, cut)) + f'  x{n}':<22} {traffic[d, cut] / 1e6:>14.2f}")
     print("\nlatency per iteration (seconds; each stage waits for its slowest participant)")
     for stage, seconds in rep.stages.items():
         print(f"  {stage:<14} {seconds:>10.4f}")

@@ -15,6 +15,7 @@ reads the authors' name too (docs/latency.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -76,10 +77,8 @@ def _fields(where: str, spec, keys: Sequence[str]) -> dict[str, float]:
             raise HuscfError(f"{where}: missing field '{key}'")
         value = spec[key]
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)  # YAML reads 1e9 (no dot) as a string
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise HuscfError(f"{where}: field '{key}' must be a positive number, got {spec[key]!r}")
         out[key] = float(value)
@@ -139,8 +138,7 @@ def assign_devices(devices: Sequence[DeviceProfile], num_clients: int,
         if how == "round_robin":
             return even
         if how == "shuffle":
-            order = np.random.default_rng(seed).permutation(num_clients)
-            return [even[i] for i in order]
+            return [even[i] for i in np.random.default_rng(seed).permutation(num_clients)]
         raise HuscfError(f"assignment: unknown policy '{how}' (round_robin, shuffle or a list per client)")
     if len(how) != num_clients:
         raise HuscfError(f"assignment: the explicit list has {len(how)} entries for {num_clients} clients")

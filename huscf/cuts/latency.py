@@ -65,21 +65,13 @@ def net_tables(p: NetProfile, passes: int, devices: Sequence[DeviceProfile], ser
     c = np.array([d.flops_per_s for d in devices])[:, None]
     r = np.array([d.rate for d in devices])[:, None]
     rs = server.rate
-    return NetTables(
-        passes=passes,
-        pairs=pairs,
-        client={
-            "fwd_head": f_head / c + up / r,
-            "fwd_tail": down / rs + f_tail / c,
-            "bwd_tail": b_tail / c + down / r,
-            "bwd_head": up / rs + b_head / c,
-        },
-        server={
-            "fwd_server": np.array([fwd[s].sum() for s in mids]) / server.flops_per_s,
-            "bwd_server": np.array([bwd[s].sum() for s in mids]) / server.flops_per_s,
-        },
-        bytes=passes * 2 * (up + down),
-    )
+    return NetTables(passes, pairs, bytes=passes * 2 * (up + down),
+                     client={"fwd_head": f_head / c + up / r,
+                             "fwd_tail": down / rs + f_tail / c,
+                             "bwd_tail": b_tail / c + down / r,
+                             "bwd_head": up / rs + b_head / c},
+                     server={"fwd_server": np.array([fwd[s].sum() for s in mids]) / server.flops_per_s,
+                             "bwd_server": np.array([bwd[s].sum() for s in mids]) / server.flops_per_s})
 
 
 @dataclass
@@ -117,8 +109,7 @@ class LatencyModel:
             raise HuscfError("latency: the fleet has no clients")
         self.profile, self.devices, self.server = profile, list(devices), server
         self.alpha, self.gamma = float(alpha), float(gamma)
-        self.tables = {"g": net_tables(profile.g, NETS["g"], devices, server),
-                       "d": net_tables(profile.d, NETS["d"], devices, server)}
+        self.tables = {net: net_tables(getattr(profile, net), passes, devices, server) for net, passes in NETS.items()}
         speeds = np.array([(d.flops_per_s, d.rate) for d in self.devices])
         _, self.group_first, groups = np.unique(speeds, axis=0, return_index=True, return_inverse=True)
         self.groups = groups.ravel()  # client -> group of identical devices
@@ -152,9 +143,8 @@ class LatencyModel:
             raise HuscfError(f"latency: {len(cuts)} cut configurations for {self.num_clients} clients")
         mg, md = self.profile.g.num_middle, self.profile.d.num_middle
         cuts = [validate_cuts(tuple(c), mg, md, client=f"{i} ({self.devices[i].name})") for i, c in enumerate(cuts)]
-        gi = {p: k for k, p in enumerate(self.tables["g"].pairs)}
-        di = {p: k for k, p in enumerate(self.tables["d"].pairs)}
-        return np.array([gi[c.hg, c.tg] for c in cuts]), np.array([di[c.hd, c.td] for c in cuts])
+        gp, dp = self.tables["g"].pairs, self.tables["d"].pairs
+        return np.array([gp.index((c.hg, c.tg)) for c in cuts]), np.array([dp.index((c.hd, c.td)) for c in cuts])
 
     def cuts(self, g: np.ndarray, d: np.ndarray) -> list[Cuts]:
         gp, dp = self.tables["g"].pairs, self.tables["d"].pairs

@@ -49,12 +49,6 @@ class ArchProfile:
     batch_size: int
 
 
-def _count(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def profile_blocks(blocks: Sequence[nn.Module], inputs: tuple, input_grad: bool = False,
                    dtype: torch.dtype = torch.float32) -> NetProfile:
     """Measure every block of ``blocks`` on ``inputs`` (the tuple block 0 takes).
@@ -68,13 +62,14 @@ def profile_blocks(blocks: Sequence[nn.Module], inputs: tuple, input_grad: bool 
     h = tuple(inputs)
     for b, block in enumerate(blocks):
         block.train()
-        wants_grad = input_grad or b > 0
-        args = tuple(t.detach().requires_grad_(wants_grad and t.is_floating_point()) for t in h)
-        result: list[torch.Tensor] = []
-        fwd.append(_count(lambda: result.append(block(*args))))
-        out = result[0]
+        args = tuple(t.detach().requires_grad_((input_grad or b > 0) and t.is_floating_point()) for t in h)
+        with FlopCounterMode(display=False) as counter:
+            out = block(*args)
+        fwd.append(int(counter.get_total_flops()))
         grad = torch.randn_like(out)
-        bwd.append(_count(lambda: out.backward(grad)))
+        with FlopCounterMode(display=False) as counter:
+            out.backward(grad)
+        bwd.append(int(counter.get_total_flops()))
         out_bytes.append(out.numel() * itemsize)
         h = (out.detach(),)
     return NetProfile(tuple(fwd), tuple(bwd), tuple(out_bytes))

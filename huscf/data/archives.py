@@ -1,5 +1,6 @@
-"""Official releases of the sets that do not ship as MNIST-style IDX files: where they come from,
-how each download is verified, and how it becomes the layout ``sources`` reads.
+"""Official releases of the sets that do not ship as MNIST-style IDX files: how each download is
+verified, and how it becomes the layout ``sources`` reads (their URLs and digests are in their
+entries in ``sources.DOMAINS``).
 
 * ``cifar10``: the authors' binary release (``cifar-10-binary.tar.gz``, fixed-size records, no
   pickle), MD5 as published on the CIFAR page. Becomes ``cifar10/cifar10.npz``: the full 50k/10k
@@ -23,9 +24,7 @@ import os
 import re
 import tarfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy.io import wavfile
@@ -38,15 +37,6 @@ FSDD_SAMPLE_RATE = 8000
 _FSDD_NAME = re.compile(r"(?:^|/)recordings/(\d)_([a-z]+)_(\d+)\.wav$")
 _CIFAR_DIR = "cifar-10-batches-bin"
 _CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte, then the red, green and blue 32x32 planes
-
-
-@dataclass(frozen=True)
-class Release:
-    urls: tuple[str, ...]  # tried in order
-    archive: str  # the file name it is saved under while it is converted
-    algorithm: str  # how the archive is checked: "md5" of its bytes, or "content" (see the module docstring)
-    digest: str
-    convert: Callable[[Path, Path], list[Path]]  # (archive, domain folder) -> files written
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -160,8 +150,8 @@ def _read_wav(raw: bytes, name: str) -> np.ndarray:
     return samples
 
 
-def convert_fsdd(archive: Path, dest: Path) -> list[Path]:
-    """The repository zip -> ``dest/fsdd.npz``, after checking its content digest."""
+def convert_fsdd(archive: Path, dest: Path, sha256: str) -> list[Path]:
+    """The repository zip -> ``dest/fsdd.npz``, once its content digest (``content_digest``) is ``sha256``."""
     recordings = {}
     with zipfile.ZipFile(archive) as z:
         for info in z.infolist():
@@ -172,23 +162,8 @@ def convert_fsdd(archive: Path, dest: Path) -> list[Path]:
         raise HuscfError("the FSDD archive holds no recordings/<digit>_<speaker>_<index>.wav files")
     arrays = fsdd_arrays(recordings)
     got = content_digest(arrays)
-    if got != RELEASES["fsdd"].digest:
+    if got != sha256:
         raise HuscfError(f"FSDD download failed verification: {len(recordings)} recordings with content sha256 "
-                         f"{got}, expected {RELEASES['fsdd'].digest} (the recordings at commit {FSDD_COMMIT[:10]})")
+                         f"{got}, expected {sha256} (the recordings at commit {FSDD_COMMIT[:10]})")
     return [_save_npz(dest / "fsdd.npz", **arrays)]
 
-
-RELEASES: dict[str, Release] = {
-    "cifar10": Release(
-        ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
-        "cifar-10-binary.tar.gz", "md5", "c32a1d4ab5d03f1284b67883e8d87530", convert_cifar10),
-    "pneumoniamnist": Release(
-        ("https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1",
-         "https://zenodo.org/record/6496656/files/pneumoniamnist.npz?download=1"),
-        "pneumoniamnist.npz", "md5", "28209eda62fecd6e6a2d98b1501bb15f", convert_pneumoniamnist),
-    "fsdd": Release(
-        (f"https://codeload.github.com/Jakobovski/free-spoken-digit-dataset/zip/{FSDD_COMMIT}",
-         f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.zip"),
-        "free-spoken-digit-dataset.zip", "content",
-        "98813b66519406457d065fdda8c381330d64e8ef9910929e83ed54628deffc35", convert_fsdd),
-}

@@ -55,12 +55,10 @@ def domain_rng(seed: int, domain: str) -> np.random.Generator:
 
 def _fractions(n: int, groups, rng: np.random.Generator) -> list[Fraction]:
     """Assign each of n clients a size fraction; group shares are rounded, the last group takes the rest."""
-    out, start = [], 0
+    out: list[Fraction] = []
     for share, frac in groups[:-1]:
-        count = min(n - start, round(share * n))
-        out += [frac] * count
-        start += count
-    out += [groups[-1][1]] * (n - start)
+        out += [frac] * min(n - len(out), round(share * n))
+    out += [groups[-1][1]] * (n - len(out))
     return [out[i] for i in rng.permutation(n)]
 
 
@@ -73,10 +71,8 @@ def _split_domain(domain: str, labels: np.ndarray, clients: int, scenario: str, 
         return [(np.sort(part), ()) for part in np.array_split(rng.permutation(n), clients)]
     (counts, weights), groups = SCENARIOS[scenario]
     p = np.asarray(weights) / np.sum(weights)
-    excluded = []
-    for k in rng.choice(counts, size=clients, p=p):
-        k = min(int(k), num_classes - 1)
-        excluded.append(tuple(sorted(int(c) for c in rng.choice(num_classes, size=k, replace=False))))
+    excluded = [tuple(sorted(int(c) for c in rng.choice(num_classes, size=min(int(k), num_classes - 1), replace=False)))
+                for k in rng.choice(counts, size=clients, p=p)]
     even = n // clients
     targets = [max(1, int(even * f)) for f in _fractions(clients, groups, rng)]
 
@@ -109,13 +105,10 @@ def _split_by_group(domain: str, groups: np.ndarray | None, clients: int,
     if clients < len(ids):
         raise HuscfError(f"scenario 'by_group': domain '{domain}' has {len(ids)} groups, so data.clients_per_domain "
                          f"must be at least {len(ids)}, got {clients}")
-    members = {g: [c for c in range(clients) if ids[c % len(ids)] == g] for g in ids}
-    out: list[tuple[np.ndarray, tuple[int, ...]]] = [(np.empty(0, np.int64), ())] * clients
-    for g, cs in members.items():
-        parts = np.array_split(rng.permutation(np.flatnonzero(groups == g)), len(cs))
-        for c, part in zip(cs, parts):
-            out[c] = (np.sort(part).astype(np.int64), ())
-    return out
+    # client c takes group c mod G, and the (c // G)-th of the parts that group's samples are split into
+    parts = [np.array_split(rng.permutation(np.flatnonzero(groups == g)), len(range(j, clients, len(ids))))
+             for j, g in enumerate(ids)]
+    return [(np.sort(parts[c % len(ids)][c // len(ids)]).astype(np.int64), ()) for c in range(clients)]
 
 
 def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, scenario: str, seed: int,
@@ -129,12 +122,9 @@ def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, 
     out: list[ClientPartition] = []
     for domain, labels in labels_by_domain.items():
         labels = np.asarray(labels, dtype=np.int64)
-        if isinstance(num_classes, int):
-            k = num_classes
-        elif domain in num_classes:
-            k = num_classes[domain]
-        else:
+        if not isinstance(num_classes, int) and domain not in num_classes:
             raise HuscfError(f"num_classes has no entry for domain '{domain}'")
+        k = num_classes if isinstance(num_classes, int) else num_classes[domain]
         if labels.size and (labels.min() < 0 or labels.max() >= k):
             raise HuscfError(f"domain '{domain}': labels must lie in 0..{k - 1}, found {labels.min()}..{labels.max()}")
         rng = domain_rng(seed, domain)
@@ -142,8 +132,7 @@ def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, 
             split = _split_by_group(domain, (groups_by_domain or {}).get(domain), clients_per_domain, rng)
         else:
             split = _split_domain(domain, labels, clients_per_domain, scenario, k, rng)
-        for indices, excluded in split:
-            out.append(ClientPartition(len(out), domain, indices, excluded))
+        out += [ClientPartition(len(out) + j, domain, indices, excluded) for j, (indices, excluded) in enumerate(split)]
     return out
 
 

@@ -8,8 +8,9 @@ writes it), else ``cifar10_subset.npz`` (32x32 RGB). ``fsdd`` reads
 ``<data_dir>/fsdd/fsdd.npz`` (8 kHz speech) and turns every recording into a fixed-size log-mel
 spectrogram image (``data/audio.py``); its speakers are the domain's ``groups``.
 
-Every domain is one entry of ``DOMAINS`` (how to read a split, how to download it): ``load_domain``,
-``download`` and ``known_domains`` read nothing else.
+Every domain is one entry of ``DOMAINS``: how to read a split, and where its official files come
+from with their digests (``IdxFiles``, ``Release``). ``load_domain``, ``download`` and
+``known_domains`` read nothing else; a new dataset copies an entry.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from huscf.cache import cached_array
-from huscf.data import archives, checksums
+from huscf.data import archives
 from huscf.data.idx import read_idx
 from huscf.errors import HuscfError
 
@@ -44,17 +45,6 @@ DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 _TEN = tuple(str(i) for i in range(10))
-_IDX_CLASSES: dict[str, tuple[str, ...]] = {
-    "mnist": _TEN,
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
-    "notmnist": tuple("ABCDEFGHIJ"),
-    "pneumoniamnist": ("normal", "pneumonia"),
-}
-# the npz file(s) of each npz domain, in order of preference: the first that exists is read
-_NPZ: dict[str, tuple[str, ...]] = {"cifar10": ("cifar10/cifar10.npz", "cifar10/cifar10_subset.npz"),
-                                    "fsdd": ("fsdd/fsdd.npz",)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,33 +156,38 @@ _OFFLINE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 # ---- npz domains (CIFAR-10 subset, spoken digits) ----------------------------------------------
 
-def _npz(name: str, root: Path) -> dict[str, np.ndarray]:
-    path = next((root / f for f in _NPZ[name] if (root / f).is_file()), root / _NPZ[name][-1])
+class _Arrays(dict):
+    """The arrays of an npz file by key; a missing key is a one-line error that names the file."""
+
+    def __init__(self, path: Path, arrays: dict[str, np.ndarray]):
+        super().__init__(arrays)
+        self.path = path
+
+    def __missing__(self, key: str) -> np.ndarray:
+        raise HuscfError(f"data file {self.path}: key '{key}' missing (has {', '.join(sorted(self))})")
+
+
+def _npz(name: str, files: tuple[str, ...], root: Path) -> _Arrays:
+    """The first of a domain's npz ``files`` (under the data folder, in order of preference) that exists."""
+    path = next((root / f for f in files if (root / f).is_file()), root / files[-1])
     _require(name, (path,))
     stamp = (path.stat().st_mtime_ns, path.stat().st_size)
     return _read_npz(path, stamp)
 
 
 @functools.lru_cache(maxsize=4)
-def _read_npz(path: Path, _stamp: tuple) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, _stamp: tuple) -> _Arrays:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return _Arrays(path, {k: z[k] for k in z.files})
     except (OSError, ValueError, EOFError, BadZipFile, zlib.error) as exc:
         raise HuscfError(f"data file {path}: not a readable npz, damaged or cut short ({exc})") from None
 
 
-def _field(name: str, z: dict, key: str) -> np.ndarray:
-    if key not in z:
-        raise HuscfError(f"data file for '{name}' ({' or '.join(_NPZ[name])}): key '{key}' missing "
-                         f"(has {', '.join(sorted(z))})")
-    return z[key]
-
-
-def _load_cifar10(split: str, root: Path) -> Domain:
-    z = _npz("cifar10", root)
+def _load_cifar10(split: str, root: Path, files: tuple[str, ...]) -> Domain:
+    z = _npz("cifar10", files, root)
     part = "train" if split == "train" else "test"
-    x, y = _field("cifar10", z, f"x_{part}"), _field("cifar10", z, f"y_{part}")
+    x, y = z[f"x_{part}"], z[f"y_{part}"]
     if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
         raise HuscfError(f"data for 'cifar10': expected x_{part} uint8 (N, 32, 32, 3), got {x.dtype} {x.shape}")
     names = tuple(str(c) for c in z.get("class_names", [str(i) for i in range(10)]))
@@ -200,13 +195,12 @@ def _load_cifar10(split: str, root: Path) -> Domain:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_fsdd(split: str, root: Path) -> Domain:
+def _load_fsdd(split: str, root: Path, files: tuple[str, ...]) -> Domain:
     from huscf.data.audio import SPEC, settings_id, waves_to_images
 
-    z = _npz("fsdd", root)
+    z = _npz("fsdd", files, root)
     part = "train" if split == "train" else "test"
-    waves, lengths = _field("fsdd", z, f"x_{part}"), _field("fsdd", z, f"len_{part}")
-    rate = int(_field("fsdd", z, "sample_rate"))
+    waves, lengths, rate = z[f"x_{part}"], z[f"len_{part}"], int(z["sample_rate"])
     if rate != SPEC.sample_rate:
         raise HuscfError(f"data for 'fsdd': sample rate {rate} Hz, the spectrogram settings expect {SPEC.sample_rate}")
     # the spectrograms take ~20 s to compute: cached on disk under a hash of the audio and the settings
@@ -214,9 +208,9 @@ def _load_fsdd(split: str, root: Path) -> Domain:
                          + np.ascontiguousarray(lengths).tobytes()).hexdigest()[:24]
     images = cached_array("spectrograms", f"fsdd-{part}-{key}",
                           lambda: waves_to_images([w[:n] for w, n in zip(waves, lengths)]))
-    speakers = tuple(str(s) for s in _field("fsdd", z, "speaker_names"))
-    d = _frozen("fsdd", images, _field("fsdd", z, f"y_{part}"), _TEN)
-    groups = np.asarray(_field("fsdd", z, f"speaker_{part}"), dtype=np.int64)
+    speakers = tuple(str(s) for s in z["speaker_names"])
+    d = _frozen("fsdd", images, z[f"y_{part}"], _TEN)
+    groups = np.asarray(z[f"speaker_{part}"], dtype=np.int64)
     groups.flags.writeable = False
     return Domain(d.name, d.images, d.labels, d.num_classes, d.class_names, groups, speakers, "spectrogram")
 
@@ -240,60 +234,139 @@ def _frozen(name: str, images: np.ndarray, labels: np.ndarray, class_names: tupl
     return Domain(name, images, labels, len(class_names), class_names)
 
 
-def _idx_domain(name: str) -> Callable[[str, Path], Domain]:
+def _idx_domain(name: str, class_names: tuple[str, ...]) -> Callable[[str, Path], Domain]:
+    """The ``read`` of an IDX domain: its ``train``/``t10k`` files, labelled ``class_names``."""
     def read(split: str, root: Path) -> Domain:
         images, labels = _load_idx(name, split, root)
-        class_names = _IDX_CLASSES[name]
         if labels.size and labels.max() >= len(class_names):
             raise HuscfError(f"data for '{name}': label {labels.max()} out of range 0..{len(class_names) - 1}")
         return _frozen(name, images, labels, class_names)
     return read
 
 
+# ---- the entries -------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class DomainSource:
     """One domain, as ``load_domain`` and ``download`` use it: an entry of ``DOMAINS``, which a new
-    dataset copies. ``read`` returns one split from the data folder; ``fetch`` downloads and
-    verifies its files into the domain's folder (None: it cannot be downloaded, ``no_download`` says
-    why). Its class names, files and digests are in the tables ``read`` and ``fetch`` name
-    (``_IDX_CLASSES``, ``_NPZ``; ``checksums.MIRRORS``/``SHA256``, ``archives.RELEASES``)."""
+    dataset copies. ``read(split, data_root)`` returns one split; ``fetch(name, domain_folder, quiet)``
+    downloads and verifies its files into the domain's folder and returns their paths (``IdxFiles``,
+    ``Release``: the URLs and digests; None: it cannot be downloaded, ``no_download`` says why)."""
 
     read: Callable[[str, Path], Domain]
-    fetch: Callable[[Path, bool], list[Path]] | None = None
+    fetch: Callable[[str, Path, bool], list[Path]] | None = None
     no_download: str = ""
 
 
-def _idx_fetch(name: str) -> Callable[[Path, bool], list[Path]]:
-    return lambda dest, quiet: _download_idx(name, dest, quiet)
+@dataclass(frozen=True)
+class IdxFiles:
+    """A ``fetch``: the official IDX files, each from the first of ``mirrors`` (base URLs, the file name
+    appended) that answers, checked against its SHA-256 before it is renamed into place. A file already
+    there with the right digest is not downloaded again."""
+
+    mirrors: tuple[str, ...]
+    sha256: dict[str, str]  # file name -> digest
+
+    def __call__(self, name: str, dest: Path, quiet: bool) -> list[Path]:
+        dest.mkdir(parents=True, exist_ok=True)
+        for fname, expected in self.sha256.items():
+            target = dest / fname
+            if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != expected:
+                urls = tuple(base + fname for base in self.mirrors)
+                os.replace(_fetch_first(name, fname, urls, dest, "sha256", expected, quiet)[0], target)
+        return [dest / fname for fname in self.sha256]
 
 
-def _release_fetch(name: str) -> Callable[[Path, bool], list[Path]]:
-    return lambda dest, quiet: _download_release(name, dest, quiet)
+@dataclass(frozen=True)
+class Release:
+    """A ``fetch``: an official release archive from the first of ``urls`` that answers, checked by its
+    ``md5``, converted into the layout ``read`` expects (``archives``), then deleted. ``md5`` None: the
+    archive's bytes are not stable, and ``convert`` checks the content it decodes instead."""
+
+    urls: tuple[str, ...]  # tried in order
+    archive: str  # the release's file name, as messages name it
+    md5: str | None
+    convert: Callable[[Path, Path], list[Path]]  # (archive, domain folder) -> files written
+
+    def __call__(self, name: str, dest: Path, quiet: bool) -> list[Path]:
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp, url = _fetch_first(name, self.archive, self.urls, dest, "md5", self.md5, quiet)
+        try:
+            if not quiet:
+                print(f"{name}: verified, converting to {dest}", file=sys.stderr)
+            return self.convert(tmp, dest)
+        except (OSError, KeyError, ValueError, tarfile.TarError, BadZipFile) as exc:
+            raise HuscfError(f"{name}: the download from {url} could not be read ({exc})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
-def _bundled(name: str) -> Callable[[Path, bool], list[Path]]:
-    """The fetch of a domain built from scikit-learn's bundled digits: nothing to download."""
-    def fetch(dest: Path, quiet: bool) -> list[Path]:
-        if not quiet:
-            print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
-        return []
-    return fetch
+def _bundled(name: str, dest: Path, quiet: bool) -> list[Path]:
+    """The ``fetch`` of a domain built from scikit-learn's bundled digits: nothing to download."""
+    if not quiet:
+        print(f"{name}: bundled with scikit-learn, nothing to download", file=sys.stderr)
+    return []
 
 
 DOMAINS: dict[str, DomainSource] = {
-    "mnist": DomainSource(_idx_domain("mnist"), _idx_fetch("mnist")),
-    "fashion_mnist": DomainSource(_idx_domain("fashion_mnist"), _idx_fetch("fashion_mnist")),
-    "kmnist": DomainSource(_idx_domain("kmnist"), _idx_fetch("kmnist")),
-    "notmnist": DomainSource(_idx_domain("notmnist"), None, (
-        "notmnist has no official IDX download: get t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
-        "from github.com/davidflanagan/notMNIST-to-MNIST and put them in <data_dir>/notmnist/")),
-    "pneumoniamnist": DomainSource(_idx_domain("pneumoniamnist"), _release_fetch("pneumoniamnist")),
-    "cifar10": DomainSource(_load_cifar10, _release_fetch("cifar10")),
-    "fsdd": DomainSource(_load_fsdd, _release_fetch("fsdd")),
-    **{name: DomainSource(lambda split, root, name=name: _load_offline(name, split), _bundled(name))
+    # MNIST and Fashion-MNIST digests were computed from files byte-identical to the original releases (their
+    # md5 match the published values); KMNIST's are those listed by TensorFlow Datasets
+    # (tensorflow_datasets/url_checksums/kmnist.txt), and its two t10k digests match our own copies.
+    "mnist": DomainSource(
+        read=_idx_domain("mnist", _TEN),
+        fetch=IdxFiles(
+            mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+            sha256={"train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"})),
+    "fashion_mnist": DomainSource(
+        read=_idx_domain("fashion_mnist", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
+        fetch=IdxFiles(
+            mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+            sha256={"train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"})),
+    "kmnist": DomainSource(
+        read=_idx_domain("kmnist", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+        fetch=IdxFiles(
+            mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+            sha256={"train-images-idx3-ubyte.gz": "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4",
+                    "train-labels-idx1-ubyte.gz": "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17",
+                    "t10k-images-idx3-ubyte.gz": "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5",
+                    "t10k-labels-idx1-ubyte.gz": "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c"})),
+    "notmnist": DomainSource(
+        read=_idx_domain("notmnist", tuple("ABCDEFGHIJ")),
+        no_download="notmnist has no official IDX download: get t10k-images-idx3-ubyte.gz and "
+                    "t10k-labels-idx1-ubyte.gz from github.com/davidflanagan/notMNIST-to-MNIST and put them in "
+                    "<data_dir>/notmnist/"),
+    # the release archives: where each digest comes from, and how each becomes these files, is in archives
+    "pneumoniamnist": DomainSource(
+        read=_idx_domain("pneumoniamnist", ("normal", "pneumonia")),
+        fetch=Release(
+            urls=("https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1",
+                  "https://zenodo.org/record/6496656/files/pneumoniamnist.npz?download=1"),
+            archive="pneumoniamnist.npz", md5="28209eda62fecd6e6a2d98b1501bb15f",
+            convert=archives.convert_pneumoniamnist)),
+    "cifar10": DomainSource(  # the full set as the download writes it, else the shared folder's 10k/2k subset
+        read=functools.partial(_load_cifar10, files=("cifar10/cifar10.npz", "cifar10/cifar10_subset.npz")),
+        fetch=Release(
+            urls=("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
+            archive="cifar-10-binary.tar.gz", md5="c32a1d4ab5d03f1284b67883e8d87530",
+            convert=archives.convert_cifar10)),
+    "fsdd": DomainSource(
+        read=functools.partial(_load_fsdd, files=("fsdd/fsdd.npz",)),
+        fetch=Release(
+            urls=(f"https://codeload.github.com/Jakobovski/free-spoken-digit-dataset/zip/{archives.FSDD_COMMIT}",
+                  f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{archives.FSDD_COMMIT}.zip"),
+            archive="free-spoken-digit-dataset.zip", md5=None,  # GitHub's zips vary: the content is checked
+            convert=functools.partial(archives.convert_fsdd,
+                                      sha256="98813b66519406457d065fdda8c381330d64e8ef9910929e83ed54628deffc35"))),
+    **{name: DomainSource(read=lambda split, root, name=name: _load_offline(name, split), fetch=_bundled)
        for name in _OFFLINE},
 }
-
 
 def known_domains() -> tuple[str, ...]:
     return tuple(DOMAINS)
@@ -315,7 +388,18 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 # ---- download ----------------------------------------------------------------------------------
 
-def _fetch(url: str, dest_dir: Path, algorithm: str = "sha256") -> tuple[Path, str]:
+def download(name: str, data_dir: str | Path | None = None, quiet: bool = False) -> list[Path]:
+    """Download and verify the official files of ``name`` into ``<data_dir>/<name>/``, as its entry's
+    ``fetch`` says: the IDX files (SHA-256), or a release archive converted to the layout huscf reads."""
+    if name not in DOMAINS:
+        raise _unknown(name)
+    source = DOMAINS[name]
+    if source.fetch is None:
+        raise HuscfError(source.no_download)
+    return source.fetch(name, resolve_data_dir(data_dir) / name, quiet)
+
+
+def _fetch(url: str, dest_dir: Path, algorithm: str) -> tuple[Path, str]:
     """Stream ``url`` into a temp file in ``dest_dir``; return (temp path, hex digest by ``algorithm``)."""
     digest = hashlib.new(algorithm)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
@@ -330,9 +414,10 @@ def _fetch(url: str, dest_dir: Path, algorithm: str = "sha256") -> tuple[Path, s
     return Path(tmp), digest.hexdigest()
 
 
-def _fetch_first(name: str, what: str, urls: tuple[str, ...], dest: Path, algorithm: str, quiet: bool
-                 ) -> tuple[Path, str, str]:
-    """The first of ``urls`` that downloads: (temp path, digest, url). Every failure named if none does."""
+def _fetch_first(name: str, what: str, urls: tuple[str, ...], dest: Path, algorithm: str, expected: str | None,
+                 quiet: bool) -> tuple[Path, str]:
+    """The first of ``urls`` that downloads, as (temp path, url), its digest by ``algorithm`` checked against
+    ``expected`` (None: not checked; a mismatch deletes it). Every failure named if none downloads."""
     errors = []
     for url in urls:
         if not quiet:
@@ -342,56 +427,9 @@ def _fetch_first(name: str, what: str, urls: tuple[str, ...], dest: Path, algori
         except (urllib.error.URLError, OSError) as exc:
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
             continue
-        return tmp, got, url
-    raise HuscfError(f"could not download {name}/{what}: {'; '.join(errors)}")
-
-
-def download(name: str, data_dir: str | Path | None = None, quiet: bool = False) -> list[Path]:
-    """Download and verify the official files of ``name`` into ``<data_dir>/<name>/``: the IDX files
-    (SHA-256), or a release archive converted to the layout huscf reads (``archives``)."""
-    if name not in DOMAINS:
-        raise _unknown(name)
-    source = DOMAINS[name]
-    if source.fetch is None:
-        raise HuscfError(source.no_download)
-    return source.fetch(resolve_data_dir(data_dir) / name, quiet)
-
-
-def _download_idx(name: str, dest: Path, quiet: bool) -> list[Path]:
-    """The four IDX files from ``checksums.MIRRORS[name]``, each checked against its SHA-256."""
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fname in checksums.IDX_FILES:
-        expected, target = checksums.SHA256[name][fname], dest / fname
-        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == expected:
-            written.append(target)
-            continue
-        urls = tuple(base + fname for base in checksums.MIRRORS[name])
-        tmp, got, url = _fetch_first(name, fname, urls, dest, "sha256", quiet)
-        if got != expected:
+        if expected is not None and got != expected:
             tmp.unlink(missing_ok=True)
-            raise HuscfError(f"download of {name}/{fname} from {url} failed verification: "
-                             f"sha256 {got}, expected {expected}")
-        os.replace(tmp, target)
-        written.append(target)
-    return written
-
-
-def _download_release(name: str, dest: Path, quiet: bool) -> list[Path]:
-    """Fetch a release archive, check it (``archives.Release.algorithm``), convert it, drop it."""
-    release = archives.RELEASES[name]
-    dest.mkdir(parents=True, exist_ok=True)
-    algorithm = "sha256" if release.algorithm == "content" else release.algorithm
-    tmp, got, url = _fetch_first(name, release.archive, release.urls, dest, algorithm, quiet)
-    try:
-        if release.algorithm != "content" and got != release.digest:
-            raise HuscfError(f"download of {name}/{release.archive} from {url} failed verification: "
-                             f"{release.algorithm} {got}, expected {release.digest}")
-        if not quiet:
-            print(f"{name}: verified, converting to {dest}", file=sys.stderr)
-        try:
-            return release.convert(tmp, dest)
-        except (OSError, KeyError, ValueError, tarfile.TarError, BadZipFile) as exc:
-            raise HuscfError(f"{name}: the download from {url} could not be read ({exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise HuscfError(f"download of {name}/{what} from {url} failed verification: "
+                             f"{algorithm} {got}, expected {expected}")
+        return tmp, url
+    raise HuscfError(f"could not download {name}/{what}: {'; '.join(errors)}")

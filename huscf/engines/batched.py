@@ -14,14 +14,10 @@ block b:
   With ``fold_batch_norm`` a block's BatchNorm2d instead runs as one ``batch_norm`` over the
   clients folded into its channels (same statistics, one call; faster than vmap's rule on a CPU).
 
-Weight banks: the clients' copies of a block live in one stacked tensor per parameter (a
-``_Bank``), and each client's ``Parameter`` is a view of its row. The vmapped call reads the bank
-directly, so nothing is stacked per iteration and backward writes one gradient per bank instead
-of one per client and parameter. The clients' Adam states stay per parameter (so a client that
-sits an iteration out does not step, and checkpoints keep the per-client format of the loop),
-but all clients of a net step in one optimiser call (one fused kernel on CUDA) instead of one
-call per client. Gradients sum over clients into the server's weights, as the loop's per-client
-backward passes do. Results equal the loop's up to floating-point summation order (tested).
+The clients' own copies of a block live in weight banks (``banks.py``): the vmapped call reads
+a bank directly, and all clients of a net step in one optimiser call. Gradients sum over clients
+into the server's weights, as the loop's per-client backward passes do. Results equal the loop's
+up to floating-point summation order (tested).
 
 Memory: ``client_chunk`` bounds how many clients' activations are alive at once. With
 ``recompute_generator`` (on by default when there is more than one chunk), the generator forward
@@ -42,8 +38,6 @@ float64 (the reference the tests compare this engine with the loop in).
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -51,10 +45,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from huscf.config import TrainConfig
+from huscf.engines.banks import Bank, ClientAdam
 from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supported, folded_batch_norm
 from huscf.engines.execution import Execution, for_loss
-from huscf.engines.objective import adam, discriminator_loss, generator_loss, non_finite_loss
-from huscf.engines.simulation import SimulationEngine, place_step
+from huscf.engines import objective
+from huscf.engines.objective import adam, check_finite
+from huscf.engines.simulation import SimulationEngine
 from huscf.runsetup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
@@ -80,117 +76,40 @@ class _BlockPlan(NamedTuple):
     back: list[int]                     # rows whose activation comes back to its client after it
 
 
-class _Bank:
-    """Block b of one net for every client that holds its own copy: one stacked leaf tensor per
-    parameter, whose row k is holder k's ``Parameter`` (a view: in-place averaging, loading and
-    optimiser steps on a client's weights are writes into the bank)."""
-
-    def __init__(self, holders: list[int], modules: list[torch.nn.Module]):
-        self.holders = holders
-        self.row = {c: k for k, c in enumerate(holders)}
-        self.template = modules[0]
-        self.names = [n for n, _ in modules[0].named_parameters()]
-        self.params = [list(m.parameters()) for m in modules]  # params[k][j]: holder k's parameter j
-        self.leaves = []
-        for j in range(len(self.names)):
-            leaf = torch.stack([ps[j].detach() for ps in self.params]).requires_grad_(True)
-            for k, ps in enumerate(self.params):
-                ps[j].data = leaf.data[k]
-            self.leaves.append(leaf)
-        self._index: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def weights(self, clients: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """The stacked weights of ``clients`` (all holders: the bank itself; otherwise a gather)."""
-        if clients == tuple(self.holders):
-            return dict(zip(self.names, self.leaves))
-        if clients not in self._index:
-            self._index[clients] = torch.tensor([self.row[c] for c in clients], device=self.leaves[0].device)
-        idx = self._index[clients]
-        return {n: leaf[idx] for n, leaf in zip(self.names, self.leaves)}
-
-    def zero_grad(self) -> None:
-        for leaf in self.leaves:
-            leaf.grad = None
-
-    def requires_grad_(self, flag: bool) -> None:
-        for leaf in self.leaves:
-            leaf.requires_grad_(flag)
-
-    def hand_out_grads(self, clients: set[int]) -> None:
-        """Give each of ``clients`` its row of the bank's gradient (views, no copies)."""
-        for j, leaf in enumerate(self.leaves):
-            if leaf.grad is None:
-                continue
-            for k, c in enumerate(self.holders):
-                if c in clients:
-                    self.params[k][j].grad = leaf.grad[k]
-
-
-class _ClientAdam:
-    """One client's optimiser slot over the net's shared Adam: the per-client ``state_dict`` of a
-    ``torch.optim.Adam`` over that client's parameters (same layout, so checkpoints move between
-    engines), stored in and stepped by the shared optimiser."""
-
-    def __init__(self, shared: torch.optim.Adam, params: list[torch.nn.Parameter]):
-        self.shared, self.params = shared, params
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
-        raise RuntimeError("client optimisers of the batched engine step together: use BatchedEngine._step")
-
-    def state_dict(self) -> dict:
-        group = {k: v for k, v in self.shared.param_groups[0].items() if k != "params"}
-        state = {j: dict(self.shared.state[p]) for j, p in enumerate(self.params) if self.shared.state.get(p)}
-        return {"state": state, "param_groups": [group | {"params": list(range(len(self.params)))}]}
-
-    def load_state_dict(self, saved: dict) -> None:
-        on_device = bool(self.shared.param_groups[0].get("fused") or self.shared.param_groups[0].get("capturable"))
-        for j, p in enumerate(self.params):
-            self.shared.state.pop(p, None)
-            if j in saved["state"]:
-                self.shared.state[p] = {
-                    k: place_step(v, p, on_device) if k == "step" else v.to(device=p.device, dtype=p.dtype)
-                    for k, v in saved["state"][j].items()}
-
-
 class BatchedEngine(SimulationEngine):
     """``SimulationEngine`` whose iteration batches clients (see the module docstring)."""
 
     def __init__(self, model: SplitGAN, data: list[ClientData], *, train: TrainConfig, z_dim: int, seed: int,
-                 execution: Execution | None = None, shared_generator: bool = False,
-                 feature_depth: int | None = None):
+                 execution: Execution | None = None, feature_depth: int | None = None):
         super().__init__(model, data, train=train, z_dim=z_dim, seed=seed, execution=execution,
-                         shared_generator=shared_generator, feature_depth=feature_depth)
+                         feature_depth=feature_depth)
         self._plans: dict[tuple[str, tuple[int, ...]], list[_BlockPlan]] = {}
         self._slots = self._body_slots()  # each client's server body (host copy of SplitGAN.body_of)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
         self._graph_warmups: dict[tuple, int] = {}
         self._graph_pool = None
-        # weight banks and one Adam per net for all clients (MD-GAN's tied generator keeps its own)
+        # weight banks and one Adam per net for all clients (a tied net keeps the loop's one)
         order = sorted(range(len(model.clients)), key=lambda i: (model.clients[i].cuts, i))
-        self._banks: dict[tuple[str, int], _Bank] = {}
+        self._banks: dict[tuple[str, int], Bank] = {}
         self._shared_opts: dict[str, torch.optim.Adam] = {}
         for net in NETS:
-            if net == "G" and shared_generator:
+            if net in model.tied:
                 continue
             for b in range(model.num_blocks[net]):
                 holders = [i for i in order if model.clients[i].holds(net, b)]
                 if holders:
-                    self._banks[net, b] = _Bank(holders, [model.clients[i].nets[net][str(b)] for i in holders])
+                    self._banks[net, b] = Bank(holders, [model.clients[i].nets[net][str(b)] for i in holders])
             per_client = [list(model.client_parameters(i, net)) for i in range(len(data))]
             self._shared_opts[net] = adam([p for ps in per_client for p in ps], train, **self._opt_flags)
             for i, ps in enumerate(per_client):
-                self.client_opts[i][net] = _ClientAdam(self._shared_opts[net], ps)
+                self.client_opts[i][net] = ClientAdam(self._shared_opts[net], ps)
         self._banks_by_net = {net: [bank for (n, _), bank in self._banks.items() if n == net] for net in NETS}
 
     # -- one block, one net ----------------------------------------------------------------------
     def _stacked(self, net: str, b: int, ids: tuple[int, ...], args: tuple) -> torch.Tensor:
         """Block b of clients ``ids`` (each with its own copy), one vmapped call over their weights."""
         bank = self._banks.get((net, b))
-        if bank is None:  # MD-GAN's tied generator: every client's slot is one module
+        if bank is None:  # a tied net: every client's slot is one module
             return self._rows(self.model.clients[ids[0]].nets[net][str(b)], None, args)
         return self._rows(bank.template, bank.weights(ids), args)
 
@@ -289,40 +208,33 @@ class BatchedEngine(SimulationEngine):
         return h[0]
 
     # -- optimisers: the banks' gradients, one step per net -------------------------------------
-    def _zero_grad(self, net: str, clients: list[int]) -> None:
+    def zero_grad(self, net: str) -> None:
         if net not in self._shared_opts:
-            return super()._zero_grad(net, clients)
+            return super().zero_grad(net)
         for bank in self._banks_by_net[net]:
             bank.zero_grad()
         self._shared_opts[net].zero_grad(set_to_none=True)  # every client: only this iteration's step
         self.server_opts[net].zero_grad(set_to_none=True)
 
-    def _step(self, net: str, clients: list[int]) -> None:
+    def step(self, net: str) -> None:
         if net not in self._shared_opts:
-            return super()._step(net, clients)
-        active = set(clients)
+            return super().step(net)
+        active = set(self._clients)
         for bank in self._banks_by_net[net]:
             bank.hand_out_grads(active)
         self._shared_opts[net].step()  # Adam skips the parameters without a gradient
         self.server_opts[net].step()
 
-    def _requires_grad(self, net: str, flag: bool) -> None:
+    def requires_grad(self, net: str, flag: bool) -> None:
         if net not in self._shared_opts:
-            return super()._requires_grad(net, flag)
+            return super().requires_grad(net, flag)
         # the clients' own Parameters are views that the forward never reads: only banks and server
         for bank in self._banks_by_net[net]:
             bank.requires_grad_(flag)
         self.model.server_requires_grad_(net, flag)
 
-    # -- one iteration ---------------------------------------------------------------------------
-    def _finite(self, losses: dict[str, torch.Tensor], clients: list[int], where: tuple) -> dict[str, list[float]]:
-        """The rows' losses as floats: one device sync per iteration, the first non-finite one an error."""
-        values = torch.stack([losses["discriminator"], losses["generator"]]).tolist()
-        for what, row in zip(("discriminator", "generator"), values):
-            bad = next((i for i, v in zip(clients, row) if not math.isfinite(v)), None)
-            if bad is not None:
-                raise non_finite_loss(bad, what, where)
-        return dict(zip(("discriminator", "generator"), values))
+    # -- one iteration: ``objective``'s steps, chunk by chunk --------------------------------------
+    per_row = True  # a group is a chunk of clients, stacked
 
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
@@ -346,8 +258,9 @@ class BatchedEngine(SimulationEngine):
         # the losses are read once, at the end: a sync per step would stall the device queue. A
         # non-finite loss still stops the run here, before the next iteration (the loop engine
         # checks before each step; both name the first client and net that failed)
-        values = self._finite(losses, clients, where)
-        return {i: (d, g) for i, d, g in sorted(zip(clients, values["discriminator"], values["generator"]))}
+        d, g = (check_finite(v, clients, what, where)
+                for v, what in zip(torch.stack(losses).tolist(), ("discriminator", "generator")))
+        return {i: (ld, lg) for i, ld, lg in sorted(zip(clients, d, g))}
 
     @torch.no_grad()
     def _add_features(self, seen: dict[int, torch.Tensor]) -> None:
@@ -365,51 +278,34 @@ class BatchedEngine(SimulationEngine):
                 self.features.add(i, act)
 
     def _compute(self, clients: list[int], zs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
-                 seen: dict[int, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The D and G steps for ``clients`` (rows of the stacked inputs), chunk by chunk; returns
-        the per-row losses on the device. Fills ``seen`` with the server's D inputs when given."""
+                 seen: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``objective.iteration`` for ``clients`` (rows of the stacked inputs), a group per chunk
+        of ``client_chunk`` rows; returns the per-row (L_D, L_G) on the device, and fills ``seen``
+        with the server's D inputs when given."""
         size = self.ex.client_chunk or len(clients)
         spans = [(s, min(s + size, len(clients))) for s in range(0, len(clients), size)]
-        recompute = self.ex.recompute_generator
-        autocast = self.ex.autocast
+        self._stacks, self._seen, self._clients = (clients, zs, xs, ys), seen, sorted(clients)
+        d, g = objective.iteration(self, spans, where=())
+        return torch.cat(list(d.values())), torch.cat(list(g.values()))
 
-        fakes = []
-        with torch.no_grad() if recompute else nullcontext(), autocast():
-            for a, b in spans:
-                fakes.append(self._net("G", clients[a:b], (zs[a:b], ys[a:b])))
+    def generate(self, span: tuple[int, int]) -> torch.Tensor:
+        (a, b), (clients, zs, _, ys) = span, self._stacks
+        with self.ex.autocast():
+            return self._net("G", clients[a:b], (zs[a:b], ys[a:b]))
 
-        # discriminator step: fakes detached, real and fake batches normalised separately (as the loop)
-        all_clients = sorted(clients)
-        self._zero_grad("D", all_clients)
-        d_losses = []
-        for (a, b), fake in zip(spans, fakes):
-            with autocast():
-                out_fake = self._net("D", clients[a:b], (fake.detach(), ys[a:b]))
-                out_real = self._net("D", clients[a:b], (xs[a:b], ys[a:b]), server_input=seen)
-            loss = discriminator_loss(out_fake, out_real, per_row=True)
-            loss.sum().backward()
-            d_losses.append(loss.detach())
-        self._step("D", all_clients)
+    def discriminate(self, span: tuple[int, int], fake: torch.Tensor, *, real: bool):
+        (a, b), (clients, _, xs, ys) = span, self._stacks
+        with self.ex.autocast():  # real and fake batches normalised separately, as in the loop
+            out = self._net("D", clients[a:b], (fake, ys[a:b]))
+            return (out, self._net("D", clients[a:b], (xs[a:b], ys[a:b]), server_input=self._seen)) if real else out
 
-        # generator step through the updated discriminator (its weights frozen here)
-        self._zero_grad("G", all_clients)
-        self._requires_grad("D", False)
-        g_losses = []
-        for k, (a, b) in enumerate(spans):
-            with autocast():
-                fake = self._net("G", clients[a:b], (zs[a:b], ys[a:b])) if recompute else fakes[k]
-                out = self._net("D", clients[a:b], (fake, ys[a:b]))
-            fakes[k] = None
-            loss = generator_loss(out, per_row=True)
-            loss.sum().backward()
-            g_losses.append(loss.detach())
-        self._requires_grad("D", True)
-        self._step("G", all_clients)
-        return {"discriminator": torch.cat(d_losses), "generator": torch.cat(g_losses)}
+    def backward(self, span: tuple[int, int], loss: torch.Tensor, what: str, where: tuple) -> torch.Tensor:
+        loss.sum().backward()  # checked once the iteration is done (``iteration``)
+        return loss.detach()
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _graphed(self, clients: list[int], zs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
-                 collect: bool) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor] | None]:
+                 collect: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, torch.Tensor] | None]:
         """``_compute`` replayed from a CUDA graph, one graph per set of clients and feature
         collection (``compute.cuda_graphs``); returns the losses and the server's D inputs.
 

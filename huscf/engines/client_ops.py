@@ -16,6 +16,8 @@ its own (per-client statistics, per-client weights), up to floating-point summat
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +33,7 @@ def folded_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, weights: dict[str, to
     rows, batch, c = x.shape[:3]
     folded = x.transpose(0, 1).reshape(batch, rows * c, *x.shape[3:])
     if weights is not None:
-        w, b = weights.get("weight"), weights.get("bias")
-        w, b = (None if w is None else w.reshape(-1)), (None if b is None else b.reshape(-1))
+        w, b = (None if weights.get(k) is None else weights[k].reshape(-1) for k in ("weight", "bias"))
     else:
         w, b = (None, None) if not bn.affine else (bn.weight.repeat(rows), bn.bias.repeat(rows))
     out = F.batch_norm(folded, None, None, w, b, training=True, eps=bn.eps)
@@ -56,12 +57,8 @@ def client_conv(conv: nn.Conv2d | nn.ConvTranspose2d, weight: torch.Tensor, bias
     """``conv``'s operation for every client of ``x`` with that client's ``weight[k]`` and
     ``bias[k]`` (stacked by client), run the way ``how`` names (see the module docstring)."""
     transposed = isinstance(conv, nn.ConvTranspose2d)
-    if transposed:
-        def one(xi, wi, bi):
-            return F.conv_transpose2d(xi, wi, bi, conv.stride, conv.padding, conv.output_padding)
-    else:
-        def one(xi, wi, bi):
-            return F.conv2d(xi, wi, bi, conv.stride, conv.padding)
+    extra = {"output_padding": conv.output_padding} if transposed else {}
+    one = partial(F.conv_transpose2d if transposed else F.conv2d, stride=conv.stride, padding=conv.padding, **extra)
     if how == "vmap":
         return vmap(one, in_dims=(0, 0, None if bias is None else 0))(x, weight, bias)
     if how == "loop":
@@ -73,9 +70,7 @@ def client_conv(conv: nn.Conv2d | nn.ConvTranspose2d, weight: torch.Tensor, bias
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """unfold and fold are not autocast ops: cast to what autocast gives a matmul first."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _bmm_conv(conv: nn.Conv2d, weight, bias, x):

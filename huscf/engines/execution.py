@@ -111,25 +111,23 @@ class Execution:
         return x
 
     @classmethod
-    def from_config(cls, compute, num_clients: int, *, per_client_loop: bool = False) -> "Execution":
+    def from_config(cls, compute, num_clients: int, *, per_client_loop: bool = False) -> Execution:
         """A config's ``compute`` section, resolved for ``num_clients`` clients. ``per_client_loop``:
         for a process that runs its clients one by one (a Ray client or server actor): no batched
         clients, hence none of the batched-only options."""
         c = compute
-        common = {"device": c.device, "precision": c.precision, "channels_last": c.channels_last,
-                  "recompute_generator": c.recompute_generator, "num_clients": num_clients,
-                  "cudnn_benchmark": c.cudnn_benchmark}
-        if per_client_loop:
-            return cls.resolve(**common, clients="loop")
-        return cls.resolve(**common, clients=c.clients, client_chunk=c.client_chunk, cuda_graphs=c.cuda_graphs,
-                           fold_batch_norm=c.fold_batch_norm, client_convs=c.client_convs)
+        batched = {"clients": "loop"} if per_client_loop else {
+            "clients": c.clients, "client_chunk": c.client_chunk, "cuda_graphs": c.cuda_graphs,
+            "fold_batch_norm": c.fold_batch_norm, "client_convs": c.client_convs}
+        return cls.resolve(device=c.device, precision=c.precision, channels_last=c.channels_last,
+                           recompute_generator=c.recompute_generator, num_clients=num_clients,
+                           cudnn_benchmark=c.cudnn_benchmark, **batched)
 
     @classmethod
     def resolve(cls, *, device: str = "auto", precision: str = "fp32", channels_last: bool | str = "auto",
                 recompute_generator: bool | str = "auto", clients: str = "auto", client_chunk: int | None = None,
-                num_clients: int = 1, cudnn_benchmark: bool = False,
-                cuda_graphs: bool | str = "auto", fold_batch_norm: bool | str = "auto",
-                client_convs: str = "vmap") -> "Execution":
+                num_clients: int = 1, cudnn_benchmark: bool = False, cuda_graphs: bool | str = "auto",
+                fold_batch_norm: bool | str = "auto", client_convs: str = "vmap") -> Execution:
         """Turn the config's ``auto`` choices into concrete ones (see docs/performance.md)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

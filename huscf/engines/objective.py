@@ -2,22 +2,31 @@
 
 For the clients of an iteration (client i: its real batch (x_i, y_i), its noise z_i):
 
-1. fake_i = G_i(z_i, y_i), through client i's head -> the server body -> client i's tail;
+1. fake_i = G_i(z_i, y_i), through client i's head -> the server body -> client i's tail
+   (``generate_fakes``);
 2. discriminator step: L_D,i = BCE(D_i(fake_i.detach(), y_i), FAKE) + BCE(D_i(x_i, y_i), REAL)
-   (``discriminator_loss``); every client's loss is back-propagated, so the server's D blocks hold
+   (``discriminator_step``); every client's loss is back-propagated, so the server's D blocks hold
    the sum of all clients' gradients, then each D optimiser (every client's, the server's) steps once;
-3. generator step, D's weights frozen: L_G,i = BCE(D_i(fake_i, y_i), REAL) (``generator_loss``),
-   back-propagated through D into G; then each G optimiser steps once.
+3. generator step, D's weights frozen: L_G,i = BCE(D_i(fake_i, y_i), REAL), back-propagated
+   through D into G; then each G optimiser steps once (``generator_step``).
 
 BCE is ``binary_cross_entropy_with_logits``, the mean over the batch, computed at the client's
 tail only (the server never sees a label, a loss or a decision). A loss that is not finite stops
-the run with one line (``check_finite``). Every optimiser is Adam with the run's learning rate and
-betas (``adam``). ``SimulationEngine`` runs the steps client by client, ``BatchedEngine`` for
-stacks of clients at once (``per_row``: one loss per client), the Ray actors in phases across
-processes; each takes its losses and optimisers from here.
+the run with one line (``check_finite``). Every optimiser is Adam with the run's learning rate
+and betas (``adam``).
+
+The steps run on ``Pieces``: an engine's answer to *where* each piece runs, for groups of
+clients. ``SimulationEngine`` makes a group of one client, ``BatchedEngine`` a chunk of clients
+stacked into one tensor (``per_row``: one loss per client), a Ray ``ClientHost`` the clients it
+hosts, whose passes cross to the server actor as messages. The Ray driver runs steps 1-2 and 3 as
+two phases, with the server's optimiser steps between.
 """
 
 from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Hashable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +36,71 @@ from huscf.engines.execution import for_loss
 from huscf.errors import HuscfError
 
 FAKE, REAL = 0.0, 1.0  # the discriminator's targets
+
+
+class Pieces(Protocol):
+    """Where an engine runs the pieces of an iteration. A *group* is whatever the engine runs at
+    once (one client, a chunk of clients, a host's clients); D's logits for a group have one row
+    per client when ``per_row``."""
+
+    per_row: bool  # a group's logits are stacked per client: one loss per client
+    recompute: bool  # step 1 keeps no graph; step 3 generates the fakes again (same noise and weights)
+
+    def generate(self, group: Hashable) -> torch.Tensor:
+        """G(z, y) for the group, head -> body -> tail."""
+
+    def discriminate(self, group: Hashable, fake: torch.Tensor, *, real: bool):
+        """D's logits on ``fake``; with ``real``, the pair (on ``fake``, on the group's real batch)."""
+
+    def backward(self, group: Hashable, loss: torch.Tensor, what: str, where: tuple):
+        """Back-propagate the group's loss through every seam it crossed, after checking it is
+        finite (now, or before the next iteration); returns the loss as the engine records it."""
+
+    def zero_grad(self, net: str) -> None: ...
+
+    def step(self, net: str) -> None: ...
+
+    def requires_grad(self, net: str, flag: bool) -> None: ...
+
+
+def generate_fakes(p: Pieces, groups) -> dict:
+    """Step 1: every group's fakes (without a graph when step 3 recomputes them)."""
+    with torch.no_grad() if p.recompute else nullcontext():
+        return {g: p.generate(g) for g in groups}
+
+
+def discriminator_step(p: Pieces, groups, fakes: dict, where: tuple) -> dict:
+    """Step 2. Each group's loss is back-propagated as soon as it exists, freeing its graph: the
+    server's gradient is the same sum over clients, with one group's activations alive at a time."""
+    p.zero_grad("D")
+    losses = {}
+    for g in groups:
+        out_fake, out_real = p.discriminate(g, fakes[g].detach(), real=True)
+        losses[g] = p.backward(g, discriminator_loss(out_fake, out_real, per_row=p.per_row), "discriminator", where)
+    p.step("D")
+    return losses
+
+
+def generator_step(p: Pieces, groups, fakes: dict, where: tuple) -> dict:
+    """Step 3, through the stepped discriminator; ``fakes`` are consumed (each freed after its loss)."""
+    p.zero_grad("G")
+    p.requires_grad("D", False)
+    losses = {}
+    for g in groups:
+        fake = fakes.pop(g)
+        if p.recompute:
+            fake = p.generate(g)
+        out = p.discriminate(g, fake, real=False)
+        losses[g] = p.backward(g, generator_loss(out, per_row=p.per_row), "generator", where)
+    p.requires_grad("D", True)
+    p.step("G")
+    return losses
+
+
+def iteration(p: Pieces, groups, where: tuple) -> tuple[dict, dict]:
+    """Steps 1-3 for ``groups``; returns each group's recorded (L_D, L_G)."""
+    fakes = generate_fakes(p, groups)
+    return discriminator_step(p, groups, fakes, where), generator_step(p, groups, fakes, where)
 
 
 def bce(out: torch.Tensor, target: float, *, per_row: bool = False) -> torch.Tensor:
@@ -49,18 +123,16 @@ def generator_loss(out_fake: torch.Tensor, *, per_row: bool = False) -> torch.Te
     return bce(out_fake, REAL, per_row=per_row)
 
 
-def non_finite_loss(client: int, what: str, where: tuple) -> HuscfError:
-    """The one-line error for a NaN or infinite loss; ``where`` is (round, epoch, iteration), 0-based,
-    and the message counts from 1, as the progress bar and metrics.jsonl do."""
-    r, e, t = (k + 1 for k in where) if len(where) == 3 else ("?", "?", "?")
-    return HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
-                      f"epoch {e}, iteration {t}: lower train.lr or check the data")
-
-
-def check_finite(loss: torch.Tensor, client: int, what: str, where: tuple) -> None:
-    """Raise ``non_finite_loss`` when client ``client``'s ``what`` ("discriminator", "generator") loss is NaN/inf."""
-    if not torch.isfinite(loss):
-        raise non_finite_loss(client, what, where)
+def check_finite(values: list[float], clients, what: str, where: tuple) -> list[float]:
+    """``values``, the ``what`` ("discriminator", "generator") losses of ``clients`` (one each), or
+    one line of error naming the first that is NaN/inf; ``where`` is (round, epoch, iteration),
+    0-based, and the message counts from 1, as the progress bar and metrics.jsonl do."""
+    for client, v in zip(clients, values):
+        if not math.isfinite(v):
+            r, e, t = (k + 1 for k in where) if len(where) == 3 else ("?", "?", "?")
+            raise HuscfError(f"{what} loss is not finite (NaN/inf) for client {client} at round {r}, "
+                             f"epoch {e}, iteration {t}: lower train.lr or check the data")
+    return values
 
 
 def adam(params, train: TrainConfig, *, fused: bool, capturable: bool = False) -> torch.optim.Adam:

@@ -86,10 +86,9 @@ def cpu_kernels() -> str:
 def choose_precision(requested: str, device: str | torch.device) -> tuple[str, str]:
     """``requested`` (fp32, bf16, fp64 or auto) as a concrete precision, with a note for the run's
     first line: why auto chose what it chose, or a warning for bf16 where it is emulated."""
+    if requested not in ("auto", "bf16"):
+        return requested, ""
+    support = bf16_support(device)
     if requested == "auto":
-        support = bf16_support(device)
         return ("bf16" if support.native else "fp32"), f"auto: {support.reason}"
-    if requested == "bf16":
-        support = bf16_support(device)
-        return "bf16", ("" if support.native else f"warning: {support.reason}; use fp32 or auto")
-    return requested, ""
+    return "bf16", ("" if support.native else f"warning: {support.reason}; use fp32 or auto")

@@ -24,6 +24,10 @@ class Engine(Protocol):
     device: torch.device  # where ``model`` lives (monitoring samples are drawn there)
     placement: str  # where the work runs, for the run's compute line ("" when it is this process)
     z_dim: int  # the generator's latent size (a method that samples ``model`` draws noise of it)
+    # False: an epoch is one pass over each client's data (a client whose batches are used up sits
+    # out the rest); True (a method sets it): every client takes every iteration of the epoch, starting
+    # its shuffled batches over, so that all clients take the same number of steps (FedGAN)
+    equal_steps: bool
 
     def iterations_per_epoch(self) -> int:
         """Iterations of one local epoch (the longest client's batches, capped by the config)."""

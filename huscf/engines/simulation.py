@@ -14,14 +14,14 @@ one does.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from huscf.config import TrainConfig
 from huscf.engines.execution import Execution, for_loss
-from huscf.engines.objective import adam, check_finite, discriminator_loss, generator_loss
+from huscf.engines import objective
+from huscf.engines.objective import adam, check_finite
 from huscf.errors import HuscfError
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
@@ -49,8 +49,35 @@ def keyed_rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+def epoch_noise(seed: int, round_idx: int, epoch: int) -> torch.Generator:
+    """The stream of an epoch's latent noise, drawn in client order by every engine."""
+    return torch.Generator().manual_seed(int(keyed_rng(seed, round_idx, epoch, 1 << 20).integers(2**62)))
+
+
+def epoch_iterations(batches_per_client: list[int], cap: int | None) -> int:
+    """Iterations of an epoch: the longest client's batches, capped by ``train.max_iters_per_epoch``."""
+    return min(max(batches_per_client), cap or max(batches_per_client))
+
+
+class EpochLosses:
+    """Each client's mean D and G loss over the iterations of an epoch it finished (NaN: none)."""
+
+    def __init__(self, num_clients: int):
+        self.sums, self.counts = np.zeros((2, num_clients)), np.zeros(num_clients)
+
+    def add(self, losses: dict[int, tuple[float, float]]) -> None:
+        for i, pair in losses.items():
+            self.sums[:, i] += pair
+            self.counts[i] += 1
+
+    def means(self) -> dict[str, list[float]]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d, g = self.sums / self.counts
+        return {"d": d.tolist(), "g": g.tolist()}
+
+
 class _NoOptimizer:
-    """The optimiser slot of a client that holds no trainable copy of a network (MD-GAN's G)."""
+    """The optimiser slot of a client that holds no trainable copy of a net (a tied one)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         pass
@@ -92,11 +119,10 @@ class SimulationEngine:
     placement = ""  # every client and the server in this process
 
     def __init__(self, model: SplitGAN, data: list[ClientData], *, train: TrainConfig, z_dim: int, seed: int,
-                 execution: Execution | None = None, shared_generator: bool = False,
-                 feature_depth: int | None = None):
+                 execution: Execution | None = None, feature_depth: int | None = None):
         """``train``: batch size, learning rate, betas and the iteration cap of the run;
-        ``shared_generator``: the method's one generator (MD-GAN); ``feature_depth``: the D block
-        whose server-side activations the round end clusters on (None: no clustering features)."""
+        ``feature_depth``: the D block whose server-side activations the round end clusters on
+        (None: no clustering features). Where the networks live is ``model``'s (``SplitGAN.tie``)."""
         if len(data) != len(model.clients):
             raise ValueError("one ClientData per client is required")
         batch_size = train.batch_size
@@ -119,17 +145,16 @@ class SimulationEngine:
         def opt(params):
             return adam(params, train, **self._opt_flags)
 
-        if shared_generator:  # MD-GAN: one generator (the server's) that every client's G slot points to
-            self.client_opts = [{"G": _NoOptimizer(), "D": opt(model.client_parameters(i, "D"))}
-                                for i in range(len(data))]
-            self.server_opts = {"G": opt(model.client_parameters(0, "G")), "D": opt(model.server_parameters("D"))}
-        else:
-            self.client_opts = [{net: opt(model.client_parameters(i, net)) for net in NETS} for i in range(len(data))]
-            self.server_opts = {net: opt(model.server_parameters(net)) for net in NETS}
+        # a net all clients share one copy of (``SplitGAN.tie``) is the server's: it steps once
+        self.client_opts = [{net: _NoOptimizer() if net in model.tied else opt(model.client_parameters(i, net))
+                             for net in NETS} for i in range(len(data))]
+        self.server_opts = {net: opt(model.client_parameters(0, net) if net in model.tied
+                                     else model.server_parameters(net)) for net in NETS}
         # when set (to a depth), the server collects clustering features from the real D passes
         self.feature_depth = feature_depth
         self.features = FeatureStats(len(data))
         self._given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ``give``: for the next epoch
+        self.equal_steps = False  # ``Engine.equal_steps``
 
     # -- epochs --------------------------------------------------------------------------------
     def give(self, data: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -148,8 +173,7 @@ class SimulationEngine:
         return [max(1, len(d) // self.batch_size) for d in self._epoch_data()]
 
     def iterations_per_epoch(self) -> int:
-        n = max(self.batches_per_client())
-        return min(n, self.max_iters) if self.max_iters else n
+        return epoch_iterations(self.batches_per_client(), self.max_iters)
 
     def run_epoch(self, round_idx: int, epoch: int, on_iteration=None,
                   collect_features: bool = False) -> dict[str, list[float]]:
@@ -162,94 +186,79 @@ class SimulationEngine:
         # the permutations live beside the data: a batch is then one gather, with no host copy
         perms = [torch.from_numpy(keyed_rng(self.seed, round_idx, epoch, i).permutation(len(d))).to(d.y.device)
                  for i, d in enumerate(data)]
-        noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
-        sums = {"d": np.zeros(len(self.data)), "g": np.zeros(len(self.data))}
-        counts = np.zeros(len(self.data))
+        noise, losses = epoch_noise(self.seed, round_idx, epoch), EpochLosses(len(self.data))
         for t in range(iterations):
             batch = {}
             for i, d in enumerate(data):
-                if t < nb[i]:
-                    idx = perms[i][t * self.batch_size:(t + 1) * self.batch_size]
+                if t < nb[i] or self.equal_steps:  # equal steps: a client past its last batch starts over
+                    s = t % nb[i]
+                    idx = perms[i][s * self.batch_size:(s + 1) * self.batch_size]
                     batch[i] = (d.x[idx], d.y[idx])
-            losses = self.iteration(batch, noise, where=(round_idx, epoch, t), collect_features=collect_features)
-            for i, (ld, lg) in losses.items():
-                sums["d"][i] += ld
-                sums["g"][i] += lg
-                counts[i] += 1
+            done = self.iteration(batch, noise, where=(round_idx, epoch, t), collect_features=collect_features)
+            losses.add(done)
             if on_iteration is not None:
-                on_iteration(losses)
-        counts = np.maximum(counts, 1)
-        return {"d": (sums["d"] / counts).tolist(), "g": (sums["g"] / counts).tolist()}
+                on_iteration(done)
+        return losses.means()
 
-    # -- one iteration ---------------------------------------------------------------------------
+    # -- one iteration: ``objective``'s steps, client by client ------------------------------------
+    per_row = False  # one client per group
+
+    @property
+    def recompute(self) -> bool:
+        return self.ex.recompute_generator
+
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
-        """``objective``'s iteration for the clients in ``batch``; returns {client: (L_D, L_G)}."""
-        m, ex = self.model, self.ex
-        clients = sorted(batch)
+        """``objective.iteration`` for the clients in ``batch``; returns {client: (L_D, L_G)}."""
+        self._batch, self._clients = batch, sorted(batch)
         # drawn in float32 in every precision: an fp64 run sees the fp32 run's noise, cast exactly
-        z = {i: torch.randn(len(batch[i][1]), self.z_dim, generator=noise).to(self.device, ex.dtype)
-             for i in clients}
-        fakes = {}
-        # with recompute_generator the fakes carry no graph here; the generator step rebuilds it
-        with torch.no_grad() if ex.recompute_generator else nullcontext(), ex.autocast():
-            for i in clients:
-                fakes[i] = m.generate(i, z[i], batch[i][1])
+        self._z = {i: torch.randn(len(batch[i][1]), self.z_dim, generator=noise).to(self.device, self.ex.dtype)
+                   for i in self._clients}
+        self._seen = {} if collect_features and self.feature_depth is not None else None
+        d, g = objective.iteration(self, self._clients, where)
+        if self._seen is not None:  # D does not change in the G step: these are the stepped weights
+            self._add_features(self._seen)
+        return {i: (d[i], g[i]) for i in self._clients}
 
-        # discriminator step (fakes detached: no gradient reaches G). Each client's loss is
-        # back-propagated as soon as it exists, freeing its graph: the server's gradient is the
-        # same sum over clients, but only one client's D activations are alive at a time.
-        self._zero_grad("D", clients)
-        collect = collect_features and self.feature_depth is not None
-        d_losses, seen = {}, {}
-        for i in clients:
-            x, y = batch[i]
-            received: list[torch.Tensor] | None = [] if collect else None
-            with ex.autocast():
-                out_fake = m.discriminate(i, fakes[i].detach(), y)
-                out_real = m.discriminate(i, x, y, server_input=received)
-            if collect:  # keep the server's input only when it is needed: it pins that activation
-                seen[i] = for_loss(received[0])
-            loss = discriminator_loss(out_fake, out_real)
-            check_finite(loss, i, "discriminator", where)
-            loss.backward()
-            d_losses[i] = loss.item()
-        self._step("D", clients)
-        if collect:
-            for i, act in m.server_features(seen, self.feature_depth).items():
-                self.features.add(i, act)
+    @torch.no_grad()
+    def _add_features(self, seen: dict[int, torch.Tensor]) -> None:
+        """The clustering features: the server's D activations of the real batches it received."""
+        for i, act in self.model.server_features(seen, self.feature_depth).items():
+            self.features.add(i, act)
 
-        # generator step (fakes labelled real); D's weights are not trained here. Backward per
-        # client again: client i's generator graph is freed right after its loss.
-        self._zero_grad("G", clients)
-        self._requires_grad("D", False)
-        g_losses = {}
-        for i in clients:
-            fake = fakes.pop(i)
-            with ex.autocast():
-                if ex.recompute_generator:
-                    fake = m.generate(i, z[i], batch[i][1])
-                out = m.discriminate(i, fake, batch[i][1])
-            loss = generator_loss(out)
-            check_finite(loss, i, "generator", where)
-            loss.backward()
-            g_losses[i] = loss.item()
-        self._requires_grad("D", True)
-        self._step("G", clients)
-        return {i: (d_losses[i], g_losses[i]) for i in clients}
+    def generate(self, i: int) -> torch.Tensor:
+        with self.ex.autocast():
+            return self.model.generate(i, self._z[i], self._batch[i][1])
 
-    def _opts(self, net: str, clients: list[int]):
-        return [self.client_opts[i][net] for i in clients] + [self.server_opts[net]]
+    def discriminate(self, i: int, fake: torch.Tensor, *, real: bool):
+        x, y = self._batch[i]
+        received: list[torch.Tensor] | None = [] if real and self._seen is not None else None
+        with self.ex.autocast():
+            out = self.model.discriminate(i, fake, y)
+            if not real:
+                return out
+            out_real = self.model.discriminate(i, x, y, server_input=received)
+        if received is not None:  # kept only when needed: it pins the server's input activation
+            self._seen[i] = for_loss(received[0])
+        return out, out_real
 
-    def _zero_grad(self, net: str, clients: list[int]) -> None:
-        for opt in self._opts(net, clients):
+    def backward(self, i: int, loss: torch.Tensor, what: str, where: tuple) -> float:
+        (value,) = check_finite([loss.item()], [i], what, where)
+        loss.backward()
+        return value
+
+    def _opts(self, net: str):
+        return [self.client_opts[i][net] for i in self._clients] + [self.server_opts[net]]
+
+    def zero_grad(self, net: str) -> None:
+        for opt in self._opts(net):
             opt.zero_grad(set_to_none=True)
 
-    def _step(self, net: str, clients: list[int]) -> None:
-        for opt in self._opts(net, clients):
+    def step(self, net: str) -> None:
+        for opt in self._opts(net):
             opt.step()
 
-    def _requires_grad(self, net: str, flag: bool) -> None:
+    def requires_grad(self, net: str, flag: bool) -> None:
         for c in self.model.clients:
             c.nets[net].requires_grad_(flag)
         self.model.server_requires_grad_(net, flag)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -50,12 +51,10 @@ _PROC_STAT = Path("/proc/stat")
 def usable_cores() -> int:
     """The cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
+    with suppress(OSError, ValueError):  # no cgroup v2 quota file, or not one we can read
         quota, period = _CPU_MAX.read_text().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
     return max(1, cores)
 
 
@@ -104,9 +103,8 @@ class ThreadPolicy:
 
     def others_busy(self) -> float | None:
         """Cores other processes kept busy since the last call (None: not measurable here)."""
-        now = self._sample()
-        (busy0, own0, t0), (busy1, own1, t1) = self._last, now
-        self._last = now
+        (busy0, own0, t0), self._last = self._last, self._sample()
+        busy1, own1, t1 = self._last
         if busy0 is None or busy1 is None or t1 - t0 < 0.05:
             return None
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
@@ -114,12 +112,10 @@ class ThreadPolicy:
     def adjust(self) -> int:
         """With ``auto``: set torch's threads to the cores the others leave (at least one); returns
         the count in force."""
-        if self.follows_load:
-            others = self.others_busy()
-            if others is not None:
-                threads = max(1, min(self.cores, round(self.cores - others)))
-                if threads != torch.get_num_threads():
-                    torch.set_num_threads(threads)
+        if self.follows_load and (others := self.others_busy()) is not None:
+            threads = max(1, min(self.cores, round(self.cores - others)))
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         return torch.get_num_threads()
 
     def describe(self) -> str:

@@ -48,8 +48,7 @@ def _mix(values: list[torch.Tensor], weights: np.ndarray) -> torch.Tensor:
     if not values[0].is_floating_point():
         stacked = torch.stack(values)
         mask = torch.as_tensor(weights > 0, device=stacked.device).view(*weights.shape, *([1] * (stacked.dim() - 1)))
-        low = torch.iinfo(stacked.dtype).min
-        return torch.where(mask, stacked.unsqueeze(0), torch.full_like(stacked, low).unsqueeze(0)).amax(1)
+        return torch.where(mask, stacked.unsqueeze(0), torch.iinfo(stacked.dtype).min).amax(1)
     w = torch.as_tensor(weights, dtype=values[0].dtype, device=values[0].device)
     out = None
     for c in range(0, len(values), MIX_CHUNK):
@@ -73,17 +72,17 @@ def apply_aggregation(model: SplitGAN, agg: Aggregation, clients: list[int] | No
             has_server = key in model.server.nets[net]
             if not holders and not has_server:
                 continue
-            local = [model.clients[ids[k]].nets[net][key].state_dict() for k in holders]
+            copies = [model.clients[ids[k]].nets[net][key].state_dict() for k in holders]  # then the server's
             rows, pick = _mixing(agg, holders, groups)
-            server = model.server.nets[net][key].state_dict() if has_server else None
-            if server is not None:
+            if has_server:
+                copies.append(model.server.nets[net][key].state_dict())
                 # clients without a local copy all contribute the same server copy: one term
                 gw = np.asarray(agg.global_weights, dtype=np.float64)[holders]
                 server_row = np.append(gw, max(1.0 - float(gw.sum()), 0.0))
                 rows = np.vstack([np.hstack([rows, np.zeros((len(rows), 1))]), server_row])
                 pick = np.append(pick, len(rows) - 1)
-            for name in (local[0] if local else server):
-                values = [s[name] for s in local] + ([server[name]] if server is not None else [])
+            for name in copies[0]:
+                values = [s[name] for s in copies]
                 new = _mix(values, rows)  # every distinct new copy is computed before any is written
                 for target, row in zip(values, pick):  # pick[t]: the row of new copies value t gets
                     target.copy_(new[row])

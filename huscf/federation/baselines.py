@@ -44,8 +44,7 @@ class HierarchicalFedAvg:
 
     def aggregate(self, state: RoundState) -> Aggregation:
         n = len(state.sizes)
-        edges = cluster_clients(_centered(state.client_params), "auto", self.max_edges, self.min_silhouette,
-                                state.seed)
+        edges = cluster_clients(_centered(state.client_params), "auto", self.max_edges, self.min_silhouette, state.seed)
         sizes = np.asarray(state.sizes, dtype=np.float64)
         weights = np.zeros(n)
         for e in range(edges.k):

@@ -52,26 +52,24 @@ def carry_optimizer_state(model: SplitGAN, optimizers: dict[str, torch.optim.Opt
 def assign_slots(previous: np.ndarray, groups: np.ndarray, slots: int) -> np.ndarray:
     """A slot per client: each cluster label in ``groups`` mapped to one of ``slots`` slots so that
     as many clients as possible keep the slot in ``previous`` (-1: none yet)."""
-    labels = np.unique(groups)
+    labels, cluster = np.unique(groups, return_inverse=True)
     if len(labels) > slots:
         raise HuscfError(f"{len(labels)} clusters but federation.max_clusters = {slots} server bodies")
     overlap = np.array([[np.sum((groups == g) & (previous == s)) for s in range(slots)] for g in labels])
-    rows, cols = linear_sum_assignment(-overlap)
-    slot_of = dict(zip(labels[rows].tolist(), cols.tolist()))
-    return np.array([slot_of[g] for g in groups.tolist()], dtype=int)
+    _, slot_of = linear_sum_assignment(-overlap)  # slot_of[c]: the slot of cluster labels[c] (every one gets one)
+    return slot_of[cluster]
 
 
 def _reslot(model: SplitGAN, agg: Aggregation, clients: list[int]) -> tuple[np.ndarray, dict[str, int]]:
     """Every client's slot after this round end, and for each slot that had no member before the
     body most of its members ran through (-1: the shared one), whose optimiser state it takes."""
     previous = model.body_of.cpu().numpy()
-    slot = assign_slots(previous[clients], np.asarray(agg.groups), len(model.cluster_bodies))
-    before, had_members = previous[clients], set(previous.tolist())
+    before = previous[clients]
+    slot = assign_slots(before, np.asarray(agg.groups), len(model.cluster_bodies))
     new_slots = {}
-    for s in sorted(set(slot.tolist())):
-        if s not in had_members:
-            came_from, counts = np.unique(before[slot == s], return_counts=True)
-            new_slots[str(s)] = int(came_from[np.argmax(counts)])
+    for s in sorted(set(slot.tolist()) - set(previous.tolist())):
+        came_from, counts = np.unique(before[slot == s], return_counts=True)
+        new_slots[str(s)] = int(came_from[np.argmax(counts)])
     return slot, new_slots
 
 
@@ -132,20 +130,14 @@ def apply_opened_per_cluster(model: SplitGAN, agg: Aggregation, clients: list[in
     new = {}
     for net in NETS:
         for key in model.server.nets[net]:
-            values, slots, cws, gws, covered = [], [], [], [], set()
+            terms = []  # (copy, slot, cluster weight, global weight): an opened sum, then each uncovered client
             for o in sums.get((net, int(key)), []):
                 ks = [pos[i] for i in o.members]
-                covered.update(o.members)
-                values.append(o.mean)
-                slots.append(slot[ks[0]])
-                cws.append(cw[ks].sum())
-                gws.append(gw[ks].sum())
-            for i in clients:
-                if i not in covered:
-                    values.append(block_vector(model.body(i).nets[net][key]))
-                    slots.append(slot[pos[i]])
-                    cws.append(cw[pos[i]])
-                    gws.append(gw[pos[i]])
+                terms.append((o.mean, slot[ks[0]], cw[ks].sum(), gw[ks].sum()))
+            covered = {i for o in sums.get((net, int(key)), []) for i in o.members}
+            terms += [(block_vector(model.body(i).nets[net][key]), slot[pos[i]], cw[pos[i]], gw[pos[i]])
+                      for i in clients if i not in covered]
+            values, slots, cws, gws = zip(*terms)
             used_slots, rows = _rows(np.asarray(slots), np.asarray(cws), np.asarray(gws))
             new[(net, key)] = (used_slots, rows @ np.stack(values))
     for (net, key), (used_slots, values) in new.items():

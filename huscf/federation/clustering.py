@@ -17,6 +17,7 @@ Two rules:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,25 +96,20 @@ def cluster_clients(features: np.ndarray, k: int | str = "auto", max_clusters: i
         labels = np.zeros(n, dtype=int) if k == 1 else _kmeans(x, k, seed)
         return ClusterResult(_relabel(labels), len(set(labels.tolist())), {})
     scores: dict[int, float] = {}
-    best: tuple[float, int, np.ndarray] | None = None
+    partitions: dict[int, np.ndarray] = {}
     for kk in range(2, min(max_clusters, n - 1) + 1):
         labels = _kmeans(x, kk, seed)
-        if len(set(labels.tolist())) < 2:
-            continue
-        s = float(silhouette_score(x, labels))
-        scores[kk] = s
-        if best is None or s > best[0]:
-            best = (s, kk, labels)
-    if best is None or best[0] < min_silhouette:
+        if len(set(labels.tolist())) > 1:
+            scores[kk], partitions[kk] = float(silhouette_score(x, labels)), labels
+    best = max(scores, key=scores.get, default=None)  # the smallest k on a tie
+    if best is None or scores[best] < min_silhouette:
         return ClusterResult(np.zeros(n, dtype=int), 1, scores)
-    return ClusterResult(_relabel(best[2]), best[1], scores)
+    return ClusterResult(_relabel(partitions[best]), best, scores)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
     """Number clusters by first appearance, so ids are stable across identical partitions."""
-    order = {}
-    for lab in labels.tolist():
-        order.setdefault(lab, len(order))
+    order = {lab: k for k, lab in enumerate(dict.fromkeys(labels.tolist()))}
     return np.array([order[lab] for lab in labels.tolist()], dtype=int)
 
 
@@ -163,6 +159,7 @@ def neighbour_affinity(samples: list[np.ndarray], neighbours: int = 10, dims: in
     # a client's queries are among its references: rows of z
     query_rows = [bounds[i] + q for i, q in enumerate(_subsample([len(s) for s in refs], max_queries, rng))]
     q_owner = np.concatenate([np.full(len(q), i) for i, q in enumerate(query_rows)])
+    q_bounds = np.cumsum([0] + [len(q) for q in query_rows])  # client i's are rows q_bounds[i]:q_bounds[i+1] of zq
     k = min(neighbours, bounds[-1] - max(len(s) for s in refs))
     if k < 1:
         raise ValueError("the neighbour affinity needs samples from at least two clients")
@@ -172,8 +169,7 @@ def neighbour_affinity(samples: list[np.ndarray], neighbours: int = 10, dims: in
     dims = max(1, min(dims, len(rows) - 1, sets[0].shape[1]))
     pca = PCA(dims, random_state=seed).fit(np.stack([refs[owner[r]][r - bounds[owner[r]]] for r in rows]))
     z = torch.from_numpy(np.concatenate([pca.transform(s) for s in refs]).astype(np.float32))
-    all_vote = len(q_owner) == len(owner)  # every reference also votes
-    zq = z if all_vote else z[torch.from_numpy(np.concatenate(query_rows))]
+    zq = z if len(q_owner) == len(owner) else z[torch.from_numpy(np.concatenate(query_rows))]  # all vote, or some
     sq = z.square().sum(1)
     votes = np.zeros((n, n))
     step = max(64, min(2048, 2**25 // len(z)))  # query rows per block: at most ~128 MB of distances
@@ -182,16 +178,12 @@ def neighbour_affinity(samples: list[np.ndarray], neighbours: int = 10, dims: in
         stop = min(start + step, len(zq))
         # |z_j|^2 - 2 z_i.z_j ranks the j by distance from z_i (|z_i|^2 is the same along a row)
         d = torch.addmm(sq[None, :], zq[start:stop], z.T, alpha=-2, out=block[:stop - start])
-        q0 = np.searchsorted(q_owner, q_owner[start])  # first query row of the block's first client
         for i in range(q_owner[start], q_owner[stop - 1] + 1):  # only other clients' samples vote
-            a = max(q0, start)
-            b = min(q0 + len(query_rows[i]), stop)
+            a, b = max(q_bounds[i], start), min(q_bounds[i + 1], stop)
             d[a - start:b - start, bounds[i]:bounds[i + 1]] = float("inf")
-            q0 += len(query_rows[i])
         nearest = owner[d.topk(k, largest=False).indices.numpy()]
         votes += np.bincount(np.repeat(q_owner[start:stop], k) * n + nearest.ravel(), minlength=n * n).reshape(n, n)
-    counts = np.bincount(owner, minlength=n).astype(np.float64)
-    chance = np.where(np.eye(n, dtype=bool), 0.0, counts[None, :])
+    chance = np.where(np.eye(n, dtype=bool), 0.0, np.diff(bounds)[None, :].astype(np.float64))  # j's references
     chance /= chance.sum(1, keepdims=True)
     share = votes / votes.sum(1, keepdims=True)
     a = np.divide(share, chance, out=np.zeros_like(share), where=chance > 0)
@@ -217,10 +209,8 @@ def separation(affinity: np.ndarray, labels: np.ndarray) -> float | None:
     if len(c) < 2 or any(v is None or v <= 0 for v in c):
         return None
     worst = 0.0
-    for i in range(len(c)):
-        for j in range(i + 1, len(c)):
-            between = affinity[np.ix_(labels == i, labels == j)].mean()
-            worst = max(worst, float(between / np.sqrt(c[i] * c[j])))
+    for i, j in itertools.combinations(range(len(c)), 2):
+        worst = max(worst, float(affinity[np.ix_(labels == i, labels == j)].mean() / np.sqrt(c[i] * c[j])))
     return worst
 
 

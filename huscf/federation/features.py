@@ -46,22 +46,19 @@ class FeatureStats:
     ``samples_to_keep(n)``)."""
 
     def __init__(self, n: int, keep: int | None = None):
-        keep = samples_to_keep(n) if keep is None else keep
         self.sum: list[torch.Tensor | None] = [None] * n
         self.sumsq: list[torch.Tensor | None] = [None] * n
         self.count = np.zeros(n, dtype=np.int64)
-        self.keep = keep
+        self.keep = samples_to_keep(n) if keep is None else keep
         self.kept: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
     def add(self, client: int, act: torch.Tensor) -> None:
         # summed where the activation is (float64): no device-to-host copy and sync per batch
         a = act.detach().to(torch.float64)
         s, q = a.sum(0), a.square().sum(0)
-        if self.sum[client] is None:
-            self.sum[client], self.sumsq[client] = s, q
-        else:
-            self.sum[client] += s
-            self.sumsq[client] += q
+        first = self.sum[client] is None
+        self.sum[client] = s if first else self.sum[client].add_(s)
+        self.sumsq[client] = q if first else self.sumsq[client].add_(q)
         self.count[client] += len(a)
         if self.keep:
             kept = self.kept[client]
@@ -85,12 +82,9 @@ class FeatureStats:
         ids = self._ids(clients)
         mean = np.stack([(self.sum[i] / self.count[i]).cpu().numpy() for i in ids])
         sq = np.stack([(self.sumsq[i] / self.count[i]).cpu().numpy() for i in ids])
-        count = self.count[ids]
-        return mean, np.maximum(sq - mean**2, 0) / count.reshape(-1, *([1] * (mean.ndim - 1)))
+        return mean, np.maximum(sq - mean**2, 0) / self.count[ids].reshape(-1, *([1] * (mean.ndim - 1)))
 
     def samples(self, clients: list[int] | None = None) -> list[np.ndarray] | None:
         """Each client's newest (up to ``keep``) per-sample activations, (m_i, F) float32; None
         when none are kept."""
-        if not self.keep:
-            return None
-        return [torch.cat(self.kept[i])[-self.keep:].cpu().numpy() for i in self._ids(clients)]
+        return [torch.cat(self.kept[i])[-self.keep:].cpu().numpy() for i in self._ids(clients)] if self.keep else None

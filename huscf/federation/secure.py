@@ -45,6 +45,7 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from huscf.errors import HuscfError
 from huscf.federation.strategies import Aggregation, RoundState
@@ -139,12 +140,9 @@ def block_vector(block: torch.nn.Module) -> np.ndarray:
 @torch.no_grad()
 def load_block_vector(block: torch.nn.Module, vec: np.ndarray) -> None:
     """The inverse of ``block_vector``: write ``vec`` into the block's floating-point state in place."""
-    at = 0
-    for v in block.state_dict().values():
-        if v.is_floating_point():
-            n = v.numel()
-            v.copy_(torch.from_numpy(vec[at:at + n]).view_as(v))
-            at += n
+    floats = [v for v in block.state_dict().values() if v.is_floating_point()]
+    for v, part in zip(floats, np.split(vec, np.cumsum([v.numel() for v in floats], dtype=np.int64))):
+        v.copy_(torch.from_numpy(part).view_as(v))
 
 
 def encode(x: np.ndarray, client: int, what: str) -> np.ndarray:
@@ -178,8 +176,6 @@ class MaskingClient:
         self._secrets: dict[int, bytes] = {}
 
     def public_key(self) -> str:
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
     def _secret(self, peer: int, directory: dict[int, str]) -> bytes:
@@ -199,8 +195,7 @@ class MaskingClient:
         for k in plan.of(self.client):
             s = plan.sums[k]
             c = s.weights[s.members.index(self.client)]
-            x = encode(c * block_vector(segments.nets[s.net][str(s.block)]), self.client,
-                       f"{s.net} block {s.block}")
+            x = encode(c * block_vector(segments.nets[s.net][str(s.block)]), self.client, f"{s.net} block {s.block}")
             for j in s.members:
                 if j != self.client:
                     mask = _stream(_sum_seed(self._secret(j, directory), plan.round, k), x.size)
@@ -240,9 +235,7 @@ def open_sums(plan: SecurePlan, masked: dict[int, dict[int, np.ndarray]],
         gone = [j for j in s.members if j not in got]
         if len(got) < 2:
             continue
-        total = np.zeros_like(masked[got[0]][k])
-        for i in got:
-            total = total + masked[i][k]
+        total = np.sum([masked[i][k] for i in got], axis=0, dtype=np.uint64)  # wraps mod 2^64
         seeds = {i: revealed.get(i, {}).get(k, {}) for i in got}
         if any(j not in seeds[i] for i in got for j in gone):
             continue
@@ -261,7 +254,6 @@ def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum], mix
     of the Ray runtime holds stale copies it sends back) and, with ``mix_server``, mix the server
     body (without: the per-cluster bodies are made by ``bodies.apply_opened_per_cluster``);
     returns the round's record: how many sums were planned and opened, and which stayed closed."""
-    share: dict[tuple[str, int], float] = {}
     means: dict[tuple[str, int], list[tuple[float, np.ndarray]]] = {}
     for o in opened:
         s = plan.sums[o.index]
@@ -269,15 +261,13 @@ def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum], mix
             load_block_vector(model.clients[i].nets[s.net][str(s.block)], o.mean)
         if o.server_weight > 0 and mix_server:
             means.setdefault((s.net, s.block), []).append((o.server_weight, o.mean))
-            share[(s.net, s.block)] = share.get((s.net, s.block), 0.0) + o.server_weight
     for (net, b), terms in means.items():
         body = model.server.nets[net][str(b)]
-        mixed = (1.0 - share[(net, b)]) * block_vector(body)
+        mixed = (1.0 - sum(w for w, _ in terms)) * block_vector(body)
         for w, mean in terms:
             mixed = mixed + w * mean
         load_block_vector(body, mixed)
-    done = {o.index for o in opened}
-    closed = [k for k in range(len(plan.sums)) if k not in done]
+    closed = sorted(set(range(len(plan.sums))) - {o.index for o in opened})
     return {"sums": len(plan.sums), "opened": len(opened), "closed": closed}
 
 

@@ -8,7 +8,8 @@ input (it is used only for reporting, by the engine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -93,9 +94,7 @@ class ClusteredKLD:
     @classmethod
     def from_config(cls, fed) -> "ClusteredKLD":
         """From a ``FederationConfig`` section (its keys of the same names)."""
-        return cls(alpha=fed.alpha, warmup_rounds=fed.warmup_rounds, clusters=fed.clusters,
-                   max_clusters=fed.max_clusters, min_silhouette=fed.min_silhouette,
-                   kld_direction=fed.kld_direction, cluster_on=fed.cluster_on, neighbours=fed.neighbours)
+        return cls(**{key: getattr(fed, key) for key in inspect.signature(cls).parameters})
 
     def cluster(self, state: RoundState):
         """The clusters of this round's clients and what the rule scored, for the metrics."""
@@ -114,25 +113,21 @@ class ClusteredKLD:
         feats = np.asarray(state.features, dtype=np.float64)
         x = feats.reshape(n, -1) if state.feature_noise is None else whiten(feats, state.feature_noise)
         result = cluster_clients(x, self.clusters, self.max_clusters, self.min_silhouette, state.seed)
-        return result, {"rule": "means",
-                        "silhouette": {str(k): round(v, 4) for k, v in result.silhouette.items()}}
+        return result, {"rule": "means", "silhouette": {str(k): round(v, 4) for k, v in result.silhouette.items()}}
 
     def aggregate(self, state: RoundState) -> Aggregation:
         n = len(state.sizes)
         if state.round < self.warmup_rounds:
-            agg = FedAvg().aggregate(state)
-            return Aggregation(agg.groups, agg.cluster_weights, agg.global_weights, {"phase": "warmup", "k": 1})
+            return replace(FedAvg().aggregate(state), info={"phase": "warmup", "k": 1})
         result, scored = self.cluster(state)
         p = spatial_distributions(np.asarray(state.features, dtype=np.float64))
         kld = kld_scores(p, result.labels, self.kld_direction)
         kld_global = kld_scores(p, np.zeros(n, dtype=int), self.kld_direction)
         return Aggregation(
-            groups=result.labels,
-            cluster_weights=kld_weights(state.sizes, kld, result.labels, self.alpha),
+            groups=result.labels, cluster_weights=kld_weights(state.sizes, kld, result.labels, self.alpha),
             global_weights=kld_weights(state.sizes, kld_global, np.zeros(n, dtype=int), self.alpha),
             info={"phase": "clustered", "k": result.k, **scored,
-                  "kld": kld.round(6).tolist(), "kld_global": kld_global.round(6).tolist()},
-        )
+                  "kld": kld.round(6).tolist(), "kld_global": kld_global.round(6).tolist()})
 
 
 # ``federation.strategy``'s values (the config takes its allowed names from here): each builds its

@@ -18,15 +18,12 @@ from huscf.errors import HuscfError
 def spatial_distributions(mean_activations: np.ndarray) -> np.ndarray:
     """(n, C, H, W) or (n, C) -> (n, C, positions) with a softmax over positions per channel."""
     a = np.asarray(mean_activations, dtype=np.float64)
-    a = a.reshape(a.shape[0], a.shape[1], -1)
-    return softmax(a, axis=2)
+    return softmax(a.reshape(a.shape[0], a.shape[1], -1), axis=2)
 
 
 def kld_scores(p: np.ndarray, groups: np.ndarray, direction: str = "client_to_cluster") -> np.ndarray:
     """KLD_i of each client against the mean of the other members of its group (0 when alone)."""
-    n = len(p)
-    out = np.zeros(n)
-    groups = np.asarray(groups)
+    out, groups = np.zeros(len(p)), np.asarray(groups)
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         if len(members) < 2:
@@ -46,8 +43,7 @@ def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: f
     stay finite and sum to 1 however large alpha * KLD is (in linear space, exp underflows to 0
     for every member once alpha * KLD passes about 745, and 0 / 0 is NaN). A non-finite KLD or a
     size that is not positive is an error, not a weight."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    kld = np.asarray(kld, dtype=np.float64)
+    sizes, kld = np.asarray(sizes, dtype=np.float64), np.asarray(kld, dtype=np.float64)
     if not np.isfinite(alpha):
         raise HuscfError(f"KLD weights need a finite alpha, got {alpha}")
     bad = np.flatnonzero(~np.isfinite(kld) | ~(sizes > 0))
@@ -55,8 +51,7 @@ def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: f
         raise HuscfError(f"KLD weights need finite KLD scores and positive sizes; client(s) {bad.tolist()} have "
                          f"KLD {kld[bad].tolist()} and size {sizes[bad].tolist()} (non-finite activations?)")
     log_raw = np.log(sizes) - alpha * kld
-    w = np.empty_like(log_raw)
-    groups = np.asarray(groups)
+    w, groups = np.empty_like(log_raw), np.asarray(groups)
     for g in np.unique(groups):
         m = groups == g
         w[m] = np.exp(log_raw[m] - logsumexp(log_raw[m]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from huscf.cuts.fleet import Fleet, RoundLatency
 from huscf.errors import HuscfError
 from huscf.federation.secure import secured
 from huscf.federation.strategies import Strategy
@@ -32,8 +33,6 @@ class Method:
     # True: one client per domain holding the whole domain (the centralised ceiling)
     pooled: ClassVar[bool] = False
     min_clients: ClassVar[int] = 1
-    # True: one generator, the server's, that every client's generator slot points to (MD-GAN)
-    shared_generator: ClassVar[bool] = False
     # an ablation: the method it modifies and the config overrides that make the modification
     ablation_of: ClassVar[str | None] = None
     overrides: ClassVar[tuple[str, ...]] = ()
@@ -42,9 +41,25 @@ class Method:
         """The round-end policy for a validated ``RunConfig``."""
         raise NotImplementedError
 
+    def latency(self, fleet: Fleet, cuts: list, cfg) -> RoundLatency:
+        """The simulated seconds and bytes of this method's iteration, synchronisation and epoch end on
+        ``fleet`` (docs/latency.md, "Every method"). Default: whole networks on every client, sent
+        to the server and averaged back at each synchronisation."""
+        return fleet.whole_networks()
+
+    def place(self, model) -> None:
+        """Where each network lives, set on the ``SplitGAN`` before an engine is built: by default
+        every client holds its own copy of its segments (``model.tie(net)``: one copy for all)."""
+
     def before_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
         """Called before every local epoch with the engine (``engine.give``: data a client trains
         on this epoch besides its own)."""
+
+    def synchronises(self, cfg, steps: int) -> bool:
+        """Whether the clients synchronise now, ``steps`` local iterations after the round's start or
+        the last synchronisation, besides the round end: the trainer then runs the round end's
+        strategy, without clustering features (FedGAN: every K local steps)."""
+        return False
 
     def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
         """Called after every local epoch with the engine (MD-GAN moves discriminators here)."""

@@ -59,8 +59,7 @@ _BASE_FIELDS = ("epochs", "min_steps", "shift", "lr", "batch_size", "seed")  # t
 
 def recipe_key_dict(recipe: Recipe) -> dict:
     """The recipe as it enters the cache key: later fields only when they differ from their default."""
-    d = asdict(recipe)
-    return {k: v for k, v in d.items() if k in _BASE_FIELDS or v != getattr(DEFAULT_RECIPE, k)}
+    return {k: v for k, v in asdict(recipe).items() if k in _BASE_FIELDS or v != getattr(DEFAULT_RECIPE, k)}
 
 
 # Shifts cost Fashion-MNIST ~1 point at this budget; a third epoch without them gives ~91%.
@@ -146,21 +145,6 @@ def _random_shift(x: torch.Tensor, s: int, gen: torch.Generator) -> torch.Tensor
     return out.permute(0, 3, 1, 2)
 
 
-def _random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def _class_weights(y: torch.Tensor, num_classes: int, mode: str | None) -> torch.Tensor | None:
-    if mode is None:
-        return None
-    if mode != "balanced":
-        raise HuscfError(f"classifier training: class_weight must be None or 'balanced', got {mode!r}")
-    counts = torch.bincount(y, minlength=num_classes).double()
-    return (len(y) / (num_classes * counts.clamp(min=1))).float()
-
-
 def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, recipe: Recipe = DEFAULT_RECIPE,
                      progress: bool = False) -> DomainClassifier:
     """Train a fresh ``DomainClassifier`` on images ``x`` in [-1, 1] and labels ``y`` with ``recipe``;
@@ -179,7 +163,12 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, reci
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise HuscfError(f"classifier training: labels must be in 0..{num_classes - 1}, "
                          f"got {int(y.min())}..{int(y.max())}")
-    weight = _class_weights(y, num_classes, r.class_weight)
+    if r.class_weight not in (None, "balanced"):
+        raise HuscfError(f"classifier training: class_weight must be None or 'balanced', got {r.class_weight!r}")
+    weight = None
+    if r.class_weight == "balanced":
+        counts = torch.bincount(y, minlength=num_classes).double()
+        weight = (len(y) / (num_classes * counts.clamp(min=1))).float()
     batch = min(r.batch_size, len(y))
     per_epoch = len(y) // batch
     steps = max(r.epochs * per_epoch, r.min_steps)
@@ -187,37 +176,37 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, reci
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)
         model = DomainClassifier(x.shape[1], num_classes, r.width, arch=r.arch, depth=r.depth)
-    if r.weight_decay:
-        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=r.lr)
+    opt = (torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay) if r.weight_decay
+           else torch.optim.Adam(model.parameters(), lr=r.lr))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=steps)
     model.train()
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            xb = _random_shift(x[idx], r.shift, gen) if r.shift else x[idx]
-            if r.flip:
-                xb = _random_flip(xb, gen)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), y[idx], weight=weight, label_smoothing=r.label_smoothing).backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step >= steps:
-                break
-        if progress:
-            print(f"  classifier: {step}/{steps} steps", file=sys.stderr)
+    for step in range(steps):
+        i = step % per_epoch  # batch i of the epoch; each epoch starts with a fresh order
+        if i == 0:
+            order = torch.randperm(len(y), generator=gen)
+        idx = order[i * batch:(i + 1) * batch]
+        xb = _random_shift(x[idx], r.shift, gen) if r.shift else x[idx]
+        if r.flip:  # mirror each image left-right with probability 1/2
+            xb = torch.where((torch.rand(len(xb), generator=gen) < 0.5)[:, None, None, None], xb.flip(3), xb)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), y[idx], weight=weight, label_smoothing=r.label_smoothing).backward()
+        opt.step()
+        sched.step()
+        if progress and (i == per_epoch - 1 or step == steps - 1):
+            print(f"  classifier: {step + 1}/{steps} steps", file=sys.stderr)
     return model.eval()
 
 
 @torch.no_grad()
+def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` in slices of ``batch`` rows, concatenated (without autograd)."""
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
 def predict(model: DomainClassifier, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     """The predicted class of every image of ``x`` (eval mode, in batches)."""
     model.eval()
-    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return batched(lambda b: model(b).argmax(1), x, batch)
 
 
 def accuracy(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
@@ -228,8 +217,7 @@ def accuracy(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, batch: i
 def data_hash(*arrays: np.ndarray) -> str:
     """SHA-256 over the arrays' shapes, dtypes and bytes (order matters)."""
     digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
+    for a in map(np.ascontiguousarray, arrays):
         digest.update(f"{a.dtype.str}{a.shape}".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()
@@ -256,6 +244,7 @@ def _load_cached(weights: Path, meta: Path, key: str) -> tuple[DomainClassifier,
 
 
 def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -307,5 +296,5 @@ def load_or_train(domain_name: str, data_dir: str | Path | None = None, cache_di
     return model, {**info, "path": str(weights), "cached": False}
 
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "RECIPE_VERSION", "DomainClassifier", "Recipe", "accuracy", "cache_root",
-           "data_hash", "load_or_train", "recipe_key_dict", "train_classifier"]
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "RECIPE_VERSION", "DomainClassifier", "Recipe", "accuracy", "batched",
+           "cache_root", "data_hash", "load_or_train", "predict", "recipe_key_dict", "train_classifier"]

@@ -19,6 +19,7 @@ trained on as many real images (the ceiling). Everything is computed before anyt
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -66,42 +67,33 @@ def cluster_generators(groups: list[int], domains: list[str], r: int, client: in
     members, the first member of that domain (so every domain is scored, also when one model is
     shared by all domains, as in FedGAN); or only ``client``'s own generator; or, with
     ``every_client``, every client's that took part in round ``r``."""
+    members = {g: [i for i, gi in enumerate(groups) if gi == g] for g in set(groups)}
     if client is not None:
         if not 0 <= client < len(domains):
             raise HuscfError(f"--client {client}: the run has clients 0..{len(domains) - 1}")
-        members = [i for i, g in enumerate(groups) if g == groups[client]]
-        return [GeneratorRef(round=r, cluster=groups[client], client=client, domain=domains[client],
-                             members=members)]
-    if every_client:
-        return [GeneratorRef(round=r, cluster=g, client=i, domain=domains[i],
-                             members=[j for j, gj in enumerate(groups) if gj == g])
-                for i, g in enumerate(groups) if g != -1]
-    out = []
-    for g in sorted(set(groups) - {-1}):  # -1: a client absent from that round's aggregation
-        members = [i for i, gi in enumerate(groups) if gi == g]
-        for domain in dict.fromkeys(domains[i] for i in members):
-            rep = next(i for i in members if domains[i] == domain)
-            out.append(GeneratorRef(round=r, cluster=g, client=rep, domain=domain, members=members))
-    return out
+        chosen = [client]
+    elif every_client:
+        chosen = [i for i, g in enumerate(groups) if g != -1]
+    else:  # -1: a client absent from that round's aggregation
+        chosen = [next(i for i in members[g] if domains[i] == domain) for g in sorted(set(groups) - {-1})
+                  for domain in dict.fromkeys(domains[i] for i in members[g])]
+    return [GeneratorRef(round=r, cluster=groups[i], client=i, domain=domains[i], members=members[groups[i]])
+            for i in chosen]
 
 
 def _parse_rounds(spec: str, available: list[int]) -> list[int]:
-    if spec == "all":
-        return available
-    if spec == "last":
-        return available[-1:]
+    if spec in ("all", "last"):
+        return available if spec == "all" else available[-1:]
     if spec.startswith("every:"):
-        raw = spec.split(":", 1)[1]
-        if not raw.isdigit() or int(raw) < 1:
+        step = spec.removeprefix("every:")
+        if not step.isdigit() or int(step) < 1:
             raise HuscfError(f"--rounds every:N needs a whole number N >= 1, got {spec!r}")
-        step = int(raw)
-        return sorted({r for r in available if r % step == 0} | {available[-1]})
+        return sorted({r for r in available if r % int(step) == 0} | {available[-1]})
     try:
         wanted = sorted({int(x) for x in spec.split(",")})
     except ValueError:
         raise HuscfError(f"--rounds: expected all, last, every:N or a comma list of rounds, got {spec!r}") from None
-    missing = [r for r in wanted if r not in available]
-    if missing:
+    if missing := [r for r in wanted if r not in available]:
         raise HuscfError(f"--rounds: no checkpoint for round(s) {missing}; available: {available[0]}..{available[-1]}")
     return wanted
 
@@ -118,7 +110,7 @@ class RunEvaluator:
         try:
             self.clients = json.loads(clients_json.read_text(encoding="utf-8"))["clients"]
             cuts = [Cuts(*c["cuts"]) for c in self.clients]
-            domains = [c["domain"] for c in self.clients]
+            self.domains = [c["domain"] for c in self.clients]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
             raise HuscfError(f"cannot read {clients_json}: damaged or not written by huscf train") from None
         self.rows = {r.round: r for r in self.run.read_rounds()}
@@ -126,11 +118,9 @@ class RunEvaluator:
         if not self.rounds:
             raise HuscfError(f"run {run_dir} has no finished round with a checkpoint: nothing to evaluate")
         self.test = {d: load_domain(d, "test", self.cfg.data.data_dir) for d in self.cfg.data.domains}
-        first = next(iter(self.test.values()))
         num_classes = self.cfg.model.num_classes or max(t.num_classes for t in self.test.values())
         self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
-                                       tuple(first.images.shape[1:]))
-        self.domains = domains
+                                       tuple(next(iter(self.test.values())).images.shape[1:]))
         # a per-cluster run's checkpoints hold its cluster bodies
         self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts,
                               cluster_bodies=self.cfg.cluster_bodies)
@@ -156,14 +146,16 @@ class RunEvaluator:
 
     def sample(self, gen: GeneratorRef, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         what = f"the generator of cluster {gen.cluster} (client {gen.client}) at round {gen.round}"
-        nc = self.test[gen.domain].num_classes
-        return sample_generator(self.model.assemble(gen.client, "G"), nc, self.arch.z_dim, n, seed, what=what)
+        return sample_generator(self.model.assemble(gen.client, "G"), self.test[gen.domain].num_classes,
+                                self.arch.z_dim, n, seed, what=what)
 
 
-def evaluate_run(run_dir: Path, *, rounds: str = "all", samples: int = 5000, tstr_samples: int = 30000,
-                 tstr_epochs: int = 3, client: int | None = None, seed: int = 0, data_dir: str | None = None,
-                 quiet: bool = False, tstr_min_steps: int = 600, every_client: bool = False) -> Path:
-    """Evaluate a run; writes ``eval.json``, ``eval.csv`` and ``eval_samples/`` in the run dir."""
+def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", data_dir: str | None = None,
+                 quiet: bool = False) -> Path:
+    """Evaluate ``rounds`` ("all", "last" or a list such as "1,5-7") of a run as ``settings`` say;
+    writes ``eval.json`` (with the settings and the rounds), ``eval.csv`` and ``eval_samples/``."""
+    samples, tstr_samples, seed, client, every_client = (settings.samples, settings.tstr_samples, settings.seed,
+                                                         settings.client, settings.every_client)
     if samples < 10 or tstr_samples < 0:
         raise HuscfError("--samples must be >= 10 and --tstr-samples >= 0")
     ev = RunEvaluator(run_dir, data_dir)
@@ -204,8 +196,7 @@ def evaluate_run(run_dir: Path, *, rounds: str = "all", samples: int = 5000, tst
     ceilings: dict[str, dict] = {}
     for gen in generators:
         d = gen.domain
-        scores = next(p for p in per_round if p.round == last and p.client == gen.client)
-        entry = FinalScore(**scores.to_json())
+        entry = FinalScore(**next(p for p in per_round if p.round == last and p.client == gen.client).to_json())
         nc = ev.test[d].num_classes
         if tstr_samples:
             key = fingerprints[gen.client]
@@ -213,33 +204,27 @@ def evaluate_run(run_dir: Path, *, rounds: str = "all", samples: int = 5000, tst
                 say(f"TSTR for {d} (cluster {gen.cluster}, client {gen.client}): "
                     f"{tstr_samples} synthetic images ...")
                 xs, ys = ev.sample(gen, tstr_samples, seed + 1)
-                tstr_done[key] = tstr(xs, ys, *real_test[d], nc, epochs=tstr_epochs, seed=seed,
-                                      min_steps=tstr_min_steps)
+                tstr_done[key] = tstr(xs, ys, *real_test[d], nc, epochs=settings.tstr_epochs, seed=seed,
+                                      min_steps=settings.tstr_min_steps)
             entry.tstr = tstr_done[key]
             if d not in ceilings:
                 n_real = min(tstr_samples, len(load_domain(d, "train", ev.cfg.data.data_dir)))
-                ceilings[d] = real_ceiling(d, n_real, data_dir=ev.cfg.data.data_dir, epochs=tstr_epochs,
-                                           seed=seed, min_steps=tstr_min_steps) | {"train_images": n_real}
+                ceilings[d] = real_ceiling(d, n_real, data_dir=ev.cfg.data.data_dir, epochs=settings.tstr_epochs,
+                                           seed=seed, min_steps=settings.tstr_min_steps) | {"train_images": n_real}
             entry.real_ceiling = ceilings[d]
         final.append(entry)
         if d not in grids:
-            per_class = 8
             g = ev.model.assemble(gen.client, "G").train()
-            z, y = class_grid_inputs(nc, per_class, ev.arch.z_dim, seed)
+            z, y = class_grid_inputs(nc, 8, ev.arch.z_dim, seed)  # 8 samples per class
             with torch.no_grad():
                 grids[d] = (g(z, y), nc)
 
     available, reason = inception_fid_available()
     result = EvalRecord(
         run_dir=str(ev.run.path), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        settings=EvalSettings(samples=samples, tstr_samples=tstr_samples, tstr_epochs=tstr_epochs, seed=seed,
-                              tstr_min_steps=tstr_min_steps, rounds=todo, client=client, every_client=every_client),
-        classifiers=clf_info,
-        inception_fid={"available": available, "reason": reason},
-        generators=generators,
-        per_round=per_round,
-        final=final,
-        samples={d: f"eval_samples/{d}.png" for d in grids},
+        settings=dataclasses.replace(settings, rounds=todo), classifiers=clf_info,
+        inception_fid={"available": available, "reason": reason}, generators=generators,
+        per_round=per_round, final=final, samples={d: f"eval_samples/{d}.png" for d in grids},
         # spoken digits: the first sample of every class's grid row inverted to audio (Griffin-Lim)
         audio={d: [f"eval_samples/{d}_class{c}.wav" for c in range(nc)] for d, (_, nc) in grids.items()
                if ev.test[d].kind == "spectrogram"},
@@ -275,14 +260,12 @@ def _write_outputs(run: Path, result: EvalRecord, grids: dict) -> None:
         save_grid(images, rows, stage / "eval_samples" / f"{d}.png")
     for d, paths in result.audio.items():
         images, rows = grids[d]
-        per_class = len(images) // rows
-        waves = images_to_waves(images[::per_class].float().clamp(-1, 1).numpy())
+        waves = images_to_waves(images[::len(images) // rows].float().clamp(-1, 1).numpy())  # each class's first
         for rel, wave in zip(paths, waves):
             write_wav(stage / rel, wave)
     (stage / "eval.json").write_text(json.dumps(result.to_json(), indent=1))
     (stage / "eval.csv").write_text(_csv_text(result.final))
     shutil.rmtree(run / "eval_samples", ignore_errors=True)
-    (stage / "eval_samples").replace(run / "eval_samples")
-    (stage / "eval.csv").replace(run / "eval.csv")
-    (stage / "eval.json").replace(run / "eval.json")
+    for name in ("eval_samples", "eval.csv", "eval.json"):
+        (stage / name).replace(run / name)
     stage.rmdir()

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from huscf.metrics.classifiers import _write_atomic
+
 
 def class_grid_inputs(num_classes: int, per_class: int, z_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed ``(z, y)`` for a grid with one row per class (the same noise every round, seeded)."""
@@ -34,10 +36,4 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> No
     img = Image.fromarray(image_grid(images, rows))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_suffix(".tmp.png")
-    try:
-        img.save(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -20,7 +20,7 @@ import torch
 
 from huscf.data import to_tensor
 from huscf.errors import HuscfError
-from huscf.metrics.classifiers import DomainClassifier
+from huscf.metrics.classifiers import DomainClassifier, batched
 
 
 def as_images(images: np.ndarray | torch.Tensor, what: str = "images", generated: bool = True) -> torch.Tensor:
@@ -38,28 +38,21 @@ def as_images(images: np.ndarray | torch.Tensor, what: str = "images", generated
     if x.ndim != 4 or len(x) == 0:
         raise HuscfError(f"{what}: expected a non-empty batch (N, C, H, W), got shape {tuple(x.shape)}")
     bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-    if bad and generated:
-        raise HuscfError(f"generator emitted non-finite values: {bad} of {len(x)} {what} contain NaN or inf")
     if bad:
-        raise HuscfError(f"{what}: {bad} of {len(x)} images contain NaN or inf")
+        raise HuscfError(f"generator emitted non-finite values: {bad} of {len(x)} {what} contain NaN or inf"
+                         if generated else f"{what}: {bad} of {len(x)} images contain NaN or inf")
     return x
-
-
-@torch.no_grad()
-def _apply(fn, images: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 def classifier_probs(classifier: DomainClassifier, images: np.ndarray | torch.Tensor, batch: int = 500) -> np.ndarray:
     """Softmax class probabilities (N, K) of ``classifier`` (which must be in eval mode) on ``images``."""
-    x = as_images(images)
-    return _apply(lambda b: torch.softmax(classifier(b), dim=1), x, batch).double().numpy()
+    return batched(lambda b: torch.softmax(classifier(b), dim=1), as_images(images), batch).double().numpy()
 
 
 def classifier_features(classifier: DomainClassifier, images: np.ndarray | torch.Tensor, batch: int = 500,
                         generated: bool = True) -> np.ndarray:
     """Penultimate-layer features (N, D) of ``classifier`` on ``images``."""
-    return _apply(classifier.features, as_images(images, generated=generated), batch).double().numpy()
+    return batched(classifier.features, as_images(images, generated=generated), batch).double().numpy()
 
 
 def generation_score(probs: np.ndarray | torch.Tensor) -> float:
@@ -83,7 +76,6 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
     a, b = (np.asarray(f, dtype=np.float64) for f in (feats_a, feats_b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise HuscfError(f"Frechet distance: need two feature sets (N >= 2, D) of equal D, got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
@@ -94,7 +86,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
             covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    diff = mu_a - mu_b
+    diff = a.mean(0) - b.mean(0)
     value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(np.real(covmean))
     return float(max(value, 0.0))  # rounding can leave -1e-12 for identical sets
 
@@ -126,11 +118,6 @@ def inception_fid_available() -> tuple[bool, str]:
     return metric is not None, reason
 
 
-def _to_rgb_uint8(x: torch.Tensor) -> torch.Tensor:
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
 def inception_fid(real_images: np.ndarray | torch.Tensor, fake_images: np.ndarray | torch.Tensor,
                   batch: int = 100) -> float:
     """The standard FID (InceptionV3 pool features, via torchmetrics); grayscale images are repeated to RGB."""
@@ -144,8 +131,9 @@ def inception_fid(real_images: np.ndarray | torch.Tensor, fake_images: np.ndarra
     metric.reset()
     with torch.no_grad():
         for images, is_real in ((real, True), (fake, False)):
-            for i in range(0, len(images), batch):
-                metric.update(_to_rgb_uint8(images[i:i + batch]), real=is_real)
+            for chunk in images.split(batch):
+                chunk = ((chunk.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                metric.update(chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk, real=is_real)
         return float(metric.compute())
 
 

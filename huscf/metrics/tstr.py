@@ -41,15 +41,9 @@ def classification_report_dict(y_true, y_pred, num_classes: int) -> dict:
     tn = cm.sum() - cm.sum(axis=1) - fp  # everything outside row c and column c
     fpr = np.divide(fp, fp + tn, out=np.zeros(num_classes), where=(fp + tn) > 0)
     per_class = np.divide(tp, cm.sum(axis=1), out=np.zeros(num_classes), where=cm.sum(axis=1) > 0)
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "fpr": float(fpr.mean()),
-        "per_class_accuracy": [float(v) for v in per_class],
-        "confusion_matrix": cm.tolist(),
-    }
+    return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(precision), "recall": float(recall),
+            "f1": float(f1), "fpr": float(fpr.mean()), "per_class_accuracy": per_class.tolist(),
+            "confusion_matrix": cm.tolist()}
 
 
 def _labels(y, n: int, num_classes: int, what: str) -> torch.Tensor:
@@ -75,8 +69,7 @@ def tstr(train_x, train_y, test_x, test_y, num_classes: int, *, epochs: int = DE
     recipe = replace(DEFAULT_RECIPE, epochs=epochs, seed=seed, min_steps=min_steps, shift=shift)
     model = train_classifier(x, y, num_classes, recipe=recipe)
     seconds = time.perf_counter() - start
-    pred = predict(model, xt)
-    report = classification_report_dict(yt.numpy(), pred.numpy(), num_classes)
+    report = classification_report_dict(yt.numpy(), predict(model, xt).numpy(), num_classes)
     return {**report, "n_train": len(x), "n_test": len(xt), "num_classes": num_classes, "epochs": epochs,
             "min_steps": min_steps, "seed": seed, "trained_seconds": round(seconds, 2)}
 

@@ -119,9 +119,7 @@ class Architecture:
             cin = self._w(cout)
         k, p = self.g_out
         blocks.append(nn.Sequential(nn.ConvTranspose2d(cin, self.image_shape[0], k, 1, p), nn.Tanh()))
-        net = BlockNet(blocks)
-        net.apply(dcgan_init)
-        return net
+        return BlockNet(blocks).apply(dcgan_init)
 
     def discriminator(self) -> BlockNet:
         cout, *rest = self.d_head
@@ -131,12 +129,7 @@ class Architecture:
             blocks.append(conv_block(cin, (self._w(cout), k, s, p)))
             size, cin = _conv_out(size, k, s, p), self._w(cout)
         blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 1)))
-        net = BlockNet(blocks)
-        net.apply(dcgan_init)
-        return net
-
-    def with_width(self, width: float) -> "Architecture":
-        return replace(self, width=width)
+        return BlockNet(blocks).apply(dcgan_init)
 
     def generator_inputs(self, batch: int, generator: torch.Generator | None = None):
         """Example ``(z, y)`` for block g_0 (used by the cut profiler and the tests)."""
@@ -153,26 +146,15 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "cgan28": Architecture(
-        name="cgan28",
-        image_shape=(1, 28, 28),
-        num_classes=10,
-        z_dim=100,
-        g_start=(256, 7),
-        g_middle=((128, 4, 2, 1, 0), (128, 3, 1, 1, 0), (64, 4, 2, 1, 0)),
-        g_out=(3, 1),
-        d_head=(64, 3, 2, 1),
-        d_middle=((128, 3, 2, 1), (128, 3, 1, 1), (256, 3, 2, 1)),
+        "cgan28", image_shape=(1, 28, 28), num_classes=10, z_dim=100,
+        g_start=(256, 7), g_middle=((128, 4, 2, 1, 0), (128, 3, 1, 1, 0), (64, 4, 2, 1, 0)), g_out=(3, 1),
+        d_head=(64, 3, 2, 1), d_middle=((128, 3, 2, 1), (128, 3, 1, 1), (256, 3, 2, 1)),
     ),
     "dcgan32": Architecture(
-        name="dcgan32",
-        image_shape=(3, 32, 32),
-        num_classes=10,
-        z_dim=100,
-        g_start=(256, 4),
-        g_middle=((192, 4, 2, 1, 0), (128, 3, 1, 1, 0), (96, 4, 2, 1, 0), (64, 4, 2, 1, 0)),
+        "dcgan32", image_shape=(3, 32, 32), num_classes=10, z_dim=100,
+        g_start=(256, 4), g_middle=((192, 4, 2, 1, 0), (128, 3, 1, 1, 0), (96, 4, 2, 1, 0), (64, 4, 2, 1, 0)),
         g_out=(3, 1),
-        d_head=(64, 3, 2, 1),
-        d_middle=((128, 3, 2, 1), (128, 3, 1, 1), (192, 3, 2, 1), (256, 3, 1, 1)),
+        d_head=(64, 3, 2, 1), d_middle=((128, 3, 2, 1), (128, 3, 1, 1), (192, 3, 2, 1), (256, 3, 1, 1)),
     ),
 }
 
@@ -180,11 +162,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 def build_architecture(name: str, width: float = 1.0, num_classes: int | None = None,
                        image_shape: tuple[int, int, int] | None = None) -> Architecture:
     """Look up a shipped architecture and apply the width multiplier / label count."""
-    if name not in ARCHITECTURES:
-        raise KeyError(name)
-    arch = ARCHITECTURES[name].with_width(width)
-    if num_classes is not None:
-        arch = replace(arch, num_classes=num_classes)
+    base = ARCHITECTURES[name]  # a KeyError for an unknown name
+    arch = replace(base, width=width, num_classes=base.num_classes if num_classes is None else num_classes)
     if image_shape is not None and tuple(image_shape) != arch.image_shape:
         raise ValueError(f"architecture {name} makes {arch.image_shape} images, the data has {tuple(image_shape)}")
     return arch

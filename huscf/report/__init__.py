@@ -1,2 +1,2 @@
-"""``huscf report``: the report's sections built from the run directory (``build``), rendered to
-HTML and Markdown (``render``), with matplotlib figures (``plots``)."""
+"""``huscf report``: the run read from its directory (``run``), its sections (``sections``) assembled by
+``build``, rendered to HTML and Markdown (``render``), with matplotlib figures (``plots``)."""

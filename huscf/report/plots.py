@@ -12,18 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import matplotlib
-import matplotlib.colors
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.colors import BoundaryNorm, ListedColormap, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 DPI = 100
-PALETTE = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
-_CLUSTER_COLOURS = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+PALETTE = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
+_CLUSTER_COLOURS = [to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
 _STAGE_COLOURS = {"head": PALETTE[0], "server": PALETTE[1], "tail": PALETTE[2]}
+_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0}  # a legend right of the axes
 
 
 @dataclass
@@ -66,10 +66,7 @@ def _png(fig: Figure) -> bytes:
 
 def domain_colours(domains: Sequence[str]) -> dict[str, str]:
     """A stable colour per domain, in order of first appearance."""
-    out: dict[str, str] = {}
-    for d in domains:
-        out.setdefault(d, PALETTE[len(out) % len(PALETTE)])
-    return out
+    return {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(dict.fromkeys(domains))}
 
 
 def curves(panels: Sequence[Panel], ncols: int = 2, panel_size: tuple[float, float] = (5.2, 3.2)) -> bytes:
@@ -86,17 +83,13 @@ def curves(panels: Sequence[Panel], ncols: int = 2, panel_size: tuple[float, flo
             ax.plot(list(ln.x), list(ln.y), ln.fmt, color=ln.color, linewidth=ln.width, alpha=ln.alpha,
                     markersize=ln.markersize, label=label)
         ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel(panel.xlabel)
-        ax.set_ylabel(panel.ylabel)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
         if panel.ylim:
             ax.set_ylim(*panel.ylim)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if any(label for label in seen):
-            if panel.legend_outside:
-                ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-            else:
-                ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, **(_OUTSIDE if panel.legend_outside else {"loc": "best"}))
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     return _png(fig)
@@ -109,19 +102,18 @@ def cluster_map(clusters: Sequence[Sequence[int]], rounds: Sequence[int], client
     n, r = grid.shape
     top = max(int(grid.max()) + 1, 1)
     colours = (PALETTE if top <= len(PALETTE) else _CLUSTER_COLOURS * math.ceil(top / len(_CLUSTER_COLOURS)))[:top]
-    cmap = ListedColormap(colours)
-    norm = BoundaryNorm(np.arange(top + 1) - 0.5, top)
     fig = _figure(min(max(4.5, 1.8 + 0.32 * r), 14), min(max(2.4, 0.9 + 0.22 * n), 16))
     ax = fig.subplots()
-    ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.imshow(grid, cmap=ListedColormap(colours), norm=BoundaryNorm(np.arange(top + 1) - 0.5, top), aspect="auto",
+              interpolation="nearest")
     if n * r <= 800:
         for (i, j), g in np.ndenumerate(grid):
-            rgb = matplotlib.colors.to_rgb(colours[g])
+            rgb = to_rgb(colours[g])
             ink = "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 0.55 else "white"
             ax.text(j, i, str(g), ha="center", va="center", fontsize=7, color=ink)
     else:  # too many cells to number: a legend instead
         handles = [Patch(color=colours[g], label=f"cluster {g}") for g in sorted(set(grid.ravel().tolist()))]
-        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.legend(handles=handles, fontsize=8, **_OUTSIDE)
     ax.set_yticks(range(n), list(client_labels), fontsize=8 if n <= 40 else 6)
     step = max(1, math.ceil(r / 25))
     ax.set_xticks(range(0, r, step), [str(rounds[k]) for k in range(0, r, step)], fontsize=8)
@@ -146,11 +138,9 @@ def stage_bars(stages: dict[str, float], title: str) -> bytes:
     ax.invert_yaxis()
     for i, v in enumerate(ms):
         ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
-    ax.set_xlim(0, max(ms + [1e-9]) * 1.18)
-    ax.set_xlabel("milliseconds per iteration")
+    ax.set(xlim=(0, max(ms + [1e-9]) * 1.18), xlabel="milliseconds per iteration")
     ax.set_title(title, fontsize=10)
-    handles = [Patch(color=c, label=k) for k, c in _STAGE_COLOURS.items()]
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in _STAGE_COLOURS.items()], fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
@@ -170,10 +160,7 @@ def tstr_detail(per_class: Sequence[float], ceiling: Sequence[float] | None,
     if ceiling:
         ax.bar(x + width / 2, [_nan(v) for v in ceiling[:k]], width, label="real (ceiling)", color=PALETTE[7])
     ax.set_xticks(x, [str(i) for i in x], fontsize=8)
-    ax.set_ylim(0, 1.2)
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("class")
-    ax.set_ylabel("accuracy")
+    ax.set(ylim=(0, 1.2), yticks=np.linspace(0, 1, 6), xlabel="class", ylabel="accuracy")
     ax.set_title("per-class accuracy", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     ax.grid(axis="y", alpha=0.3)
@@ -195,8 +182,7 @@ def _confusion(ax, m: np.ndarray) -> None:
                     color="white" if share[i, j] > 0.6 else "black")
     ax.set_xticks(range(m.shape[1]), [str(i) for i in range(m.shape[1])], fontsize=8)
     ax.set_yticks(range(m.shape[0]), [str(i) for i in range(m.shape[0])], fontsize=8)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title("TSTR confusion matrix", fontsize=10)
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
 

@@ -89,20 +89,15 @@ figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:.88em;margin-top:.3em}
 p.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em}nav ul{columns:2;padding-left:1.2em}
 """
+FILES_DIR = "report_files"  # next to report.md, which links its images there
 _NUMERIC = re.compile(r"^(?:[-+]?[\d,]*\.?\d+(?:e[-+]?\d+)?(?: ?(?:MB|s|min|h|%))?|–)$")
-
-
-def _inline_html(parts: list[str | Code]) -> str:
-    return "".join(f"<code>{html.escape(p.text)}</code>" if isinstance(p, Code) else html.escape(p) for p in parts)
 
 
 def render_html(title: str, blocks: list[Block]) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    for b in blocks:
-        out.append(_block_html(b))
-    out.append("</body></html>")
+           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+           *(_block_html(b) for b in blocks), "</body></html>"]
     return "\n".join(out) + "\n"
 
 
@@ -117,7 +112,9 @@ def _block_html(b: Block) -> str:
         return f"<h{b.level}{anchor}>{html.escape(b.text)}</h{b.level}>"
     if isinstance(b, Para):
         cls = ' class="note"' if b.note else ""
-        return f"<p{cls}>{_inline_html(b.parts)}</p>"
+        text = "".join(f"<code>{html.escape(p.text)}</code>" if isinstance(p, Code) else html.escape(p)
+                       for p in b.parts)
+        return f"<p{cls}>{text}</p>"
     if isinstance(b, Table):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
         body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in b.rows)
@@ -148,14 +145,14 @@ def _md_code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def render_markdown(title: str, blocks: list[Block], files_dir: str = "report_files") -> tuple[str, dict[str, bytes]]:
-    """The Markdown text and the images it links to, as {file name: PNG bytes} for ``files_dir``."""
+def render_markdown(title: str, blocks: list[Block]) -> tuple[str, dict[str, bytes]]:
+    """The Markdown text and the images it links to, as {file name: PNG bytes} for ``FILES_DIR``."""
     out, files = [f"# {_md_text(title)}", ""], {}
     for b in blocks:
         if isinstance(b, Image):
             name = f"{len(files) + 1:02d}_{_file_stem(b.name)}.png"
             files[name] = b.png
-            out += [f"![{_md_text(b.alt)}]({files_dir}/{name})", ""]
+            out += [f"![{_md_text(b.alt)}]({FILES_DIR}/{name})", ""]
             if b.caption:
                 out += [f"*{_md_text(b.caption)}*", ""]
         else:
@@ -170,7 +167,8 @@ def _block_md(b: Block) -> str:
         text = "".join(_md_code(p.text) if isinstance(p, Code) else _md_text(p) for p in b.parts)
         return f"> **Note:** {text}" if b.note else text
     if isinstance(b, Table):
-        numeric = [bool(b.rows) and all(_NUMERIC.match(r[i]) for r in b.rows if i < len(r)) for i in range(len(b.header))]
+        numeric = [bool(b.rows) and all(_NUMERIC.match(r[i]) for r in b.rows if i < len(r))
+                   for i in range(len(b.header))]
         lines = ["| " + " | ".join(_md_text(h) or " " for h in b.header) + " |",
                  "|" + "|".join(" ---: " if n else " --- " for n in numeric) + "|"]
         lines += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in b.rows]
@@ -183,11 +181,9 @@ def _block_md(b: Block) -> str:
     raise TypeError(f"unknown block {b!r}")
 
 
-
-
 def commit(run_dir: Path, html_text: str, md_text: str, files: dict[str, bytes]) -> tuple[Path, Path]:
     """Write to temporary names, then rename into place (report_files/ first, report.html last)."""
-    html_path, md_path, files_dir = run_dir / "report.html", run_dir / "report.md", run_dir / "report_files"
+    html_path, md_path, files_dir = run_dir / "report.html", run_dir / "report.md", run_dir / FILES_DIR
     tmp_html, tmp_md = run_dir / ".report.html.tmp", run_dir / ".report.md.tmp"
     tmp_dir, old_dir = run_dir / ".report_files.tmp", run_dir / ".report_files.old"
     try:

@@ -2,16 +2,8 @@
 typed records written into them and read back (``records``: a round, an evaluation)."""
 
 from huscf.rundir.files import RunDir
-from huscf.rundir.records import (
-                                  EvalRecord,
-                                  EvalSettings,
-                                  FinalScore,
-                                  GeneratorRef,
-                                  GeneratorScore,
-                                  RoundRecord,
-                                  read_eval,
-                                  read_rounds,
-)
+from huscf.rundir.records import (EvalRecord, EvalSettings, FinalScore, GeneratorRef, GeneratorScore, RoundRecord,
+                                  read_eval, read_rounds)
 
 __all__ = ["EvalRecord", "EvalSettings", "FinalScore", "GeneratorRef", "GeneratorScore", "RoundRecord", "RunDir",
            "read_eval", "read_rounds"]

@@ -81,6 +81,17 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[st
     return tensors, index
 
 
+def _map_tensors(o, fn):
+    """``o`` (nested dicts and lists) with every tensor ``t`` replaced by ``fn(t)``, in a fixed order."""
+    if isinstance(o, torch.Tensor):
+        return fn(o)
+    if isinstance(o, dict):
+        return {k: _map_tensors(v, fn) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_map_tensors(v, fn) for v in o]
+    return o
+
+
 def _snapshot(obj):
     """A CPU copy of every tensor of a nested state (dicts and lists), in one copy per device and
     dtype: the tensors are flattened into one buffer, moved in one transfer, and handed back as
@@ -88,30 +99,17 @@ def _snapshot(obj):
     synchronisation each. ``torch.save`` writes each buffer once, so the file holds each tensor's
     own elements and nothing more (a loaded checkpoint's tensors are views of those buffers)."""
     tensors: list[torch.Tensor] = []
-
-    def collect(o):
-        if isinstance(o, torch.Tensor):
-            tensors.append(o.detach())
-            return _Slot(len(tensors) - 1)
-        if isinstance(o, dict):
-            return {k: collect(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [collect(v) for v in o]
-        return o
-
-    skeleton = collect(obj)
+    _map_tensors(obj, lambda t: tensors.append(t.detach()))  # a first walk only collects them
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     copies: list[torch.Tensor | None] = [None] * len(tensors)
     for idx in groups.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx]).to("cpu")  # a new tensor: never the original
-        offset = 0
-        for i in idx:
-            n = tensors[i].numel()
-            copies[i] = flat[offset:offset + n].view(tensors[i].shape)
-            offset += n
-    return _fill(skeleton, copies)
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            copies[i] = part.view(tensors[i].shape)
+    ordered = iter(copies)  # the second walk meets the tensors in the order the first one collected them
+    return _map_tensors(obj, lambda _: next(ordered))
 
 
 class DamagedCheckpoint(Exception):
@@ -134,20 +132,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-class _Slot(int):
-    """Where tensor number ``int(self)`` goes back into a snapshot's structure."""
-
-
-def _fill(o, values: list):
-    if isinstance(o, _Slot):
-        return values[o]
-    if isinstance(o, dict):
-        return {k: _fill(v, values) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_fill(v, values) for v in o]
-    return o
-
-
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -160,7 +144,8 @@ class RunDir:
 
     def check_new(self) -> None:
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise HuscfError(f"output directory {self.path} is not empty: pick another --out or use --resume {self.path}")
+            raise HuscfError(f"output directory {self.path} is not empty: pick another --out or use --resume "
+                             f"{self.path}")
 
     def check_writable(self) -> None:
         """One line, before any data loads, when the run directory cannot be made or written (a
@@ -212,8 +197,7 @@ class RunDir:
                                  f"rounds of the checkpoints already there are kept; free space, then resume") from None
 
     def _write_checkpoint(self, round_no: int, state: dict, keep_full: int) -> None:
-        path = self.checkpoint_path(round_no)
-        self._atomic_save(state, path, slim=False)
+        self._atomic_save(state, self.checkpoint_path(round_no), slim=False)
         older = self.list_checkpoints()[:-keep_full] if keep_full else []
         # every older one that is still full: usually only the one that just left the window, but a
         # run killed while slimming left its checkpoint full, and it is slimmed now
@@ -253,11 +237,10 @@ class RunDir:
         meta = self._read_sidecar(path)
         if meta is not None:
             return meta["slim"]
-        side = self._sidecar(path)
         slim = bool(self._load_verified(path).get("slim"))
         with contextlib.suppress(OSError):
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            _write_atomic(side, json.dumps({"sha256": [digest], "slim": slim}).encode())
+            _write_atomic(self._sidecar(path), json.dumps({"sha256": [digest], "slim": slim}).encode())
         return slim
 
     def load_model_state(self, round_no: int) -> dict[str, torch.Tensor]:
@@ -313,8 +296,7 @@ class RunDir:
         return state
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
-        found = [(int(m.group(1)), p) for p in self.checkpoints.glob("round_*.pt") if (m := _CKPT.search(p.name))]
-        return sorted(found)
+        return sorted((int(m.group(1)), p) for p in self.checkpoints.glob("round_*.pt") if (m := _CKPT.search(p.name)))
 
     def latest_checkpoint(self) -> tuple[tuple[int, dict] | None, list[str]]:
         """(round, state) of the newest full checkpoint that verifies, or None; and why each newer
@@ -340,11 +322,9 @@ class RunDir:
             k += 1
             folder = self.path / "set_aside" / f"{stamp}-{k}"
         folder.mkdir(parents=True)
-        for round_no, path in self.list_checkpoints():
-            if round_no > after_round:
-                for p in (path, self._sidecar(path)):
-                    if p.exists():
-                        os.replace(p, folder / p.name)
+        later_files = [p for r, path in self.list_checkpoints() if r > after_round for p in (path, self._sidecar(path))]
+        for p in filter(Path.exists, later_files):
+            os.replace(p, folder / p.name)
         later = [r for r in rows if r.round > after_round]
         if later:
             write_rounds(folder / "metrics.jsonl", later)

@@ -13,10 +13,12 @@ what huscf wrote is refused with one line naming the file and the entry (``Huscf
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 
 from huscf.errors import HuscfError
 
@@ -25,51 +27,33 @@ class RecordError(ValueError):
     """A JSON entry that does not have a record's shape (the reader adds the file and the entry)."""
 
 
+_KINDS = {int: "int", float: "number", str: "str", bool: "bool", list: "list", dict: "dict"}  # annotation -> kind
+_PYTHON = {"int": int, "number": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}  # kind -> types
+
+
 def _check(value, kind: str, key: str, optional: bool = False):
     """``value`` if it is of ``kind`` (int, number, str, list, dict, bool), else RecordError."""
     if value is None and optional:
         return None
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "list": isinstance(value, list),
-        "dict": isinstance(value, dict),
-        "bool": isinstance(value, bool),
-    }[kind]
-    if not ok:
+    if not isinstance(value, _PYTHON[kind]) or (isinstance(value, bool) and kind in ("int", "number")):
         raise RecordError(f"'{key}' should be {'an' if kind == 'int' else 'a'} {kind}"
                           f"{' or null' if optional else ''}, got {value!r:.60}")
     return value
 
 
-_KINDS = {"int": "int", "float": "number", "str": "str", "bool": "bool", "list": "list", "dict": "dict"}
-
-
-def _union(annotation: str) -> list[str]:
-    """The members of a type annotation's top-level union ("list[int | None] | None" -> 2)."""
-    parts, depth, cur = [], 0, ""
-    for ch in annotation:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "|" and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur.strip()]
-
-
+@functools.cache  # resolving the annotations takes half a millisecond, and every entry of a file is checked
 def json_types(cls, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, bool]]:
     """{field: (JSON kind, may be null)} read from a record's annotations, the one schema: ``int``,
     ``float`` (a number), ``str``, ``bool``, ``list[...]``, ``dict[...]``, a nested record (an
     object); ``| None``: null allowed. ``skip``: fields that are not keys of their own."""
+    hints = get_type_hints(cls)  # annotations written as strings (postponed evaluation) resolved to types
     out = {}
     for f in fields(cls):
-        if f.name not in skip:  # annotations as strings (postponed evaluation) or as types
-            t = f.type
-            parts = _union(t if isinstance(t, str) else t.__name__ if isinstance(t, type) else str(t))
-            base = next(p for p in parts if p != "None").split("[")[0]
-            out[f.name] = (_KINDS.get(base, "dict"), "None" in parts)
+        if f.name not in skip:
+            t = hints[f.name]
+            members = get_args(t) if isinstance(t, UnionType) else (t,)
+            base = next(m for m in members if m is not NoneType)
+            out[f.name] = (_KINDS.get(get_origin(base) or base, "dict"), NoneType in members)
     return out
 
 
@@ -137,8 +121,7 @@ class RoundRecord:
             raise RecordError(f"'round' should be >= 1, got {known['round']}")
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in known.get("clusters", [])):
             raise RecordError("'clusters' should be a list of integers")
-        events = {k: v for k, v in raw.items() if k not in known}
-        return cls(**known, events=events)
+        return cls(**known, events={k: v for k, v in raw.items() if k not in known})
 
 
 def json_lines(path: Path, damaged: str) -> list[tuple[int, object]]:
@@ -208,10 +191,9 @@ class EvalSettings(_FlatRecord):
     tstr_epochs: int = 3
     seed: int = 0
     tstr_min_steps: int = 600
-    rounds: list[int]
+    rounds: list[int] = field(default_factory=list)  # the rounds scored (``evaluate_run`` fills it in)
     client: int | None = None
     every_client: bool = False
-
 
 
 @dataclass(kw_only=True)
@@ -223,7 +205,6 @@ class GeneratorRef(_FlatRecord):
     client: int | None = None
     domain: str
     members: list[int] = field(default_factory=list)
-
 
 
 @dataclass(kw_only=True)
@@ -238,7 +219,6 @@ class GeneratorScore(_FlatRecord):
     fid: float | None = None
 
 
-
 @dataclass(kw_only=True)
 class FinalScore(GeneratorScore):
     """A generator at the last evaluated round, with TSTR and the real-data ceiling (dicts of
@@ -246,7 +226,6 @@ class FinalScore(GeneratorScore):
 
     tstr: dict | None = None
     real_ceiling: dict | None = None
-
 
 
 @dataclass(kw_only=True)

@@ -28,8 +28,7 @@ def read_audit(run_dir: Path) -> list[dict]:
         raise HuscfError(f"{run_dir}: no audit.jsonl (only runs with --engine ray write one)")
     rows = []
     for no, row in json_lines(path, "a damaged audit log"):
-        missing = [k for k in _KEYS if not isinstance(row, dict) or k not in row]
-        if missing:
+        if missing := [k for k in _KEYS if not isinstance(row, dict) or k not in row]:
             raise HuscfError(f"{path} line {no}: not an audit record (missing '{missing[0]}')")
         rows.append(row)
     return rows
@@ -71,15 +70,13 @@ def summarise(run_dir: Path) -> dict:
                 violations.append(r)
     clients = []
     for c in sorted(per_client):
-        cut = per_client[c]["activation"] + per_client[c]["gradient"]
+        cut = per_client[c]["activation"] + per_client[c]["gradient"]  # before bytes_by_kind: both keys listed
         n = iterations.get(c, 0)
-        row = {"client": c, "iterations": n, "bytes_by_kind": dict(per_client[c]),
-               "cut_bytes_per_iteration": cut / n if n else None,
-               "predicted_bytes_per_iteration": predicted[c] if c < len(predicted) else None}
-        p = row["predicted_bytes_per_iteration"]
-        row["measured_over_predicted"] = (row["cut_bytes_per_iteration"] / p
-                                          if p and row["cut_bytes_per_iteration"] is not None else None)
-        clients.append(row)
+        per = cut / n if n else None
+        p = predicted[c] if c < len(predicted) else None
+        clients.append({"client": c, "iterations": n, "bytes_by_kind": dict(per_client[c]),
+                        "cut_bytes_per_iteration": per, "predicted_bytes_per_iteration": p,
+                        "measured_over_predicted": per / p if p and per is not None else None})
     return {"run_dir": str(run_dir), "records": len(rows), "clients": clients,
             "bytes_by_kind": {k: dict(v) for k, v in by_kind.items()},
             "kinds_sent_by_clients": sorted(sent_by_clients), "violations": violations}
@@ -90,13 +87,11 @@ def _mb(b: float) -> str:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"audit of {s['run_dir']}: {s['records']} records"]
-    lines.append(f"{'client':>6} {'iters':>6} {'cut bytes/iter':>15} {'predicted':>12} {'ratio':>6}  round-end traffic")
+    lines = [f"audit of {s['run_dir']}: {s['records']} records",
+             f"{'client':>6} {'iters':>6} {'cut bytes/iter':>15} {'predicted':>12} {'ratio':>6}  round-end traffic"]
     for c in s["clients"]:
-        k = c["bytes_by_kind"]
-        per = c["cut_bytes_per_iteration"]
+        k, per, ratio = c["bytes_by_kind"], c["cut_bytes_per_iteration"], c["measured_over_predicted"]
         pred = c["predicted_bytes_per_iteration"]
-        ratio = c["measured_over_predicted"]
         lines.append(f"{c['client']:>6} {c['iterations']:>6} {_mb(per) if per is not None else '-':>15} "
                      f"{_mb(pred) if pred else '-':>12} {f'{ratio:.3f}' if ratio is not None else '-':>6}  "
                      f"weights {_mb(k.get('weights', 0))}, state {_mb(k.get('state', 0))}")

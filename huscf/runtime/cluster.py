@@ -17,14 +17,6 @@ from huscf.errors import HuscfError
 from huscf.runtime.reaper import start_watcher, unmark
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise HuscfError("the ray engine needs Ray: pip install 'huscf[ray]' (or pip install ray)") from None
-    return ray
-
-
 def _probe(address: str, timeout: float = 5.0) -> None:
     """Fail fast on an unreachable ``HOST:PORT`` (Ray itself retries for minutes)."""
     if "://" in address or ":" not in address:
@@ -42,7 +34,10 @@ def connect(address: str | None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not address:  # read at import: without it Ray advertises the host's address, not loopback
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = _import_ray()
+    try:
+        import ray
+    except ImportError:
+        raise HuscfError("the ray engine needs Ray: pip install 'huscf[ray]' (or pip install ray)") from None
     owns = False
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
@@ -71,7 +66,7 @@ def connect(address: str | None):
 
 def disconnect(ray, owns: bool) -> None:
     """Shut down a Ray this process started (a joined cluster keeps running)."""
-    if owns and ray.is_initialized():
-        ray.shutdown()
     if owns:
+        if ray.is_initialized():
+            ray.shutdown()
         unmark()

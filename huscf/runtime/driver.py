@@ -25,11 +25,13 @@ import torch
 
 from huscf.engines.execution import precision_dtype
 from huscf.engines.precision import choose_precision
-from huscf.engines.simulation import check_given, keyed_rng
+from huscf.engines.simulation import EpochLosses, check_given, epoch_iterations, epoch_noise
 from huscf.errors import HuscfError
 from huscf.federation.strategies import Aggregation
 from huscf.methods import get_method
-from huscf.runtime.actors import ClientHost, RunSpec, ServerNode
+from huscf.runtime.host import ClientHost
+from huscf.runtime.server import ServerNode
+from huscf.runtime.spec import RunSpec
 from huscf.runtime.cluster import connect, disconnect
 from huscf.runtime.messages import Message, Wire, pack_state, unpack_state
 from huscf.split.segments import SplitGAN, server_state
@@ -59,10 +61,10 @@ class RayEngine:
     """An ``Engine`` (engines/protocol.py) on Ray: epochs, round-end federation, state."""
 
     def __init__(self, cfg, model: SplitGAN, *, arch, sizes: list[int], feature_depth: int | None,
-                 run_dir: Path, shared_generator: bool = False):
-        if shared_generator:
-            raise HuscfError(f"method {cfg.method!r} shares one generator between all clients, which the ray "
-                             f"engine does not place: use runtime.engine=simulation")
+                 run_dir: Path):
+        if model.tied:
+            raise HuscfError(f"method {cfg.method!r} gives all clients one copy of {'/'.join(sorted(model.tied))}, "
+                             f"which the ray engine does not place: use runtime.engine=simulation")
         self.cfg, self.model, self.sizes = cfg, model, list(sizes)
         self.batch_size, self.z_dim, self.seed = cfg.train.batch_size, arch.z_dim, cfg.seed
         self.max_iters, self.feature_depth = cfg.train.max_iters_per_epoch, feature_depth
@@ -95,6 +97,7 @@ class RayEngine:
         self.before_masking = []  # callables (round): fault injection in a secure round end (tests)
         self._events = self._no_events()
         self._given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ``give``: for the next epoch
+        self.equal_steps = False  # ``Engine.equal_steps``: the hosts start a client's batches over
 
     # -- actors ------------------------------------------------------------------------------------
     def _start_host(self, k: int):
@@ -168,8 +171,7 @@ class RayEngine:
                 for i, n in enumerate(self.sizes)]
 
     def iterations_per_epoch(self) -> int:
-        n = max(self.batches_per_client())
-        return min(n, self.max_iters) if self.max_iters else n
+        return epoch_iterations(self.batches_per_client(), self.max_iters)
 
     def _live(self) -> dict[int, object]:
         return {k: h for k, h in self.hosts.items() if k not in self._failed}
@@ -191,13 +193,12 @@ class RayEngine:
         self._gather({k: h.begin_epoch.remote(control, [given[i] for i in self.groups[k] if i in given])
                       for k, h in self._live().items()}, (round_idx, epoch, 0))
         n = len(self.sizes)
-        noise = torch.Generator().manual_seed(int(keyed_rng(self.seed, round_idx, epoch, 1 << 20).integers(2**62)))
-        sums = {"d": np.zeros(n), "g": np.zeros(n)}
-        counts = np.zeros(n)
+        noise, epoch_losses = epoch_noise(self.seed, round_idx, epoch), EpochLosses(n)
         for t in range(iterations):
             where = (round_idx, epoch, t)
             # the simulation's noise stream, whoever takes part: the same z for the same client
-            z = {i: torch.randn(self.batch_size, self.z_dim, generator=noise) for i in range(n) if t < nb[i]}
+            z = {i: torch.randn(self.batch_size, self.z_dim, generator=noise) for i in range(n)
+                 if t < nb[i] or self.equal_steps}
             ctl = self.wire.pack("control", "hosts", meta={"round": round_idx, "epoch": epoch, "t": t,
                                                            "collect": collect_features, "deadline_s": rt.deadline_s})
             refs = {}
@@ -216,17 +217,13 @@ class RayEngine:
                     losses[int(i)] = (ld[i], lg)
                 for i in res_a[k].meta["skipped"]:
                     self._events["skipped_iterations"][str(i)] = self._events["skipped_iterations"].get(str(i), 0) + 1
-            for i, (ld, lg) in losses.items():
-                sums["d"][i] += ld
-                sums["g"][i] += lg
-                counts[i] += 1
-                self._done[i] += 1
+            epoch_losses.add(losses)
+            self._done[list(losses)] += 1
             if on_iteration is not None and losses:
                 on_iteration(dict(sorted(losses.items())))
             for hook in self.after_iteration:
                 hook(round_idx, epoch, t)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return {"d": (sums["d"] / counts).tolist(), "g": (sums["g"] / counts).tolist()}
+        return epoch_losses.means()
 
     # -- round end ---------------------------------------------------------------------------------
     def federate(self, strategy, sizes: np.ndarray, round_idx: int, seed: int, use_features: bool) -> Aggregation:

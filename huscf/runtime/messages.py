@@ -96,15 +96,13 @@ class AuditLog:
             items.append(("meta", (), "json", len(json.dumps(m.meta, default=str))))
         if not items:
             items.append(("", (), "", 0))
+        net, block = m.meta.get("net"), m.meta.get("block")
         for name, shape, dtype, nbytes in items:
-            key = (self.round, m.kind, m.src, m.dst, m.client, m.meta.get("net"), m.meta.get("block"), name,
-                   tuple(int(s) for s in shape), dtype)
-            row = self._rows.get(key)
-            if row is None:
-                row = self._rows[key] = {
-                    "round": key[0], "kind": m.kind, "src": m.src, "dst": m.dst, "client": m.client,
-                    "net": key[5], "block": key[6], "name": name, "shape": list(key[8]), "dtype": dtype,
-                    "count": 0, "bytes": 0}
+            shape = tuple(int(s) for s in shape)
+            key = (self.round, m.kind, m.src, m.dst, m.client, net, block, name, shape, dtype)
+            row = self._rows.setdefault(key, {
+                "round": self.round, "kind": m.kind, "src": m.src, "dst": m.dst, "client": m.client, "net": net,
+                "block": block, "name": name, "shape": list(shape), "dtype": dtype, "count": 0, "bytes": 0})
             row["count"] += 1
             row["bytes"] += int(nbytes)
 
@@ -150,17 +148,14 @@ class PrivacyGuard:
             refuse(f"a '{m.kind}' message")
         if len(json.dumps(m.meta, default=str)) > META_LIMIT:
             refuse(f"more than {META_LIMIT} bytes of metadata")
-        contract = None
-        if self.contracts is not None:
-            if m.arrays and m.client not in self.contracts:
-                refuse(f"arrays for client {m.client}, which this process does not host")
-            contract = self.contracts.get(m.client)
+        if self.contracts is not None and m.arrays and m.client not in self.contracts:
+            refuse(f"arrays for client {m.client}, which this process does not host")
+        contract = (self.contracts or {}).get(m.client)
         for name, a in m.arrays.items():
             if m.kind == "masked":
-                sizes = None if contract is None else set(contract.block_sizes.values())
                 if m.dtypes[name] != "uint64" or a.ndim != 1 or not name.startswith("masked/"):
                     refuse(f"'{name}' ({m.dtypes[name]}, {a.ndim}-d): a masked sum is one uint64 vector 'masked/K'")
-                if sizes is not None and a.size not in sizes:
+                if contract is not None and a.size not in contract.block_sizes.values():
                     refuse(f"a masked '{name}' of {a.size} words: none of its blocks has that many values")
                 continue
             if m.dtypes[name] not in FLOAT_DTYPES:
@@ -185,7 +180,7 @@ class PrivacyGuard:
                 if tuple(a.shape[1:]) != want or not 1 <= a.shape[0] <= (self.batch_size or a.shape[0]):
                     refuse(f"'{name}' of shape {tuple(a.shape)}: its cut produces (batch <= {self.batch_size}, "
                            f"{', '.join(map(str, want))})")
-        self._check_meta(m, refuse)
+        self._check_meta(m, contract, refuse)
 
     @staticmethod
     def _check_segment(name: str, shape: tuple[int, ...], contract: ClientContract, refuse) -> None:
@@ -203,14 +198,13 @@ class PrivacyGuard:
         if shape != tuple(want):
             refuse(f"'{name}' of shape {shape}: its segment's is {tuple(want)}")
 
-    def _check_meta(self, m: Message, refuse) -> None:
+    def _check_meta(self, m: Message, contract: ClientContract | None, refuse) -> None:
         """Each kind's metadata schema: named keys with scalar values, no arrays."""
         meta = m.meta
         hosted = None if self.contracts is None else {str(i) for i in self.contracts}
 
         def only(keys: set[str]) -> None:
-            extra = sorted(set(meta) - keys)
-            if extra:
+            if extra := sorted(set(meta) - keys):
                 refuse(f"metadata key '{extra[0]}' in a '{m.kind}' message")
 
         if m.kind in ("activation", "gradient"):
@@ -227,8 +221,7 @@ class PrivacyGuard:
                 if hosted is not None and not set(losses) <= hosted:
                     refuse(f"'{key}' for clients it does not host")
             skipped = meta.get("skipped", [])
-            if not isinstance(skipped, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                        for i in skipped):
+            if not isinstance(skipped, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in skipped):
                 refuse("'skipped' other than a list of client ids")
             if hosted is not None and not {str(i) for i in skipped} <= hosted:
                 refuse("'skipped' with clients it does not host")
@@ -249,12 +242,11 @@ class PrivacyGuard:
         elif m.kind == "state":
             only({"param_groups"})
             for net, groups in meta.get("param_groups", {}).items():
+                limit = None if contract is None else len(contract.opt_params.get(net, []))
                 for group in groups if isinstance(groups, list) else [None]:
                     if not isinstance(group, dict):
                         refuse("optimiser parameter groups that are not objects")
                     for key, v in group.items():
-                        limit = None if self.contracts is None or m.client not in self.contracts else len(
-                            self.contracts[m.client].opt_params.get(net, []))
                         if key == "params":
                             ok = isinstance(v, list) and all(isinstance(i, int) and (limit is None or 0 <= i < limit)
                                                              for i in v)
@@ -298,13 +290,11 @@ def pack_state(prefix_state: dict[str, torch.Tensor], opt_states: dict[str, dict
     ``{name: tensor}`` (optimiser moments under ``opt/NET/PARAM/KEY``) and the optimisers' param
     groups as metadata."""
     tensors = dict(prefix_state)
-    groups = {}
     for net, sd in opt_states.items():
-        groups[net] = sd["param_groups"]
         for pid, st in sd["state"].items():
             for key, v in st.items():
                 tensors[f"opt/{net}/{pid}/{key}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
-    return tensors, {"param_groups": groups}
+    return tensors, {"param_groups": {net: sd["param_groups"] for net, sd in opt_states.items()}}
 
 
 def unpack_state(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict, dict]:

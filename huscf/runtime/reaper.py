@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import suppress
 
 MARK = "HUSCF_RAY_OWNER"
 _WATCHERS: list[subprocess.Popen] = []  # kept referenced: they outlive the driver by design
@@ -30,15 +31,14 @@ _WATCHERS: list[subprocess.Popen] = []  # kept referenced: they outlive the driv
 def process_table() -> dict[int, tuple[int, str]]:
     """{pid: (parent pid, start time)} of every live process (zombies excluded)."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                out[int(entry)] = (int(fields[1]), fields[19])
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            out[int(entry)] = (int(fields[1]), fields[19])
     return out
 
 
@@ -82,14 +82,11 @@ class Tracker:
 
     def scan(self) -> set[tuple[int, str]]:
         table = process_table()
-        roots = []
-        for pid, (ppid, start) in table.items():
-            if ppid == self.driver:
-                if (pid, start) not in self._checked:
-                    self._checked[(pid, start)] = _carries(pid, self.owner)
-                if self._checked[(pid, start)]:
-                    roots.append(pid)
-        self.seen |= descendants(roots, table)
+        children = [(pid, start) for pid, (ppid, start) in table.items() if ppid == self.driver]
+        for proc in children:
+            if proc not in self._checked:  # a child's environment is read once
+                self._checked[proc] = _carries(proc[0], self.owner)
+        self.seen |= descendants([proc[0] for proc in children if self._checked[proc]], table)
         return self.seen
 
     def alive(self) -> list[int]:
@@ -104,10 +101,8 @@ def end_all(tracker: Tracker, grace_s: float = 5.0) -> list[int]:
         time.sleep(0.2)
     for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
         for pid in tracker.alive():
-            try:
+            with suppress(OSError):  # it may have exited meanwhile
                 os.kill(pid, sig)
-            except OSError:
-                pass
         end = time.monotonic() + wait
         while tracker.alive() and time.monotonic() < end:
             time.sleep(0.1)

@@ -48,10 +48,8 @@ def validate_cuts(cuts: Sequence[int], g_middle: int, d_middle: int, client: int
             raise HuscfError(f"client {client}: cut {field}={value!r} must be a non-negative integer")
     for net, (h, t, m) in {"generator": (c.hg, c.tg, g_middle), "discriminator": (c.hd, c.td, d_middle)}.items():
         if h + t > m - 1:
-            raise HuscfError(
-                f"client {client}: {net} cuts head={h} + tail={t} leave the server no block "
-                f"(the {net} has {m} middle blocks, so head + tail must be <= {m - 1})"
-            )
+            raise HuscfError(f"client {client}: {net} cuts head={h} + tail={t} leave the server no block "
+                             f"(the {net} has {m} middle blocks, so head + tail must be <= {m - 1})")
     return c
 
 
@@ -62,7 +60,7 @@ def all_cut_pairs(num_middle: int) -> list[tuple[int, int]]:
 
 def all_cuts(g_middle: int, d_middle: int) -> list[Cuts]:
     """Every valid four-number cut configuration."""
-    return [Cuts(hg, tg, hd, td) for (hg, tg), (hd, td) in itertools.product(all_cut_pairs(g_middle), all_cut_pairs(d_middle))]
+    return [Cuts(*g, *d) for g, d in itertools.product(all_cut_pairs(g_middle), all_cut_pairs(d_middle))]
 
 
 def whole_network_cuts(g_middle: int, d_middle: int) -> Cuts:

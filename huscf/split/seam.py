@@ -37,10 +37,9 @@ class SeamRecorder:
     crossings: list[Crossing] = field(default_factory=list)
 
     def record(self, kind: str, direction: str, client: int, net: str, block: int, t: torch.Tensor) -> None:
-        self.crossings.append(Crossing(
-            kind, direction, client, net, block, tuple(t.shape), str(t.dtype).removeprefix("torch."),
-            t.numel() * t.element_size(), t.detach().clone() if self.capture else None,
-        ))
+        self.crossings.append(Crossing(kind, direction, client, net, block, tuple(t.shape),
+                                       str(t.dtype).removeprefix("torch."), t.numel() * t.element_size(),
+                                       t.detach().clone() if self.capture else None))
 
 
 class _Cross(torch.autograd.Function):
@@ -70,9 +69,7 @@ class Seam:
         self.recorder: SeamRecorder | None = None
 
     def cross(self, x: torch.Tensor, direction: str, client: int, net: str, block: int) -> torch.Tensor:
-        if self.recorder is None:
-            return x
-        return _Cross.apply(x, self.recorder, direction, [client], [...], net, block)
+        return x if self.recorder is None else _Cross.apply(x, self.recorder, direction, [client], [...], net, block)
 
     def cross_rows(self, x: torch.Tensor, direction: str, clients: list[int], rows: list[int], net: str,
                    block: int) -> torch.Tensor:

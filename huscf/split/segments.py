@@ -26,22 +26,28 @@ from huscf.split.seam import Seam
 NETS = ("G", "D")
 
 
+def _copies(g: BlockNet, d: BlockNet, blocks) -> nn.ModuleDict:
+    """Own copies of G's and D's blocks ``blocks(name, net)``: ``[name][str(b)]``."""
+    return nn.ModuleDict({name: nn.ModuleDict({str(b): copy.deepcopy(net.blocks[b]) for b in blocks(name, net)})
+                          for name, net in (("G", g), ("D", d))})
+
+
+def _chain(blocks: nn.ModuleDict, h: torch.Tensor, indices) -> torch.Tensor:
+    """Blocks ``indices`` of ``blocks`` (keyed by index), in order, on ``h``."""
+    for b in indices:
+        h = blocks[str(b)](h)
+    return h
+
+
 class ClientSegments(nn.Module):
     """The blocks one client holds, keyed by block index: ``self.nets["G"][str(b)]``."""
 
     def __init__(self, cuts: Cuts, g: BlockNet, d: BlockNet):
         super().__init__()
         self.cuts = cuts
-        self.ranges = {
-            "G": segment_ranges(cuts.hg, cuts.tg, g.num_middle),
-            "D": segment_ranges(cuts.hd, cuts.td, d.num_middle),
-        }
-        self.nets = nn.ModuleDict({
-            name: nn.ModuleDict({
-                str(b): copy.deepcopy(net.blocks[b]) for b in (*self.ranges[name].head, *self.ranges[name].tail)
-            })
-            for name, net in (("G", g), ("D", d))
-        })
+        self.ranges = {"G": segment_ranges(cuts.hg, cuts.tg, g.num_middle),
+                       "D": segment_ranges(cuts.hd, cuts.td, d.num_middle)}
+        self.nets = _copies(g, d, lambda name, net: (*self.ranges[name].head, *self.ranges[name].tail))
 
     def holds(self, net: str, block: int) -> bool:
         return str(block) in self.nets[net]
@@ -52,18 +58,11 @@ class ClientSegments(nn.Module):
 
     def run_head(self, net: str, inputs: tuple) -> torch.Tensor:
         """Blocks 0..head of ``net`` on the client's own copies (block 0 takes the label)."""
-        own, r = self.nets[net], self.ranges[net]
-        h = own["0"](*inputs)
-        for b in r.head[1:]:
-            h = own[str(b)](h)
-        return h
+        return _chain(self.nets[net], self.nets[net]["0"](*inputs), self.ranges[net].head[1:])
 
     def run_tail(self, net: str, h: torch.Tensor) -> torch.Tensor:
         """The tail blocks of ``net`` (those after the server's)."""
-        own = self.nets[net]
-        for b in self.ranges[net].tail:
-            h = own[str(b)](h)
-        return h
+        return _chain(self.nets[net], h, self.ranges[net].tail)
 
 
 class ServerBody(nn.Module):
@@ -71,17 +70,11 @@ class ServerBody(nn.Module):
 
     def __init__(self, g: BlockNet, d: BlockNet):
         super().__init__()
-        self.nets = nn.ModuleDict({
-            name: nn.ModuleDict({str(b): copy.deepcopy(net.blocks[b]) for b in range(1, net.num_middle + 1)})
-            for name, net in (("G", g), ("D", d))
-        })
+        self.nets = _copies(g, d, lambda name, net: range(1, net.num_middle + 1))
 
     def run(self, net: str, h: torch.Tensor, blocks) -> torch.Tensor:
         """The server's copies of ``blocks`` of ``net``, in order."""
-        body = self.nets[net]
-        for b in blocks:
-            h = body[str(b)](h)
-        return h
+        return _chain(self.nets[net], h, blocks)
 
 
 class SplitGAN(nn.Module):
@@ -98,6 +91,7 @@ class SplitGAN(nn.Module):
         if cluster_bodies:  # in the state dict (checkpoints) only when there are cluster bodies
             self.register_buffer("body_of", torch.full((len(cuts),), -1, dtype=torch.long))
         self.seam = Seam()
+        self.tied: set[str] = set()  # the nets of which all clients share one copy (``tie``)
 
     def body(self, client: int) -> ServerBody:
         """The server body client ``client`` runs through."""
@@ -113,13 +107,14 @@ class SplitGAN(nn.Module):
         for body in self.server_bodies():
             body.nets[net].requires_grad_(flag)
 
-    def tie_generators(self) -> None:
-        """Make every client's G blocks the same modules as client 0's: one generator that all
-        clients' generator passes run through (MD-GAN's server-side G). Needs whole-network cuts."""
+    def tie(self, net: str) -> None:
+        """Make every client's ``net`` blocks the same modules as client 0's: one copy of the net
+        that all clients' passes run through (MD-GAN's server-side G). Needs identical cuts."""
         for c in self.clients[1:]:
             if c.cuts != self.clients[0].cuts:
-                raise ValueError("tying generators needs identical cuts on every client")
-            c.nets["G"] = self.clients[0].nets["G"]
+                raise ValueError(f"tying {net} needs identical cuts on every client")
+            c.nets[net] = self.clients[0].nets[net]
+        self.tied.add(net)
 
     @property
     def cuts(self) -> list[Cuts]:
