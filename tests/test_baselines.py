@@ -223,3 +223,34 @@ def test_fedgan_averages_every_k_steps_and_every_agent_takes_every_step(tmp_path
     assert takers == [list(range(n))] * 5  # every agent in every one of the epoch's 5 steps
     assert equal_after_sync == [True, True, True]  # after steps 2 and 4, and at the round end
     assert read_metrics(tmp_path / "fedgan")[0]["federation"]["syncs_before_round_end"] == 2
+
+
+def test_mdgan_sends_discriminator_parameters_only_and_averages_the_feedback(tmp_path):
+    """Hardy et al. 2019 (Alg. 1): a swap sends D's parameters only (each client keeps its own Adam
+    state), and the server's generator steps on the mean of its workers' feedback, not the sum."""
+    t = _trainer(tmp_path, "mdgan", "train.rounds=1", "train.max_iters_per_epoch=1")
+    n = len(t.model.clients)
+    g_params = list(t.model.client_parameters(0, "G"))
+    summed, stepped = [], []
+    backward, g_opt = t.engine.backward, t.engine.server_opts["G"]
+
+    def spy_backward(i, loss, what, where):
+        out = backward(i, loss, what, where)
+        if what == "generator" and i == max(t.engine._clients):  # every client's feedback is in
+            summed.append([p.grad.clone() for p in g_params])
+        return out
+
+    def spy_step(original=g_opt.step):
+        stepped.append([p.grad.clone() for p in g_params])
+        return original()
+
+    t.engine.backward, g_opt.step = spy_backward, spy_step
+    t.method.after_epoch = lambda *a: None  # the swap is checked below, on a known state
+    t.fit()
+    for s, m in zip(summed[0], stepped[0]):
+        torch.testing.assert_close(m, s / n, rtol=0, atol=0)  # the division is exact in IEEE: same bits
+    own_states = [{k: v.clone() for k, v in o["D"].state_dict()["state"][0].items()} for o in t.engine.client_opts]
+    t.engine.exchange("D", [1, 2, 0, 4, 5, 3], optimiser_state=False)
+    for i, o in enumerate(t.engine.client_opts):  # the receiving client's Adam state stays its own
+        for k, v in o["D"].state_dict()["state"][0].items():
+            assert torch.equal(v, own_states[i][k])

@@ -37,6 +37,7 @@ class RoundLatency:
     epoch_bytes: list[float] = field(default_factory=list)
     server_s: float = 0.0  # the server's share of ``total_s``
     stages: dict[str, float] = field(default_factory=dict)  # the iteration's stages
+    objective: float | None = None  # the cut search's objective for these cuts (split methods)
 
     def round_s(self, iterations: int, syncs: int, epochs: int) -> float:
         return self.total_s * iterations + self.sync_s * syncs + self.epoch_s * epochs
@@ -46,7 +47,7 @@ class RoundLatency:
         return [sum(b[i] * k for b, k in parts if b) for i in range(len(self.bytes_per_client))]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"client_s": self.total_s - self.server_s}  # the split report's keys too
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ clipped to ``[-SPEC.top_db, 0]`` and stored as uint8 (0 = -top_db dB, 255 = 0 dB
 at the bottom row. 28 x 28 by default, so the spoken digits train with the 28x28 cGAN unchanged.
 
 ``images_to_waves`` inverts it: dB -> power -> Griffin-Lim through the pseudo-inverse of the mel
-filters (``librosa.feature.inverse.mel_to_audio``), so generated spectrograms can be listened to.
+filters (``mel_to_stft``, then a seeded ``griffinlim``), so generated spectrograms can be listened to.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def waves_to_images(waves, spec: SpectrogramSpec = SPEC) -> np.ndarray:
 
 def images_to_waves(images: np.ndarray, spec: SpectrogramSpec = SPEC) -> np.ndarray:
     """Spectrogram images (N, 1, n_mels, frames): uint8 0..255, or float in [-1, 1] as the
-    generator makes them -> float32 audio (N, length), each peak-normalised to 0.9."""
+    generator makes them -> float32 audio (N, length), each peak-normalised to 0.9. Griffin-Lim
+    starts from a seeded random phase, so the same images always give the same audio."""
     librosa = _librosa()
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[1:] != (1, spec.n_mels, spec.frames):
@@ -93,8 +94,9 @@ def images_to_waves(images: np.ndarray, spec: SpectrogramSpec = SPEC) -> np.ndar
     waves = np.zeros((len(x), spec.length), dtype=np.float32)
     for i, img in enumerate(unit[:, 0]):
         power = librosa.db_to_power(img[::-1] * spec.top_db - spec.top_db)
-        y = librosa.feature.inverse.mel_to_audio(power, sr=spec.sample_rate, n_fft=spec.n_fft, hop_length=spec.hop,
-                                                 n_iter=spec.griffin_lim_iters, length=spec.length)
+        stft = librosa.feature.inverse.mel_to_stft(power, sr=spec.sample_rate, n_fft=spec.n_fft)
+        y = librosa.griffinlim(stft, n_iter=spec.griffin_lim_iters, hop_length=spec.hop, length=spec.length,
+                               random_state=0)
         peak = np.abs(y).max()
         waves[i] = y / peak * 0.9 if peak > 0 else y
     return waves

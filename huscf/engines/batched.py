@@ -369,6 +369,6 @@ class BatchedEngine(SimulationEngine):
         super().load_state_dict(state)
         self._follow_bodies()
 
-    def exchange(self, net: str, perm: list[int]) -> None:
+    def exchange(self, net: str, perm: list[int], *, optimiser_state: bool = True) -> None:
         self._drop_graphs()
-        super().exchange(net, perm)
+        super().exchange(net, perm, optimiser_state=optimiser_state)

@@ -45,8 +45,9 @@ class Engine(Protocol):
         """For the next epoch only, client i trains on its own partition plus ``data[i]`` (images,
         integer labels): what a method hands a client besides its data (a peer's synthetic data)."""
 
-    def exchange(self, net: str, perm: list[int]) -> None:
-        """Client i continues with client perm[i]'s copy of ``net`` and its optimiser state."""
+    def exchange(self, net: str, perm: list[int], *, optimiser_state: bool = True) -> None:
+        """Client i continues with client perm[i]'s copy of ``net`` (and, with ``optimiser_state``,
+        its optimiser state)."""
 
     def round_events(self) -> dict:
         """Faults and skipped iterations of the round, for the round record (then reset)."""

@@ -255,6 +255,10 @@ class SimulationEngine:
             opt.zero_grad(set_to_none=True)
 
     def step(self, net: str) -> None:
+        if net in self.model.tied:  # one copy for all clients: the mean of their gradients (MD-GAN's feedback)
+            for p in self.model.client_parameters(0, net):
+                if p.grad is not None:
+                    p.grad /= len(self._clients)
         for opt in self._opts(net):
             opt.step()
 
@@ -278,16 +282,18 @@ class SimulationEngine:
     def close(self) -> None:
         pass
 
-    def exchange(self, net: str, perm: list[int]) -> None:
+    def exchange(self, net: str, perm: list[int], *, optimiser_state: bool = True) -> None:
         """Client i continues with client perm[i]'s copy of ``net`` ("G" or "D"): its segment's
-        weights and Adam state (a peer-to-peer move; MD-GAN's discriminators)."""
+        weights and, with ``optimiser_state``, its Adam state (a peer-to-peer move; MD-GAN sends the
+        discriminators' parameters only, each keeping its client's Adam state)."""
         # clones, not deep copies: a deep copy of a view (the batched engine's weight banks) copies
         # the whole bank
         states = [{k: v.clone() for k, v in c.nets[net].state_dict().items()} for c in self.model.clients]
         opt_states = [copy.deepcopy(o[net].state_dict()) for o in self.client_opts]
         for i, j in enumerate(perm):
             self.model.clients[i].nets[net].load_state_dict(states[j])
-            self.client_opts[i][net].load_state_dict(opt_states[j])
+            if optimiser_state:
+                self.client_opts[i][net].load_state_dict(opt_states[j])
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

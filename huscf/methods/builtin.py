@@ -29,7 +29,7 @@ class HuSCFGAN(Method):
                            cfg.devices.server_time_weight).report(cuts)
         sync_s, sync_bytes = fleet.sync(fleet.segment_bytes(cuts))
         return RoundLatency(rep.total_s, [float(b) for b in rep.bytes_per_client], sync_s, sync_bytes,
-                            server_s=rep.server_s, stages=rep.stages)
+                            server_s=rep.server_s, stages=rep.stages, objective=rep.objective)
 
 
 @register
@@ -116,7 +116,7 @@ class MDGAN(Method):
 
     def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
         """The peer-to-peer swap: a seeded derangement of the discriminators after every epoch."""
-        engine.exchange("D", derangement(len(engine.model.clients), seed, round_no, epoch))
+        engine.exchange("D", derangement(len(engine.model.clients), seed, round_no, epoch), optimiser_state=False)
 
 
 @register

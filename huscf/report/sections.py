@@ -217,7 +217,9 @@ def section_latency(run: Run) -> Section:
         blocks.append(Table(["per iteration (simulated)", "value"], [
             ["total", seconds(lat.get("total_s"))], ["server stages", seconds(lat.get("server_s"))],
             ["client stages", seconds(lat.get("client_s"))],
-            ["cut-selection objective", num(lat.get("objective"), 4)]]))
+            ["cut-selection objective", num(lat.get("objective"), 4)],
+            ["each synchronisation (weights up and back)", seconds(lat.get("sync_s"))],
+            ["each epoch end (networks moved)", seconds(lat.get("epoch_s"))]]))
         stages = lat.get("stages")
         if isinstance(stages, dict) and stages:
             png = plots.stage_bars(stages, "simulated latency of one iteration by stage")

@@ -273,7 +273,7 @@ class RayEngine:
         self._gather({k: h.pull_opened.remote() for k, h in self._live().items()}, where)
         return m
 
-    def exchange(self, net: str, perm: list[int]) -> None:
+    def exchange(self, net: str, perm: list[int], *, optimiser_state: bool = True) -> None:
         raise HuscfError(f"the ray engine does not move a client's {net} to another client (method "
                          f"{self.cfg.method!r}): use runtime.engine=simulation")
 

@@ -142,7 +142,8 @@ class SplitGAN(nn.Module):
     def generate(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward_net("G", client, (z, y))
 
-    def discriminate(self, client: int, x: torch.Tensor, y: torch.Tensor, server_input: list | None = None) -> torch.Tensor:
+    def discriminate(self, client: int, x: torch.Tensor, y: torch.Tensor,
+                     server_input: list | None = None) -> torch.Tensor:
         return self.forward_net("D", client, (x, y), server_input)
 
     def client_parameters(self, client: int, net: str):
