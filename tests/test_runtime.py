@@ -584,6 +584,34 @@ def test_state_round_trips_through_messages_with_bf16():
         torch.testing.assert_close(fresh.state_dict()["state"][0][k], v)
 
 
+EVERY_ENGINE = [("loop", []), ("batched", ["compute.clients=batched"]),
+                ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"])]
+
+
+def _run_toy_methods(tmp_path, classes, overrides: list[str], variants) -> dict[str, list[dict]]:
+    """Train ``overrides`` plus each variant's (name, extra overrides) with test-defined method
+    classes registered here and in Ray's workers (which cannot import the tests folder); the
+    metrics rows by variant name."""
+    import toy_methods
+    from ray import cloudpickle
+
+    from huscf.methods import register, unregister
+
+    cloudpickle.register_pickle_by_value(toy_methods)
+    for cls in classes:
+        register(cls)
+    try:
+        runs = {}
+        for name, extra in variants:
+            Trainer.new(build_config({}, [*overrides, *extra]), tmp_path / name, quiet=True).fit()
+            runs[name] = read_metrics(tmp_path / name)
+        return runs
+    finally:
+        for cls in classes:
+            unregister(cls.name)
+        cloudpickle.unregister_pickle_by_value(toy_methods)
+
+
 def test_a_toy_method_with_a_new_hook_runs_the_same_on_every_engine(local_ray, tmp_path):
     """Issue 27: a method defined outside huscf (tests/toy_methods.py) gives every client a peer's
     synthetic samples before each epoch (``Method.before_epoch`` + ``Engine.give``). It runs on
@@ -591,27 +619,12 @@ def test_a_toy_method_with_a_new_hook_runs_the_same_on_every_engine(local_ray, t
     all three compute the same run (float64: tests/numerics.py rule 1, per-client losses as
     metrics.jsonl rounds them)."""
     import toy_methods
-    from ray import cloudpickle
 
-    from huscf.methods import register, unregister
-
-    cloudpickle.register_pickle_by_value(toy_methods)  # Ray's workers cannot import the tests folder
-    register(toy_methods.GivesPeerFakes)
-    register(toy_methods.GivesNothing)
-    try:
-        runs = {}
-        for name, extra in [("loop", []), ("batched", ["compute.clients=batched"]),
-                            ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
-                            ("plain", ["method=toy-plain"])]:
-            # 32 samples per client (2 batches) and 32 given: 4 iterations an epoch, uncapped
-            cfg = build_config({}, SMALL + FP64 + ["method=toy-given", "data.limit_per_domain=64",
-                                                   "train.max_iters_per_epoch=null", *extra])
-            Trainer.new(cfg, tmp_path / name, quiet=True).fit()
-            runs[name] = read_metrics(tmp_path / name)
-    finally:
-        unregister("toy-given")
-        unregister("toy-plain")
-        cloudpickle.unregister_pickle_by_value(toy_methods)
+    # 32 samples per client (2 batches) and 32 given: 4 iterations an epoch, uncapped
+    runs = _run_toy_methods(tmp_path, [toy_methods.GivesPeerFakes, toy_methods.GivesNothing],
+                            SMALL + FP64 + ["method=toy-given", "data.limit_per_domain=64",
+                                            "train.max_iters_per_epoch=null"],
+                            EVERY_ENGINE + [("plain", ["method=toy-plain"])])
     for name in ("batched", "ray"):
         for a, b in zip(runs["loop"], runs[name]):
             for key in ("loss_d_per_client", "loss_g_per_client"):
@@ -638,27 +651,12 @@ def test_a_method_that_synchronises_every_k_steps_runs_on_every_engine(local_ray
     and the Ray engine, records the syncs, and computes the same run on all three (float64); the
     same method without syncs ends the epoch with every client different."""
     import toy_methods
-    from ray import cloudpickle
 
-    from huscf.methods import register, unregister
-
-    cloudpickle.register_pickle_by_value(toy_methods)
-    register(toy_methods.SyncsEveryTwo)
-    register(toy_methods.SyncsNever)
     toy_methods.SyncsEveryTwo.equal_after_epoch.clear()
-    try:
-        runs = {}
-        for name, extra in [("loop", []), ("batched", ["compute.clients=batched"]),
-                            ("ray", ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
-                            ("never", ["method=toy-nosync"])]:
-            cfg = build_config({}, SMALL + FP64 + ["method=toy-sync", "train.rounds=1", "data.limit_per_domain=128",
-                                                   "train.max_iters_per_epoch=null", *extra])
-            Trainer.new(cfg, tmp_path / name, quiet=True).fit()
-            runs[name] = read_metrics(tmp_path / name)
-    finally:
-        unregister("toy-sync")
-        unregister("toy-nosync")
-        cloudpickle.unregister_pickle_by_value(toy_methods)
+    runs = _run_toy_methods(tmp_path, [toy_methods.SyncsEveryTwo, toy_methods.SyncsNever],
+                            SMALL + FP64 + ["method=toy-sync", "train.rounds=1", "data.limit_per_domain=128",
+                                            "train.max_iters_per_epoch=null"],
+                            EVERY_ENGINE + [("never", ["method=toy-nosync"])])
     assert toy_methods.SyncsEveryTwo.equal_after_epoch == [True, True, True, False]
     assert [runs[n][0]["iterations"] for n in runs] == [4] * 4
     assert [runs[n][0]["federation"].get("syncs_before_round_end") for n in runs] == [2, 2, 2, None]
