@@ -17,11 +17,10 @@ from typing import Sequence
 import numpy as np
 
 from huscf.cuts.devices import DeviceProfile, ServerProfile
+from huscf.cuts.latency import NETS
 from huscf.cuts.profile import ArchProfile, profile_architecture
 from huscf.models.cgan import Architecture
 from huscf.split.plan import Cuts
-
-PASSES = {"G": 1, "D": 3}  # per iteration: G once; D on the fake and the real batch (D step), the fake (G step)
 
 
 @dataclass
@@ -62,6 +61,10 @@ class Fleet:
     @property
     def num_clients(self) -> int:
         return len(self.devices)
+
+    def passes(self, net: str) -> int:
+        """Passes of ``net`` per iteration, as the split model counts them (``latency.NETS``)."""
+        return NETS[net.lower()]
 
     def net(self, net: str):
         return self.profile.g if net == "G" else self.profile.d
@@ -112,7 +115,7 @@ class Fleet:
     def whole_networks(self, *, synchronises: bool = True) -> RoundLatency:
         """A method whose clients hold whole G and D and (with ``synchronises``) send them to the
         server and get an average back at each synchronisation: the iteration is local compute only."""
-        compute = self.client_s(sum(PASSES[n] * self.flops(n) for n in PASSES))
+        compute = self.client_s(sum(self.passes(n) * self.flops(n) for n in ("G", "D")))
         sync_s, sync_bytes = self.sync(self.model_bytes()) if synchronises else (0.0, [])
         return RoundLatency(total_s=float(compute.max()), bytes_per_client=[0.0] * self.num_clients,
                             sync_s=sync_s, sync_bytes=sync_bytes, stages={"client_compute": float(compute.max())})

@@ -107,7 +107,7 @@ class MDGAN(Method):
         n, batch = fleet.num_clients, fleet.profile.batch_size
         fake, labels = fleet.profile.g.out_bytes[-1], 8 * batch
         server = fleet.server_compute_s(n * fleet.flops("G"))
-        client = (fleet.up_s(labels) + fleet.down_s(fake) + fleet.client_s(3 * fleet.flops("D"))
+        client = (fleet.up_s(labels) + fleet.down_s(fake) + fleet.client_s(fleet.passes("D") * fleet.flops("D"))
                   + fleet.up_s(fake))
         epoch_s, epoch_bytes = fleet.sync(fleet.model_bytes(["D"]))
         return RoundLatency(server + float(client.max()), [2.0 * fake + labels] * n, epoch_s=epoch_s,
