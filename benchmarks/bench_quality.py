@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -59,7 +61,10 @@ PAPER = ["data.clients_per_domain=20", "model.width=1.0", "train.batch_size=64",
          "train.local_epochs=5", "output.samples_every=0", "output.keep_full_checkpoints=1"]
 PAPER_EVAL = {"samples": 5000, "tstr_samples": 30000, "tstr_min_steps": 600}
 METRICS = [("tstr_accuracy", "TSTR acc", True), ("tstr_f1", "TSTR F1", True), ("fid", "FID", False),
-           ("generation_score", "score", True)]
+           ("generation_score", "score", True),
+           # the method's simulated latency on the paper's device profiles (docs/latency.md, "Every method")
+           ("latency_s_iteration", "latency / iteration (s)", False),
+           ("latency_s_rounds", "latency, all rounds (s)", False)]
 # the paper's published TSTR accuracies (%, Tawfilis et al. 2025, HuSCF-GAN, full scale)
 PAPER_TSTR = {"mnist": [97.87, 97.17, 96.83, 96.21, 96.15, 95.94], "fashion_mnist": [None, None, 82.93, 81.90,
                                                                                      81.46, 81.94]}
@@ -142,6 +147,15 @@ def summarise(out: Path, seeds: list[int], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The checkout's commit, with '+changes' when its tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"]).returncode != 0
+    return (head or "unknown") + (" +changes" if dirty else "")
+
+
 def _project(overrides: list[str], methods: list[str], seeds: list[int]) -> None:
     """Project the wall time from HuSCF-GAN's iteration (bench_scenario.py) and print it."""
     cmd = [sys.executable, str(Path(__file__).with_name("bench_scenario.py")), str(CONFIG), "--iters", "5",
@@ -189,6 +203,8 @@ def main() -> None:
                                          ("tstr_min_steps", args.tstr_min_steps)) if v})
             print(f"bench_quality: {CONFIG.name} + {' '.join(overrides)}; methods {' '.join(args.methods)}; "
                   f"seeds {args.seeds}; evaluation {ev}; every client's own generator", flush=True)
+            print(f"made {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} CPUs, "
+                  f"{platform.processor() or platform.machine()}), git commit {_commit()}", flush=True)
             if args.paper:
                 _project(overrides, args.methods, args.seeds)
             if args.dry_run:

@@ -234,8 +234,18 @@ class RuntimeConfig(_Section):
 class BaselinesConfig(_Section):
     """Settings of the baseline methods (``method`` other than huscf; see docs/baselines.md)."""
 
-    pfl_temperature: float = Field(0.1, gt=0)  # PFL-GAN: W_ij ~ n_j exp(cos_sim_ij / temperature)
+    # PFL-GAN: client i's weight on peer j ~ exp(-MMD2_ij / (T median MMD2)) (huscf's choice of measure)
+    pfl_temperature: float = Field(0.1, gt=0)
+    pfl_synthetic_share: float = Field(0.5, gt=0)  # PFL-GAN: peers' synthetic samples per own sample, each round
+    hfl_edges: int = Field(2, ge=1)  # HFL-GAN: edge servers the clients are clustered to every round
+    # HFL-GAN: the nets the global server averages over the edges; the others stay one per edge
+    hfl_global_nets: list[Literal["G", "D"]] = ["D"]
+    # PFL-GAN and HFL-GAN: samples of each client's generator the server compares clients by
+    similarity_samples: int = Field(64, ge=2)
     fedgan_sync_every: int = Field(20, ge=1)  # FedGAN: local steps between averagings (K; Rasouli et al.: 20)
+    # MD-GAN: the server's fake batches per iteration (k; None: Hardy et al.'s ceil(log2 N), at least 2)
+    mdgan_batches: int | None = Field(None, ge=2)
+    mdgan_swap_every: int = Field(1, ge=1)  # MD-GAN: local epochs between discriminator swaps (E; the paper: 1)
 
 
 class OutputConfig(_Section):

@@ -144,7 +144,8 @@ def build_setup(cfg: RunConfig) -> Setup:
     else:  # whole networks on every client: no cut
         cuts = [whole_network_cuts(g_middle, d_middle)] * len(parts)
         cut_method = f"none ({method.name}: whole networks)"
-    latency = method.latency(build_fleet(arch, cfg.train.batch_size, devices, server), cuts, cfg)
+    fleet = build_fleet(arch, cfg.train.batch_size, devices, server, [len(p) for p in parts])
+    latency = method.latency(fleet, cuts, cfg)
 
     client_groups = None
     if cfg.data.scenario == "by_group" and all(train[p.domain].groups is not None for p in parts):

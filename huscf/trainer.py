@@ -51,6 +51,13 @@ def _losses(per_epoch: list[dict]) -> dict:
     return out
 
 
+def merge_info(into: dict, info: dict | None) -> None:
+    """A method hook's record (``Method.before_epoch``/``after_epoch``) merged into the round's:
+    one level deep, so that each epoch's entries of a key add up."""
+    for k, v in (info or {}).items():
+        into[k] = into[k] | v if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+
+
 class Trainer:
     """Runs (or resumes) one training run into a run directory."""
 
@@ -73,6 +80,7 @@ class Trainer:
         # the server's view for clustering exists only when it computes part of D
         self.feature_depth = common_feature_depth(s.cuts) if self.method.split else None
         self.engine = self._engine()
+        self.method.prepare(self.engine, cfg, s)
         self.start_round = 1
         self.classifiers = {}
         if cfg.output.eval_every:
@@ -187,7 +195,7 @@ class Trainer:
         try:
             for r in range(self.start_round, rounds + 1):
                 t0 = time.perf_counter()
-                per_epoch, threads, iterations = [], [], 0
+                per_epoch, threads, iterations, hooks = [], [], 0, {}
                 steps, syncs = [0], [0]  # the round's local steps so far; the steps the clients synced after
                 for e in range(epochs):
                     threads.append(self.threads.adjust())
@@ -204,13 +212,14 @@ class Trainer:
                             syncs.append(steps[0])
                             self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, use_features=False)
 
-                    self.method.before_epoch(self.engine, cfg.seed, r, e)
+                    merge_info(hooks, self.method.before_epoch(self.engine, cfg, r, e))
                     planned = self.engine.iterations_per_epoch()  # with what the method gave
                     bar.total += planned - iters
                     iterations += planned
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
-                    self.method.after_epoch(self.engine, cfg.seed, r, e)
-                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads, iterations, len(syncs) - 1)
+                    merge_info(hooks, self.method.after_epoch(self.engine, cfg, r, e))
+                row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads, iterations, len(syncs) - 1,
+                                      hooks)
                 if not self.quiet:
                     bar.write(self._summary(row), file=sys.stderr)
         finally:
@@ -221,7 +230,7 @@ class Trainer:
         return self.run.path
 
     def _end_round(self, r: int, per_epoch: list[dict], train_seconds: float, threads: list[int],
-                   iters: int, syncs: int) -> RoundRecord:
+                   iters: int, syncs: int, hooks: dict) -> RoundRecord:
         s, cfg = self.setup, self.cfg
         agg = self.engine.federate(self.strategy, self.sizes, r - 1, cfg.seed + r, self.feature_depth is not None)
         self._check_finite_weights(r)
@@ -239,7 +248,7 @@ class Trainer:
                 np.array(s.client_groups)[present], agg.groups[present])),
             cluster_weights=agg.cluster_weights.round(6).tolist(),
             global_weights=agg.global_weights.round(6).tolist(),
-            federation=agg.info | ({"syncs_before_round_end": syncs} if syncs else {}),
+            federation=agg.info | ({"syncs_before_round_end": syncs} if syncs else {}) | hooks,
             label_accuracy=self._label_accuracy(r),
             iterations=iters,
             method=cfg.method,

@@ -137,7 +137,7 @@ class ToyMethod(Method):
     def strategy(self, cfg):
         return _HalfWay()
 
-    def after_epoch(self, engine, seed, round_no, epoch):
+    def after_epoch(self, engine, cfg, round_no, epoch):
         ToyMethod.epochs_seen.append((round_no, epoch))
 
 

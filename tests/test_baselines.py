@@ -11,8 +11,9 @@ from huscf.cli import main
 from huscf.compare import compare
 from huscf.config import build_config
 from huscf.federation.averaging import apply_aggregation
-from huscf.federation.baselines import HierarchicalFedAvg, PersonalizedSimilarity
+from huscf.federation.baselines import EdgeHierarchy
 from huscf.federation.strategies import RoundState
+from huscf.federation.synthetic import mmd2, peer_weights
 from huscf.trainer import Trainer
 
 TINY = ["data.clients_per_domain=3", "model.width=0.125", "train.local_epochs=1", "train.batch_size=16",
@@ -93,17 +94,69 @@ def test_mdgan_swaps_discriminators_between_clients(tmp_path):
     assert got == [1, 2, 0, 4, 5, 3]
 
 
-def test_hierarchical_and_personalised_aggregation():
+def test_edges_average_generators_per_edge_and_discriminators_over_edges(tmp_path):
+    """HFL-GAN's round end on known samples: two groups of generators give two edges; G is averaged
+    within an edge (one generator per edge), D over the edges' averages with one vote per edge."""
     rng = np.random.default_rng(0)
-    params = np.concatenate([rng.normal(0, 1, (3, 20)) * 0.01 + 1, rng.normal(0, 1, (3, 20)) * 0.01 - 1])
-    state = RoundState(round=3, sizes=np.array([10, 20, 30, 10, 10, 40]), features=None, client_params=params)
-    hfl = HierarchicalFedAvg().aggregate(state)
-    assert hfl.info["edges"] in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
-    # each edge gets half of the global vote, split inside the edge by data size
-    np.testing.assert_allclose(hfl.global_weights, [1 / 12, 2 / 12, 3 / 12, 1 / 12, 1 / 12, 4 / 12])
-    pfl = PersonalizedSimilarity(0.1).aggregate(state)
-    np.testing.assert_allclose(pfl.mixing.sum(1), 1)
-    assert pfl.mixing[0, :3].sum() > 0.99 and pfl.mixing[5, 3:].sum() > 0.99  # like mixes with like
+    samples = np.concatenate([rng.normal(1, 0.3, (3, 32, 8)), rng.normal(-1, 0.3, (3, 32, 8))])
+    state = RoundState(round=3, sizes=np.array([10, 20, 30, 10, 10, 40]), features=None, client_samples=samples)
+    agg = EdgeHierarchy(edges=2).aggregate(state)
+    assert agg.info["edges"] in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
+    g, d = agg.mixing["G"], agg.mixing["D"]
+    np.testing.assert_allclose(g[0], [1 / 6, 2 / 6, 3 / 6, 0, 0, 0])  # client 0's edge, by data size
+    np.testing.assert_allclose(g[5], [0, 0, 0, 1 / 6, 1 / 6, 4 / 6])
+    np.testing.assert_allclose(d, np.tile([1 / 12, 2 / 12, 3 / 12, 1 / 12, 1 / 12, 4 / 12], (6, 1)))
+    one = EdgeHierarchy(edges=1).aggregate(state)  # one edge: FedAvg for every net
+    np.testing.assert_allclose(one.mixing["G"], np.tile([1 / 12, 2 / 12, 3 / 12, 1 / 12, 1 / 12, 4 / 12], (6, 1)))
+
+
+def test_peer_weights_follow_the_mmd_between_generators_samples():
+    rng = np.random.default_rng(1)
+    samples = [rng.normal(m, 1, (64, 10)) for m in (0, 0, 0, 3, 3, 3)]
+    d2 = mmd2(samples)
+    assert d2[0, 1] < 0.05 < 0.5 < d2[0, 3] and np.allclose(d2, d2.T) and not d2.diagonal().any()
+    w = peer_weights(d2, 0.1)
+    np.testing.assert_allclose(w.sum(1), 1)
+    assert not w.diagonal().any() and w[0, 1:3].sum() > 0.99 and w[4, 3:6].sum() > 0.99
+    np.testing.assert_allclose(peer_weights(np.zeros((3, 3)), 0.1), (1 - np.eye(3)) / 2)  # all alike: uniform
+
+
+SKEWED = ["data.scenario=noniid", "data.clients_per_domain=3", "train.max_iters_per_epoch=8",
+          "train.rounds=2", "train.local_epochs=2"]
+
+
+def test_pflgan_gives_each_client_synthetic_data_mostly_from_its_own_domain(tmp_path):
+    """PFL-GAN is not local-only: from round 2 each client trains on its data plus peers' synthetic
+    samples (given to the engine, with labels), and the similarity learnt from the generators'
+    samples puts most of a client's weight on the peers of its own domain (two label-skewed domains)."""
+    t = _trainer(tmp_path, "pflgan", *SKEWED)
+    given = []
+    give = t.engine.give
+    t.engine.give = lambda data: given.append({i: len(y) for i, (x, y) in data.items()}) or give(data)
+    t.fit()
+    fed = read_metrics(tmp_path / "pflgan")[1]["federation"]
+    n, sizes = len(t.model.clients), [len(d) for d in t.setup.data]
+    assert given == [given[0]] * 2 and given[0] == {i: round(0.5 * sizes[i]) for i in range(n)}  # every epoch of round 2
+    w, domains = np.array(fed["peer_weights"]), np.array(t.true_domains)
+    same = (domains[:, None] == domains[None, :]) & ~np.eye(n, dtype=bool)
+    assert (w * same).sum(1).min() > 0.5, w.round(3)
+    assert np.array(fed["given"]).sum(1).tolist() == [given[0][i] for i in range(n)]
+
+
+def test_hflgan_edges_follow_the_domains_and_each_edge_keeps_its_generator(tmp_path):
+    """HFL-GAN is not FedAvg: on two label-skewed domains the edges are the domains, and the run ends
+    with one generator per edge (equal within an edge, different across) and one discriminator."""
+    t = _trainer(tmp_path, "hflgan", *SKEWED)
+    t.fit()
+    rows = read_metrics(tmp_path / "hflgan")
+    assert all(r["ari_vs_domains"] == 1.0 for r in rows), [r["federation"]["edges"] for r in rows]
+    edges = rows[-1]["federation"]["edges"]
+    g = [torch.cat([p.flatten() for p in c.nets["G"].parameters()]) for c in t.model.clients]
+    d = [torch.cat([p.flatten() for p in c.nets["D"].parameters()]) for c in t.model.clients]
+    for i in range(len(g)):
+        for j in range(len(g)):
+            assert torch.allclose(g[i], g[j]) == (edges[i] == edges[j])
+            assert torch.allclose(d[i], d[j])
 
 
 def test_personalised_mixing_is_applied_per_client(tmp_path):
@@ -187,7 +240,7 @@ def test_a_bad_jobs_count_is_one_line(tmp_path, capsys):
     (["train", "--set", "method=mdgann"], "config key 'method'"),
     (["compare", "--methods", "fedgan", "nope", "--out", "{tmp}/c"], "unknown method 'nope'"),
     (["train", "--set", "method=hflgan", "--set", "data.clients_per_domain=1", "--set", "data.domains=[digits]",
-      "--out", "{tmp}/r"], "needs at least 3 clients"),
+      "--out", "{tmp}/r"], "needs at least 2 clients"),
 ])
 def test_bad_method_input_is_one_line(tmp_path, capsys, argv, needle):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
@@ -254,3 +307,49 @@ def test_mdgan_sends_discriminator_parameters_only_and_averages_the_feedback(tmp
     for i, o in enumerate(t.engine.client_opts):  # the receiving client's Adam state stays its own
         for k, v in o["D"].state_dict()["state"][0].items():
             assert torch.equal(v, own_states[i][k])
+
+
+def test_mdgan_gives_each_worker_two_distinct_batches_with_server_drawn_labels(tmp_path):
+    """Hardy et al. 2019 (Alg. 1, section IV-B1): every iteration the server draws k = max(2,
+    ceil(log2 N)) batches with their labels; worker i's discriminator step takes batch (i + 1) mod k
+    and its feedback batch i mod k (two distinct ones), and no real label conditions a fake."""
+    t = _trainer(tmp_path, "mdgan", "train.rounds=1")
+    n, k = len(t.model.clients), 3  # 6 workers: ceil(log2 6) = 3
+    gen, dis, calls = t.model.generate, t.model.discriminate, {"G": [], "D": []}
+
+    def spy_generate(i, z, y):
+        calls["G"].append((i, z.clone(), y.clone()))
+        return gen(i, z, y)
+
+    def spy_discriminate(i, x, y, server_input=None):
+        calls["D"].append((i, y.clone()))
+        return dis(i, x, y, server_input)
+
+    t.model.generate, t.model.discriminate = spy_generate, spy_discriminate
+    real_labels = torch.zeros(16, dtype=torch.long)  # a fake conditioned on the real batch would be all 0
+    t.engine.iteration({i: (d.x[:16], real_labels) for i, d in enumerate(t.engine.data)}, torch.Generator().manual_seed(0))
+    step2, step3 = calls["G"][:n], calls["G"][n:]  # each worker's D-step fakes, then its feedback fakes
+    assert [c[0] for c in calls["G"]] == list(range(n)) * 2
+    batches = {(z.sum().item(), tuple(y.tolist())) for _, z, y in step2 + step3}
+    assert len(batches) == k
+    for i in range(n):
+        assert not torch.equal(step2[i][1], step3[i][1])  # two distinct batches
+        assert torch.equal(step2[i][1], step3[(i + 1) % n][1]) and torch.equal(step2[i][2], step3[(i + 1) % n][2])
+        assert (step2[i][2] != 0).any() and (step3[i][2] != 0).any()  # labels drawn by the server
+    # D's fake passes are conditioned on the fakes' labels, its real pass on the real ones
+    fake_d, real_d = calls["D"][0:2 * n:2], calls["D"][1:2 * n:2]
+    assert all(torch.equal(y, step2[i][2]) for i, y in fake_d) and all(not y.any() for _, y in real_d)
+    assert all(torch.equal(y, step3[i][2]) for i, y in calls["D"][2 * n:])
+
+
+def test_mdgan_batches_and_swap_interval_are_config_keys(tmp_path):
+    t = _trainer(tmp_path, "mdgan", "train.rounds=1", "baselines.mdgan_batches=5", "baselines.mdgan_swap_every=2",
+                 "train.local_epochs=3")
+    assert t.engine.fake_inputs.k == 5
+    moved = []
+    t.engine.exchange = lambda net, perm, **kw: moved.append(net)
+    for e in range(3):
+        t.method.after_epoch(t.engine, t.cfg, 1, e)
+    assert moved == ["D"]  # after the 2nd epoch only
+    with pytest.raises(Exception, match="mdgan_batches"):
+        build_config({}, ["baselines.mdgan_batches=1"])

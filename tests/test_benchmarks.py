@@ -95,7 +95,10 @@ def test_bench_quality_tabulates_seeds_and_huscf_wins(tmp_path, shared_data_dir)
                "--methods", "huscf", "local", "--samples", "50", "--tstr-samples", "100", "--tstr-min-steps", "5",
                "--quiet", *[a for s in tiny for a in ("--set", s)])
     for method in ("huscf", "local"):
-        assert re.search(rf"^\| {method} \| mnist \|( [\d.]+ \+/- [\d.]+ \|){{4}}$", out, re.M), out
+        # TSTR accuracy and F1, FID, score, then the simulated latency per iteration and over the rounds
+        row = re.search(rf"^\| {method} \| mnist \|( [\d.]+ \+/- [\d.]+ \|){{6}}$", out, re.M)
+        assert row and all(float(v) > 0 for v in re.findall(r"([\d.]+) \+/-", row.group(0))[4:]), out
+    assert re.search(r"^made \d{4}-\d\d-\d\d .* git commit \w+", out, re.M), out
     assert re.search(r"^\| local \| [\d.]+ / [\d.]+ \| \d of 2 \| (yes|no) \|", out, re.M), out
     assert re.search(r"target \(beat local on .*\): (met|NOT met)", out), out
     assert len(re.findall(r"^seed [01]: c0 mnist", out, re.M)) == 2  # every client's cuts and accuracy

@@ -1,6 +1,7 @@
 """The latency model, hand-checked on a two-client example, and the profiles / assignment."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -90,13 +91,21 @@ def test_every_methods_latency_follows_its_formula():
     assert fleet.whole_networks(synchronises=False).sync_s == 0
     assert get_method("local").latency(fleet, [], None).round_s(10, 3, 2) == pytest.approx(10 * compute / 5)
     hfl = get_method("hflgan").latency(fleet, [], None)
-    assert hfl.sync_s == pytest.approx(whole.sync_s + 2 * 18 / 4)  # the edge's hop to the global server
+    assert hfl.sync_s == pytest.approx(whole.sync_s + 2 * 8 / 4)  # the edge's D (8 bytes) to the global server
+    pfl = get_method("pflgan").latency(replace(fleet, sizes=(10, 30)), [], None)
+    # a round's start: 64 probe samples and half the client's size in peers' samples, each an image
+    # (64 / 2 = 32 bytes) and its int64 label, up at the client's rate and down at the server's
+    per_sample = 64 / 2 + 8
+    assert pfl.sync_s == pytest.approx(max((64 + 5) * per_sample / 2, (64 + 15) * per_sample / 1)
+                                       + (64 + 15) * per_sample / 4)
+    assert pfl.total_s == whole.total_s and pfl.sync_bytes == [2 * (64 + 5) * per_sample, 2 * (64 + 15) * per_sample]
     md = get_method("mdgan").latency(fleet, [], None)
-    server = 2 * 33 / 100  # G forward and backward for both clients
-    # client 1: labels up (16 bytes at 1/s), fake down (64 at 4/s), D x3 (330 FLOPs at 5/s), feedback up
-    assert md.total_s == pytest.approx(server + 16 + 16 + 66 + 64) and md.sync_s == 0
+    server = 2 * 33 / 100  # G forward and backward on k = max(2, ceil(log2 2)) = 2 batches
+    # client 1: two fake batches with their labels down (2 x (64 + 16) bytes at 4/s), D x3 (330 FLOPs
+    # at 5/s), the feedback (64 bytes) up at 1/s
+    assert md.total_s == pytest.approx(server + 40 + 66 + 64) and md.sync_s == 0
     assert md.epoch_s == pytest.approx(8 / 1 + 8 / 4)  # each D to a peer after an epoch
-    assert md.bytes_per_client == [2 * 64 + 16] * 2
+    assert md.bytes_per_client == [3 * 64 + 2 * 16] * 2
 
 
 def test_huscf_latency_is_the_split_model_plus_its_segments_round_end():

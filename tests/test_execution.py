@@ -678,8 +678,8 @@ class _Recorder:
     def __init__(self, recompute=False):
         self.recompute, self.calls, self.w = recompute, [], torch.tensor(1.0, requires_grad=True)
 
-    def generate(self, g):
-        self.calls.append(("generate", g, torch.is_grad_enabled()))
+    def generate(self, g, *, again=False):
+        self.calls.append(("generate", g, torch.is_grad_enabled(), again))
         return self.w * (g + 1.0) * torch.ones(2, 1)
 
     def discriminate(self, g, fake, *, real):
@@ -706,8 +706,8 @@ def test_the_objective_is_the_one_step_order_every_engine_runs(recompute):
 
     p = _Recorder(recompute)
     d, g = objective.iteration(p, [0, 1], where=(0, 0, 0))
-    fakes = [("generate", k, not recompute) for k in (0, 1)]  # step 1: no graph when step 3 recomputes
-    again = [[("generate", k, True)] if recompute else [] for k in (0, 1)]
+    fakes = [("generate", k, not recompute, False) for k in (0, 1)]  # step 1: no graph when step 3 recomputes
+    again = [[("generate", k, True, True)] if recompute else [] for k in (0, 1)]  # step 3's own inputs
     assert p.calls == [
         *fakes,
         ("zero_grad", "D"),

@@ -24,13 +24,13 @@ class GivesPeerFakes(Method):
     def strategy(self, cfg):
         return FedAvg()
 
-    def before_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
+    def before_epoch(self, engine, cfg, round_no: int, epoch: int) -> None:
         if not self.gives:
             return
         model = engine.model
         n = len(model.clients)
         dtype = next(model.parameters()).dtype
-        noise = torch.Generator().manual_seed(seed * 1_000 + round_no * 10 + epoch)
+        noise = torch.Generator().manual_seed(cfg.seed * 1_000 + round_no * 10 + epoch)
         y = torch.arange(GIVEN) % 10
         given, training = {}, model.training
         model.eval()  # sampling: BatchNorm's running statistics, which it leaves as they are
@@ -65,7 +65,7 @@ class SyncsEveryTwo(Method):
     def synchronises(self, cfg, steps: int) -> bool:
         return steps == self.every
 
-    def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
+    def after_epoch(self, engine, cfg, round_no: int, epoch: int) -> None:
         first = engine.model.clients[0].state_dict()
         self.equal_after_epoch.append(all(torch.equal(v, c.state_dict()[k]) for c in engine.model.clients[1:]
                                           for k, v in first.items()))

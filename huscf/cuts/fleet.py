@@ -57,6 +57,7 @@ class Fleet:
     devices: tuple[DeviceProfile, ...]
     server: ServerProfile
     weight_bytes: dict[str, tuple[int, ...]]  # per net ("G", "D"), the float32 parameter bytes of block b
+    sizes: tuple[int, ...] = ()  # per client, its training samples (when known: PFL-GAN's share of synthetic data)
 
     @property
     def num_clients(self) -> int:
@@ -121,10 +122,12 @@ class Fleet:
                             sync_s=sync_s, sync_bytes=sync_bytes, stages={"client_compute": float(compute.max())})
 
 
-def build_fleet(arch: Architecture, batch_size: int, devices: Sequence[DeviceProfile], server: ServerProfile) -> Fleet:
-    """The fleet of a run: ``arch`` profiled at ``batch_size`` (as the cut search profiles it)."""
+def build_fleet(arch: Architecture, batch_size: int, devices: Sequence[DeviceProfile], server: ServerProfile,
+                sizes: Sequence[int] = ()) -> Fleet:
+    """The fleet of a run: ``arch`` profiled at ``batch_size`` (as the cut search profiles it);
+    ``sizes``: each client's training samples."""
     def block_bytes(net) -> tuple[int, ...]:
         return tuple(sum(p.numel() * 4 for p in block.parameters()) for block in net.blocks)
 
     return Fleet(profile_architecture(arch, batch_size), tuple(devices), server,
-                 {"G": block_bytes(arch.generator()), "D": block_bytes(arch.discriminator())})
+                 {"G": block_bytes(arch.generator()), "D": block_bytes(arch.discriminator())}, tuple(sizes))

@@ -50,7 +50,7 @@ from huscf.engines.client_ops import batch_norm_foldable, client_conv, conv_supp
 from huscf.engines.execution import Execution, for_loss
 from huscf.engines import objective
 from huscf.engines.objective import adam, check_finite
-from huscf.engines.simulation import SimulationEngine
+from huscf.engines.simulation import SimulationEngine, draw_fake_inputs
 from huscf.runsetup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
@@ -240,19 +240,26 @@ class BatchedEngine(SimulationEngine):
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
         m = self.model
         # the same noise as the loop (drawn in client order), then clients with equal cuts side by side
-        z = {i: torch.randn(len(batch[i][1]), self.z_dim, generator=noise) for i in sorted(batch)}
+        fakes_in = draw_fake_inputs(batch, noise, self.z_dim, self.fake_inputs)
         clients = sorted(batch, key=lambda i: (m.clients[i].cuts, i))
         if len({len(batch[i][1]) for i in clients}) > 1:
             raise ValueError("the batched engine needs equal batch sizes for all clients of an iteration")
-        zs = torch.stack([z[i] for i in clients]).to(self.device, self.ex.dtype)
-        xs = torch.stack([batch[i][0] for i in clients])
-        ys = torch.stack([batch[i][1] for i in clients])
+
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(i) for i in clients]).to(self.device)
+
+        xs, ys = stack(lambda i: batch[i][0]), stack(lambda i: batch[i][1])
+        z_d, z_g = (stack(lambda i, k=k: fakes_in[i][k][0]).to(dtype=self.ex.dtype) for k in (0, 1))
+        if self.fake_inputs is None:  # the real batch's labels, one fake batch for steps 2 and 3
+            inputs = (xs, ys, z_d, ys, z_d, ys)
+        else:
+            inputs = (xs, ys, z_d, stack(lambda i: fakes_in[i][0][1]), z_g, stack(lambda i: fakes_in[i][1][1]))
         collect = collect_features and self.feature_depth is not None
         if self.ex.cuda_graphs and m.seam.recorder is None:  # a seam recorder counts crossings in Python
-            losses, seen = self._graphed(clients, zs, xs, ys, collect)
+            losses, seen = self._graphed(clients, inputs, collect)
         else:
             seen = {} if collect else None
-            losses = self._compute(clients, zs, xs, ys, seen)
+            losses = self._compute(clients, inputs, seen)
         if collect:
             self._add_features(seen)
         # the losses are read once, at the end: a sync per step would stall the device queue. A
@@ -277,26 +284,28 @@ class BatchedEngine(SimulationEngine):
             for i, act in zip(ids, h):
                 self.features.add(i, act)
 
-    def _compute(self, clients: list[int], zs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+    def _compute(self, clients: list[int], inputs: tuple[torch.Tensor, ...],
                  seen: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``objective.iteration`` for ``clients`` (rows of the stacked inputs), a group per chunk
-        of ``client_chunk`` rows; returns the per-row (L_D, L_G) on the device, and fills ``seen``
-        with the server's D inputs when given."""
+        """``objective.iteration`` for ``clients`` (rows of the stacked ``inputs``: real images and
+        labels, step 2's fakes' noise and labels, step 3's), a group per chunk of ``client_chunk``
+        rows; returns the per-row (L_D, L_G) on the device, and fills ``seen`` with the server's D
+        inputs when given."""
         size = self.ex.client_chunk or len(clients)
         spans = [(s, min(s + size, len(clients))) for s in range(0, len(clients), size)]
-        self._stacks, self._seen, self._clients = (clients, zs, xs, ys), seen, sorted(clients)
+        self._stacks, self._seen, self._clients = (clients, inputs), seen, sorted(clients)
         d, g = objective.iteration(self, spans, where=())
         return torch.cat(list(d.values())), torch.cat(list(g.values()))
 
-    def generate(self, span: tuple[int, int]) -> torch.Tensor:
-        (a, b), (clients, zs, _, ys) = span, self._stacks
+    def generate(self, span: tuple[int, int], *, again: bool = False) -> torch.Tensor:
+        (a, b), (clients, inputs) = span, self._stacks
+        z, y = inputs[4:6] if again else inputs[2:4]
         with self.ex.autocast():
-            return self._net("G", clients[a:b], (zs[a:b], ys[a:b]))
+            return self._net("G", clients[a:b], (z[a:b], y[a:b]))
 
     def discriminate(self, span: tuple[int, int], fake: torch.Tensor, *, real: bool):
-        (a, b), (clients, _, xs, ys) = span, self._stacks
+        (a, b), (clients, (xs, ys, _, y_d, _, y_g)) = span, self._stacks
         with self.ex.autocast():  # real and fake batches normalised separately, as in the loop
-            out = self._net("D", clients[a:b], (fake, ys[a:b]))
+            out = self._net("D", clients[a:b], (fake, (y_d if real else y_g)[a:b]))
             return (out, self._net("D", clients[a:b], (xs[a:b], ys[a:b]), server_input=self._seen)) if real else out
 
     def backward(self, span: tuple[int, int], loss: torch.Tensor, what: str, where: tuple) -> torch.Tensor:
@@ -304,7 +313,7 @@ class BatchedEngine(SimulationEngine):
         return loss.detach()
 
     # -- CUDA graphs -------------------------------------------------------------------------------
-    def _graphed(self, clients: list[int], zs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+    def _graphed(self, clients: list[int], inputs: tuple[torch.Tensor, ...],
                  collect: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, torch.Tensor] | None]:
         """``_compute`` replayed from a CUDA graph, one graph per set of clients and feature
         collection (``compute.cuda_graphs``); returns the losses and the server's D inputs.
@@ -323,20 +332,19 @@ class BatchedEngine(SimulationEngine):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    out = self._compute(clients, zs, xs, ys, seen)
+                    out = self._compute(clients, inputs, seen)
                 torch.cuda.current_stream().wait_stream(side)
                 return out, seen
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            static = {"zs": zs.clone(), "xs": xs.clone(), "ys": ys.clone(), "seen": {} if collect else None}
+            static = {"inputs": tuple(t.clone() for t in inputs), "seen": {} if collect else None}
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):  # records the kernels without running them
-                static["out"] = self._compute(clients, static["zs"], static["xs"], static["ys"], static["seen"])
+                static["out"] = self._compute(clients, static["inputs"], static["seen"])
             self._graphs[key] = (graph, static)
         graph, static = self._graphs[key]
-        static["zs"].copy_(zs)
-        static["xs"].copy_(xs)
-        static["ys"].copy_(ys)
+        for held, new in zip(static["inputs"], inputs):
+            held.copy_(new)
         graph.replay()
         return static["out"], static["seen"]  # overwritten by the next replay: read before it
 

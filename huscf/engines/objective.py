@@ -3,7 +3,8 @@
 For the clients of an iteration (client i: its real batch (x_i, y_i), its noise z_i):
 
 1. fake_i = G_i(z_i, y_i), through client i's head -> the server body -> client i's tail
-   (``generate_fakes``);
+   (``generate_fakes``); a method may draw the fakes' noise and labels itself, and different ones
+   for step 3 (``FakeInputs``: MD-GAN's server-drawn batches);
 2. discriminator step: L_D,i = BCE(D_i(fake_i.detach(), y_i), FAKE) + BCE(D_i(x_i, y_i), REAL)
    (``discriminator_step``); every client's loss is back-propagated, so the server's D blocks hold
    the sum of all clients' gradients, then each D optimiser (every client's, the server's) steps once;
@@ -44,13 +45,16 @@ class Pieces(Protocol):
     per client when ``per_row``."""
 
     per_row: bool  # a group's logits are stacked per client: one loss per client
-    recompute: bool  # step 1 keeps no graph; step 3 generates the fakes again (same noise and weights)
+    # step 1 keeps no graph; step 3 generates its fakes again (``generate(again=True)``): from the same
+    # noise and labels, or from the generator step's own when a method draws them (``FakeInputs``)
+    recompute: bool
 
-    def generate(self, group: Hashable) -> torch.Tensor:
-        """G(z, y) for the group, head -> body -> tail."""
+    def generate(self, group: Hashable, *, again: bool = False) -> torch.Tensor:
+        """G(z, y) for the group, head -> body -> tail; ``again``: step 3's fakes."""
 
     def discriminate(self, group: Hashable, fake: torch.Tensor, *, real: bool):
-        """D's logits on ``fake``; with ``real``, the pair (on ``fake``, on the group's real batch)."""
+        """D's logits on ``fake`` given its labels; with ``real`` (step 2), the pair (on ``fake``, on
+        the group's real batch given its labels)."""
 
     def backward(self, group: Hashable, loss: torch.Tensor, what: str, where: tuple):
         """Back-propagate the group's loss through every seam it crossed, after checking it is
@@ -61,6 +65,18 @@ class Pieces(Protocol):
     def step(self, net: str) -> None: ...
 
     def requires_grad(self, net: str, flag: bool) -> None: ...
+
+
+class FakeInputs(Protocol):
+    """A method's own inputs for the fakes, set as ``engine.fake_inputs`` (default None: client i's
+    fakes come from its own noise z_i and its real batch's labels y_i, one fake batch for steps 2
+    and 3). With it, step 2's and step 3's fakes may differ, as may their labels from the real
+    batch's (MD-GAN: the server draws them)."""
+
+    def draw(self, noise: torch.Generator, rows: dict[int, int], z_dim: int) -> dict[int, tuple]:
+        """For every client i (with ``rows[i]`` real samples this iteration, in client order), the
+        ((z, y) of its discriminator step's fakes, (z, y) of its generator step's fakes), drawn from
+        ``noise`` (float32 noise, int64 labels, on the CPU)."""
 
 
 def generate_fakes(p: Pieces, groups) -> dict:
@@ -89,7 +105,7 @@ def generator_step(p: Pieces, groups, fakes: dict, where: tuple) -> dict:
     for g in groups:
         fake = fakes.pop(g)
         if p.recompute:
-            fake = p.generate(g)
+            fake = p.generate(g, again=True)
         out = p.discriminate(g, fake, real=False)
         losses[g] = p.backward(g, generator_loss(out, per_row=p.per_row), "generator", where)
     p.requires_grad("D", True)

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from huscf.engines.objective import FakeInputs
 from huscf.federation.strategies import Aggregation, Strategy
 from huscf.split.segments import SplitGAN
 
@@ -28,6 +29,10 @@ class Engine(Protocol):
     # out the rest); True (a method sets it): every client takes every iteration of the epoch, starting
     # its shuffled batches over, so that all clients take the same number of steps (FedGAN)
     equal_steps: bool
+    # None: client i's fakes come from its own noise and its real batch's labels, one fake batch for
+    # the discriminator and the generator step; a method's ``FakeInputs`` (set by the method) draws
+    # them itself, possibly different for each step (MD-GAN: the server's batches and labels)
+    fake_inputs: FakeInputs | None
 
     def iterations_per_epoch(self) -> int:
         """Iterations of one local epoch (the longest client's batches, capped by the config)."""

@@ -21,7 +21,7 @@ import torch
 from huscf.config import TrainConfig
 from huscf.engines.execution import Execution, for_loss
 from huscf.engines import objective
-from huscf.engines.objective import adam, check_finite
+from huscf.engines.objective import FakeInputs, adam, check_finite
 from huscf.errors import HuscfError
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
@@ -52,6 +52,15 @@ def keyed_rng(*key: int) -> np.random.Generator:
 def epoch_noise(seed: int, round_idx: int, epoch: int) -> torch.Generator:
     """The stream of an epoch's latent noise, drawn in client order by every engine."""
     return torch.Generator().manual_seed(int(keyed_rng(seed, round_idx, epoch, 1 << 20).integers(2**62)))
+
+
+def draw_fake_inputs(batch: dict, noise: torch.Generator, z_dim: int, plan: FakeInputs | None) -> dict[int, tuple]:
+    """Per client of ``batch``, the (z, y) of its step-2 fakes and of its step-3 fakes: by default
+    noise drawn in client order (in float32 in every precision: an fp64 run sees the fp32 run's
+    noise, cast exactly) and the real batch's labels, the same for both steps; else ``plan``'s."""
+    if plan is not None:
+        return plan.draw(noise, {i: len(batch[i][1]) for i in sorted(batch)}, z_dim)
+    return {i: ((torch.randn(len(batch[i][1]), z_dim, generator=noise), batch[i][1]),) * 2 for i in sorted(batch)}
 
 
 def epoch_iterations(batches_per_client: list[int], cap: int | None) -> int:
@@ -155,6 +164,7 @@ class SimulationEngine:
         self.features = FeatureStats(len(data))
         self._given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ``give``: for the next epoch
         self.equal_steps = False  # ``Engine.equal_steps``
+        self.fake_inputs: FakeInputs | None = None  # ``Engine.fake_inputs``
 
     # -- epochs --------------------------------------------------------------------------------
     def give(self, data: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -204,16 +214,15 @@ class SimulationEngine:
     per_row = False  # one client per group
 
     @property
-    def recompute(self) -> bool:
-        return self.ex.recompute_generator
+    def recompute(self) -> bool:  # distinct inputs for step 3 (``fake_inputs``) need its fakes made anew
+        return self.ex.recompute_generator or self.fake_inputs is not None
 
     def iteration(self, batch: dict[int, tuple[torch.Tensor, torch.Tensor]], noise: torch.Generator,
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
         """``objective.iteration`` for the clients in ``batch``; returns {client: (L_D, L_G)}."""
         self._batch, self._clients = batch, sorted(batch)
-        # drawn in float32 in every precision: an fp64 run sees the fp32 run's noise, cast exactly
-        self._z = {i: torch.randn(len(batch[i][1]), self.z_dim, generator=noise).to(self.device, self.ex.dtype)
-                   for i in self._clients}
+        self._fakes_in = {i: tuple((z.to(self.device, self.ex.dtype), y.to(self.device)) for z, y in pair)
+                          for i, pair in draw_fake_inputs(batch, noise, self.z_dim, self.fake_inputs).items()}
         self._seen = {} if collect_features and self.feature_depth is not None else None
         d, g = objective.iteration(self, self._clients, where)
         if self._seen is not None:  # D does not change in the G step: these are the stepped weights
@@ -226,15 +235,15 @@ class SimulationEngine:
         for i, act in self.model.server_features(seen, self.feature_depth).items():
             self.features.add(i, act)
 
-    def generate(self, i: int) -> torch.Tensor:
+    def generate(self, i: int, *, again: bool = False) -> torch.Tensor:
         with self.ex.autocast():
-            return self.model.generate(i, self._z[i], self._batch[i][1])
+            return self.model.generate(i, *self._fakes_in[i][again])
 
     def discriminate(self, i: int, fake: torch.Tensor, *, real: bool):
         x, y = self._batch[i]
         received: list[torch.Tensor] | None = [] if real and self._seen is not None else None
         with self.ex.autocast():
-            out = self.model.discriminate(i, fake, y)
+            out = self.model.discriminate(i, fake, self._fakes_in[i][not real][1])  # the fakes' labels
             if not real:
                 return out
             out_real = self.model.discriminate(i, x, y, server_input=received)

@@ -3,7 +3,8 @@
 * Client-side blocks: for each block and each group, the members that hold the block get the
   average of the members' copies, weighted by their cluster weights renormalised over the holders
   (a member holds exactly the blocks it held before; nothing moves between client and server).
-  With a personalised ``mixing`` matrix instead, holder i gets sum_j m_ij theta_j over the holders.
+  With a personalised ``mixing`` matrix instead (one for all nets, or one per net), holder i gets
+  sum_j m_ij theta_j over the holders.
 * Server blocks (middle blocks): the average over *all* clients with the global weights, where a
   client that holds a copy of the block locally contributes its copy and every other client
   contributes the server's copy (the one it used).
@@ -23,12 +24,14 @@ from huscf.federation.strategies import Aggregation
 from huscf.split.segments import NETS, SplitGAN
 
 
-def _mixing(agg: Aggregation, holders: list[int], groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(weights, pick): the distinct new copies as weight rows over the holders' old copies, and
-    which row each holder gets. Clustered: one row per group (G x H); personalised: one per holder."""
+def _mixing(agg: Aggregation, holders: list[int], groups: np.ndarray, net: str) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, pick): the distinct new copies of ``net``'s block as weight rows over the holders'
+    old copies, and which row each holder gets. Clustered: one row per group (G x H);
+    personalised: one per holder."""
     h = np.asarray(holders, dtype=int)
-    if agg.mixing is not None:  # personalised: every holder gets its own mix of the holders
-        m = np.asarray(agg.mixing, dtype=np.float64)[np.ix_(h, h)]
+    mixing = agg.mixing.get(net) if isinstance(agg.mixing, dict) else agg.mixing
+    if mixing is not None:  # personalised: every holder gets its own mix of the holders
+        m = np.asarray(mixing, dtype=np.float64)[np.ix_(h, h)]
         return m / m.sum(1, keepdims=True), np.arange(len(h))
     labels, pick = np.unique(groups[h], return_inverse=True)
     m = (pick[None, :] == np.arange(len(labels))[:, None]) * np.asarray(agg.cluster_weights, dtype=np.float64)[h]
@@ -73,7 +76,7 @@ def apply_aggregation(model: SplitGAN, agg: Aggregation, clients: list[int] | No
             if not holders and not has_server:
                 continue
             copies = [model.clients[ids[k]].nets[net][key].state_dict() for k in holders]  # then the server's
-            rows, pick = _mixing(agg, holders, groups)
+            rows, pick = _mixing(agg, holders, groups, net)
             if has_server:
                 copies.append(model.server.nets[net][key].state_dict())
                 # clients without a local copy all contribute the same server copy: one term

@@ -1,22 +1,18 @@
 """Round-end aggregation of the baseline methods (the same hook as ``strategies``).
 
 These strategies see what their methods' servers see: the clients' whole models
-(``RoundState.client_params``: one flattened discriminator per client), never data.
+(``RoundState.client_samples``: what each client's generator makes on the same probe inputs),
+never data.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.cluster import AgglomerativeClustering
 
-from huscf.federation.clustering import cluster_clients
 from huscf.federation.strategies import Aggregation, RoundState
+from huscf.federation.synthetic import mmd2
 from huscf.federation.weights import size_weights
-
-
-def _centered(params: np.ndarray) -> np.ndarray:
-    """Client parameter vectors minus their mean: what differs between clients."""
-    x = np.asarray(params, dtype=np.float64)
-    return x - x.mean(0, keepdims=True)
 
 
 class NoAggregation:
@@ -30,51 +26,39 @@ class NoAggregation:
         return Aggregation(np.arange(n), np.ones(n), size_weights(state.sizes), {"phase": "local", "k": n})
 
 
-class HierarchicalFedAvg:
-    """HFL-GAN-style two-level averaging: clients are clustered to edge servers each round (k-means
-    on their centred discriminator weights, k by silhouette as in HuSCF-GAN); each edge averages its
-    clients by data size; the global server averages the edge models with one equal vote per edge
-    and sends the result to everyone."""
+class EdgeHierarchy:
+    """HFL-GAN's round end (Petch et al. 2024, as its abstract states it: clients clustered
+    dynamically to edge servers, several generators, aggregation at non-identical stages; the
+    details are huscf's, docs/baselines.md).
 
-    name = "hierarchical"
-    uses_client_params = True
+    1. Every round the server groups the clients into ``edges`` edge servers by what their
+       generators make: the squared MMD between their samples on the same ``probe`` inputs
+       (``federation.synthetic``), average-linkage agglomerative clustering on it.
+    2. Edge stage: each edge averages its clients by data size. The nets not in ``global_nets``
+       stop here: one generator per edge.
+    3. Global stage: the nets in ``global_nets`` (default D) are averaged over the edges' averages,
+       one equal vote per edge, and sent to every client.
+    """
 
-    def __init__(self, max_edges: int = 8, min_silhouette: float = 0.35):
-        self.max_edges, self.min_silhouette = max_edges, min_silhouette
+    name = "edges"
+    uses_client_params = False
+
+    def __init__(self, edges: int = 2, global_nets: tuple[str, ...] = ("D",), probe: int = 64):
+        self.edges, self.global_nets, self.probe = edges, tuple(global_nets), probe
 
     def aggregate(self, state: RoundState) -> Aggregation:
         n = len(state.sizes)
-        edges = cluster_clients(_centered(state.client_params), "auto", self.max_edges, self.min_silhouette, state.seed)
+        d2 = mmd2(list(state.client_samples))
+        k = min(self.edges, n)
+        edges = (np.zeros(n, dtype=int) if k == 1 else
+                 AgglomerativeClustering(k, metric="precomputed", linkage="average").fit_predict(d2))
         sizes = np.asarray(state.sizes, dtype=np.float64)
-        weights = np.zeros(n)
-        for e in range(edges.k):
-            members = edges.labels == e
-            weights[members] = sizes[members] / sizes[members].sum() / edges.k
-        info = {"phase": "hierarchical", "k": edges.k, "edges": edges.labels.tolist(),
-                "silhouette": {str(k): round(v, 4) for k, v in edges.silhouette.items()}}
-        # one global model for everyone: a single group whose weights are edge-then-global
-        return Aggregation(np.zeros(n, dtype=int), weights, weights, info)
-
-
-class PersonalizedSimilarity:
-    """PFL-GAN-style personalised aggregation: client i receives sum_j W_ij theta_j with
-    W_ij proportional to n_j exp(s_ij / temperature), s_ij the cosine similarity of the clients'
-    centred discriminator weights (the similarity is learned from the models, not from data)."""
-
-    name = "personalized"
-    uses_client_params = True
-
-    def __init__(self, temperature: float = 0.1):
-        self.temperature = temperature
-
-    def aggregate(self, state: RoundState) -> Aggregation:
-        n = len(state.sizes)
-        x = _centered(state.client_params)
-        unit = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-        sim = unit @ unit.T
-        logits = sim / self.temperature
-        w = np.exp(logits - logits.max(1, keepdims=True)) * np.asarray(state.sizes, dtype=np.float64)[None, :]
-        mixing = w / w.sum(1, keepdims=True)
-        info = {"phase": "personalized", "k": n, "similarity": sim.round(4).tolist(),
-                "self_weight": np.diag(mixing).round(4).tolist()}
-        return Aggregation(np.arange(n), np.ones(n), size_weights(state.sizes), info, mixing=mixing)
+        within = np.zeros(n)
+        for e in np.unique(edges):
+            within[edges == e] = sizes[edges == e] / sizes[edges == e].sum()
+        edge_mix = (edges[:, None] == edges[None, :]) * within[None, :]  # row i: i's edge average
+        global_row = within / len(np.unique(edges))  # the edges' averages, one vote each
+        mixing = {net: np.tile(global_row, (n, 1)) if net in self.global_nets else edge_mix for net in ("G", "D")}
+        info = {"phase": "edges", "k": int(len(np.unique(edges))), "edges": edges.tolist(),
+                "global_nets": list(self.global_nets), "mmd2": d2.round(6).tolist()}
+        return Aggregation(edges, within, global_row, info, mixing=mixing)

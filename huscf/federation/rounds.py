@@ -13,6 +13,7 @@ from huscf.federation.bodies import apply_opened_per_cluster, apply_per_cluster
 from huscf.federation.features import FeatureStats
 from huscf.federation.secure import OpenedSum, SecurePlan, SecureStrategy, apply_opened, plan_sums, secure_sums
 from huscf.federation.strategies import Aggregation, RoundState
+from huscf.federation.synthetic import generator_samples
 from huscf.split.segments import SplitGAN
 
 
@@ -25,8 +26,20 @@ def decide(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed: i
         torch.cat([p.detach().float().flatten() for p in model.client_parameters(i, "D")]).cpu().numpy()
         for i in ids])
     state = RoundState(round=round_idx, sizes=np.asarray(sizes)[ids], features=feats, feature_noise=noise,
-                       samples=samples, seed=seed, client_params=params)
+                       samples=samples, seed=seed, client_params=params,
+                       client_samples=probe_samples(model, ids, getattr(strategy, "probe", 0), seed))
     return strategy.aggregate(state)
+
+
+def probe_samples(model: SplitGAN, ids: list[int], m: int, seed: int) -> np.ndarray | None:
+    """(len(ids), m, F) every client's generator on the same m inputs (seeded noise, the classes in
+    turn), or None when ``m`` is 0: what a server that holds the generators can compare."""
+    if not m:
+        return None
+    z_dim, num_classes = model.latent
+    z = torch.randn(m, z_dim, generator=torch.Generator().manual_seed(seed))
+    y = torch.arange(m) % num_classes
+    return np.stack([generator_samples(model, i, z, y).flatten(1).numpy() for i in ids])
 
 
 def with_info(agg: Aggregation, **extra) -> Aggregation:

@@ -30,6 +30,9 @@ class RoundState:
     seed: int = 0
     # (n, P) each client's flattened discriminator: what a whole-model baseline's server receives
     client_params: np.ndarray | None = None
+    # (n, m, F) each client's generator on the same m probe inputs (a strategy with ``probe`` = m:
+    # a whole-model baseline's server holds the generators; ``federation.synthetic``)
+    client_samples: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,9 @@ class Aggregation:
     cluster_weights: np.ndarray  # (n,) weights for client-side segments, sum to 1 within each group
     global_weights: np.ndarray  # (n,) weights for the server body, sum to 1
     info: dict = field(default_factory=dict)  # JSON-able details for metrics.jsonl
-    # (n, n) row-stochastic personalised mixing of client-side blocks (client i gets sum_j m_ij theta_j);
-    # when set it replaces the group averages
-    mixing: np.ndarray | None = None
+    # (n, n) row-stochastic personalised mixing of client-side blocks (client i gets sum_j m_ij theta_j),
+    # or one such matrix per net ({"G": ..., "D": ...}); when set it replaces the group averages
+    mixing: np.ndarray | dict[str, np.ndarray] | None = None
 
     def expand(self, clients: list[int], n: int) -> "Aggregation":
         """This aggregation over ``clients`` written out for all ``n`` clients: an absent client

@@ -51,9 +51,15 @@ class Method:
         """Where each network lives, set on the ``SplitGAN`` before an engine is built: by default
         every client holds its own copy of its segments (``model.tie(net)``: one copy for all)."""
 
-    def before_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
-        """Called before every local epoch with the engine (``engine.give``: data a client trains
-        on this epoch besides its own)."""
+    def prepare(self, engine, cfg, setup) -> None:
+        """Called once the engine is built (a resumed run's too), with the run's config and its
+        ``runsetup.Setup``: set what the engine must do for this method (``engine.equal_steps``,
+        ``engine.fake_inputs``) and keep what the method needs of the setup."""
+
+    def before_epoch(self, engine, cfg, round_no: int, epoch: int) -> dict | None:
+        """Called before every local epoch (``round_no`` from 1, ``epoch`` from 0) with the engine
+        (``engine.give``: data a client trains on this epoch besides its own). What it returns is
+        added to the round's ``federation`` record in metrics.jsonl."""
 
     def synchronises(self, cfg, steps: int) -> bool:
         """Whether the clients synchronise now, ``steps`` local iterations after the round's start or
@@ -61,7 +67,7 @@ class Method:
         strategy, without clustering features (FedGAN: every K local steps)."""
         return False
 
-    def after_epoch(self, engine, seed: int, round_no: int, epoch: int) -> None:
+    def after_epoch(self, engine, cfg, round_no: int, epoch: int) -> dict | None:
         """Called after every local epoch with the engine (MD-GAN moves discriminators here)."""
 
     def check(self, num_clients: int) -> None:

@@ -34,6 +34,7 @@ class GeneratorHead(nn.Module):
     def __init__(self, z_dim: int, num_classes: int, channels: int, size: int):
         super().__init__()
         self.channels, self.size = channels, size
+        self.z_dim, self.num_classes = z_dim, num_classes  # the generator's input (``SplitGAN.latent``)
         self.embed = nn.Embedding(num_classes, num_classes)
         self.fc = nn.Linear(z_dim + num_classes, channels * size * size)
         self.bn = nn.BatchNorm1d(channels * size * size, track_running_stats=False)

@@ -99,6 +99,17 @@ class RayEngine:
         self._given: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ``give``: for the next epoch
         self.equal_steps = False  # ``Engine.equal_steps``: the hosts start a client's batches over
 
+    @property
+    def fake_inputs(self) -> None:
+        """``Engine.fake_inputs``: here always each client's own noise and labels."""
+        return None
+
+    @fake_inputs.setter
+    def fake_inputs(self, plan) -> None:
+        if plan is not None:
+            raise HuscfError(f"method {self.cfg.method!r} draws the fakes' noise and labels itself, which the ray "
+                             f"engine does not support: use runtime.engine=simulation")
+
     # -- actors ------------------------------------------------------------------------------------
     def _start_host(self, k: int):
         rt = self.cfg.runtime

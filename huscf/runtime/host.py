@@ -157,7 +157,7 @@ class ClientHost:
         for i, m in self._send(self.server.backward, stage, "gradient", net, grads).items():
             torch.autograd.backward([heads[n][i] for n in grads[i]], [m.tensor(n, self.device) for n in grads[i]])
 
-    def generate(self, group: str) -> "_PerClient":
+    def generate(self, group: str, *, again: bool = False) -> "_PerClient":  # ``again``: never (no recompute)
         self._on_time()
         s = self.segs
         with self.ex.autocast():

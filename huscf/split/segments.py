@@ -117,6 +117,12 @@ class SplitGAN(nn.Module):
         self.tied.add(net)
 
     @property
+    def latent(self) -> tuple[int, int]:
+        """(z_dim, num_classes) of the generator's input, read off its first block (a client's)."""
+        head = self.clients[0].nets["G"]["0"]
+        return head.z_dim, head.num_classes
+
+    @property
     def cuts(self) -> list[Cuts]:
         return [c.cuts for c in self.clients]
 
