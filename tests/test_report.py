@@ -89,6 +89,7 @@ def test_full_report(run):
                    "0.962", "0.951", "0.981"]
     assert "13.34" in page and "0.773" in page  # the second generator
     assert "no weights offline" in page and "has no eval.json yet" not in page
+    assert "HuSCF-GAN; what leaves a client: cut-layer activations" in page  # the method and what it shares
 
     md = md_path.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

@@ -61,7 +61,7 @@ class SecureStrategy:
     uses_client_params = False
 
     def __init__(self, inner):
-        if inner.uses_client_params:
+        if inner.uses_client_params or getattr(inner, "probe", 0):  # reads the weights, or runs the generators
             raise HuscfError(f"federation.secure_aggregation hides each client's weights from the server, but the "
                              f"'{inner.name}' aggregation reads every client's whole model: use it with huscf or "
                              f"fedgan, or set federation.secure_aggregation=false")

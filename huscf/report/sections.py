@@ -8,6 +8,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+from huscf.errors import HuscfError
+from huscf.methods import get_method
 from huscf.report import plots
 from huscf.report.plots import Line, Panel
 from huscf.report.render import Block, Code, CodeBlock, Heading, Image, Table, para
@@ -34,6 +36,7 @@ def section_summary(run: Run) -> Section:
         ["scenario", str(get(cfg, "data", "scenario", default=DASH))],
         ["model", f"{get(cfg, 'model', 'arch', default='?')}, width {get(cfg, 'model', 'width', default='?')}"],
         ["cut method", str(get(run.clients, "cut_method", default=DASH))],
+        ["method", _method_line(str(cfg.get("method", "huscf")))],
         ["federation", str(get(cfg, "federation", "strategy", default=DASH))],
         ["rounds done", f"{last.round} of {planned}" if planned is not None else str(last.round)],
         ["iterations per round", str(or_dash(last.iterations))],
@@ -50,6 +53,16 @@ def section_summary(run: Run) -> Section:
         blocks.append(para("Label probe accuracy on the real test data (the ceiling of the training-time label "
                            "accuracy): " + ", ".join(f"{d} {num(v)}" for d, v in probe.items()) + "."))
     return "Run summary", blocks
+
+
+def _method_line(name: str) -> str:
+    """The method's title and what leaves its clients (its ``shares``), or its name when this
+    process does not know it (a method registered by another program)."""
+    try:
+        m = get_method(name)
+    except HuscfError:
+        return name
+    return f"{m.title}; what leaves a client: {m.shares}"
 
 
 def _clients_table(run: Run) -> Block:
