@@ -130,6 +130,7 @@ def test_pflgan_gives_each_client_synthetic_data_mostly_from_its_own_domain(tmp_
     samples (given to the engine, with labels), and the similarity learnt from the generators'
     samples puts most of a client's weight on the peers of its own domain (two label-skewed domains)."""
     t = _trainer(tmp_path, "pflgan", *SKEWED)
+    assert t.engine.equal_steps  # generators compared after equally many steps (docs/results.md)
     given = []
     give = t.engine.give
     t.engine.give = lambda data: given.append({i: len(y) for i, (x, y) in data.items()}) or give(data)
@@ -147,6 +148,7 @@ def test_hflgan_edges_follow_the_domains_and_each_edge_keeps_its_generator(tmp_p
     """HFL-GAN is not FedAvg: on two label-skewed domains the edges are the domains, and the run ends
     with one generator per edge (equal within an edge, different across) and one discriminator."""
     t = _trainer(tmp_path, "hflgan", *SKEWED)
+    assert t.engine.equal_steps
     t.fit()
     rows = read_metrics(tmp_path / "hflgan")
     assert all(r["ari_vs_domains"] == 1.0 for r in rows), [r["federation"]["edges"] for r in rows]

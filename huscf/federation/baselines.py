@@ -31,8 +31,8 @@ class EdgeHierarchy:
     dynamically to edge servers, several generators, aggregation at non-identical stages; the
     details are huscf's, docs/baselines.md).
 
-    1. Every round the server groups the clients into ``edges`` edge servers by what their
-       generators make: the squared MMD between their samples on the same ``probe`` inputs
+    1. Every round (the clients having taken equal local steps: ``HFLGAN.prepare``) the server
+       groups the clients into ``edges`` edge servers by what their generators make: the squared MMD between their samples on the same ``probe`` inputs
        (``federation.synthetic``), average-linkage agglomerative clustering on it.
     2. Edge stage: each edge averages its clients by data size. The nets not in ``global_nets``
        stop here: one generator per edge.
