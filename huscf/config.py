@@ -242,6 +242,9 @@ class BaselinesConfig(_Section):
     hfl_global_nets: list[Literal["G", "D"]] = ["D"]
     # PFL-GAN and HFL-GAN: samples of each client's generator the server compares clients by
     similarity_samples: int = Field(64, ge=2)
+    # PFL-GAN and HFL-GAN: every client takes the same number of local steps, so that the generators
+    # compared have trained equally long (false: each client one pass over its data per epoch)
+    similarity_equal_steps: bool = True
     fedgan_sync_every: int = Field(20, ge=1)  # FedGAN: local steps between averagings (K; Rasouli et al.: 20)
     # MD-GAN: the server's fake batches per iteration (k; None: Hardy et al.'s ceil(log2 N), at least 2)
     mdgan_batches: int | None = Field(None, ge=2)

@@ -355,3 +355,10 @@ def test_mdgan_batches_and_swap_interval_are_config_keys(tmp_path):
     assert moved == ["D"]  # after the 2nd epoch only
     with pytest.raises(Exception, match="mdgan_batches"):
         build_config({}, ["baselines.mdgan_batches=1"])
+
+
+@pytest.mark.parametrize("method", ["hflgan", "pflgan"])
+def test_similarity_methods_take_equal_steps_unless_told_not_to(tmp_path, method):
+    assert _trainer(tmp_path / "a", method, "train.rounds=1").engine.equal_steps
+    assert not _trainer(tmp_path / "b", method, "train.rounds=1",
+                        "baselines.similarity_equal_steps=false").engine.equal_steps

@@ -163,3 +163,14 @@ def test_bench_tolerances_measures_the_rounding_the_policy_allows_for():
     assert bug and float(bug.group(1)) > 1e6, out
     assert re.search(r"^split vs unsplit ", out, re.M), out
     assert re.search(r"largest amplification \d+ \(AMPLIFICATION allows 100000: ok\)", out), out
+
+
+def test_bench_baseline_similarity_prints_edges_and_weights_per_round(shared_data_dir):
+    tiny = ["data.limit_per_domain=300", "model.width=0.125", "train.rounds=2", "train.local_epochs=1",
+            "train.max_iters_per_epoch=1", f"data.data_dir={shared_data_dir}"]
+    out = _run(str(BENCH / "bench_baseline_similarity.py"), "--seeds", "0", *[a for s in tiny for a in ("--set", s)])
+    ari = re.search(r"^seed 0 hflgan: ARI of the edges against the domains per round \[(.*)\]$", out, re.M)
+    weights = re.search(r"^seed 0 pflgan: weight on same-domain peers per round from round 2 \[(.*)\]$", out, re.M)
+    assert ari and weights, out
+    assert len(ari.group(1).split(",")) == 2 and -1 <= float(ari.group(1).split(",")[0]) <= 1
+    assert len(weights.group(1).split(",")) == 1 and 0 <= float(weights.group(1)) <= 1

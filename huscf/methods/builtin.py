@@ -66,7 +66,7 @@ class HFLGAN(Method):
         return EdgeHierarchy(b.hfl_edges, tuple(b.hfl_global_nets), b.similarity_samples)
 
     def prepare(self, engine, cfg, setup) -> None:
-        engine.equal_steps = True  # generators compared after equally long training (as PFL-GAN's step 0)
+        engine.equal_steps = cfg.baselines.similarity_equal_steps  # as PFL-GAN's step 0
 
     def latency(self, fleet, cuts, cfg):
         """Whole networks; a sync is clients -> edge and back, plus the edge's hop to the global
@@ -88,7 +88,8 @@ class PFLGAN(Method):
     similarity, then a similarity-weighted aggregation of synthetic data; the details are huscf's,
     docs/baselines.md). From round 2 on, at the round's start:
 
-    0. every client takes the same number of local steps (``Engine.equal_steps``): the server
+    0. every client takes the same number of local steps (``Engine.equal_steps``;
+       ``baselines.similarity_equal_steps``): the server
        compares generators, and one that took 1 step where another took 6 differs by how far it
        moved, not by its data (measured: docs/results.md);
     1. every client sends ``similarity_samples`` samples of its generator (labels drawn from its
@@ -114,7 +115,7 @@ class PFLGAN(Method):
         self.counts = [np.bincount(labels[p.domain][p.indices], minlength=setup.arch.num_classes)
                        for p in setup.partitions]
         self.given: dict = {}
-        engine.equal_steps = True  # step 0 above
+        engine.equal_steps = cfg.baselines.similarity_equal_steps  # step 0 above
 
     def _samples(self, engine, client: int, m: int, rng: np.random.Generator, noise: torch.Generator):
         y = label_draws(self.counts[client], m, rng)
