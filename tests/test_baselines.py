@@ -47,6 +47,8 @@ def test_each_baseline_trains_and_its_models_change(tmp_path, method):
     if method == "centralized":
         assert len(t.model.clients) == 2 and sorted(len(d) for d in t.setup.data) == [1437, 1437]
     if method == "mdgan":  # one generator for everyone, discriminators still one per client
+        swap = rows[-1]["federation"]["swaps"]["0"]  # the epoch's swap, logged by its hook
+        assert sorted(swap) == list(range(len(t.model.clients))) and all(i != j for i, j in enumerate(swap))
         g = [dict(c.nets["G"].named_parameters()) for c in t.model.clients]
         assert all(g[0][k] is gi[k] for gi in g for k in g[0])
         assert not torch.equal(after["clients.0.nets.D.0.conv.0.weight"], after["clients.1.nets.D.0.conv.0.weight"])
@@ -137,7 +139,8 @@ def test_pflgan_gives_each_client_synthetic_data_mostly_from_its_own_domain(tmp_
     t.fit()
     fed = read_metrics(tmp_path / "pflgan")[1]["federation"]
     n, sizes = len(t.model.clients), [len(d) for d in t.setup.data]
-    assert given == [given[0]] * 2 and given[0] == {i: round(0.5 * sizes[i]) for i in range(n)}  # every epoch of round 2
+    # every epoch of round 2, half as many samples as the client's own
+    assert given == [given[0]] * 2 and given[0] == {i: round(0.5 * sizes[i]) for i in range(n)}
     w, domains = np.array(fed["peer_weights"]), np.array(t.true_domains)
     same = (domains[:, None] == domains[None, :]) & ~np.eye(n, dtype=bool)
     assert (w * same).sum(1).min() > 0.5, w.round(3)
@@ -329,7 +332,8 @@ def test_mdgan_gives_each_worker_two_distinct_batches_with_server_drawn_labels(t
 
     t.model.generate, t.model.discriminate = spy_generate, spy_discriminate
     real_labels = torch.zeros(16, dtype=torch.long)  # a fake conditioned on the real batch would be all 0
-    t.engine.iteration({i: (d.x[:16], real_labels) for i, d in enumerate(t.engine.data)}, torch.Generator().manual_seed(0))
+    batch = {i: (d.x[:16], real_labels) for i, d in enumerate(t.engine.data)}
+    t.engine.iteration(batch, torch.Generator().manual_seed(0))
     step2, step3 = calls["G"][:n], calls["G"][n:]  # each worker's D-step fakes, then its feedback fakes
     assert [c[0] for c in calls["G"]] == list(range(n)) * 2
     batches = {(z.sum().item(), tuple(y.tolist())) for _, z, y in step2 + step3}

@@ -32,8 +32,9 @@ class EdgeHierarchy:
     details are huscf's, docs/baselines.md).
 
     1. Every round (the clients having taken equal local steps: ``HFLGAN.prepare``) the server
-       groups the clients into ``edges`` edge servers by what their generators make: the squared MMD between their samples on the same ``probe`` inputs
-       (``federation.synthetic``), average-linkage agglomerative clustering on it.
+       groups the clients into ``edges`` edge servers by what their generators make: the squared
+       MMD between their samples on the same ``probe`` inputs (``federation.synthetic``), then
+       average-linkage agglomerative clustering on it.
     2. Edge stage: each edge averages its clients by data size. The nets not in ``global_nets``
        stop here: one generator per edge.
     3. Global stage: the nets in ``global_nets`` (default D) are averaged over the edges' averages,
