@@ -249,11 +249,12 @@ class BatchedEngine(SimulationEngine):
             return torch.stack([get(i) for i in clients]).to(self.device)
 
         xs, ys = stack(lambda i: batch[i][0]), stack(lambda i: batch[i][1])
-        z_d, z_g = (stack(lambda i, k=k: fakes_in[i][k][0]).to(dtype=self.ex.dtype) for k in (0, 1))
+        z_d = stack(lambda i: fakes_in[i][0][0]).to(dtype=self.ex.dtype)
         if self.fake_inputs is None:  # the real batch's labels, one fake batch for steps 2 and 3
             inputs = (xs, ys, z_d, ys, z_d, ys)
         else:
-            inputs = (xs, ys, z_d, stack(lambda i: fakes_in[i][0][1]), z_g, stack(lambda i: fakes_in[i][1][1]))
+            inputs = (xs, ys, z_d, stack(lambda i: fakes_in[i][0][1]),
+                      stack(lambda i: fakes_in[i][1][0]).to(dtype=self.ex.dtype), stack(lambda i: fakes_in[i][1][1]))
         collect = collect_features and self.feature_depth is not None
         if self.ex.cuda_graphs and m.seam.recorder is None:  # a seam recorder counts crossings in Python
             losses, seen = self._graphed(clients, inputs, collect)

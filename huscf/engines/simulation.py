@@ -55,12 +55,13 @@ def epoch_noise(seed: int, round_idx: int, epoch: int) -> torch.Generator:
 
 
 def draw_fake_inputs(batch: dict, noise: torch.Generator, z_dim: int, plan: FakeInputs | None) -> dict[int, tuple]:
-    """Per client of ``batch``, the (z, y) of its step-2 fakes and of its step-3 fakes: by default
-    noise drawn in client order (in float32 in every precision: an fp64 run sees the fp32 run's
-    noise, cast exactly) and the real batch's labels, the same for both steps; else ``plan``'s."""
+    """Per client of ``batch``, the (z, y) of its step-2 fakes and of its step-3 fakes, or None for
+    the latter when it is the former's. By default: noise drawn in client order (in float32 in every
+    precision: an fp64 run sees the fp32 run's noise, cast exactly) and the real batch's labels, one
+    draw for both steps; else ``plan``'s."""
     if plan is not None:
         return plan.draw(noise, {i: len(batch[i][1]) for i in sorted(batch)}, z_dim)
-    return {i: ((torch.randn(len(batch[i][1]), z_dim, generator=noise), batch[i][1]),) * 2 for i in sorted(batch)}
+    return {i: ((torch.randn(len(batch[i][1]), z_dim, generator=noise), batch[i][1]), None) for i in sorted(batch)}
 
 
 def epoch_iterations(batches_per_client: list[int], cap: int | None) -> int:
@@ -221,8 +222,11 @@ class SimulationEngine:
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
         """``objective.iteration`` for the clients in ``batch``; returns {client: (L_D, L_G)}."""
         self._batch, self._clients = batch, sorted(batch)
-        self._fakes_in = {i: tuple((z.to(self.device, self.ex.dtype), y.to(self.device)) for z, y in pair)
-                          for i, pair in draw_fake_inputs(batch, noise, self.z_dim, self.fake_inputs).items()}
+        self._fakes_in = {}
+        for i, (first, second) in draw_fake_inputs(batch, noise, self.z_dim, self.fake_inputs).items():
+            first = (first[0].to(self.device, self.ex.dtype), first[1].to(self.device))  # drawn in fp32
+            self._fakes_in[i] = (first, first if second is None else
+                                 (second[0].to(self.device, self.ex.dtype), second[1].to(self.device)))
         self._seen = {} if collect_features and self.feature_depth is not None else None
         d, g = objective.iteration(self, self._clients, where)
         if self._seen is not None:  # D does not change in the G step: these are the stepped weights
