@@ -60,6 +60,24 @@ def test_evaluate_writes_json_csv_and_grids(tiny_run):
     assert not (tiny_run / ".eval.tmp").exists()
 
 
+def test_evaluate_runs_on_the_runs_thread_policy(tmp_path, monkeypatch, cache_env):
+    """A run that asked for one thread is evaluated on one, whatever torch had before."""
+    import huscf.metrics.evaluate as evaluate
+
+    monkeypatch.setenv("HUSCF_CACHE", str(cache_env))
+    run = tmp_path / "run"
+    Trainer.new(build_config({}, [*TINY, "train.rounds=1", "train.threads=1"]), run, quiet=True).fit()
+    seen, before, fid = [], torch.get_num_threads(), evaluate.classifier_fid
+    monkeypatch.setattr(evaluate, "classifier_fid",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or fid(*a, **k))
+    torch.set_num_threads(2)
+    try:
+        evaluate_run(run, EvalSettings(samples=50, tstr_samples=0), quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}, seen
+
+
 def test_evaluate_one_client_and_selected_rounds(tiny_run, capsys):
     assert main(["evaluate", str(tiny_run), "--rounds", "2,3", "--client", "3", "--samples", "100",
                  "--tstr-samples", "0", "--quiet"]) == 0

@@ -1,5 +1,6 @@
-"""Sharing the machine's cores: a run's torch threads (``train.threads``), and independent runs
-in parallel processes (``plan_jobs``, ``run_parallel``: ``huscf compare --jobs``, the benchmarks).
+"""Sharing the machine's cores: a run's torch threads (``train.threads``, in training and in its
+evaluation), and independent runs in parallel processes (``plan_jobs``, ``run_parallel``:
+``huscf compare --jobs``, the benchmarks).
 
 torch's default takes every core, and OpenMP's threads spin while they wait. Beside one busy
 core that costs a 2-core run 3.96x per round, and two runs at once 4.54x (issue 31;

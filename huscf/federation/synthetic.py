@@ -5,8 +5,8 @@ clients of one domain that miss different classes have weights as far apart as t
 domains. Their generators' samples are not: PFL-GAN's server learns its client similarity from
 synthetic data, and HFL-GAN's edges here compare the generators they receive the same way.
 
-* ``generator_samples``: a client's whole generator on given noise and labels, in eval mode
-  (BatchNorm's running statistics, as every sampler in huscf), flattened.
+* ``generator_samples``: a client's whole generator on given noise and labels, in eval mode as
+  every sampler in huscf (its BatchNorm normalises with the batch's statistics either way).
 * ``mmd2``: the squared maximum mean discrepancy between every two clients' samples, unbiased,
   with an RBF kernel whose bandwidth is the median squared distance of all samples pooled
   (Gretton et al. 2012, JMLR 13: the estimator and the heuristic).

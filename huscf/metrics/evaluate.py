@@ -34,6 +34,7 @@ import torch
 from huscf.config import load_run_config
 from huscf.data import load_domain, to_tensor
 from huscf.data.audio import images_to_waves, write_wav
+from huscf.engines.threads import ThreadPolicy
 from huscf.errors import HuscfError
 from huscf.metrics.classifiers import load_or_train
 from huscf.metrics.grids import class_grid_inputs, save_grid
@@ -159,6 +160,9 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", 
     if samples < 10 or tstr_samples < 0:
         raise HuscfError("--samples must be >= 10 and --tstr-samples >= 0")
     ev = RunEvaluator(run_dir, data_dir)
+    # the run's thread policy (train.threads), as in training: on a busy machine ``auto`` takes
+    # the cores the others leave, and a fixed count stays fixed (engines/threads.py)
+    threads = ThreadPolicy(ev.cfg.train.threads)
     todo = _parse_rounds(rounds, ev.rounds)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     classifiers, clf_info = {}, {}
@@ -174,6 +178,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", 
     fingerprints: dict[int, tuple] = {}  # the last evaluated round's, by client: reused for TSTR
     t0 = time.perf_counter()
     for k, r in enumerate(todo):
+        threads.adjust()
         ev.load_round(r)
         scored: dict[tuple, dict] = {}  # identical generators (same domain and weights) scored once
         fingerprints.clear()
@@ -195,6 +200,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", 
     tstr_done: dict[tuple, dict] = {}
     ceilings: dict[str, dict] = {}
     for gen in generators:
+        threads.adjust()
         d = gen.domain
         entry = FinalScore(**next(p for p in per_round if p.round == last and p.client == gen.client).to_json())
         nc = ev.test[d].num_classes
