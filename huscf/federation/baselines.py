@@ -53,10 +53,7 @@ class EdgeHierarchy:
         k = min(self.edges, n)
         edges = (np.zeros(n, dtype=int) if k == 1 else
                  AgglomerativeClustering(k, metric="precomputed", linkage="average").fit_predict(d2))
-        sizes = np.asarray(state.sizes, dtype=np.float64)
-        within = np.zeros(n)
-        for e in np.unique(edges):
-            within[edges == e] = sizes[edges == e] / sizes[edges == e].sum()
+        within = size_weights(state.sizes, edges)  # each edge's average, by data size
         edge_mix = (edges[:, None] == edges[None, :]) * within[None, :]  # row i: i's edge average
         global_row = within / len(np.unique(edges))  # the edges' averages, one vote each
         mixing = {net: np.tile(global_row, (n, 1)) if net in self.global_nets else edge_mix for net in ("G", "D")}

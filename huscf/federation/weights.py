@@ -58,7 +58,12 @@ def kld_weights(sizes: np.ndarray, kld: np.ndarray, groups: np.ndarray, alpha: f
     return w
 
 
-def size_weights(sizes: np.ndarray) -> np.ndarray:
-    """w_i = n_i / sum_j n_j: FedAvg's weights."""
+def size_weights(sizes: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """w_i = n_i / sum_j n_j: FedAvg's weights; with ``groups``, the sum over i's group only."""
     s = np.asarray(sizes, dtype=np.float64)
-    return s / s.sum()
+    if groups is None:
+        return s / s.sum()
+    w, groups = np.empty_like(s), np.asarray(groups)
+    for g in np.unique(groups):
+        w[groups == g] = s[groups == g] / s[groups == g].sum()
+    return w
