@@ -74,7 +74,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from huscf.rundir import EvalSettings
 
     settings = EvalSettings(samples=args.samples, tstr_samples=args.tstr_samples, tstr_epochs=args.tstr_epochs,
-                            client=args.client, seed=args.seed, every_client=args.every_client)
+                            client=args.client, seed=args.seed, every_client=args.every_client,
+                            fid_reference=args.fid_reference)
     evaluate_run(Path(args.run_dir), settings, rounds=args.rounds, data_dir=args.data_dir, quiet=args.quiet)
     return 0
 
@@ -84,7 +85,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     compare(_config_path(args.config), args.methods, Path(args.out), args.set, eval_rounds=args.rounds,
             samples=args.samples, tstr_samples=args.tstr_samples, data_dir=args.data_dir, quiet=args.quiet,
-            every_client=args.every_client, jobs=args.jobs)
+            every_client=args.every_client, jobs=args.jobs, fid_reference=args.fid_reference)
     return 0
 
 
@@ -94,6 +95,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     html, md = write_report(Path(args.run_dir))
     print(f"wrote {html} and {md}")
     return 0
+
+
+FID_REFERENCE_HELP = ("FID against the test split (default) or against training images the run did not use (those "
+                      "beyond data.limit_per_domain: for choosing settings without looking at the test split)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--every-client", action="store_true",
                     help="evaluate every client's own generator (identical ones scored once)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--fid-reference", choices=["test", "heldout"], default="test", help=FID_REFERENCE_HELP)
     ev.add_argument("--data-dir", help="folder with the datasets (default: the run's, $HUSCF_DATA)")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--jobs", default="auto",
                       help="methods trained at once, each in its own process on its share of the cores "
                            "(auto: one per core; 1: one after the other with the config's threads)")
+    cmp_.add_argument("--fid-reference", choices=["test", "heldout"], default="test", help=FID_REFERENCE_HELP)
     cmp_.add_argument("--data-dir")
     cmp_.add_argument("--quiet", action="store_true")
     cmp_.set_defaults(func=_cmd_compare)

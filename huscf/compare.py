@@ -140,7 +140,8 @@ def _run_method(task: _MethodTask) -> str:
 
 def compare(config: Path | None, names: list[str], out: Path, overrides: list[str] = (), eval_rounds: str = "all",
             samples: int = 2000, tstr_samples: int = 10000, data_dir: str | None = None, quiet: bool = False,
-            every_client: bool = False, tstr_min_steps: int = 600, jobs: int | str = "auto") -> Path:
+            every_client: bool = False, tstr_min_steps: int = 600, jobs: int | str = "auto",
+            fid_reference: str = "test") -> Path:
     """Train (or resume) and evaluate every method in ``names`` on one config into ``out``, then
     write the comparison. ``every_client`` scores each client's own generator (see
     ``evaluate_run``); the table's values are then means over the domain's clients."""
@@ -158,7 +159,7 @@ def compare(config: Path | None, names: list[str], out: Path, overrides: list[st
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     settings = EvalSettings(samples=samples, tstr_samples=tstr_samples, every_client=every_client,
-                            tstr_min_steps=tstr_min_steps)
+                            tstr_min_steps=tstr_min_steps, fid_reference=fid_reference)
     tasks = [_MethodTask(config, name, out / name, tuple(overrides), data_dir, eval_rounds, settings, quiet)
              for name in names]
     if not all(_evaluated(task.run_dir, settings) for task in tasks):

@@ -95,6 +95,8 @@ def test_evaluate_bad_input(tiny_run, tmp_path, capsys):
     fails(["evaluate", str(tmp_path / "nothing")], "not a huscf run directory")
     fails(["evaluate", str(tiny_run), "--rounds", "9"], "no checkpoint for round(s) [9]")
     fails(["evaluate", str(tiny_run), "--rounds", "every:0"], "--rounds every:N needs a whole number N >= 1")
+    fails(["evaluate", str(tiny_run), "--fid-reference", "heldout", "--quiet"],
+          "--fid-reference heldout needs a run with data.limit_per_domain set")
     config = (tiny_run / "config.yaml").read_text()
     (tiny_run / "config.yaml").write_text(config.replace("width: 0.125", "width: 0.25"))
     fails(["evaluate", str(tiny_run), "--quiet", "--tstr-samples", "0", "--samples", "10"],
@@ -112,6 +114,25 @@ def test_evaluate_bad_input(tiny_run, tmp_path, capsys):
         ckpt.rename(tmp_path / ckpt.name)
     fails(["evaluate", str(tiny_run), "--quiet"], "no finished round with a checkpoint")
     assert not (tiny_run / "eval.json").exists()
+
+
+def test_heldout_fid_compares_with_training_images_the_run_did_not_use(tmp_path, monkeypatch, cache_env):
+    """The same generator's FID against the test split and against held-out training images differ
+    (other images), the setting is recorded, and a limit that leaves too few images is refused."""
+    monkeypatch.setenv("HUSCF_CACHE", str(cache_env))
+    run = tmp_path / "run"
+    Trainer.new(build_config({}, [*TINY, "train.rounds=1", "data.limit_per_domain=300"]), run, quiet=True).fit()
+    fids = {}
+    for ref in ("test", "heldout"):
+        evaluate_run(run, EvalSettings(samples=100, tstr_samples=0, fid_reference=ref), quiet=True)
+        ev = json.loads((run / "eval.json").read_text())
+        assert ev["settings"]["fid_reference"] == ref
+        fids[ref] = [e["fid"] for e in ev["final"]]
+    assert all(a != b for a, b in zip(fids["test"], fids["heldout"]))
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("limit_per_domain: 300", "limit_per_domain: 1400"))
+    with pytest.raises(HuscfError, match="fewer than 500: lower the limit"):
+        evaluate_run(run, EvalSettings(samples=100, tstr_samples=0, fid_reference="heldout"), quiet=True)
 
 
 def test_generator_emitting_nan_is_refused_and_nothing_is_written(tiny_run, capsys):

@@ -280,3 +280,11 @@ class HomogeneousCuts(HuSCFGAN):
     title = "HuSCF-GAN with the cuts [1, 0, 1, 0] for every client instead of the latency optimiser's"
     ablation_of = "huscf"
     overrides = ("cuts.method=fixed", "cuts.fixed=[1,0,1,0]")
+
+
+@register
+class SharedBody(HuSCFGAN):
+    name = "huscf-sharedbody"
+    title = "HuSCF-GAN with one server body for every client instead of one per cluster"
+    ablation_of = "huscf"
+    overrides = ("federation.server_body=shared",)

@@ -10,7 +10,9 @@ weights (FedGAN's clients, a cluster's members with equal cuts) are scored once 
 shared; the real-data ceiling is trained once per domain.
 
 Per evaluated round and generator: the generation score (exp E KL(p(y|x) || p(y)) with the real
-domain's classifier) and the classifier-feature FID against the real test split. At the final
+domain's classifier) and the classifier-feature FID against the real test split (or, with
+``fid_reference="heldout"``, against training images the run never used: a choice made on that
+FID never sees the test split). At the final
 evaluated round additionally: train-on-synthetic-test-on-real (TSTR) metrics and the same CNN
 trained on as many real images (the ceiling). Everything is computed before anything is written;
 ``eval.json``, ``eval.csv`` and ``eval_samples/`` then appear together.
@@ -151,6 +153,28 @@ class RunEvaluator:
                                 self.arch.z_dim, n, seed, what=what)
 
 
+FID_REFERENCES = ("test", "heldout")
+HELDOUT_MAX = 10000  # held-out training images the FID compares with, at most (a test split's size)
+HELDOUT_MIN = 500  # fewer make the FID's covariance too noisy to choose by
+
+
+def heldout_images(cfg) -> dict[str, torch.Tensor]:
+    """Per domain, the training images a run with ``cfg`` never saw: those after the first
+    ``data.limit_per_domain`` (at most ``HELDOUT_MAX``), as [-1, 1] tensors."""
+    limit = cfg.data.limit_per_domain
+    if limit is None:
+        raise HuscfError("--fid-reference heldout needs a run with data.limit_per_domain set: without it the run "
+                         "trained on every training image and none is held out")
+    out = {}
+    for d in cfg.data.domains:
+        images = load_domain(d, "train", cfg.data.data_dir).images[limit: limit + HELDOUT_MAX]
+        if len(images) < HELDOUT_MIN:
+            raise HuscfError(f"--fid-reference heldout: {d} has {len(images)} training images beyond "
+                             f"data.limit_per_domain={limit}, fewer than {HELDOUT_MIN}: lower the limit")
+        out[d] = to_tensor(images)
+    return out
+
+
 def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", data_dir: str | None = None,
                  quiet: bool = False) -> Path:
     """Evaluate ``rounds`` ("all", "last" or a list such as "1,5-7") of a run as ``settings`` say;
@@ -159,6 +183,8 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", 
                                                          settings.client, settings.every_client)
     if samples < 10 or tstr_samples < 0:
         raise HuscfError("--samples must be >= 10 and --tstr-samples >= 0")
+    if settings.fid_reference not in FID_REFERENCES:
+        raise HuscfError(f"--fid-reference must be one of {', '.join(FID_REFERENCES)}, got {settings.fid_reference!r}")
     ev = RunEvaluator(run_dir, data_dir)
     # the run's thread policy (train.threads), as in training: on a busy machine ``auto`` takes
     # the cores the others leave, and a fixed count stays fixed (engines/threads.py)
@@ -171,6 +197,8 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", 
         classifiers[d], info = load_or_train(d, ev.cfg.data.data_dir, progress=not quiet)
         clf_info[d] = {"test_accuracy": info["test_accuracy"], "data_hash": info["data_hash"]}
     real_test = {d: (to_tensor(t.images), torch.as_tensor(np.array(t.labels))) for d, t in ev.test.items()}
+    fid_real = ({d: x for d, (x, _) in real_test.items()} if settings.fid_reference == "test"
+                else heldout_images(ev.cfg))
 
     per_round: list[GeneratorScore] = []
     final: list[FinalScore] = []
@@ -188,7 +216,7 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", 
                 x, _ = ev.sample(gen, samples, seed)
                 clf = classifiers[gen.domain]
                 scored[key] = {"generation_score": round(generation_score(classifier_probs(clf, x)), 4),
-                               "fid": round(classifier_fid(clf, real_test[gen.domain][0], x), 4)}
+                               "fid": round(classifier_fid(clf, fid_real[gen.domain], x), 4)}
             per_round.append(GeneratorScore(round=gen.round, cluster=gen.cluster, client=gen.client,
                                             domain=gen.domain, **scored[key]))
         say(f"round {r}: " + ", ".join(f"{p.domain}/c{p.cluster} score {p.generation_score:.2f} "

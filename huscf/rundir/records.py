@@ -194,6 +194,9 @@ class EvalSettings(_FlatRecord):
     rounds: list[int] = field(default_factory=list)  # the rounds scored (``evaluate_run`` fills it in)
     client: int | None = None
     every_client: bool = False
+    # what the FID compares with: "test" the domain's test split; "heldout" training images the run
+    # did not use (those beyond data.limit_per_domain), so that a choice made on FID never sees the test split
+    fid_reference: str = "test"
 
 
 @dataclass(kw_only=True)
