@@ -105,7 +105,7 @@ SETTINGS = (
             ("data.clients_per_domain=3", "data.limit_per_domain=400", *COMMON_CPU),
             ("data.clients_per_domain=20", "data.limit_per_domain=50000", *COMMON_PAPER), "mnist", multi_domain=True),
     Setting("cifar10_noniid", "cifar10_noniid",
-            ("data.clients_per_domain=4", "data.limit_per_domain=1200", *COMMON_CPU),
+            ("data.clients_per_domain=4", "data.limit_per_domain=800", *COMMON_CPU),
             ("data.clients_per_domain=10", "data.limit_per_domain=40000", *COMMON_PAPER), "cifar10"),
 )
 TUNE_SETTING = "two_domain_highly_noniid"

@@ -21,7 +21,7 @@ from huscf.data import ClientPartition, load_domain, partition, to_tensor
 from huscf.errors import HuscfError
 from huscf.methods import get_method
 from huscf.models import build_architecture
-from huscf.models.cgan import Architecture
+from huscf.models.cgan import ARCHITECTURES, Architecture
 from huscf.split.plan import Cuts, all_cuts, validate_cuts, whole_network_cuts
 
 
@@ -114,9 +114,11 @@ def _architecture(cfg: RunConfig, train: dict) -> Architecture:
     arch_shape = build_architecture(cfg.model.arch).image_shape
     first = next(iter(train.values()))
     if tuple(first.images.shape[1:]) != arch_shape:
+        fits = [n for n in ARCHITECTURES if ARCHITECTURES[n].image_shape == tuple(first.images.shape[1:])]
         raise HuscfError(f"config key 'model.arch': {cfg.model.arch} makes {_image_kind(arch_shape)} images, domain "
                          f"'{first.name}' has {_image_kind(first.images.shape[1:])} "
-                         f"{'spectrograms' if first.kind == 'spectrogram' else 'images'}")
+                         f"{'spectrograms' if first.kind == 'spectrogram' else 'images'}"
+                         + (f" (use {' or '.join(fits)})" if fits else ""))
     return build_architecture(cfg.model.arch, cfg.model.width, num_classes, arch_shape)
 
 

@@ -1,11 +1,13 @@
-"""Downloads of CIFAR-10, PneumoniaMNIST and FSDD: verification and conversion of each official
-release, served from local files (file:// URLs) built in the release's own format."""
+"""Downloads of CIFAR-10, PneumoniaMNIST, BloodMNIST, DermaMNIST, SVHN and FSDD: verification and
+conversion of each official release, served from local files (file:// URLs) built in the release's
+own format."""
 
 import dataclasses
 import hashlib
 import io
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from scipy.io import wavfile
 from huscf.cli import main
 from huscf.data import archives, load_domain
 from huscf.data.sources import DOMAINS
+from huscf.errors import HuscfError
 
 
 def _serve(monkeypatch, name, path, md5=None):
@@ -143,3 +146,93 @@ def test_fsdd_rejects_audio_it_cannot_use(tmp_path):
         out.writestr("x/recordings/1_theo_3.wav", buf.getvalue())
     with pytest.raises(Exception, match="1_theo_3.wav is 16000 Hz"):
         archives.convert_fsdd(tmp_path / "a.zip", tmp_path, "0" * 64)
+
+
+def _medmnist_rgb(path, classes, splits=(("train", 40), ("val", 4), ("test", 12)), seed=0):
+    """MedMNIST's RGB layout: {split}_images (N, 28, 28, 3) uint8, {split}_labels (N, 1)."""
+    rng = np.random.default_rng(seed)
+    release = {f"{s}_images": rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8) for s, n in splits}
+    release |= {f"{s}_labels": (np.arange(n) % classes).reshape(n, 1).astype(np.uint8) for s, n in splits}
+    np.savez(path, **release)
+    return release
+
+
+@pytest.mark.parametrize("name, classes", [("bloodmnist", 8), ("dermamnist", 7)])
+def test_medmnist_rgb_download_is_verified_and_converted(tmp_path, monkeypatch, capsys, name, classes):
+    release = _medmnist_rgb(tmp_path / f"{name}.npz", classes)
+    _serve(monkeypatch, name, tmp_path / f"{name}.npz")
+    code, err = _download(name, tmp_path / "data", capsys)
+    assert code == 0, err
+    for split in ("train", "test"):
+        d = load_domain(name, split, tmp_path / "data")
+        assert d.images.shape == (len(release[f"{split}_images"]), 3, 28, 28) and d.num_classes == classes
+        np.testing.assert_array_equal(d.images, release[f"{split}_images"].transpose(0, 3, 1, 2))
+        np.testing.assert_array_equal(d.labels, release[f"{split}_labels"].reshape(-1))
+    # a grey MedMNIST file under the colour name is refused in one line, and nothing is left
+    np.savez(tmp_path / "grey.npz", **{f"{s}_{k}": np.zeros((2, 28, 28) if k == "images" else (2, 1), np.uint8)
+                                       for s in ("train", "val", "test") for k in ("images", "labels")})
+    _serve(monkeypatch, name, tmp_path / "grey.npz")
+    code, err = _download(name, tmp_path / "other", capsys)
+    assert code == 2 and f"{name}.npz: unexpected train arrays uint8 (2, 28, 28)" in err and "\n" not in err
+    assert not list((tmp_path / "other" / name).iterdir())
+
+
+def _svhn_mat(path, n, seed):
+    """The official MATLAB v5 layout: X (32, 32, 3, N) uint8, y (N, 1) in 1..10 (10 = the digit 0)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)
+    savemat(path, {"X": x, "y": y})
+    return x, y
+
+
+def _serve_svhn(monkeypatch, files):
+    source = DOMAINS["svhn"]
+    parts = tuple(dataclasses.replace(p, urls=(files[p.archive].as_uri(),),
+                                      md5=hashlib.md5(files[p.archive].read_bytes()).hexdigest())
+                  for p in source.fetch.parts)
+    monkeypatch.setitem(DOMAINS, "svhn", dataclasses.replace(source, fetch=dataclasses.replace(source.fetch,
+                                                                                              parts=parts)))
+
+
+def test_svhn_download_fetches_both_files_and_maps_label_10_to_0(tmp_path, monkeypatch, capsys):
+    arrays = {"train_32x32.mat": _svhn_mat(tmp_path / "train_32x32.mat", 30, 0),
+              "test_32x32.mat": _svhn_mat(tmp_path / "test_32x32.mat", 12, 1)}
+    _serve_svhn(monkeypatch, {k: tmp_path / k for k in arrays})
+    code, err = _download("svhn", tmp_path / "data", capsys)
+    assert code == 0, err
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_32x32.mat"]
+        d = load_domain("svhn", split, tmp_path / "data")
+        np.testing.assert_array_equal(d.images, x.transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(d.labels, y.reshape(-1) % 10)
+        assert d.labels.min() == 0 and d.labels.max() == 9 and d.class_names == tuple("0123456789")
+    # a file that is not the cropped-digits format: one line naming it
+    from scipy.io import savemat
+
+    savemat(tmp_path / "bad.mat", {"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)})
+    with pytest.raises(HuscfError, match=r"svhn train_32x32.mat: X is uint8 \(28, 28, 3, 2\)"):
+        archives.convert_svhn(tmp_path / "bad.mat", tmp_path, "train")
+    (tmp_path / "junk.mat").write_bytes(b"not matlab")
+    with pytest.raises(HuscfError, match="not a MATLAB file"):
+        archives.convert_svhn(tmp_path / "junk.mat", tmp_path, "train")
+
+
+def test_a_colour_28x28_config_trains_on_the_converted_files(tmp_path, monkeypatch, capsys):
+    """The shipped BloodMNIST + DermaMNIST config, scaled down, on fixture files: cgan28_rgb, 8 classes."""
+    from huscf.config import load_config
+    from huscf.trainer import Trainer
+
+    for name, classes in (("bloodmnist", 8), ("dermamnist", 7)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        release = _medmnist_rgb(tmp_path / "r.npz", classes, splits=(("train", 96), ("val", 4), ("test", 16)))
+        archives.convert_medmnist_rgb(tmp_path / "r.npz", tmp_path / "data" / name, name)
+        assert release["train_images"].shape == (96, 28, 28, 3)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "medmnist_blood_derma.yaml",
+                      ["data.clients_per_domain=2", "model.width=0.125", "train.rounds=1", "train.local_epochs=1",
+                       "train.batch_size=8", "train.max_iters_per_epoch=1", "output.samples_every=0",
+                       "cuts.method=fixed", "cuts.fixed=[1,0,1,0]"], str(tmp_path / "data"))
+    Trainer.new(cfg, tmp_path / "run", quiet=True).fit()
+    assert (tmp_path / "run" / "checkpoints").is_dir()

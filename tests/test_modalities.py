@@ -95,9 +95,10 @@ def test_colour_and_two_class_domains_train(shared_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["data.domains=[cifar10]"], "cgan28 makes 1x28x28 (grey) images, domain 'cifar10' has 3x32x32 (colour) images"),
+    (["data.domains=[cifar10]"],
+     "cgan28 makes 1x28x28 (grey) images, domain 'cifar10' has 3x32x32 (colour) images (use dcgan32)"),
     (["data.domains=[fsdd]", "model.arch=dcgan32"],
-     "dcgan32 makes 3x32x32 (colour) images, domain 'fsdd' has 1x28x28 (grey) spectrograms"),
+     "dcgan32 makes 3x32x32 (colour) images, domain 'fsdd' has 1x28x28 (grey) spectrograms (use cgan28)"),
     (["data.domains=[mnist]", "model.num_classes=2"], "2 label embeddings, but domain 'mnist' has 10 classes"),
     (["data.domains=[mnist, cifar10]", "model.arch=dcgan32"], "'mnist' 1x28x28 (grey), 'cifar10' 3x32x32 (colour)"),
 ])

@@ -7,6 +7,13 @@ entries in ``sources.DOMAINS``).
   set, which the reader prefers to the 10k/2k ``cifar10_subset.npz`` of the shared data folder.
 * ``pneumoniamnist``: MedMNIST v2's ``pneumoniamnist.npz`` (Zenodo), MD5 as listed in MedMNIST's
   own ``INFO`` table. Becomes IDX files (train, val, t10k = MedMNIST's test).
+* ``bloodmnist``, ``dermamnist``: MedMNIST v2's ``bloodmnist.npz`` / ``dermamnist.npz`` (Zenodo;
+  28x28 RGB), MD5 as listed in MedMNIST's ``INFO`` table. Each becomes ``<name>/<name>.npz``
+  with ``x_train``/``y_train``, ``x_val``/``y_val`` and ``x_test``/``y_test`` (N, 28, 28, 3).
+* ``svhn``: the Street View House Numbers' cropped-digit files ``train_32x32.mat`` and
+  ``test_32x32.mat`` (MATLAB v5: ``X`` (32, 32, 3, N) uint8, ``y`` (N, 1) in 1..10, 10 for the
+  digit 0), MD5s as torchvision and Keras list them. Each becomes ``svhn/svhn_<split>.npz``
+  (``x_<split>`` (N, 32, 32, 3), ``y_<split>`` 0..9).
 * ``fsdd``: the Free Spoken Digit Dataset's GitHub repository at a fixed commit, as a zip. GitHub
   builds archives on the fly and does not promise the same bytes twice, so the *content* is
   verified instead: the recordings, decoded and arranged as ``fsdd.npz`` (official split:
@@ -108,6 +115,45 @@ def convert_pneumoniamnist(archive: Path, dest: Path) -> list[Path]:
             written.append(_save_idx(dest / f"{prefix}-images-idx3-ubyte.gz", images))
             written.append(_save_idx(dest / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8)))
     return written
+
+
+def convert_medmnist_rgb(archive: Path, dest: Path, name: str) -> list[Path]:
+    """MedMNIST's RGB ``<name>.npz`` (``{train,val,test}_images`` (N, 28, 28, 3) uint8, labels (N, 1))
+    -> ``dest/<name>.npz`` with ``x_<split>``, ``y_<split>`` (labels flattened)."""
+    arrays = {}
+    with np.load(archive, allow_pickle=False) as z:
+        for split in ("train", "val", "test"):
+            images, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1)
+            if images.ndim != 4 or images.shape[1:] != (28, 28, 3) or images.dtype != np.uint8 \
+                    or len(images) != len(labels):
+                raise HuscfError(f"{name}.npz: unexpected {split} arrays {images.dtype} {images.shape}, "
+                                 f"{len(labels)} labels (expected uint8 (N, 28, 28, 3))")
+            arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels.astype(np.uint8)
+    return [_save_npz(dest / f"{name}.npz", **arrays)]
+
+
+# ---- SVHN ------------------------------------------------------------------------------------------
+
+def convert_svhn(archive: Path, dest: Path, split: str) -> list[Path]:
+    """The official ``<split>_32x32.mat`` -> ``dest/svhn_<split>.npz``: images (N, 32, 32, 3), labels
+    0..9 (the file's label 10 is the digit 0)."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        mat = loadmat(archive)
+    except (MatReadError, ValueError) as exc:
+        raise HuscfError(f"svhn {split}_32x32.mat: not a MATLAB file ({exc})") from None
+    if "X" not in mat or "y" not in mat:
+        raise HuscfError(f"svhn {split}_32x32.mat: no 'X' and 'y' (has {', '.join(k for k in mat if k[0] != '_')})")
+    x, y = mat["X"], mat["y"].reshape(-1)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8 or x.shape[3] != len(y):
+        raise HuscfError(f"svhn {split}_32x32.mat: X is {x.dtype} {x.shape} for {len(y)} labels "
+                         f"(expected uint8 (32, 32, 3, N))")
+    if len(y) and (y.min() < 1 or y.max() > 10):
+        raise HuscfError(f"svhn {split}_32x32.mat: labels {y.min()}..{y.max()}, expected 1..10")
+    images = np.ascontiguousarray(x.transpose(3, 0, 1, 2))
+    return [_save_npz(dest / f"svhn_{split}.npz", **{f"x_{split}": images, f"y_{split}": (y % 10).astype(np.uint8)})]
 
 
 # ---- Free Spoken Digit Dataset ----------------------------------------------------------------------

@@ -4,7 +4,8 @@ IDX domains are read from ``<data_dir>/<name>/{train,t10k}-{images-idx3,labels-i
 with only the t10k files gets a fixed, stratified 80/20 split of them (8,000 / 2,000 for the 10k files).
 The ``digits*`` domains are built from scikit-learn's bundled 8x8 digits and need no files.
 ``cifar10`` reads ``<data_dir>/cifar10/cifar10.npz`` (the full set, as ``huscf data download``
-writes it), else ``cifar10_subset.npz`` (32x32 RGB). ``fsdd`` reads
+writes it), else ``cifar10_subset.npz`` (32x32 RGB); ``svhn`` ``svhn/svhn_{train,test}.npz`` (32x32
+RGB), ``bloodmnist`` and ``dermamnist`` ``<name>/<name>.npz`` (28x28 RGB), as the download writes them. ``fsdd`` reads
 ``<data_dir>/fsdd/fsdd.npz`` (8 kHz speech) and turns every recording into a fixed-size log-mel
 spectrogram image (``data/audio.py``); its speakers are the domain's ``groups``.
 
@@ -184,14 +185,20 @@ def _read_npz(path: Path, _stamp: tuple) -> _Arrays:
         raise HuscfError(f"data file {path}: not a readable npz, damaged or cut short ({exc})") from None
 
 
-def _load_cifar10(split: str, root: Path, files: tuple[str, ...]) -> Domain:
-    z = _npz("cifar10", files, root)
+def _load_rgb(split: str, root: Path, name: str, files: tuple[str, ...], size: int,
+              class_names: tuple[str, ...]) -> Domain:
+    """An RGB npz domain: ``x_<part>`` uint8 (N, size, size, 3) and ``y_<part>`` from the first of
+    ``files`` that exists (``{part}`` in a file name: one file per split); the file's
+    ``class_names`` where it has them."""
     part = "train" if split == "train" else "test"
+    z = _npz(name, tuple(f.format(part=part) for f in files), root)
     x, y = z[f"x_{part}"], z[f"y_{part}"]
-    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
-        raise HuscfError(f"data for 'cifar10': expected x_{part} uint8 (N, 32, 32, 3), got {x.dtype} {x.shape}")
-    names = tuple(str(c) for c in z.get("class_names", [str(i) for i in range(10)]))
-    return _frozen("cifar10", np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y, names)
+    if x.ndim != 4 or x.shape[1:] != (size, size, 3) or x.dtype != np.uint8:
+        raise HuscfError(f"data for '{name}': expected x_{part} uint8 (N, {size}, {size}, 3), got {x.dtype} {x.shape}")
+    names = tuple(str(c) for c in z.get("class_names", class_names))
+    if len(y) and int(np.max(y)) >= len(names):
+        raise HuscfError(f"data for '{name}': label {int(np.max(y))} out of range 0..{len(names) - 1}")
+    return _frozen(name, np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y, names)
 
 
 @functools.lru_cache(maxsize=4)
@@ -301,6 +308,17 @@ class Release:
             tmp.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Releases:
+    """A ``fetch`` of a set published as several files, each a ``Release`` (its own URLs, MD5 and
+    conversion), fetched one after another."""
+
+    parts: tuple[Release, ...]
+
+    def __call__(self, name: str, dest: Path, quiet: bool) -> list[Path]:
+        return [path for part in self.parts for path in part(name, dest, quiet)]
+
+
 def _bundled(name: str, dest: Path, quiet: bool) -> list[Path]:
     """The ``fetch`` of a domain built from scikit-learn's bundled digits: nothing to download."""
     if not quiet:
@@ -351,11 +369,34 @@ DOMAINS: dict[str, DomainSource] = {
             archive="pneumoniamnist.npz", md5="28209eda62fecd6e6a2d98b1501bb15f",
             convert=archives.convert_pneumoniamnist)),
     "cifar10": DomainSource(  # the full set as the download writes it, else the shared folder's 10k/2k subset
-        read=functools.partial(_load_cifar10, files=("cifar10/cifar10.npz", "cifar10/cifar10_subset.npz")),
+        read=functools.partial(_load_rgb, name="cifar10", files=("cifar10/cifar10.npz", "cifar10/cifar10_subset.npz"),
+                               size=32, class_names=_TEN),
         fetch=Release(
             urls=("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
             archive="cifar-10-binary.tar.gz", md5="c32a1d4ab5d03f1284b67883e8d87530",
             convert=archives.convert_cifar10)),
+    "svhn": DomainSource(
+        read=functools.partial(_load_rgb, name="svhn", files=("svhn/svhn_{part}.npz",), size=32, class_names=_TEN),
+        fetch=Releases(tuple(
+            Release(urls=(f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat",),
+                    archive=f"{split}_32x32.mat", md5=md5,
+                    convert=functools.partial(archives.convert_svhn, split=split))
+            for split, md5 in (("train", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+                               ("test", "eb5a983be6a315427106f1b164d9cef3"))))),
+    **{name: DomainSource(
+        read=functools.partial(_load_rgb, name=name, files=(f"{name}/{name}.npz",), size=28, class_names=classes),
+        fetch=Release(
+            urls=(f"https://zenodo.org/records/10519652/files/{name}.npz?download=1",
+                  f"https://zenodo.org/record/6496656/files/{name}.npz?download=1"),
+            archive=f"{name}.npz", md5=md5, convert=functools.partial(archives.convert_medmnist_rgb, name=name)))
+       for name, md5, classes in (
+           ("bloodmnist", "7053d0359d879ad8a5505303e11de1dc",
+            ("basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+             "neutrophil", "platelet")),
+           ("dermamnist", "0744692d530f8e62ec473284d019b0c7",
+            ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+             "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+             "vascular lesions")))},
     "fsdd": DomainSource(
         read=functools.partial(_load_fsdd, files=("fsdd/fsdd.npz",)),
         fetch=Release(

@@ -7,6 +7,7 @@ specs:
 
 * ``cgan28`` - the paper's 28x28 grey cGAN (3 middle blocks in G and in D). ``width`` scales
   every channel count (1.0 = the paper: G 256-128-128-64, D 64-128-128-256).
+* ``cgan28_rgb`` - ``cgan28`` for 28x28 colour images (BloodMNIST, DermaMNIST).
 * ``dcgan32`` - a 32x32 RGB conditional DCGAN with 4 middle blocks in G and in D.
 
 The discriminator returns logits; training applies ``BCEWithLogits``, which equals the paper's
@@ -158,6 +159,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         d_head=(64, 3, 2, 1), d_middle=((128, 3, 2, 1), (128, 3, 1, 1), (192, 3, 2, 1), (256, 3, 1, 1)),
     ),
 }
+# cgan28 for colour 28x28 images (BloodMNIST, DermaMNIST): only the image's channels differ
+ARCHITECTURES["cgan28_rgb"] = replace(ARCHITECTURES["cgan28"], name="cgan28_rgb", image_shape=(3, 28, 28))
 
 
 def build_architecture(name: str, width: float = 1.0, num_classes: int | None = None,
