@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from bench_quality import _commit  # noqa: E402
+from bench_quality import _commit, clients_summary  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "huscf" / "configs"
 SEEDS = (600, 601, 602)  # the reported seeds: fixed before any cell ran, never used to choose anything
@@ -223,6 +223,7 @@ def run_cells(cells: list[Cell], out: Path, *, jobs: str, address: str | None, c
         else:
             todo.append(c)
     if not todo:
+        say(f"all {len(cells)} cells read from {out} (finished before)")
         return results
     say(f"{len(todo)} cells to run ({len(cells) - len(todo)} finished before)")
     start = time.perf_counter()
@@ -408,7 +409,11 @@ def run_grid(settings: list[Setting], methods: list[str], seeds: list[int], out:
     ablations = [m for m in methods if m in ABLATIONS]
     claims = claims_table(results, settings, seeds, baselines)
     abl = ablation_table(results, settings, seeds, ablations) if ablations else []
-    return claims, abl, render(claims, abl, per_domain_lines(results, settings, methods, seeds))
+    clients = ["", "HuSCF-GAN's clients per setting and seed: domain, cuts (G head, G tail, D head, D tail), "
+                   "classes it lacks, images, cluster and TSTR accuracy of its own generator at the last round", ""]
+    clients += [f"{c.setting} seed {c.seed}: {clients_summary(out / c.key / c.method)}" for c in cells
+                if c.method == "huscf"]
+    return claims, abl, render(claims, abl, per_domain_lines(results, settings, methods, seeds) + clients)
 
 
 def _fmt(v, sd=None, unit="") -> str:

@@ -92,8 +92,6 @@ def _per_seed_mean(table: dict, method: str, key: str, domains: list[str]) -> np
 
 
 def summarise(out: Path, seeds: list[int], methods: list[str]) -> str:
-    from huscf.rundir import read_eval
-
     table = _read(out, seeds, methods)
     domains = list(dict.fromkeys(d for _, d in table))
     lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean +/- sd over seeds of the per-domain mean over "
@@ -134,17 +132,24 @@ def summarise(out: Path, seeds: list[int], methods: list[str]) -> str:
         lines += ["", "HuSCF-GAN's clients: cuts (G head, G tail, D head, D tail), missing classes, images, cluster, "
                       "TSTR accuracy of its own generator", ""]
         for s in seeds:
-            run = out / f"seed_{s}" / "huscf"
-            clients = json.loads((run / "clients.json").read_text())["clients"]
-            final = {e.client: e for e in read_eval(run / "eval.json").final}
-            parts = []
-            for i, c in enumerate(clients):
-                e = final.get(i)
-                acc = "-" if e is None or e.tstr is None else f"{e.tstr['accuracy']:.2f}"
-                parts.append(f"c{i} {c['domain'][:5]} {tuple(c['cuts'])} -{c.get('excluded_classes', [])} "
-                             f"n={c.get('size', '?')} k{e.cluster if e else '-'} {acc}")
-            lines.append(f"seed {s}: " + "; ".join(parts))
+            lines.append(f"seed {s}: " + clients_summary(out / f"seed_{s}" / "huscf"))
     return "\n".join(lines)
+
+
+def clients_summary(run: Path) -> str:
+    """One run's clients: domain, cuts, missing classes, images, cluster and TSTR accuracy of its
+    own generator at the last evaluated round."""
+    from huscf.rundir import read_eval
+
+    clients = json.loads((run / "clients.json").read_text())["clients"]
+    final = {e.client: e for e in read_eval(run / "eval.json").final}
+    parts = []
+    for i, c in enumerate(clients):
+        e = final.get(i)
+        acc = "-" if e is None or e.tstr is None else f"{e.tstr['accuracy']:.2f}"
+        parts.append(f"c{i} {c['domain'][:5]} {tuple(c['cuts'])} -{c.get('excluded_classes', [])} "
+                     f"n={c.get('size', '?')} k{e.cluster if e else '-'} {acc}")
+    return "; ".join(parts)
 
 
 def _commit() -> str:

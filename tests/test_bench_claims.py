@@ -112,3 +112,4 @@ def test_a_tiny_grid_tunes_reports_and_resumes(tmp_path):
     claims2, _, _ = bench.run_grid([tiny], ["huscf", "fedgan", "huscf-nokld"], [600], tmp_path, ev=ev, tune=tiny,
                                    say=again.append, jobs="1", address=None, cpus=1, gpus=0, data_dir=None)
     assert not any("cells to run" in line for line in again) and claims2 == claims
+    assert "all 3 cells read from" in again[-1] and "tiny seed 600: c0 digit" in table
