@@ -244,6 +244,8 @@ def run_cells(cells: list[Cell], out: Path, *, jobs: str, address: str | None, c
         import ray
 
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        if __name__ != "__main__":  # imported (tests): send this module's code with the task, as a script's is
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=3, retry_exceptions=False)(_ray_cell)
         pending = {task.remote(c, str(out), data_dir, cpus): c for c in todo}
         k = 0

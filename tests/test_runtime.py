@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -681,3 +682,32 @@ def test_fedgan_equal_steps_and_syncs_are_the_same_on_ray(local_ray, tmp_path):
     assert [runs[n]["federation"]["syncs_before_round_end"] for n in runs] == [2, 2]
     for key in ("loss_d_per_client", "loss_g_per_client"):
         assert_close64(np.array(runs["ray"][key]), np.array(runs["loop"][key]), extra=RECORD_ROUNDING, msg=key)
+
+
+def test_bench_claims_cells_run_as_ray_tasks_and_match_local_runs(local_ray, tmp_path):
+    """benchmarks/bench_claims.py --address: each cell a Ray task pinned to its CPUs; its summary
+    equals the same cell run here with the same thread count, and a second call reads it back."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_claims")
+    tiny = bench.Setting("tiny", "default", ("data.clients_per_domain=2", "data.limit_per_domain=400",
+                                             "train.rounds=1", "train.local_epochs=1", "train.max_iters_per_epoch=2",
+                                             "model.width=0.125", "output.samples_every=0", "train.threads=1"),
+                         (), "mnist")
+    cells = bench.make_cells("report", [tiny], ["huscf", "fedgan"], [600], "cpu", {},
+                             {"samples": 50, "tstr_samples": 100, "tstr_min_steps": 5})
+    lines: list[str] = []
+    on_ray = bench.run_cells(cells, tmp_path / "ray", jobs="1", address="auto", cpus=1, gpus=0, data_dir=None,
+                             say=lines.append)
+    here = bench.run_cells(cells, tmp_path / "here", jobs="1", address=None, cpus=1, gpus=0, data_dir=None,
+                           say=lines.append)
+    assert set(on_ray) == set(here) == {c.key for c in cells}
+    for key in here:
+        assert {k: v for k, v in on_ray[key].items() if k != "train_seconds"} == \
+            {k: v for k, v in here[key].items() if k != "train_seconds"}
+        assert (tmp_path / "ray" / key / "cell.json").is_file()
+    again: list[str] = []
+    assert bench.run_cells(cells, tmp_path / "ray", jobs="1", address="auto", cpus=1, gpus=0, data_dir=None,
+                           say=again.append) == on_ray
+    assert again == [f"all 2 cells read from {tmp_path / 'ray'} (finished before)"]
