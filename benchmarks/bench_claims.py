@@ -415,7 +415,8 @@ def run_grid(settings: list[Setting], methods: list[str], seeds: list[int], out:
                    "classes it lacks, images, cluster and TSTR accuracy of its own generator at the last round", ""]
     clients += [f"{c.setting} seed {c.seed}: {clients_summary(out / c.key / c.method)}" for c in cells
                 if c.method == "huscf"]
-    return claims, abl, render(claims, abl, per_domain_lines(results, settings, methods, seeds) + clients)
+    detail = per_domain_lines(results, settings, methods, seeds) + clients + kld_lines(out, cells)
+    return claims, abl, render(claims, abl, detail)
 
 
 def _fmt(v, sd=None, unit="") -> str:
@@ -452,6 +453,44 @@ def per_domain_lines(results: dict, settings: list[Setting], methods: list[str],
                      for k in ("tstr_accuracy", "tstr_f1", "generation_score", "fid")}
                 lines.append(f"| {s.name} | {m} | {d} | {v['tstr_accuracy']:.3f} | {v['tstr_f1']:.3f} | "
                              f"{v['generation_score']:.3f} | {v['fid']:.1f} | {cells[0]['latency_s_iteration']:.3f} |")
+    return lines
+
+
+def kld_lines(out: Path, cells: list[Cell]) -> list[str]:
+    """Why the KLD weights do (or do not) differ from size weights: per setting, over HuSCF-GAN's
+    clustered rounds, the range of KLD_i, of exp(-alpha KLD_i), and the largest relative gap between
+    a client's weight in its cluster and its size share of that cluster (metrics.jsonl, clients.json)."""
+    from huscf.rundir import RunDir
+
+    by_setting: dict[str, dict] = {}
+    for c in cells:
+        if c.method != "huscf":
+            continue
+        run = RunDir(out / c.key / c.method)
+        sizes = [cl["size"] for cl in json.loads((run.path / "clients.json").read_text())["clients"]]
+        alpha = float(next((o.split("=")[1] for o in c.overrides if o.startswith("federation.alpha=")), 1.0))
+        acc = by_setting.setdefault(c.setting, {"kld": [], "gap": [], "rounds": 0, "alpha": alpha})
+        for r in run.read_rounds():
+            fed = r.federation or {}
+            if fed.get("phase") != "clustered" or not fed.get("kld"):
+                continue
+            acc["rounds"] += 1
+            acc["kld"] += fed["kld"]
+            for i, (k, w) in enumerate(zip(r.clusters, r.cluster_weights)):
+                if k < 0:  # absent this round
+                    continue
+                share = sizes[i] / sum(n for n, kk in zip(sizes, r.clusters) if kk == k)
+                acc["gap"].append(abs(w / share - 1))
+    lines = ["", "KLD weights against size weights (HuSCF-GAN's clustered rounds, every seed): KLD_i, "
+                 "exp(-alpha KLD_i), and how far a client's weight in its cluster is from its size share", ""]
+    for name, a in by_setting.items():
+        if not a["rounds"]:
+            lines.append(f"{name}: no clustered round with KLD scores")
+            continue
+        lo, hi = min(a["kld"]), max(a["kld"])
+        lines.append(f"{name}: {a['rounds']} rounds; KLD_i {lo:.4f}-{hi:.4f}; exp(-{a['alpha']:g} KLD_i) "
+                     f"{math.exp(-a['alpha'] * hi):.3f}-{math.exp(-a['alpha'] * lo):.3f}; weight / size share "
+                     f"within {100 * max(a['gap']):.1f}% (median {100 * float(np.median(a['gap'])):.2f}%)")
     return lines
 
 

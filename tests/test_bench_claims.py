@@ -88,7 +88,7 @@ def test_a_tiny_grid_tunes_reports_and_resumes(tmp_path):
     """The whole loop on the offline digits: tuning on held-out FID, reported cells, the table;
     the same call again reads every cell instead of running it."""
     tiny = bench.Setting("tiny", "default", ("data.clients_per_domain=2", "data.limit_per_domain=400",
-                                             "train.rounds=1", "train.local_epochs=1", "train.max_iters_per_epoch=2",
+                                             "train.rounds=2", "train.local_epochs=1", "train.max_iters_per_epoch=2",
                                              "model.width=0.125", "output.samples_every=0", "train.threads=1"),
                          (), "mnist", multi_domain=True)
     ev = {"samples": 50, "tstr_samples": 100, "tstr_min_steps": 5}
@@ -113,3 +113,8 @@ def test_a_tiny_grid_tunes_reports_and_resumes(tmp_path):
                                    say=again.append, jobs="1", address=None, cpus=1, gpus=0, data_dir=None)
     assert not any("cells to run" in line for line in again) and claims2 == claims
     assert "all 3 cells read from" in again[-1] and "tiny seed 600: c0 digit" in table
+    # the KLD weights' spread, read from the runs: the tuning's warm-up-1 candidates cluster round 2
+    tune = bench.make_cells("tune", [tiny], ["huscf"], [bench.VALIDATION_SEED], "cpu", {}, {"samples": 50,
+                            "tstr_samples": 0, "fid_reference": "heldout"})
+    kld = [line for line in bench.kld_lines(tmp_path, tune) if line.startswith("tiny:")]
+    assert len(kld) == 1 and kld[0].startswith("tiny: 2 rounds; KLD_i "), kld
