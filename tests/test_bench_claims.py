@@ -104,6 +104,7 @@ def test_a_tiny_grid_tunes_reports_and_resumes(tmp_path):
     assert all(r["verdict"] == "inconclusive (one seed)" for r in claims if r["claim"] != 4)
     assert [r["ablation"] for r in ablations] == ["huscf-nokld"]
     assert "| tiny | fedgan | digits |" in table and "| 5: lower per-iteration latency" in table
+    assert "| tiny | fedgan | " in table.split("HuSCF-GAN against each baseline per setting")[1]
     # the reported cell's evaluation used the test split; the tuning cell's the held-out images
     chosen = tuning["choice"]["huscf"]
     tune_eval = json.loads((tmp_path / f"tune/tiny/seed_599/huscf/config_{chosen}/huscf/eval.json").read_text())
