@@ -211,7 +211,7 @@ def test_unknown_domain_and_split():
     with pytest.raises(HuscfError, match="split must be 'train' or 'test', got 'val'"):
         load_domain("digits", "val")
     assert set(known_domains()) == {"mnist", "fashion_mnist", "kmnist", "notmnist", "pneumoniamnist", "cifar10", "fsdd",
-                                    "digits", "digits_inverted", "digits_rotated"}
+                                    "svhn", "bloodmnist", "dermamnist", "digits", "digits_inverted", "digits_rotated"}
 
 
 def test_resolve_data_dir(monkeypatch, tmp_path):
@@ -408,8 +408,8 @@ def test_download_unreachable_and_unsupported(tmp_path, monkeypatch):
         download("mnist", tmp_path / "data", quiet=True)
     with pytest.raises(HuscfError, match="notmnist has no official IDX download"):
         download("notmnist", tmp_path, quiet=True)
-    with pytest.raises(HuscfError, match="unknown domain 'svhn'"):
-        download("svhn", tmp_path, quiet=True)
+    with pytest.raises(HuscfError, match="unknown domain 'imagenet'"):
+        download("imagenet", tmp_path, quiet=True)
     assert download("digits", tmp_path, quiet=True) == []
 
 

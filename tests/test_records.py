@@ -79,7 +79,7 @@ def _eval():
              "tstr": {"accuracy": 0.8}, "real_ceiling": None}
     return {"run_dir": "r", "created": "t",
             "settings": {"samples": 10, "tstr_samples": 0, "tstr_epochs": 3, "seed": 0, "tstr_min_steps": 600,
-                         "rounds": [3], "client": None, "every_client": True},
+                         "rounds": [3], "client": None, "every_client": True, "fid_reference": "heldout"},
             "classifiers": {}, "inception_fid": {"available": False, "reason": "offline"},
             "generators": [{"round": 3, "cluster": 0, "client": 0, "domain": "digits", "members": [0, 1]}],
             "per_round": [{k: final[k] for k in ("round", "cluster", "client", "domain", "generation_score", "fid")}],
@@ -90,9 +90,10 @@ def test_an_eval_record_round_trips_and_old_files_get_the_old_defaults(tmp_path)
     raw = _eval()
     assert EvalRecord.from_json(raw).to_json() == raw
     old = _eval()
-    del old["settings"]["tstr_min_steps"], old["settings"]["every_client"], old["audio"]
+    del old["settings"]["tstr_min_steps"], old["settings"]["every_client"], old["settings"]["fid_reference"]
+    del old["audio"]
     settings = EvalRecord.from_json(old).settings  # written before these keys existed
-    assert settings.tstr_min_steps == 600 and settings.every_client is False
+    assert settings.tstr_min_steps == 600 and settings.every_client is False and settings.fid_reference == "test"
 
 
 @pytest.mark.parametrize("mutate, match", [
