@@ -119,3 +119,17 @@ def test_a_tiny_grid_tunes_reports_and_resumes(tmp_path):
                             "tstr_samples": 0, "fid_reference": "heldout"})
     kld = [line for line in bench.kld_lines(tmp_path, tune) if line.startswith("tiny:")]
     assert len(kld) == 1 and kld[0].startswith("tiny: 2 rounds; KLD_i "), kld
+
+
+def test_the_command_plans_the_grid_and_refuses_contradictory_flags():
+    import subprocess
+
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_claims.py")
+    plan = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert "cells: 20 tuning + 81 reported" in plan.stdout and "git commit" in plan.stdout
+    quick = subprocess.run([sys.executable, script, "--quick", "--dry-run"], capture_output=True, text=True,
+                           timeout=120)
+    assert quick.returncode == 0 and "cells: 0 tuning + 9 reported" in quick.stdout
+    both = subprocess.run([sys.executable, script, "--quick", "--paper"], capture_output=True, text=True, timeout=120)
+    assert both.returncode != 0 and both.stderr.strip() == "bench_claims: --quick and --paper exclude each other"
