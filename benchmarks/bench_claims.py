@@ -307,6 +307,21 @@ def _stats(values: np.ndarray) -> tuple[float, float | None]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
+def tstr_gain_pp(results: dict, group: list[Setting], base: str, seeds: list[int]) -> np.ndarray:
+    """Per seed: HuSCF-GAN's TSTR minus ``base``'s in percentage points, mean over the settings of
+    ``group`` and over accuracy, precision, recall and F1."""
+    return np.mean([100 * (per_seed(results, group, "huscf", seeds, f"tstr_{m}")
+                           - per_seed(results, group, base, seeds, f"tstr_{m}")).mean(axis=1)
+                    for m in TSTR_METRICS], axis=0)
+
+
+def ratio_to(results: dict, group: list[Setting], base: str, seeds: list[int], metric: str,
+             ours_over_theirs: bool) -> np.ndarray:
+    """Per seed: HuSCF-GAN's ``metric`` over ``base``'s (or the inverse), each the mean over ``group``."""
+    ours, theirs = (per_seed(results, group, m, seeds, metric).mean(axis=1) for m in ("huscf", base))
+    return ours / theirs if ours_over_theirs else theirs / ours
+
+
 def claims_table(results: dict, settings: list[Setting], seeds: list[int], baselines: list[str]) -> list[dict]:
     """One row per claim: {claim, paper, measured, sd, seeds, against, verdict, what}. A claim whose
     settings are not in the grid is measured as None, verdict 'not measured'."""
@@ -314,14 +329,11 @@ def claims_table(results: dict, settings: list[Setting], seeds: list[int], basel
     multi = [s for s in settings if s.multi_domain]
     cifar = [s for s in settings if s.family == "cifar10"]
 
-    def gain_pp(group: list[Setting], base: str) -> np.ndarray:  # per seed, mean over settings and metrics
-        return np.mean([100 * (per_seed(results, group, "huscf", seeds, f"tstr_{m}")
-                               - per_seed(results, group, base, seeds, f"tstr_{m}")).mean(axis=1)
-                        for m in TSTR_METRICS], axis=0)
+    def gain_pp(group: list[Setting], base: str) -> np.ndarray:
+        return tstr_gain_pp(results, group, base, seeds)
 
     def ratio(group: list[Setting], base: str, metric: str, ours_over_theirs: bool) -> np.ndarray:
-        ours, theirs = (per_seed(results, group, m, seeds, metric).mean(axis=1) for m in ("huscf", base))
-        return ours / theirs if ours_over_theirs else theirs / ours
+        return ratio_to(results, group, base, seeds, metric, ours_over_theirs)
 
     rows = []
     for number, words, figure, what, unit in CLAIMS:
@@ -450,15 +462,10 @@ def per_baseline_lines(results: dict, settings: list[Setting], seeds: list[int],
              "| setting | baseline | TSTR gain (pp) | score ratio | FID ratio | latency ratio |", "|" + " --- |" * 6]
     for s in settings:
         for b in baselines:
-            def col(metric: str, kind: str) -> str:
-                ours, theirs = (per_seed(results, [s], m, seeds, metric)[:, 0] for m in ("huscf", b))
-                v = 100 * (ours - theirs) if kind == "pp" else ours / theirs if kind == "up" else theirs / ours
-                return _fmt(*_stats(v))
-            gain = np.mean([100 * (per_seed(results, [s], "huscf", seeds, f"tstr_{m}")
-                                   - per_seed(results, [s], b, seeds, f"tstr_{m}"))[:, 0]
-                            for m in TSTR_METRICS], axis=0)
-            lines.append(f"| {s.name} | {b} | {_fmt(*_stats(gain))} | {col('generation_score', 'up')} | "
-                         f"{col('fid', 'down')} | {col('latency_s_iteration', 'down')} |")
+            cols = [tstr_gain_pp(results, [s], b, seeds)] + [
+                ratio_to(results, [s], b, seeds, metric, up) for metric, up in
+                (("generation_score", True), ("fid", False), ("latency_s_iteration", False))]
+            lines.append(f"| {s.name} | {b} | " + " | ".join(_fmt(*_stats(v)) for v in cols) + " |")
     return lines + [""]
 
 
@@ -481,6 +488,7 @@ def kld_lines(out: Path, cells: list[Cell]) -> list[str]:
     """Why the KLD weights do (or do not) differ from size weights: per setting, over HuSCF-GAN's
     clustered rounds, the range of KLD_i, of exp(-alpha KLD_i), and the largest relative gap between
     a client's weight in its cluster and its size share of that cluster (metrics.jsonl, clients.json)."""
+    from huscf.config import load_run_config
     from huscf.rundir import RunDir
 
     by_setting: dict[str, dict] = {}
@@ -489,7 +497,7 @@ def kld_lines(out: Path, cells: list[Cell]) -> list[str]:
             continue
         run = RunDir(out / c.key / c.method)
         sizes = [cl["size"] for cl in json.loads((run.path / "clients.json").read_text())["clients"]]
-        alpha = float(next((o.split("=")[1] for o in c.overrides if o.startswith("federation.alpha=")), 1.0))
+        alpha = load_run_config(run.config).federation.alpha
         acc = by_setting.setdefault(c.setting, {"kld": [], "gap": [], "rounds": 0, "alpha": alpha})
         for r in run.read_rounds():
             fed = r.federation or {}

@@ -222,11 +222,13 @@ class SimulationEngine:
                   where: tuple = (), collect_features: bool = False) -> dict[int, tuple[float, float]]:
         """``objective.iteration`` for the clients in ``batch``; returns {client: (L_D, L_G)}."""
         self._batch, self._clients = batch, sorted(batch)
+        def placed(zy: tuple) -> tuple:  # noise is drawn in fp32
+            return zy[0].to(self.device, self.ex.dtype), zy[1].to(self.device)
+
         self._fakes_in = {}
         for i, (first, second) in draw_fake_inputs(batch, noise, self.z_dim, self.fake_inputs).items():
-            first = (first[0].to(self.device, self.ex.dtype), first[1].to(self.device))  # drawn in fp32
-            self._fakes_in[i] = (first, first if second is None else
-                                 (second[0].to(self.device, self.ex.dtype), second[1].to(self.device)))
+            first = placed(first)  # placed once: a default second step reuses it
+            self._fakes_in[i] = (first, first if second is None else placed(second))
         self._seen = {} if collect_features and self.feature_depth is not None else None
         d, g = objective.iteration(self, self._clients, where)
         if self._seen is not None:  # D does not change in the G step: these are the stepped weights
