@@ -19,8 +19,6 @@ and 5, are not the grid's 0-2. One torch thread per run, the runs one after anot
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import numpy as np  # noqa: E402
 
-from bench_quality import CONFIG, GRID, _commit  # noqa: E402
+from bench_quality import CONFIG, GRID  # noqa: E402
+from provenance import made_line  # noqa: E402
 
 
 def _rows(method: str, seed: int, extra: list[str]) -> list:
@@ -50,8 +49,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = ap.parse_args()
     print(f"bench_baseline_similarity: {CONFIG.name} + {' '.join(GRID + args.set)}; seeds {args.seeds}", flush=True)
-    print(f"made {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} CPUs), "
-          f"git commit {_commit()}", flush=True)
+    print(made_line(), flush=True)
     start = time.perf_counter()
     for seed in args.seeds:
         rows, _ = _rows("hflgan", seed, args.set)

@@ -57,7 +57,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -69,7 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from bench_quality import _commit, clients_summary  # noqa: E402
+from bench_quality import clients_summary  # noqa: E402
+from provenance import made_line  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "huscf" / "configs"
 SEEDS = (600, 601, 602)  # the reported seeds: fixed before any cell ran, never used to choose anything
@@ -569,8 +569,7 @@ def main() -> None:
     say(f"bench_claims: {scale} scale{' (quick)' if args.quick else ''}; "
         f"settings {', '.join(s.name for s in settings)}; "
         f"methods {' '.join(methods)}; seeds {seeds} (validation seed {VALIDATION_SEED}); evaluation {ev}")
-    say(f"made {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} CPUs, "
-        f"{platform.processor() or platform.machine()}), git commit {_commit()}")
+    say(made_line())
     tune_settings = [s for s in SETTINGS if s.name == TUNE_SETTING]
     n_tune = 0 if args.quick else len(make_cells("tune", tune_settings, list(METHODS), [VALIDATION_SEED], scale,
                                                  {}, {}))

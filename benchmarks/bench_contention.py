@@ -33,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import made_line  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = ("alone", "busy", "two")
 TARGETS = {"busy": 1.6, "two": 2.3}  # issue 31, 2 cores: s/round ratio for busy, wall ratio for two
@@ -96,6 +99,7 @@ def main() -> None:
         if not eq:
             raise SystemExit(f"bench_contention: --env takes NAME=VALUE, got {item!r}")
         env[key] = value
+    print(made_line())
     print(f"cores {os.cpu_count()}, affinity {sorted(os.sched_getaffinity(0))}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; default run ({args.engine}), {args.rounds} rounds; "
           f"set {args.set or 'nothing'}; env {args.env or 'as is'}")

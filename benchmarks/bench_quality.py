@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -47,8 +45,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from provenance import made_line  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "huscf" / "configs" / "5_two_domain_highly_noniid.yaml"
 METHODS = ["huscf", "fedgan", "mdgan", "hflgan", "pflgan", "local", "centralized",
@@ -152,15 +152,6 @@ def clients_summary(run: Path) -> str:
     return "; ".join(parts)
 
 
-def _commit() -> str:
-    """The checkout's commit, with '+changes' when its tracked files differ from it."""
-    root = Path(__file__).resolve().parents[1]
-    git = ["git", "-C", str(root)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD"]).returncode != 0
-    return (head or "unknown") + (" +changes" if dirty else "")
-
-
 def _project(overrides: list[str], methods: list[str], seeds: list[int]) -> None:
     """Project the wall time from HuSCF-GAN's iteration (bench_scenario.py) and print it."""
     cmd = [sys.executable, str(Path(__file__).with_name("bench_scenario.py")), str(CONFIG), "--iters", "5",
@@ -208,8 +199,7 @@ def main() -> None:
                                          ("tstr_min_steps", args.tstr_min_steps)) if v})
             print(f"bench_quality: {CONFIG.name} + {' '.join(overrides)}; methods {' '.join(args.methods)}; "
                   f"seeds {args.seeds}; evaluation {ev}; every client's own generator", flush=True)
-            print(f"made {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({os.cpu_count()} CPUs, "
-                  f"{platform.processor() or platform.machine()}), git commit {_commit()}", flush=True)
+            print(made_line(), flush=True)
             if args.paper:
                 _project(overrides, args.methods, args.seeds)
             if args.dry_run:

@@ -44,8 +44,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from provenance import made_line  # noqa: E402
 
 from huscf.engines.precision import bf16_support, choose_precision, cpu_kernels  # noqa: E402
 
@@ -260,6 +262,7 @@ def main() -> None:
     ceiling = {p: matmul_flops(args.device, dtype) if p in used else float("nan")
                for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     per_client = useful_flops_per_client(args.width, args.batch)
+    print(made_line())
     print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_kernels()}")
     print("dense matmul: " + ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in ceiling.items() if p in used) + "; "
           f"{bf16_support(args.device).reason} (compute.precision: auto picks "
