@@ -299,6 +299,20 @@ def test_highly_noniid_partition():
     assert all(len(p.excluded_classes) in (2, 3) for p in parts)
 
 
+def test_pathological_partition():
+    lab = {"a": _labels()}
+    parts = partition(lab, 10, "pathological", seed=5)
+    _check_disjoint_and_allowed(parts, lab)
+    assert [len(p) for p in parts] == [600] * 10  # 20 shards of 300, two each: every sample used once
+    for p in parts:  # shards of 300 never span a class of 600: one or two classes, and only those
+        held = set(np.unique(lab["a"][p.indices]).tolist())
+        assert len(held) in (1, 2) and held == set(range(10)) - set(p.excluded_classes)
+    assert len({p.excluded_classes for p in parts}) > 1  # drawn per client, not one pair for all
+    assert sum(len(p.excluded_classes) == 8 for p in parts) >= 8  # two classes is the rule
+    uneven = partition({"a": _labels()[:5999]}, 7, "pathological", seed=1)
+    assert sum(len(p) for p in uneven) == 5999 and max(map(len, uneven)) - min(map(len, uneven)) <= 2
+
+
 def test_noniid_on_real_mnist_hits_targets(shared_data_dir):
     labels = load_domain("mnist", "train", shared_data_dir).labels
     parts = partition({"mnist": labels}, 10, "noniid", seed=7)
@@ -321,7 +335,7 @@ def test_partition_reproducible_and_seed_dependent():
 
 def test_partition_two_classes_never_crashes():
     lab = {"xray": _labels(n_per_class=30, classes=2)}
-    for scenario in ("noniid", "highly_noniid"):
+    for scenario in ("noniid", "pathological", "highly_noniid"):  # highly_noniid last: checked below
         parts = partition(lab, 6, scenario, seed=1, num_classes={"xray": 2})
         _check_disjoint_and_allowed(parts, lab)
         assert all(len(p.excluded_classes) <= 1 for p in parts)
@@ -332,6 +346,8 @@ def test_partition_two_classes_never_crashes():
 def test_partition_errors():
     with pytest.raises(HuscfError, match="domain 'a' has 3 training samples, fewer than clients_per_domain=4"):
         partition({"a": np.array([0, 1, 2])}, 4, "iid", seed=0)
+    with pytest.raises(HuscfError, match="scenario 'pathological' needs two per client"):
+        partition({"a": _labels()[:7]}, 4, "pathological", seed=0)
     with pytest.raises(HuscfError, match="unknown scenario 'wild'"):
         partition({"a": _labels()}, 2, "wild", seed=0)
     with pytest.raises(HuscfError, match="labels must lie in 0..1"):

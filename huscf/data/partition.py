@@ -1,4 +1,5 @@
-"""Split each domain's training set across its clients (iid / noniid / highly_noniid / by_group), seeded.
+"""Split each domain's training set across its clients (iid / noniid / highly_noniid / pathological /
+by_group), seeded.
 
 Follows the HuSCF-GAN authors' scenarios: per-client excluded classes and per-client sizes as fractions of
 the even share ``len(domain) // clients_per_domain``. Unlike their code, every domain draws from its own
@@ -31,8 +32,9 @@ SCENARIOS: dict[str, tuple[tuple[tuple[int, ...], tuple[float, ...]], tuple[tupl
 
 def scenario_names() -> tuple[str, ...]:
     """Every value of ``data.scenario`` (the config takes its allowed names from here): the
-    ``SCENARIOS`` tables and the natural split of a domain whose samples come in groups."""
-    return (*SCENARIOS, "by_group")
+    ``SCENARIOS`` tables, McMahan et al.'s label shards and the natural split of a domain whose
+    samples come in groups."""
+    return (*SCENARIOS, "pathological", "by_group")
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,6 +98,27 @@ def _split_domain(domain: str, labels: np.ndarray, clients: int, scenario: str, 
     return [(np.sort(np.concatenate(picked[c])).astype(np.int64), excluded[c]) for c in range(clients)]
 
 
+def _split_shards(domain: str, labels: np.ndarray, clients: int, num_classes: int,
+                  rng: np.random.Generator) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    """``pathological`` (beyond the paper; McMahan et al. 2017's "pathological non-IID"): the domain
+    sorted by label and cut into 2 x clients equal shards, two at random per client. Every sample is
+    used, sizes differ by at most 2, and a client holds its shards' classes: one or two where a shard
+    is no larger than a class, more where shards span class boundaries (few clients per domain)."""
+    if len(labels) < 2 * clients:
+        raise HuscfError(f"domain '{domain}' has {len(labels)} training samples; scenario 'pathological' needs "
+                         f"two per client ({2 * clients})")
+    shuffled = rng.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]  # random order within a class
+    shards = np.array_split(by_label, 2 * clients)
+    pick = rng.permutation(2 * clients)
+    out = []
+    for c in range(clients):
+        indices = np.sort(np.concatenate([shards[pick[2 * c]], shards[pick[2 * c + 1]]])).astype(np.int64)
+        held = set(np.unique(labels[indices]).tolist())
+        out.append((indices, tuple(k for k in range(num_classes) if k not in held)))
+    return out
+
+
 def _split_by_group(domain: str, groups: np.ndarray | None, clients: int,
                     rng: np.random.Generator) -> list[tuple[np.ndarray, tuple[int, ...]]]:
     if groups is None:
@@ -130,6 +153,8 @@ def partition(labels_by_domain: dict[str, np.ndarray], clients_per_domain: int, 
         rng = domain_rng(seed, domain)
         if scenario == "by_group":
             split = _split_by_group(domain, (groups_by_domain or {}).get(domain), clients_per_domain, rng)
+        elif scenario == "pathological":
+            split = _split_shards(domain, labels, clients_per_domain, k, rng)
         else:
             split = _split_domain(domain, labels, clients_per_domain, scenario, k, rng)
         out += [ClientPartition(len(out) + j, domain, indices, excluded) for j, (indices, excluded) in enumerate(split)]
