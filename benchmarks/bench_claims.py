@@ -369,16 +369,18 @@ def ablation_table(results: dict, settings: list[Setting], seeds: list[int], abl
         fid = (per_seed(results, settings, a, seeds, "fid")
                / per_seed(results, settings, "huscf", seeds, "fid")).mean(axis=1)
         (am, asd), (fm, fsd) = _stats(acc), _stats(fid)
-
-        def say(mean, sd, none):
-            if sd is None:
-                return "inconclusive (one seed)"
-            return "adds" if mean - sd > none else "costs" if mean + sd < none else "no measurable effect"
-
         rows.append({"ablation": a, "tstr_gain_pp": round(am, 3), "tstr_sd": asd and round(asd, 3),
                      "fid_ratio": round(fm, 3), "fid_sd": fsd and round(fsd, 3),
-                     "tstr_verdict": say(am, asd, 0.0), "fid_verdict": say(fm, fsd, 1.0)})
+                     "tstr_verdict": effect(am, asd, 0.0), "fid_verdict": effect(fm, fsd, 1.0)})
     return rows
+
+
+def effect(mean: float, sd: float | None, none: float) -> str:
+    """A component's verdict from its per-seed effect: 'adds' when mean - sd is above ``none`` (the
+    value of no effect), 'costs' when mean + sd is below it, else 'no measurable effect'."""
+    if sd is None:
+        return "inconclusive (one seed)"
+    return "adds" if mean - sd > none else "costs" if mean + sd < none else "no measurable effect"
 
 
 def choose(results: dict, methods: list[str], setting: str, seed: int) -> tuple[dict[str, int], list[str]]:
@@ -484,32 +486,42 @@ def per_domain_lines(results: dict, settings: list[Setting], methods: list[str],
     return lines
 
 
-def kld_lines(out: Path, cells: list[Cell]) -> list[str]:
-    """Why the KLD weights do (or do not) differ from size weights: per setting, over HuSCF-GAN's
-    clustered rounds, the range of KLD_i, of exp(-alpha KLD_i), and the largest relative gap between
-    a client's weight in its cluster and its size share of that cluster (metrics.jsonl, clients.json)."""
+def kld_stats(run_dir: Path) -> dict:
+    """One run's KLD weights against its size weights over its clustered rounds: ``rounds``,
+    every ``kld`` (KLD_i), every ``gap`` (|a client's weight in its cluster / its size share of the
+    cluster - 1|) and the run's ``alpha`` (metrics.jsonl, clients.json, config.yaml)."""
     from huscf.config import load_run_config
     from huscf.rundir import RunDir
 
+    run = RunDir(run_dir)
+    sizes = [cl["size"] for cl in json.loads((run.path / "clients.json").read_text())["clients"]]
+    acc = {"rounds": 0, "kld": [], "gap": [], "alpha": load_run_config(run.config).federation.alpha}
+    for r in run.read_rounds():
+        fed = r.federation or {}
+        if fed.get("phase") != "clustered" or not fed.get("kld"):
+            continue
+        acc["rounds"] += 1
+        acc["kld"] += fed["kld"]
+        for i, (k, w) in enumerate(zip(r.clusters, r.cluster_weights)):
+            if k < 0:  # absent this round
+                continue
+            share = sizes[i] / sum(n for n, kk in zip(sizes, r.clusters) if kk == k)
+            acc["gap"].append(abs(w / share - 1))
+    return acc
+
+
+def kld_lines(out: Path, cells: list[Cell]) -> list[str]:
+    """Why the KLD weights do (or do not) differ from size weights: per setting, over HuSCF-GAN's
+    clustered rounds, the range of KLD_i, of exp(-alpha KLD_i), and the largest relative gap between
+    a client's weight in its cluster and its size share of that cluster (``kld_stats``)."""
     by_setting: dict[str, dict] = {}
     for c in cells:
         if c.method != "huscf":
             continue
-        run = RunDir(out / c.key / c.method)
-        sizes = [cl["size"] for cl in json.loads((run.path / "clients.json").read_text())["clients"]]
-        alpha = load_run_config(run.config).federation.alpha
-        acc = by_setting.setdefault(c.setting, {"kld": [], "gap": [], "rounds": 0, "alpha": alpha})
-        for r in run.read_rounds():
-            fed = r.federation or {}
-            if fed.get("phase") != "clustered" or not fed.get("kld"):
-                continue
-            acc["rounds"] += 1
-            acc["kld"] += fed["kld"]
-            for i, (k, w) in enumerate(zip(r.clusters, r.cluster_weights)):
-                if k < 0:  # absent this round
-                    continue
-                share = sizes[i] / sum(n for n, kk in zip(sizes, r.clusters) if kk == k)
-                acc["gap"].append(abs(w / share - 1))
+        one = kld_stats(out / c.key / c.method)
+        acc = by_setting.setdefault(c.setting, {"kld": [], "gap": [], "rounds": 0, "alpha": one["alpha"]})
+        for key in ("kld", "gap", "rounds"):
+            acc[key] += one[key]
     lines = ["", "KLD weights against size weights (HuSCF-GAN's clustered rounds, every seed): KLD_i, "
                  "exp(-alpha KLD_i), and how far a client's weight in its cluster is from its size share", ""]
     for name, a in by_setting.items():

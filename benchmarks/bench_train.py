@@ -250,6 +250,7 @@ def main() -> None:
                            else ["loop", "ours-fp32", "ours-bf16", "batched-fp32"])
     for mode in modes:  # a typo fails now, not after the first client count's runs
         mode_spec(mode)
+    print(made_line(), flush=True)
     if not args.clients:
         if args.score_check:
             score_check(args.score_check, args.score_seeds)
@@ -262,7 +263,6 @@ def main() -> None:
     ceiling = {p: matmul_flops(args.device, dtype) if p in used else float("nan")
                for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     per_client = useful_flops_per_client(args.width, args.batch)
-    print(made_line())
     print(f"machine: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_kernels()}")
     print("dense matmul: " + ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in ceiling.items() if p in used) + "; "
           f"{bf16_support(args.device).reason} (compute.precision: auto picks "
