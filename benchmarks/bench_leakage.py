@@ -1,0 +1,258 @@
+"""What the server can infer from what crosses the seam, per cut and per defence, next to the
+generation quality of the same run (issue 30, item 1).
+
+Run:  python benchmarks/bench_leakage.py                      # the default run at two cuts, about 10 min on 2 cores
+      python benchmarks/bench_leakage.py --json leakage.json  # also the rows as JSON
+      python benchmarks/bench_leakage.py --set train.rounds=2 --cuts shallow   # a quick look
+
+For each cut (``CUTS``: every client at the same [G head, G tail, D head, D tail]) and defence
+(``DEFENCES``: config overrides), one default ``huscf train`` run trains to the end; then the
+attacks look at what the server would receive in one more epoch, computed with the weights the
+run ended with. Those are the weights the server itself averaged at the last round end, so it
+knows every client's head exactly (the threat of issue 30: an honest-but-curious server).
+
+What the server receives, per client and batch: the G head's output on the batch's noise and
+labels (the fakes' labels are the real batch's), and the D head's output on the real batch and on
+the fakes, each with its labels. The attacks:
+
+* ``label_acc``: a logistic regression (scikit-learn, standardised inputs) trained on a random half
+  of the epoch's rows, tested on the other half; the best of three views (G head; D head on real
+  rows; D head on fake rows), each also printed. Chance: 1 / classes.
+* ``real_fake_acc``: the same probe telling the D head's real rows from its fake rows (chance 0.5;
+  the fake rows are the same batches' fakes, as sent).
+* ``exact_labels``: the share of one batch's labels per client the server recovers exactly from
+  the G head's output, knowing the head's weights and the noise (the noise follows from the run's
+  seed, which is in the config the server holds): start from the probe's guesses, then change one
+  row's label at a time to the one whose head output is closest, until nothing changes (BatchNorm
+  ties a row's output to its batch, so rows are not independent).
+* ``psnr_db``: images reconstructed from the D head's output on one real batch per client by
+  gradient descent on the input (Adam, ``INVERT_STEPS`` steps from a grey image, the labels given:
+  the probe recovers them at ``label_acc``), PSNR against the real images (range [-1, 1]).
+* ``tstr_acc``, ``fid``: ``huscf evaluate`` of the run's last round (cluster generators).
+
+Rows are printed as a table and, with ``--json``, written as a list of objects with keys ``cut``,
+``defence``, ``label_acc``, ``real_fake_acc``, ``psnr_db``, ``tstr_acc``, ``fid`` (and the views'
+probes, ``exact_labels``, the run's seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from provenance import made_line  # noqa: E402
+
+CUTS = {"shallow": (0, 0, 0, 0), "deep": (2, 0, 2, 0)}  # [G head, G tail, D head, D tail] for every client
+DEFENCES: dict[str, tuple[str, ...]] = {"none": ()}  # name: config overrides
+EVAL = {"samples": 500, "tstr_samples": 1000, "tstr_min_steps": 100}
+INVERT_STEPS = 300
+ROWS_PER_CLIENT = 256  # the epoch's rows each client contributes to the probes (its whole share when smaller)
+
+
+def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> list[dict]:
+    """Per client, what its head sends in one epoch of ``batch_size`` batches (at most
+    ``ROWS_PER_CLIENT`` rows): ``g`` (G head on z, y), ``d_real``, ``d_fake`` (D head), with ``y``,
+    ``z`` and ``x`` (the real rows) kept for scoring and one ``batches`` list of (start, end)."""
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, d in enumerate(data):
+            seg = model.clients[i]
+            order = torch.randperm(len(d), generator=gen)[:ROWS_PER_CLIENT]
+            view = {k: [] for k in ("g", "d_real", "d_fake", "y", "z", "x")}
+            batches, start = [], 0
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                if len(idx) < 2:  # BatchNorm needs two rows, as in training
+                    continue
+                x, y = d.x[idx], d.y[idx]
+                z = torch.randn(len(idx), z_dim, generator=gen)
+                fake = model.generate(i, z, y)
+                for key, v in (("g", seg.run_head("G", (z, y))), ("d_real", seg.run_head("D", (x, y))),
+                               ("d_fake", seg.run_head("D", (fake, y))), ("y", y), ("z", z), ("x", x)):
+                    view[key].append(v)
+                batches.append((start, start + len(idx)))
+                start += len(idx)
+            out.append({k: torch.cat(v) for k, v in view.items()} | {"batches": batches})
+    return out
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    """Test accuracy of a standardised logistic regression trained on a random half of the rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    train, test = order[: len(order) // 2], order[len(order) // 2:]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    clf.fit(features[train], labels[train])
+    return float((clf.predict(features[test]) == labels[test]).mean())
+
+
+def probe_predictions(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
+    """The probe's guesses for ``rows``, trained on the other rows (the server's first guess)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rest = np.setdiff1d(np.arange(len(labels)), rows)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, random_state=seed))
+    clf.fit(features[rest], labels[rest])
+    return clf.predict(features[rows])
+
+
+def exact_labels(seg, z: torch.Tensor, sent: torch.Tensor, guess: np.ndarray, classes: int,
+                 sweeps: int = 4) -> np.ndarray:
+    """Labels whose G head output, with the known noise and weights, matches ``sent``: from ``guess``,
+    each row in turn takes the label that brings the batch's output closest, until a sweep changes
+    nothing."""
+    y = torch.as_tensor(guess, dtype=torch.long).clone()
+    with torch.no_grad():
+        for _ in range(sweeps):
+            changed = False
+            for r in range(len(y)):
+                before, best, best_err = int(y[r]), int(y[r]), math.inf
+                for c in range(classes):
+                    y[r] = c
+                    err = float((seg.run_head("G", (z, y)) - sent).square().sum())
+                    if err < best_err:
+                        best, best_err = c, err
+                y[r] = best
+                changed |= best != before
+            if not changed:
+                break
+    return y.numpy()
+
+
+def invert_images(seg, sent: torch.Tensor, y: torch.Tensor, image_shape: tuple, steps: int) -> torch.Tensor:
+    """The images whose D head output (known weights, labels given) is closest to ``sent``."""
+    u = torch.zeros(len(y), *image_shape, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (seg.run_head("D", (torch.tanh(u), y)) - sent).square().mean()
+        loss.backward()
+        opt.step()
+    return torch.tanh(u).detach()
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR over images, for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a - b).flatten(1).square().mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+def attack(model, data: list, arch, batch_size: int, seed: int, say=print) -> dict:
+    """Every attack on the server's view of one epoch of a trained model (module docstring)."""
+    view = server_view(model, data, batch_size, arch.z_dim, seed)
+    classes = arch.num_classes
+    flat = lambda key: torch.cat([v[key].flatten(1) for v in view]).numpy()  # noqa: E731
+    y = torch.cat([v["y"] for v in view]).numpy()
+    probes = {k: probe_accuracy(flat(k), y, seed) for k in ("g", "d_real", "d_fake")}
+    d_all = np.concatenate([flat("d_real"), flat("d_fake")])
+    real_fake = probe_accuracy(d_all, np.r_[np.ones(len(y)), np.zeros(len(y))].astype(int), seed)
+    exact, psnr = [], []
+    g_all, offset = flat("g"), 0
+    for i, v in enumerate(view):
+        s, e = v["batches"][0]
+        rows = np.arange(offset + s, offset + e)
+        guess = probe_predictions(g_all, y, rows, seed)
+        found = exact_labels(model.clients[i], v["z"][s:e], v["g"][s:e], guess, classes)
+        exact.append(float((found == v["y"][s:e].numpy()).mean()))
+        x_hat = invert_images(model.clients[i], v["d_real"][s:e], v["y"][s:e], tuple(arch.image_shape), INVERT_STEPS)
+        psnr.append(psnr_db(x_hat, v["x"][s:e]))
+        offset += len(v["y"])
+    say(f"  probes on {len(y)} rows (chance {1 / classes:.2f}): G head {probes['g']:.3f}, D head real "
+        f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; real vs fake {real_fake:.3f}; exact labels "
+        f"{np.mean(exact):.3f} of a batch per client; PSNR {np.mean(psnr):.1f} dB "
+        f"(per client {' '.join(f'{p:.1f}' for p in psnr)})")
+    return {"label_acc": max(probes.values()), "label_acc_g": probes["g"], "label_acc_d_real": probes["d_real"],
+            "label_acc_d_fake": probes["d_fake"], "real_fake_acc": real_fake, "exact_labels": float(np.mean(exact)),
+            "psnr_db": float(np.mean(psnr)), "rows": int(len(y))}
+
+
+def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=print) -> dict:
+    """Train the default run at ``cut`` with ``defence`` (resuming a finished run), evaluate it, attack it."""
+    from huscf.config import build_config
+    from huscf.metrics.evaluate import evaluate_run
+    from huscf.rundir import read_eval
+    from huscf.rundir.records import EvalSettings
+    from huscf.trainer import Trainer
+
+    overrides = ["cuts.method=fixed", f"cuts.fixed=[{','.join(map(str, CUTS[cut]))}]", "output.samples_every=0",
+                 *DEFENCES[defence], *sets]
+    cfg = build_config({}, overrides)
+    run = out / f"{cut}_{defence}"
+    start = time.perf_counter()
+    if (run / "eval.json").is_file():
+        t = Trainer.resume(run, quiet=True)  # finished before: its last checkpoint, nothing to train
+    else:
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)  # an unfinished run of this benchmark: start it again
+        t = Trainer.new(cfg, run, quiet=True)
+        t.fit()
+        evaluate_run(run, EvalSettings(**ev), rounds="last", quiet=True)
+    seconds = time.perf_counter() - start
+    final = read_eval(run / "eval.json").final
+    tstr = float(np.mean([f.tstr["accuracy"] for f in final])) if all(f.tstr for f in final) else float("nan")
+    fid = float(np.mean([f.fid for f in final]))
+    say(f"{cut} {list(CUTS[cut])}, defence {defence}: trained and evaluated in {seconds:.0f} s; TSTR accuracy "
+        f"{tstr:.3f}, FID {fid:.1f} ({len(final)} generators)")
+    leaks = attack(t.model, t.setup.data, t.setup.arch, cfg.train.batch_size, cfg.seed, say=say)
+    return {"cut": ",".join(map(str, CUTS[cut])), "defence": defence, **leaks, "tstr_acc": tstr, "fid": fid,
+            "seconds": round(seconds, 1)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| cut | defence | label acc (G / D real / D fake) | exact labels | real vs fake | PSNR dB | "
+             "TSTR acc | FID |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        views = f"{r['label_acc_g']:.3f} / {r['label_acc_d_real']:.3f} / {r['label_acc_d_fake']:.3f}"
+        lines.append(f"| {r['cut']} | {r['defence']} | {r['label_acc']:.3f} ({views}) | {r['exact_labels']:.3f} | "
+                     f"{r['real_fake_acc']:.3f} | {r['psnr_db']:.1f} | {r['tstr_acc']:.3f} | {r['fid']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_leakage_out", help="run directories (default ./bench_leakage_out)")
+    ap.add_argument("--cuts", nargs="+", choices=list(CUTS), default=list(CUTS))
+    ap.add_argument("--defences", nargs="+", choices=list(DEFENCES), default=list(DEFENCES))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
+    args = ap.parse_args()
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    say(f"bench_leakage: default run + {' '.join(args.set) or 'nothing'}; cuts "
+        f"{', '.join(f'{c} {list(CUTS[c])}' for c in args.cuts)}; defences {', '.join(args.defences)}; "
+        f"evaluation {EVAL}; inversion {INVERT_STEPS} steps; at most {ROWS_PER_CLIENT} rows per client")
+    say(made_line())
+    from huscf.errors import HuscfError
+
+    rows = []
+    try:
+        for cut in args.cuts:
+            for defence in args.defences:
+                rows.append(run_row(cut, defence, Path(args.out), args.set, EVAL, say=say))
+    except HuscfError as exc:
+        raise SystemExit(f"bench_leakage: {exc}") from None
+    say("")
+    say(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        say(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""benchmarks/bench_leakage.py: its view is what crosses the seam, its attacks work where they
+must (exact labels from known noise and weights, a separable probe, the PSNR formula), and one
+tiny row runs end to end, resumes, and carries the issue's JSON keys."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from huscf.config import build_config
+from huscf.split.seam import SeamRecorder
+from huscf.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench = importlib.import_module("bench_leakage")
+
+TINY = ["model.width=0.125", "train.rounds=1", "train.local_epochs=1", "train.max_iters_per_epoch=2",
+        "federation.warmup_rounds=1", "data.clients_per_domain=2", "output.samples_every=0", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    cfg = build_config({}, [*TINY, "cuts.method=fixed", "cuts.fixed=[0,0,0,0]"])
+    return Trainer(cfg, tmp_path_factory.mktemp("leak") / "run", quiet=True)
+
+
+def test_the_view_is_exactly_what_crosses_the_seam(trainer):
+    model, data = trainer.model, trainer.setup.data
+    view = bench.server_view(model, data, 16, trainer.setup.arch.z_dim, seed=3)
+    assert len(view) == len(data)
+    v, (s, e) = view[1], view[1]["batches"][0]
+    model.seam.recorder = SeamRecorder(capture=True)
+    try:
+        with torch.no_grad():
+            model.discriminate(1, v["x"][s:e], v["y"][s:e])
+            model.generate(1, v["z"][s:e], v["y"][s:e])
+    finally:
+        crossings, model.seam.recorder = model.seam.recorder.crossings, None
+    sent = {c.net: c.tensor for c in crossings if c.direction == "client->server"}
+    torch.testing.assert_close(v["d_real"][s:e], sent["D"], rtol=0, atol=0)
+    torch.testing.assert_close(v["g"][s:e], sent["G"], rtol=0, atol=0)
+    assert v["g"].shape[0] == v["d_real"].shape[0] == v["d_fake"].shape[0] == len(v["y"])
+
+
+def test_known_noise_and_weights_give_the_exact_labels_from_wrong_guesses(trainer):
+    model, arch = trainer.model, trainer.setup.arch
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, arch.num_classes, (12,), generator=gen)
+    z = torch.randn(12, arch.z_dim, generator=gen)
+    with torch.no_grad():
+        sent = model.clients[0].run_head("G", (z, y))
+    wrong = (y.numpy() + 1) % arch.num_classes  # every first guess wrong
+    found = bench.exact_labels(model.clients[0], z, sent, wrong, arch.num_classes)
+    assert np.array_equal(found, y.numpy())
+
+
+def test_the_probe_reads_separable_labels_and_not_random_ones():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 600)
+    # the true class's coordinate 6 above the others, noise N(0, 1): a row is misread with
+    # probability about 9 P(N(0, 2) > 6) = 1e-4, so the probe's test accuracy is near 1
+    separable = np.eye(10)[y] * 6 + rng.normal(size=(600, 10))
+    assert bench.probe_accuracy(separable, y, seed=0) > 0.95
+    assert bench.probe_accuracy(rng.normal(size=(600, 10)), y, seed=0) < 0.25  # chance is 0.10
+
+
+def test_psnr_of_known_errors():
+    a = torch.zeros(3, 1, 4, 4)
+    assert bench.psnr_db(a, a + 0.2) == pytest.approx(20.0, abs=1e-4)  # 10 log10(4 / 0.04)
+    assert bench.psnr_db(a, a + 2.0) == pytest.approx(0.0, abs=1e-4)  # the whole range wrong
+
+
+def test_a_tiny_row_runs_resumes_and_has_the_issue_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "INVERT_STEPS", 5)
+    monkeypatch.setattr(bench, "ROWS_PER_CLIENT", 48)
+    ev = {"samples": 20, "tstr_samples": 0}
+    row = bench.run_row("shallow", "none", tmp_path, TINY, ev, say=lambda m: None)
+    assert {"cut", "defence", "label_acc", "real_fake_acc", "psnr_db", "tstr_acc", "fid"} <= set(row)
+    assert row["cut"] == "0,0,0,0" and row["defence"] == "none" and math.isnan(row["tstr_acc"])
+    assert 0.0 <= row["label_acc"] <= 1.0 and row["label_acc"] == max(row[f"label_acc_{k}"] for k in
+                                                                       ("g", "d_real", "d_fake"))
+    assert row["exact_labels"] == 1.0  # the shallow cut gives every label away
+    again = bench.run_row("shallow", "none", tmp_path, TINY, ev, say=lambda m: None)  # read back, not retrained
+    same = [k for k in row if k not in ("seconds", "tstr_acc")]  # tstr_acc is NaN (no TSTR asked), never equal
+    assert {k: again[k] for k in same} == {k: row[k] for k in same} and math.isnan(again["tstr_acc"])
