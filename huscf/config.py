@@ -11,6 +11,8 @@ fully resolved config that a run directory keeps next to its results.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, get_args
 
@@ -264,10 +266,19 @@ class OutputConfig(_Section):
     keep_full_checkpoints: int = Field(2, ge=0)
 
 
+def _plain_file_name(v: str) -> str:
+    """A run's name becomes part of its folder's name (``runs/NAME-DATE``): one plain path
+    component, so that a received config cannot write outside the runs folder."""
+    if not re.fullmatch(r"[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,99}", v):
+        raise ValueError(f"must be a plain file name of 1-100 characters, without '/', '\\', control "
+                         f"characters or a leading '.', got {v!r}")
+    return v
+
+
 class RunConfig(_Section):
     """The whole run."""
 
-    name: str = "default"
+    name: Annotated[str, AfterValidator(_plain_file_name)] = "default"
     seed: int = 0
     # huscf, or a baseline run on the same partition, blocks and evaluation (docs/baselines.md);
     # any method registered in ``huscf.methods``

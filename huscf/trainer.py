@@ -131,6 +131,7 @@ class Trainer:
         verifies it stops with one line and changes nothing. Only ``train.rounds`` (to extend a
         run), ``runtime.*`` and the data location may change: anything else would not be the same run."""
         rd = RunDir(run_dir)
+        rd.check_no_links()
         if not rd.config.is_file():
             raise HuscfError(f"cannot resume {run_dir}: no config.yaml there (not a huscf run directory)")
         bad = [o for o in overrides if not o.startswith(("train.rounds=", "runtime."))]
@@ -140,6 +141,12 @@ class Trainer:
         if data_dir:
             overrides = [*overrides, f"data.data_dir={data_dir}"]
         cfg = load_run_config(rd.config, overrides)
+        dropped = None
+        if cfg.runtime.address is not None and not any(o.startswith("runtime.address=") for o in overrides):
+            # where the run joins a Ray cluster comes from this command line, never from a config
+            # that came with the run directory (it could send the clients' data anywhere)
+            dropped, overrides = cfg.runtime.address, [*overrides, "runtime.address=null"]
+            cfg = load_run_config(rd.config, overrides)
         rows = rd.read_rounds()  # a damaged metrics file stops here, before anything changes
         ckpt, skipped = rd.latest_checkpoint()
         if ckpt is None and rd.list_checkpoints():  # resuming from scratch would overwrite them
@@ -147,6 +154,9 @@ class Trainer:
             raise HuscfError(f"cannot resume {run_dir}: {len(rows)} finished round(s) but no full checkpoint that "
                              f"verifies{why}; nothing was changed")
         t = cls(cfg, run_dir, quiet)
+        if dropped is not None:
+            t._say(f"huscf: the run's config.yaml names the Ray address {dropped!r}; a resumed run takes the address "
+                   f"only from --address (or --set runtime.address=...), so it ignores that one")
         rd.remove_stale_temporaries()
         round_no = 0
         if ckpt is not None:

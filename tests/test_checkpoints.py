@@ -182,3 +182,34 @@ def test_a_checkpoint_from_before_checksums_is_read_and_gets_its_checksum_once(t
     path.write_bytes(path.read_bytes()[:-10])  # from now on a change is caught
     with pytest.raises(HuscfError, match="SHA-256 does not match"):
         rd.load_model_state(1)
+
+
+def test_links_inside_a_run_directory_are_refused_by_resume_evaluate_and_audit(tmp_path):
+    from huscf.metrics.evaluate import RunEvaluator
+    from huscf.runtime.audit import summarise
+
+    run = _run(tmp_path, rounds=1)
+    secret = tmp_path / "elsewhere.yaml"
+    secret.write_text((run / "config.yaml").read_text())
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to(secret)
+    for opens in (lambda: Trainer.resume(run, quiet=True), lambda: RunEvaluator(run), lambda: summarise(run)):
+        with pytest.raises(HuscfError, match="config.yaml is a symbolic link"):
+            opens()
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").write_text(secret.read_text())
+    (run / "checkpoints" / "round_0009.pt").symlink_to(run / "checkpoints" / "round_0001.pt")  # deeper too
+    with pytest.raises(HuscfError, match="round_0009.pt is a symbolic link"):
+        Trainer.resume(run, quiet=True)
+    (run / "checkpoints" / "round_0009.pt").unlink()
+    assert Trainer.resume(run, quiet=True).start_round == 2  # without links it resumes
+
+
+def test_resume_takes_the_ray_address_only_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = build_config({}, [*TINY, "train.rounds=1", "runtime.address=203.0.113.7:6379"])  # a received config
+    Trainer.new(cfg, run, quiet=True).fit()
+    t = Trainer.resume(run)
+    assert t.cfg.runtime.address is None
+    assert "names the Ray address '203.0.113.7:6379'" in capsys.readouterr().err
+    assert Trainer.resume(run, ["runtime.address=auto"], quiet=True).cfg.runtime.address == "auto"

@@ -66,6 +66,16 @@ def test_more_bad_input_is_one_line(capsys, tmp_path):
     _fails(capsys, ["cuts", "--clients", "0"], "--clients must be a finite positive number")
 
 
+def test_a_run_name_is_one_plain_file_name(capsys, tmp_path):
+    """``runs/NAME-DATE``: a received config must not write outside the runs folder."""
+    for name in ("../../x", "a/b", ".hidden", "..", "a\\b", "x" * 101):
+        _fails(capsys, ["train", "--set", f"name={name}"], "config key 'name': must be a plain file name")
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: ../../outside\n")
+    _fails(capsys, ["train", str(evil)], "config key 'name'")
+    assert load_config(None, ["name=caf\u00e9_run-1.b"]).name == "caf\u00e9_run-1.b"
+
+
 def test_cuts_that_leave_the_server_nothing(capsys, tmp_path):
     _fails(capsys, ["train", "--out", str(tmp_path / "r"), *TINY, "--set", "cuts.method=fixed",
                     "--set", "cuts.fixed=[1,2,0,0]"], "client 0: generator cuts head=1 + tail=2 leave the server no block")

@@ -106,6 +106,7 @@ class RunEvaluator:
 
     def __init__(self, run_dir: Path, data_dir: str | None = None):
         self.run = RunDir(run_dir)
+        self.run.check_no_links()
         if not self.run.config.is_file() or not (self.run.path / "clients.json").is_file():
             raise HuscfError(f"{run_dir} is not a huscf run directory (config.yaml or clients.json missing)")
         self.cfg = load_run_config(self.run.config, [f"data.data_dir={data_dir}"] if data_dir else [])

@@ -147,6 +147,17 @@ class RunDir:
             raise HuscfError(f"output directory {self.path} is not empty: pick another --out or use --resume "
                              f"{self.path}")
 
+    def check_no_links(self) -> None:
+        """One line when anything inside an existing run directory is a symbolic link: a run
+        directory received from someone else could point its config, metrics or checkpoints at any
+        file on this machine, and resume, evaluate and audit would read (and resume write) through it."""
+        for root, dirs, files in os.walk(self.path, followlinks=False):
+            for name in (*dirs, *files):
+                part = Path(root) / name
+                if part.is_symlink():
+                    raise HuscfError(f"{part} is a symbolic link; huscf does not follow links inside a run "
+                                     f"directory (copy the file in, or remove the link)")
+
     def check_writable(self) -> None:
         """One line, before any data loads, when the run directory cannot be made or written (a
         read-only mount, a path under a regular file); leaves nothing behind."""

@@ -40,6 +40,7 @@ def _client_of(end: str) -> int | None:
 
 def summarise(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
+    RunDir(run_dir).check_no_links()
     rows = read_audit(run_dir)
     clients_json = {}
     if (run_dir / "clients.json").is_file():
