@@ -162,7 +162,7 @@ def test_ray_engine_matches_simulation_and_audit_is_clean(local_ray, tmp_path, c
     capsys.readouterr()
     assert main(["audit", str(ray_dir)]) == 0
     out = capsys.readouterr().out
-    assert "privacy: clients sent only" in out and ": OK" in out
+    assert "message policy: clients sent only" in out and ": OK" in out and "not a privacy verdict" in out
 
 
 def _kill_once(engine, host: int, at: tuple[int, int, int]):
@@ -434,7 +434,7 @@ def test_runtime_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_privacy_guard_refuses_data_leaving_a_client():
-    from huscf.runtime.messages import PrivacyGuard, PrivacyViolation, Wire
+    from huscf.runtime.messages import PrivacyGuard, PrivacyViolation, Wire, run_dtypes
 
     w = Wire("host:0", PrivacyGuard((1, 28, 28)))
     ok = w.pack("activation", "server", 3, {"h": torch.randn(16, 8, 7, 7)}, {"net": "G"}, src="client:3")
@@ -452,6 +452,26 @@ def test_privacy_guard_refuses_data_leaving_a_client():
             w.pack(kind, "server", 3, tensors, src="client:3")
     with pytest.raises(PrivacyViolation, match="metadata"):
         w.pack("metric", "driver", 3, meta={"labels": list(range(2000))})
+    # values, not only shapes: no NaN or infinity (any float dtype), no dtype the run does not
+    # compute in, no free text, and no orchestration from a client
+    fp32 = Wire("host:0", PrivacyGuard((1, 28, 28), dtypes=run_dtypes("fp32")))
+    h = torch.randn(16, 8, 7, 7)
+    for bad_h in (h.clone().index_put_((torch.tensor([3]),), torch.tensor(float("nan"))),
+                  h.clone().index_put_((torch.tensor([0]),), torch.tensor(float("inf"))),
+                  h.to(torch.bfloat16).clone().index_put_((torch.tensor([1]),), torch.tensor(float("nan"),
+                                                                                              dtype=torch.bfloat16))):
+        with pytest.raises(PrivacyViolation, match="not finite"):
+            w.pack("activation", "server", 3, {"h": bad_h}, {"net": "G"}, src="client:3")
+    with pytest.raises(PrivacyViolation, match="the run computes in float32"):
+        fp32.pack("activation", "server", 3, {"h": h.double()}, {"net": "G"}, src="client:3")
+    assert fp32.pack("activation", "server", 3, {"h": h}, {"net": "G"}, src="client:3").tensor("h").dtype == h.dtype
+    bf16 = Wire("host:0", PrivacyGuard((1, 28, 28), dtypes=run_dtypes("bf16")))
+    bf16.pack("activation", "server", 3, {"h": h.to(torch.bfloat16)}, {"net": "G"}, src="client:3")
+    with pytest.raises(PrivacyViolation, match="metadata key 'note'"):
+        w.pack("weights", "server", 3, {"clients.3.nets.G.0.fc.weight": torch.randn(3, 3)}, {"note": "a label: 7"},
+               src="client:3")
+    with pytest.raises(PrivacyViolation, match="a 'control' message"):
+        w.pack("control", "server", 3, meta={"round": 1}, src="client:3")
     rows = w.audit.drain()  # only what was sent is counted
     assert [(r["kind"], r["name"], r["shape"], r["bytes"]) for r in rows if r["name"] != "meta"] == [
         ("activation", "h", [16, 8, 7, 7], 16 * 8 * 7 * 7 * 4)]

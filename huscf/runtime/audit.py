@@ -100,8 +100,10 @@ def format_summary(s: dict) -> str:
     for kind, dirs in sorted(s["bytes_by_kind"].items()):
         lines.append(f"  {kind:<10} " + ", ".join(f"{d} {_mb(b)}" for d, b in sorted(dirs.items())))
     verdict = "OK" if not s["violations"] else f"{len(s['violations'])} VIOLATION(S)"
-    lines.append(f"privacy: clients sent only {', '.join(s['kinds_sent_by_clients'])}: {verdict} "
-                 f"(never images, labels, synthetic images or discriminator outputs)")
+    lines.append(f"message policy: clients sent only {', '.join(s['kinds_sent_by_clients'])}, each with the "
+                 f"shapes, dtypes and finite values its cuts allow: {verdict}")
+    lines.append("  (a policy on form, not a privacy verdict: cut-layer activations reveal labels and, at "
+                 "shallow cuts, images; docs/security.md)")
     if "given" in s["bytes_by_kind"]:  # samples and labels the method handed clients (Engine.give)
         lines.append(f"clients were given samples with their labels ({_mb(sum(s['bytes_by_kind']['given'].values()))}, "
                      f"kind 'given'): the method shares data, see its 'shares'")

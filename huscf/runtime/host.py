@@ -20,7 +20,7 @@ from huscf.engines import objective
 from huscf.engines.objective import adam, check_finite
 from huscf.engines.simulation import keyed_rng
 from huscf.federation.secure import MaskingClient, SecurePlan
-from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, unpack_state
+from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, run_dtypes, unpack_state
 from huscf.runtime.spec import RunSpec, contracts, leaf
 from huscf.runsetup import load_client_data
 from huscf.split.segments import NETS, ClientSegments
@@ -61,7 +61,8 @@ class ClientHost:
         self.opts = {i: {net: adam(self.segs[i].nets[net].parameters(), self.cfg.train, fused=fused) for net in NETS}
                      for i in self.ids}
         allowed = contracts(self.segs, g, d, spec.arch)
-        self.wire = Wire(f"host:{index}", PrivacyGuard(spec.arch.image_shape, allowed, self.cfg.train.batch_size))
+        self.wire = Wire(f"host:{index}", PrivacyGuard(spec.arch.image_shape, allowed, self.cfg.train.batch_size,
+                                                       dtypes=run_dtypes(self.ex.precision)))
         self.batch_size = self.cfg.train.batch_size
         self.delay = {int(k): v for k, v in self.cfg.runtime.inject_delay_s.items()}
         self.perms: dict[int, torch.Tensor] = {}

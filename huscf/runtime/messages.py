@@ -42,8 +42,8 @@ KINDS = {
     "masked": "a client's weighted segment block masked with its pair masks, client -> server (uint64 words)",
     "unmask": "a survivor's mask seeds with members that dropped out, for one sum, client -> server",
 }
-CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "control", "keys", "masked",
-                          "unmask"})
+# what a client may send; "control" is the driver's and the server's alone
+CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "keys", "masked", "unmask"})
 META_LIMIT = 4096  # bytes of JSON a client may attach to one message
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -136,9 +136,10 @@ class PrivacyGuard:
     checked against each kind's schema (no arrays in it)."""
 
     def __init__(self, image_shape: tuple[int, ...], contracts: dict[int, ClientContract] | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, dtypes: tuple[str, ...] = FLOAT_DTYPES):
+        """``dtypes``: the float dtypes the run computes in (``run_dtypes``); any other is refused."""
         self.image_shape = tuple(image_shape)
-        self.contracts, self.batch_size = contracts, batch_size
+        self.contracts, self.batch_size, self.dtypes = contracts, batch_size, tuple(dtypes)
 
     def check(self, m: Message) -> None:
         def refuse(why: str) -> None:
@@ -160,6 +161,10 @@ class PrivacyGuard:
                 continue
             if m.dtypes[name] not in FLOAT_DTYPES:
                 refuse(f"an integer array '{name}' (labels never leave a client)")
+            if m.dtypes[name] not in self.dtypes:
+                refuse(f"'{name}' in {m.dtypes[name]}: the run computes in {' or '.join(self.dtypes)}")
+            if not bool(torch.isfinite(m.tensor(name)).all()):  # through torch: bf16 travels as int16
+                refuse(f"'{name}' with values that are not finite (NaN or infinity)")
             if m.kind in ("weights", "state"):
                 if not name.startswith((f"clients.{m.client}.", "opt/")):
                     refuse(f"'{name}', which is not its own segment")
@@ -225,6 +230,8 @@ class PrivacyGuard:
                 refuse("'skipped' other than a list of client ids")
             if hosted is not None and not {str(i) for i in skipped} <= hosted:
                 refuse("'skipped' with clients it does not host")
+        elif m.kind == "weights":
+            only(set())  # the arrays say everything: no metadata, so no free text
         elif m.kind == "keys":
             only({"public_key"})
             if not _is_hex(meta.get("public_key"), 64):
@@ -259,6 +266,12 @@ class PrivacyGuard:
                             refuse(f"optimiser setting '{key}' = {str(v)[:40]}")
         elif meta and any(not isinstance(v, _SCALARS) for v in meta.values()):
             refuse(f"array-valued metadata in a '{m.kind}' message")
+
+
+def run_dtypes(precision: str) -> tuple[str, ...]:
+    """The float dtypes a run with ``compute.precision`` (resolved: fp32, bf16 or fp64) sends:
+    its weights' dtype, and bf16 activations under bf16 autocast."""
+    return {"fp64": ("float64",), "bf16": ("float32", "bfloat16")}.get(precision, ("float32",))
 
 
 def _is_hex(v, length: int) -> bool:
