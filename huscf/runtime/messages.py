@@ -161,7 +161,9 @@ class PrivacyGuard:
                 continue
             if m.dtypes[name] not in FLOAT_DTYPES:
                 refuse(f"an integer array '{name}' (labels never leave a client)")
-            if m.dtypes[name] not in self.dtypes:
+            # Adam's step counter is a float32 scalar whatever the weights' dtype (torch's choice)
+            allowed = self.dtypes + (("float32",) if name.startswith("opt/") and name.endswith("/step") else ())
+            if m.dtypes[name] not in allowed:
                 refuse(f"'{name}' in {m.dtypes[name]}: the run computes in {' or '.join(self.dtypes)}")
             if not bool(torch.isfinite(m.tensor(name)).all()):  # through torch: bf16 travels as int16
                 refuse(f"'{name}' with values that are not finite (NaN or infinity)")
