@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -57,6 +58,7 @@ from huscf.models.cgan import build_architecture  # noqa: E402
 from huscf.rundir import RunDir  # noqa: E402
 from huscf.split.plan import Cuts  # noqa: E402
 from huscf.split.segments import SplitGAN  # noqa: E402
+from provenance import made_line  # noqa: E402
 from huscf.trainer import Trainer  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "huscf" / "configs"
@@ -275,6 +277,7 @@ def main() -> int:
                     help="after the grid, the fixed two-clients-per-domain settings (18 runs, ~4 min on 2 cores)")
     ap.add_argument("--jobs", default="auto", help="grid runs at once (auto: one per core; 1: one after another)")
     args = ap.parse_args()
+    print(made_line(), flush=True)
     try:
         if not args.timing_only:
             grid(args)
