@@ -12,7 +12,6 @@ fully resolved config that a run directory keeps next to its results.
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, get_args
 
