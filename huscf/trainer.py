@@ -33,7 +33,7 @@ from huscf.metrics.evaluate import cluster_generators, sample_generator
 from huscf.metrics.grids import class_grid_inputs, save_grid
 from huscf.metrics.label_probe import LabelProbe
 from huscf.metrics.scores import classifier_probs, generation_score
-from huscf.rundir import RoundRecord, RunDir
+from huscf.rundir import RoundRecord, RunDir, check_model_state
 from huscf.runsetup import ClientData, build_setup
 from huscf.split.segments import SplitGAN
 
@@ -161,7 +161,10 @@ class Trainer:
         round_no = 0
         if ckpt is not None:
             round_no, state = ckpt
-            t.engine.load_state_dict(state["engine"])
+            engine_state = state.get("engine") if isinstance(state, dict) else None
+            check_model_state(t.model.state_dict(), (engine_state or {}).get("model"),
+                              f"cannot resume {run_dir}: round {round_no}'s checkpoint")
+            t.engine.load_state_dict(engine_state)
             t.start_round = round_no + 1
         if skipped:  # damaged newer checkpoints: their rounds are trained again
             t._say(f"huscf: {len(skipped)} newer checkpoint(s) did not verify, resuming after round {round_no}: "

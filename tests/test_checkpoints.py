@@ -213,3 +213,36 @@ def test_resume_takes_the_ray_address_only_from_the_command_line(tmp_path, capsy
     assert t.cfg.runtime.address is None
     assert "names the Ray address '203.0.113.7:6379'" in capsys.readouterr().err
     assert Trainer.resume(run, ["runtime.address=auto"], quiet=True).cfg.runtime.address == "auto"
+
+
+def test_a_checkpoint_that_verifies_but_holds_nans_or_another_model_is_one_line(tmp_path):
+    """The checksum proves the file is the one written, not that it holds this run's model: keys,
+    shapes and finite values are checked on load, by resume and by evaluate."""
+    from huscf.metrics.evaluate import RunEvaluator
+
+    run = _run(tmp_path, rounds=1)
+    rd = RunDir(run)
+    (_, good), _ = rd.latest_checkpoint()
+    key = next(k for k, v in good["engine"]["model"].items() if v.is_floating_point() and v.numel() > 1)
+
+    def rewrite(change):
+        state = {**good, "engine": {**good["engine"], "model": change(dict(good["engine"]["model"]))}}
+        rd.save_checkpoint(1, state)  # written and checksummed as huscf writes any checkpoint
+        rd.flush()
+
+    nan = good["engine"]["model"][key].clone()
+    nan.view(-1)[0] = float("nan")
+    cases = [(lambda m: m | {key: nan}, f"'{key}' holds values that are not finite"),
+             (lambda m: m | {key: m[key].flatten()[:-1]}, f"'{key}' is ("),
+             (lambda m: {k: v for k, v in m.items() if k != key}, f"1 tensors missing, 0 unexpected; '{key}' missing"),
+             (lambda m: m | {"clients.99.nets.G.0.fc.weight": m[key]}, "0 tensors missing, 1 unexpected")]
+    for change, message in cases:
+        rewrite(change)
+        with pytest.raises(HuscfError, match="round 1's checkpoint") as resumed:
+            Trainer.resume(run, quiet=True)
+        assert message in str(resumed.value) and "\n" not in str(resumed.value)
+        with pytest.raises(HuscfError, match="round 1's checkpoint") as evaluated:
+            RunEvaluator(run).load_round(1)
+        assert message in str(evaluated.value)
+    rewrite(lambda m: m)
+    assert Trainer.resume(run, quiet=True).start_round == 2

@@ -100,7 +100,9 @@ def test_evaluate_bad_input(tiny_run, tmp_path, capsys):
     config = (tiny_run / "config.yaml").read_text()
     (tiny_run / "config.yaml").write_text(config.replace("width: 0.125", "width: 0.25"))
     fails(["evaluate", str(tiny_run), "--quiet", "--tstr-samples", "0", "--samples", "10"],
-          "checkpoint does not fit the model of")
+          "checkpoint in")  # which round's checkpoint, and below why
+    fails(["evaluate", str(tiny_run), "--quiet", "--tstr-samples", "0", "--samples", "10"],
+          "does not fit the model of this run's config ('clients.0.nets.G.0.fc.weight' is (")
     (tiny_run / "config.yaml").write_text(config)
     clients = (tiny_run / "clients.json").read_text()
     (tiny_run / "clients.json").write_text(clients[: len(clients) // 2])
@@ -135,7 +137,7 @@ def test_heldout_fid_compares_with_training_images_the_run_did_not_use(tmp_path,
         evaluate_run(run, EvalSettings(samples=100, tstr_samples=0, fid_reference="heldout"), quiet=True)
 
 
-def test_generator_emitting_nan_is_refused_and_nothing_is_written(tiny_run, capsys):
+def test_non_finite_weights_are_refused_and_nothing_is_written(tiny_run, capsys):
     path = tiny_run / "checkpoints" / "round_0003.pt"
     state = torch.load(path, weights_only=False)
     for k, v in state["engine"]["model"].items():
@@ -146,8 +148,25 @@ def test_generator_emitting_nan_is_refused_and_nothing_is_written(tiny_run, caps
     assert main(["evaluate", str(tiny_run), "--rounds", "last", "--samples", "50", "--tstr-samples", "0",
                  "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "emitted non-finite values" in err and "round 3" in err
+    assert "round 3's checkpoint" in err and "holds values that are not finite" in err
     assert not (tiny_run / "eval.json").exists() and not (tiny_run / "eval_samples").exists()
+
+
+def test_a_generator_that_emits_nan_from_finite_weights_is_refused():
+    """A generator with finite weights can still emit NaN: sampling checks what it emits, too."""
+    from huscf.metrics.evaluate import sample_generator
+    from huscf.models import build_architecture
+
+    arch = build_architecture("cgan28", 0.125, 10)
+    class Sqrt(torch.nn.Module):  # no weights: the square root of a negative number is NaN
+        def forward(self, x):
+            return torch.sqrt(x - 2)
+
+    g = arch.generator()
+    g.blocks[-1] = torch.nn.Sequential(g.blocks[-1], Sqrt())  # tanh's output minus 2 is negative
+    assert all(torch.isfinite(p).all() for p in g.parameters())
+    with pytest.raises(HuscfError, match="client 3's generator emitted non-finite values"):
+        sample_generator(g, 10, arch.z_dim, 20, seed=0, what="client 3's generator")
 
 
 def test_training_records_the_generation_score_when_asked(tmp_path, monkeypatch, cache_env):

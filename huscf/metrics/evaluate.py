@@ -44,7 +44,8 @@ from huscf.metrics.scores import classifier_fid, classifier_probs, generation_sc
 from huscf.metrics.tstr import real_ceiling, tstr
 from huscf.models import build_architecture
 from huscf.models.blocks import BlockNet
-from huscf.rundir import EvalRecord, EvalSettings, FinalScore, GeneratorRef, GeneratorScore, RunDir
+from huscf.rundir import (EvalRecord, EvalSettings, FinalScore, GeneratorRef, GeneratorScore, RunDir,
+                          check_model_state)
 from huscf.split.plan import Cuts
 from huscf.split.segments import SplitGAN
 
@@ -130,8 +131,10 @@ class RunEvaluator:
                               cluster_bodies=self.cfg.cluster_bodies)
 
     def load_round(self, r: int) -> None:
+        state = self.run.load_model_state(r)
+        check_model_state(self.model.state_dict(), state, f"round {r}'s checkpoint in {self.run.path}")
         try:
-            self.model.load_state_dict(self.run.load_model_state(r))
+            self.model.load_state_dict(state)
         except RuntimeError as err:  # a checkpoint of another architecture, width or cuts than config.yaml's
             first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)[:200])
             raise HuscfError(f"round {r}'s checkpoint does not fit the model of {self.run.config} "

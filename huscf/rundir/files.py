@@ -112,6 +112,30 @@ def _snapshot(obj):
     return _map_tensors(obj, lambda _: next(ordered))
 
 
+def check_model_state(expected: dict[str, torch.Tensor], got, where: str) -> None:
+    """One line (``HuscfError``) unless ``got`` holds exactly the tensors of ``expected`` (a model's
+    ``state_dict``): the same keys, each a tensor of the same shape and kind (float or integer), every
+    float finite. A checkpoint that verifies its checksum can still hold a model of other cuts or
+    width, or NaNs (a diverged or tampered run); torch would load the first with a wall of text and
+    the second silently."""
+    if not isinstance(got, dict):
+        raise HuscfError(f"{where}: holds no model state (not a mapping of tensors)")
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        first = f"'{missing[0]}' missing" if missing else f"'{extra[0]}' unexpected"
+        raise HuscfError(f"{where}: does not fit the model of this run's config ({len(missing)} tensors missing, "
+                         f"{len(extra)} unexpected; {first})")
+    for key, want in expected.items():
+        v = got[key]
+        fits = isinstance(v, torch.Tensor) and v.shape == want.shape
+        if not fits or v.is_floating_point() != want.is_floating_point():
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise HuscfError(f"{where}: does not fit the model of this run's config ('{key}' is {shape}, the "
+                             f"model's is {tuple(want.shape)}, {'float' if want.is_floating_point() else 'integer'})")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise HuscfError(f"{where}: '{key}' holds values that are not finite (NaN or infinity)")
+
+
 class DamagedCheckpoint(Exception):
     """A checkpoint that cannot be read as data, or whose bytes do not match its checksum."""
 
