@@ -86,27 +86,28 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
     return out
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """Test accuracy of a standardised logistic regression trained on a random half of the rows."""
+def _probe(seed: int):
+    """The server's probe: a logistic regression on standardised inputs (scikit-learn)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, random_state=seed))
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    """Test accuracy of the probe trained on a random half of the rows."""
     order = np.random.default_rng(seed).permutation(len(labels))
     train, test = order[: len(order) // 2], order[len(order) // 2:]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    clf = _probe(seed)
     clf.fit(features[train], labels[train])
     return float((clf.predict(features[test]) == labels[test]).mean())
 
 
 def probe_predictions(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
     """The probe's guesses for ``rows``, trained on the other rows (the server's first guess)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     rest = np.setdiff1d(np.arange(len(labels)), rows)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, random_state=seed))
+    clf = _probe(seed)
     clf.fit(features[rest], labels[rest])
     return clf.predict(features[rows])
 

@@ -145,8 +145,8 @@ class Trainer:
         if cfg.runtime.address is not None and not any(o.startswith("runtime.address=") for o in overrides):
             # where the run joins a Ray cluster comes from this command line, never from a config
             # that came with the run directory (it could send the clients' data anywhere)
-            dropped, overrides = cfg.runtime.address, [*overrides, "runtime.address=null"]
-            cfg = load_run_config(rd.config, overrides)
+            dropped, cfg.runtime.address = cfg.runtime.address, None
+            overrides = [*overrides, "runtime.address=null"]  # so the config.yaml written back says so too
         rows = rd.read_rounds()  # a damaged metrics file stops here, before anything changes
         ckpt, skipped = rd.latest_checkpoint()
         if ckpt is None and rd.list_checkpoints():  # resuming from scratch would overwrite them

@@ -40,7 +40,8 @@ def _client_of(end: str) -> int | None:
 
 def summarise(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    RunDir(run_dir).check_no_links()
+    run = RunDir(run_dir)
+    run.check_no_links()
     rows = read_audit(run_dir)
     clients_json = {}
     if (run_dir / "clients.json").is_file():
@@ -50,7 +51,7 @@ def summarise(run_dir: Path) -> dict:
             raise HuscfError(f"cannot read {run_dir / 'clients.json'}: damaged or not written by huscf train") from None
     predicted = (clients_json.get("latency_per_iteration") or {}).get("bytes_per_client") or []
     iterations: dict[int, int] = defaultdict(int)
-    for row in RunDir(run_dir).read_rounds():
+    for row in run.read_rounds():
         for i, n in enumerate(row.events.get("iterations_per_client") or []):
             iterations[i] += n
     per_client: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
