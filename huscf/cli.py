@@ -27,8 +27,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config is not None:
             raise HuscfError("give either CONFIG or --resume RUN_DIR, not both (a resumed run keeps its config)")
-        trainer = Trainer.resume(Path(args.resume), args.set, quiet=args.quiet, data_dir=args.data_dir)
+        trainer = Trainer.resume(Path(args.resume), args.set, quiet=args.quiet, data_dir=args.data_dir,
+                                 allow_unsigned=args.allow_unsigned)
     else:
+        if args.allow_unsigned:
+            raise HuscfError("--allow-unsigned loads a resumed run's unsigned checkpoints: use it with --resume")
         cfg = load_config(_config_path(args.config), args.set, args.data_dir)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         trainer = Trainer.new(cfg, out, quiet=args.quiet)
@@ -76,7 +79,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(samples=args.samples, tstr_samples=args.tstr_samples, tstr_epochs=args.tstr_epochs,
                             client=args.client, seed=args.seed, every_client=args.every_client,
                             fid_reference=args.fid_reference)
-    evaluate_run(Path(args.run_dir), settings, rounds=args.rounds, data_dir=args.data_dir, quiet=args.quiet)
+    evaluate_run(Path(args.run_dir), settings, rounds=args.rounds, data_dir=args.data_dir, quiet=args.quiet,
+                 allow_unsigned=args.allow_unsigned)
     return 0
 
 
@@ -101,6 +105,10 @@ FID_REFERENCE_HELP = ("FID against the test split (default) or against training 
                       "beyond data.limit_per_domain: for choosing settings without looking at the test split)")
 
 
+ALLOW_UNSIGNED_HELP = ("load checkpoints that carry no signature (runs from before signed checkpoints); signed ones "
+                       "are still verified with the key at $HUSCF_SIGNING_KEY or ~/.config/huscf/signing.key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="huscf", description="HuSCF-GAN: split, clustered federated cGAN training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="simulation: one process (default); ray: client and server actors (docs/runtime.md)")
     train.add_argument("--address", help="with --engine ray: join this Ray cluster (auto or HOST:PORT) "
                                          "instead of starting a local one")
+    train.add_argument("--allow-unsigned", action="store_true", help=f"with --resume: {ALLOW_UNSIGNED_HELP}")
     train.set_defaults(func=_cmd_train)
 
     aud = sub.add_parser("audit", help="what crossed between processes in a --engine ray run (audit.jsonl)")
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fid-reference", choices=["test", "heldout"], default="test", help=FID_REFERENCE_HELP)
     ev.add_argument("--data-dir", help="folder with the datasets (default: the run's, $HUSCF_DATA)")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--allow-unsigned", action="store_true", help=ALLOW_UNSIGNED_HELP)
     ev.set_defaults(func=_cmd_evaluate)
 
     cmp_ = sub.add_parser("compare", help="train + evaluate several methods on one config, tabulate them")

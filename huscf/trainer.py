@@ -63,6 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, quiet: bool = False):
         self.cfg, self.run, self.quiet = cfg, RunDir(run_dir), quiet
+        self.run.signing_key(create=True)  # a key that cannot be made or read is one line before any work
         self.threads = ThreadPolicy(cfg.train.threads)
         # resolved first: a device that is not there fails before any data loads
         self.execution = Execution.from_config(cfg.compute, cfg.num_clients)
@@ -124,13 +125,15 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] = (), quiet: bool = False,
-               data_dir: str | None = None) -> "Trainer":
+               data_dir: str | None = None, allow_unsigned: bool = False) -> "Trainer":
         """Continue ``run_dir`` from its newest full checkpoint that verifies (checksum, loadable as
         data). What rounds after it had written (damaged checkpoints, metrics lines) is moved to
         ``set_aside/`` before those rounds are trained again; with checkpoints but none that
         verifies it stops with one line and changes nothing. Only ``train.rounds`` (to extend a
-        run), ``runtime.*`` and the data location may change: anything else would not be the same run."""
-        rd = RunDir(run_dir)
+        run), ``runtime.*`` and the data location may change: anything else would not be the same run.
+        A checkpoint must carry a signature this machine's key verifies, or none with
+        ``allow_unsigned`` (``rundir/signing.py``); one that does not counts as not verifying."""
+        rd = RunDir(run_dir, allow_unsigned=allow_unsigned)
         rd.check_no_links()
         if not rd.config.is_file():
             raise HuscfError(f"cannot resume {run_dir}: no config.yaml there (not a huscf run directory)")
@@ -154,6 +157,7 @@ class Trainer:
             raise HuscfError(f"cannot resume {run_dir}: {len(rows)} finished round(s) but no full checkpoint that "
                              f"verifies{why}; nothing was changed")
         t = cls(cfg, run_dir, quiet)
+        t.run.allow_unsigned = allow_unsigned  # the older checkpoints it slims are loaded under the same rule
         if dropped is not None:
             t._say(f"huscf: the run's config.yaml names the Ray address {dropped!r}; a resumed run takes the address "
                    f"only from --address (or --set runtime.address=...), so it ignores that one")

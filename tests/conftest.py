@@ -21,8 +21,8 @@ else:  # serial (-n 0), or the controller, which runs no test
 
 
 def pytest_configure(config):
-    """Keep what the tests cache (trained classifiers, spectrograms) out of the user's home: in
-    pytest's own cache folder unless HUSCF_CACHE says where."""
+    """Keep what the tests cache (trained classifiers, spectrograms) and the key that signs their
+    checkpoints out of the user's home: in pytest's own cache folder unless HUSCF_CACHE says where."""
     if not os.environ.get("HUSCF_CACHE"):
         cache = getattr(config, "cache", None)
         if cache is not None:
@@ -31,6 +31,8 @@ def pytest_configure(config):
             path = Path(tempfile.mkdtemp(prefix="huscf-test-cache-"))
             config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
         os.environ["HUSCF_CACHE"] = str(path)
+    if not os.environ.get("HUSCF_SIGNING_KEY"):  # the tests sign their runs' checkpoints with a key of their own
+        os.environ["HUSCF_SIGNING_KEY"] = str(Path(os.environ["HUSCF_CACHE"]) / "signing.key")
 
 
 @pytest.fixture(scope="session")

@@ -49,9 +49,11 @@ def test_a_crafted_checkpoint_is_refused_not_run_and_resume_continues(tmp_path):
     marker = tmp_path / "pwned"
     with open(run / "checkpoints" / "round_0003.pt", "wb") as f:  # newer than any real one, no checksum
         pickle.dump({"round": 3, "engine": _Payload(marker)}, f)
-    with pytest.raises(HuscfError, match="not a checkpoint huscf can load as data"):
+    with pytest.raises(HuscfError, match="round_0003.pt: not signed .* pass --allow-unsigned"):
         RunDir(run).load_model_state(3)  # huscf evaluate's path
-    t = Trainer.resume(run, quiet=True)
+    with pytest.raises(HuscfError, match="not a checkpoint huscf can load as data"):  # allowed, still only data
+        RunDir(run, allow_unsigned=True).load_model_state(3)
+    t = Trainer.resume(run, quiet=True, allow_unsigned=True)
     assert not marker.exists()
     assert t.start_round == 3  # after round 2, the newest checkpoint that verifies
     aside = list((run / "set_aside").glob("*/round_0003.pt"))
@@ -168,20 +170,97 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_resume_keeps_the_r
     assert [r["round"] for r in read_metrics(run)] == [1, 2]
 
 
-def test_a_checkpoint_from_before_checksums_is_read_and_gets_its_checksum_once(tmp_path):
+def test_an_unsigned_checkpoint_loads_only_when_allowed_and_is_never_signed_on_load(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()
     rd.save_checkpoint(1, _state(1))
     rd.flush()
     side = rd.checkpoints / "round_0001.pt.json"
-    side.unlink()  # as a run written before checksums left it
-    assert torch.equal(rd.load_model_state(1)["w"], torch.full((3,), 1.0))
-    (found, state), skipped = rd.latest_checkpoint()
-    assert found == 1 and skipped == [] and json.loads(side.read_text())["slim"] is False
-    path = rd.checkpoints / "round_0001.pt"
-    path.write_bytes(path.read_bytes()[:-10])  # from now on a change is caught
-    with pytest.raises(HuscfError, match="SHA-256 does not match"):
+    side.unlink()  # as a run written before checksums left it, or someone who removed the signature
+    with pytest.raises(HuscfError, match="not signed"):
         rd.load_model_state(1)
+    assert rd.latest_checkpoint() == (None, [f"{rd.checkpoints / 'round_0001.pt'}: not signed (a run from before "
+                                             f"signed checkpoints, or its round_0001.pt.json was removed or replaced); "
+                                             f"pass --allow-unsigned to load it anyway"])
+    allowed = RunDir(rd.path, allow_unsigned=True)
+    assert torch.equal(allowed.load_model_state(1)["w"], torch.full((3,), 1.0))
+    (found, _), skipped = allowed.latest_checkpoint()
+    assert found == 1 and skipped == [] and not side.exists()  # huscf signs only what it wrote
+
+
+def test_a_checkpoint_changed_with_its_checksum_is_refused_and_so_is_another_key(tmp_path, monkeypatch):
+    """The checksum file catches damage; the signature catches a change made by whoever can write
+    the run directory but not read the key (issue 30, item 5)."""
+    import hashlib
+
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rd.save_checkpoint(1, _state(1))
+    rd.flush()
+    path, side = rd.checkpoints / "round_0001.pt", rd.checkpoints / "round_0001.pt.json"
+    good, good_side = path.read_bytes(), side.read_text()
+    meta = json.loads(good_side)
+    assert len(meta["hmac_sha256"]) == 1 and meta["key_id"] == rd.signing_key().key_id
+    forged = {**_state(1), "engine": {**_state(1)["engine"], "model": {"w": torch.full((3,), 9.0), "v": torch.ones(2)}}}
+    torch.save(forged, path)
+    side.write_text(json.dumps({**meta, "sha256": [hashlib.sha256(path.read_bytes()).hexdigest()]}))
+    for check in (lambda: rd.load_model_state(1), lambda: RunDir(rd.path, allow_unsigned=True).load_model_state(1)):
+        with pytest.raises(HuscfError, match="its signature does not verify with the key .*: changed since huscf"):
+            check()
+    assert rd.latest_checkpoint()[0] is None
+    # the signature binds the round: round 1's file and signature copied over round 2's are refused
+    path.write_bytes(good)
+    side.write_text(good_side)
+    (rd.checkpoints / "round_0002.pt").write_bytes(good)
+    (rd.checkpoints / "round_0002.pt.json").write_text(good_side)
+    with pytest.raises(HuscfError, match="round_0002.pt: its signature does not verify"):
+        rd.load_model_state(2)
+    assert torch.equal(rd.load_model_state(1)["w"], torch.full((3,), 1.0))  # the untouched file still loads
+    # another machine's key (or none) does not verify this machine's checkpoints
+    monkeypatch.setenv("HUSCF_SIGNING_KEY", str(tmp_path / "keys" / "other.key"))
+    with pytest.raises(HuscfError, match=f"signed with key {meta['key_id']}, but there is no signing key at "):
+        RunDir(rd.path).load_model_state(1)
+    other = RunDir(tmp_path / "other")
+    other.create()
+    other.save_checkpoint(1, _state(1))  # makes the other key
+    other.flush()
+    with pytest.raises(HuscfError, match=f"the file names {meta['key_id']}"):
+        RunDir(rd.path).load_model_state(1)
+
+
+def test_the_signing_key_is_private_outside_the_run_and_made_once(tmp_path, monkeypatch):
+    from huscf.rundir.signing import SigningKey
+
+    key_path = tmp_path / "cfg" / "huscf" / "signing.key"
+    made = SigningKey.load(key_path, create=True)
+    assert made is not None and oct(key_path.stat().st_mode & 0o777) == "0o600"
+    assert SigningKey.load(key_path).key_id == made.key_id  # made once, then read
+    assert SigningKey.load(tmp_path / "absent.key") is None
+    key_path.chmod(0o644)
+    with pytest.raises(HuscfError, match="can be read or written by other users.*chmod 600"):
+        SigningKey.load(key_path)
+    key_path.chmod(0o600)
+    key_path.write_text("not hex\n")
+    with pytest.raises(HuscfError, match="not a hex-encoded key"):
+        SigningKey.load(key_path)
+    run = tmp_path / "run"
+    monkeypatch.setenv("HUSCF_SIGNING_KEY", str(run / "signing.key"))
+    with pytest.raises(HuscfError, match="is inside the run directory"):
+        Trainer.new(build_config({}, [*TINY, "train.rounds=1"]), run, quiet=True)
+    assert not run.exists()  # refused before anything was written
+
+
+def test_cli_allow_unsigned_loads_an_unsigned_run_and_is_refused_without_resume(tmp_path, capsys):
+    run = _run(tmp_path, rounds=1)
+    (run / "checkpoints" / "round_0001.pt.json").unlink()
+    assert main(["train", "--allow-unsigned", "--set", "train.rounds=1"]) == 2
+    assert "use it with --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--quiet", "--set", "train.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not signed" in err and "nothing was changed" in err
+    assert main(["train", "--resume", str(run), "--quiet", "--set", "train.rounds=2", "--allow-unsigned"]) == 0
+    assert [r["round"] for r in read_metrics(run)] == [1, 2]
+    assert "hmac_sha256" in json.loads((run / "checkpoints" / "round_0002.pt.json").read_text())
 
 
 def test_links_inside_a_run_directory_are_refused_by_resume_evaluate_and_audit(tmp_path):

@@ -147,6 +147,9 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(tiny_run, capsys)
     (tiny_run / "checkpoints" / "round_0003.pt.json").unlink()  # as a run from before checksums had it
     assert main(["evaluate", str(tiny_run), "--rounds", "last", "--samples", "50", "--tstr-samples", "0",
                  "--quiet"]) == 2
+    assert "round_0003.pt: not signed" in capsys.readouterr().err  # refused unless the user allows it
+    assert main(["evaluate", str(tiny_run), "--rounds", "last", "--samples", "50", "--tstr-samples", "0",
+                 "--quiet", "--allow-unsigned"]) == 2
     err = capsys.readouterr().err
     assert "round 3's checkpoint" in err and "holds values that are not finite" in err
     assert not (tiny_run / "eval.json").exists() and not (tiny_run / "eval_samples").exists()

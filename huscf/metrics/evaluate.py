@@ -105,8 +105,8 @@ def _parse_rounds(spec: str, available: list[int]) -> list[int]:
 class RunEvaluator:
     """Loads a run's split model at any checkpointed round and picks its generators."""
 
-    def __init__(self, run_dir: Path, data_dir: str | None = None):
-        self.run = RunDir(run_dir)
+    def __init__(self, run_dir: Path, data_dir: str | None = None, allow_unsigned: bool = False):
+        self.run = RunDir(run_dir, allow_unsigned=allow_unsigned)
         self.run.check_no_links()
         if not self.run.config.is_file() or not (self.run.path / "clients.json").is_file():
             raise HuscfError(f"{run_dir} is not a huscf run directory (config.yaml or clients.json missing)")
@@ -176,16 +176,17 @@ def heldout_images(cfg) -> dict[str, torch.Tensor]:
 
 
 def evaluate_run(run_dir: Path, settings: EvalSettings, *, rounds: str = "all", data_dir: str | None = None,
-                 quiet: bool = False) -> Path:
-    """Evaluate ``rounds`` ("all", "last" or a list such as "1,5-7") of a run as ``settings`` say;
-    writes ``eval.json`` (with the settings and the rounds), ``eval.csv`` and ``eval_samples/``."""
+                 quiet: bool = False, allow_unsigned: bool = False) -> Path:
+    """Evaluate ``rounds`` ("all", "last" or a list such as "1,5-7") of a run as ``settings`` say
+    (``allow_unsigned``: load checkpoints without a signature, ``rundir/signing.py``); writes
+    ``eval.json`` (with the settings and the rounds), ``eval.csv`` and ``eval_samples/``."""
     samples, tstr_samples, seed, client, every_client = (settings.samples, settings.tstr_samples, settings.seed,
                                                          settings.client, settings.every_client)
     if samples < 10 or tstr_samples < 0:
         raise HuscfError("--samples must be >= 10 and --tstr-samples >= 0")
     if settings.fid_reference not in FID_REFERENCES:
         raise HuscfError(f"--fid-reference must be one of {', '.join(FID_REFERENCES)}, got {settings.fid_reference!r}")
-    ev = RunEvaluator(run_dir, data_dir)
+    ev = RunEvaluator(run_dir, data_dir, allow_unsigned)
     # the run's thread policy (train.threads), as in training: on a busy machine ``auto`` takes
     # the cores the others leave, and a fixed count stays fixed (engines/threads.py)
     threads = ThreadPolicy(ev.cfg.train.threads)

@@ -8,12 +8,16 @@ Layout::
     RUN_DIR/samples/round_NNNN_cluster_K.png
     RUN_DIR/checkpoints/round_NNNN.pt   every round; the newest ``keep_full`` with optimiser states,
                                         older ones slimmed to the (deduplicated) model weights
-    RUN_DIR/checkpoints/round_NNNN.pt.json   its SHA-256 (and whether it is slim)
+    RUN_DIR/checkpoints/round_NNNN.pt.json   its SHA-256, that digest signed (HMAC-SHA256), and
+                                             whether it is slim
     RUN_DIR/set_aside/STAMP/       what a resume moved out of the way (damaged checkpoints, their rounds)
 
 Checkpoints are data, not code: they are read with ``torch.load(weights_only=True)`` (tensors and
 plain containers; a crafted pickle is refused, never run) after their bytes are checked against
-their SHA-256 (``DamagedCheckpoint`` otherwise). Every file is written to a temporary name, synced
+their SHA-256 and the digest's signature verified with the user's signing key, kept outside the
+run directory (``signing.py``; ``DamagedCheckpoint`` otherwise). A checkpoint without a signature
+(a run from before signatures, a removed checksum file) loads only with ``allow_unsigned`` (the
+command line's ``--allow-unsigned``), and is never signed on load. Every file is written to a temporary name, synced
 and renamed, and a checkpoint's checksum file lists the old and the new digest while a checkpoint
 is rewritten (slimmed), so a kill at any moment leaves files that verify; a killed writer's
 temporary files are removed when the run resumes.
@@ -53,6 +57,7 @@ import torch
 
 from huscf.errors import HuscfError
 from huscf.rundir.records import RoundRecord, read_rounds, write_rounds
+from huscf.rundir.signing import SigningKey, default_key_path
 
 _CKPT = re.compile(r"round_(\d{4,})\.pt$")
 
@@ -157,8 +162,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    """One run directory. ``allow_unsigned``: load checkpoints that carry no signature (their
+    SHA-256 is still checked when they have one)."""
+
+    def __init__(self, path: Path, allow_unsigned: bool = False):
         self.path = Path(path)
+        self.allow_unsigned = allow_unsigned
+        self._key: SigningKey | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.checkpoints = self.path / "checkpoints"
@@ -181,6 +191,14 @@ class RunDir:
                 if part.is_symlink():
                     raise HuscfError(f"{part} is a symbolic link; huscf does not follow links inside a run "
                                      f"directory (copy the file in, or remove the link)")
+
+    def signing_key(self, create: bool = False) -> SigningKey | None:
+        """The key that signs and verifies this run's checkpoints (``signing.py``); made when
+        ``create`` and there is none. A trainer asks for it before anything is written, so a key
+        that cannot be made or read is one line before training, not a failed checkpoint write."""
+        if self._key is None:
+            self._key = SigningKey.load(create=create, run_dir=self.path)
+        return self._key
 
     def check_writable(self) -> None:
         """One line, before any data loads, when the run directory cannot be made or written (a
@@ -255,28 +273,34 @@ class RunDir:
         return path.with_name(path.name + ".json")
 
     def _read_sidecar(self, path: Path) -> dict | None:
-        """``path``'s checksum file ({"sha256": [...], "slim": bool}); None when it has none (a
-        checkpoint from before checksums); ``DamagedCheckpoint`` when it is not one."""
+        """``path``'s checksum file ({"sha256": [...], "slim": bool, "hmac_sha256": [...] or None,
+        "key_id": str or None}, a signature per digest); None when it has none (a checkpoint from
+        before checksums); ``DamagedCheckpoint`` when it is not one."""
         side = self._sidecar(path)
         if not side.exists():
             return None
         try:
             meta = json.loads(side.read_text())
-            return {"sha256": list(meta["sha256"]), "slim": bool(meta["slim"])}
+            digests, signatures = [str(d) for d in meta["sha256"]], meta.get("hmac_sha256")
+            if signatures is not None and (not isinstance(signatures, list) or len(signatures) != len(digests)):
+                raise ValueError
+            return {"sha256": digests, "slim": bool(meta["slim"]), "hmac_sha256": signatures,
+                    "key_id": meta.get("key_id")}
         except (OSError, ValueError, KeyError, TypeError):
             raise DamagedCheckpoint(f"{side}: not a huscf checksum file") from None
 
+    def _sidecar_bytes(self, digests: list[str], signatures: list[str], slim: bool) -> bytes:
+        return json.dumps({"sha256": digests, "slim": slim, "hmac_sha256": signatures,
+                           "key_id": self.signing_key(create=True).key_id}).encode()
+
     def _is_slim(self, path: Path) -> bool:
-        """From the checksum file. A checkpoint written before checksums existed is loaded (as data)
-        once to see, and gets its checksum file then, so later rounds do not load it again."""
+        """From the checksum file. A checkpoint written before checksums existed is loaded (as data,
+        when unsigned checkpoints are allowed) to see; it gets no checksum file: huscf signs only
+        what it wrote."""
         meta = self._read_sidecar(path)
         if meta is not None:
             return meta["slim"]
-        slim = bool(self._load_verified(path).get("slim"))
-        with contextlib.suppress(OSError):
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            _write_atomic(self._sidecar(path), json.dumps({"sha256": [digest], "slim": slim}).encode())
-        return slim
+        return bool(self._load_verified(path).get("slim"))
 
     def load_model_state(self, round_no: int) -> dict[str, torch.Tensor]:
         """The split model's weights after round ``round_no`` (from a full or a slim checkpoint)."""
@@ -292,35 +316,39 @@ class RunDir:
         return saved["engine"]["model"]
 
     def _atomic_save(self, state: dict, path: Path, slim: bool) -> None:
-        """Write ``state`` to ``path`` and its SHA-256 to ``path``.json so that a kill at any moment
-        leaves a file that verifies (the old one or the new one): the checksum file first lists
-        both digests, then the data file is replaced, then the old digest is dropped."""
+        """Write ``state`` to ``path`` and its signed SHA-256 to ``path``.json so that a kill at any
+        moment leaves a file that verifies (the old one or the new one): the checksum file first
+        lists both digests, then the data file is replaced, then the old digest is dropped."""
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest()
+        signature = self.signing_key(create=True).sign(path.name, digest)
         side = self._sidecar(path)
         try:
-            before = (self._read_sidecar(path) or {}).get("sha256", []) if path.exists() else []
+            meta = self._read_sidecar(path) if path.exists() else None
         except DamagedCheckpoint:  # a broken checksum file is replaced below
-            before = []
-        if before:
-            _write_atomic(side, json.dumps({"sha256": [*before, digest], "slim": slim}).encode())
+            meta = None
+        if meta and meta["hmac_sha256"]:  # only signed digests are carried over
+            _write_atomic(side, self._sidecar_bytes([*meta["sha256"], digest], [*meta["hmac_sha256"], signature], slim))
         _write_atomic(path, data)
-        _write_atomic(side, json.dumps({"sha256": [digest], "slim": slim}).encode())
+        _write_atomic(side, self._sidecar_bytes([digest], [signature], slim))
 
     def _load_verified(self, path: Path) -> dict:
         """A checkpoint as data: its bytes checked against its checksum file (when it has one: runs
-        written before checksums have none) and unpickled with ``weights_only=True``, which builds
-        tensors and plain containers and never runs code. ``DamagedCheckpoint`` otherwise."""
+        written before checksums have none), the digest's signature verified (``_check_signature``),
+        and unpickled with ``weights_only=True``, which builds tensors and plain containers and
+        never runs code. ``DamagedCheckpoint`` otherwise."""
         try:
             data = path.read_bytes()
         except OSError as err:
             raise DamagedCheckpoint(f"{path}: cannot be read ({err.strerror or err})") from None
         meta = self._read_sidecar(path)
-        if meta is not None and hashlib.sha256(data).hexdigest() not in meta["sha256"]:
+        digest = hashlib.sha256(data).hexdigest()
+        if meta is not None and digest not in meta["sha256"]:
             raise DamagedCheckpoint(f"{path}: its SHA-256 does not match {self._sidecar(path).name} (the file "
                                     f"was changed or damaged)")
+        self._check_signature(path, digest, meta)
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - truncated, garbage or code: never executed, refused
@@ -329,6 +357,26 @@ class RunDir:
         if not isinstance(state, dict) or not isinstance(state.get("round"), int):
             raise DamagedCheckpoint(f"{path}: not a huscf checkpoint")
         return state
+
+    def _check_signature(self, path: Path, digest: str, meta: dict | None) -> None:
+        """``DamagedCheckpoint`` unless ``digest`` carries a signature this machine's key verifies,
+        or it carries none and unsigned checkpoints are allowed."""
+        if meta is None or not meta["hmac_sha256"]:
+            if self.allow_unsigned:
+                return
+            raise DamagedCheckpoint(f"{path}: not signed (a run from before signed checkpoints, or its "
+                                    f"{self._sidecar(path).name} was removed or replaced); pass --allow-unsigned "
+                                    f"to load it anyway")
+        key = self.signing_key()
+        if key is None:
+            raise DamagedCheckpoint(f"{path}: signed with key {meta['key_id']}, but there is no signing key at "
+                                    f"{default_key_path()} (copy the key that signed it there, or set "
+                                    f"HUSCF_SIGNING_KEY to it)")
+        signature = meta["hmac_sha256"][meta["sha256"].index(digest)]
+        if not key.verify(path.name, digest, signature):
+            raise DamagedCheckpoint(f"{path}: its signature does not verify with the key {key.path} (id "
+                                    f"{key.key_id}; the file names {meta['key_id']}): changed since huscf wrote it, "
+                                    f"or signed with another key")
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         return sorted((int(m.group(1)), p) for p in self.checkpoints.glob("round_*.pt") if (m := _CKPT.search(p.name)))
