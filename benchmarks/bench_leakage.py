@@ -30,9 +30,14 @@ the fakes, each with its labels. The attacks:
   the probe recovers them at ``label_acc``), PSNR against the real images (range [-1, 1]).
 * ``tstr_acc``, ``fid``: ``huscf evaluate`` of the run's last round (cluster generators).
 
+A defence that changes what is sent changes the server's view with it: with ``privacy.seam_noise``
+(split/noise.py) every row above is clipped and noised as the client sends it, and the attacks
+know the clipping rule (the exact-label search and the inversion compare clipped head outputs with
+the noisy rows); ``epsilon`` is then the run's (epsilon, ``privacy.delta``) after its last round.
+
 Rows are printed as a table and, with ``--json``, written as a list of objects with keys ``cut``,
 ``defence``, ``label_acc``, ``real_fake_acc``, ``psnr_db``, ``tstr_acc``, ``fid`` (and the views'
-probes, ``exact_labels``, the run's seconds).
+probes, ``exact_labels``, ``epsilon``, the run's seconds).
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ import torch  # noqa: E402
 from provenance import made_line  # noqa: E402
 
 CUTS = {"shallow": (0, 0, 0, 0), "deep": (2, 0, 2, 0)}  # [G head, G tail, D head, D tail] for every client
-DEFENCES: dict[str, tuple[str, ...]] = {"none": ()}  # name: config overrides
+# name: config overrides. The noise levels were fixed before any run with them: a decade apart
+DEFENCES: dict[str, tuple[str, ...]] = {"none": (), "noise0.1": ("privacy.seam_noise=0.1",),
+                                        "noise1": ("privacy.seam_noise=1.0",)}
 EVAL = {"samples": 500, "tstr_samples": 1000, "tstr_min_steps": 100}
 INVERT_STEPS = 300
 ROWS_PER_CLIENT = 256  # the epoch's rows each client contributes to the probes (its whole share when smaller)
@@ -60,8 +67,10 @@ ROWS_PER_CLIENT = 256  # the epoch's rows each client contributes to the probes 
 
 def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> list[dict]:
     """Per client, what its head sends in one epoch of ``batch_size`` batches (at most
-    ``ROWS_PER_CLIENT`` rows): ``g`` (G head on z, y), ``d_real``, ``d_fake`` (D head), with ``y``,
-    ``z`` and ``x`` (the real rows) kept for scoring and one ``batches`` list of (start, end)."""
+    ``ROWS_PER_CLIENT`` rows): ``g`` (G head on z, y), ``d_real``, ``d_fake`` (D head), each as
+    sent (through the model's seam noise, when the run has one), with ``y``, ``z`` and ``x`` (the
+    real rows) kept for scoring and one ``batches`` list of (start, end)."""
+    sent = model.seam.noise or (lambda t: t)
     out = []
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -77,8 +86,8 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
                 x, y = d.x[idx], d.y[idx]
                 z = torch.randn(len(idx), z_dim, generator=gen)
                 fake = model.generate(i, z, y)
-                for key, v in (("g", seg.run_head("G", (z, y))), ("d_real", seg.run_head("D", (x, y))),
-                               ("d_fake", seg.run_head("D", (fake, y))), ("y", y), ("z", z), ("x", x)):
+                for key, v in (("g", sent(seg.run_head("G", (z, y)))), ("d_real", sent(seg.run_head("D", (x, y)))),
+                               ("d_fake", sent(seg.run_head("D", (fake, y)))), ("y", y), ("z", z), ("x", x)):
                     view[key].append(v)
                 batches.append((start, start + len(idx)))
                 start += len(idx)
@@ -113,10 +122,10 @@ def probe_predictions(features: np.ndarray, labels: np.ndarray, rows: np.ndarray
 
 
 def exact_labels(seg, z: torch.Tensor, sent: torch.Tensor, guess: np.ndarray, classes: int,
-                 sweeps: int = 4) -> np.ndarray:
-    """Labels whose G head output, with the known noise and weights, matches ``sent``: from ``guess``,
-    each row in turn takes the label that brings the batch's output closest, until a sweep changes
-    nothing."""
+                 sweeps: int = 4, clip=lambda t: t) -> np.ndarray:
+    """Labels whose G head output, with the known noise and weights (and ``clip``, the seam's
+    clipping rule), matches ``sent``: from ``guess``, each row in turn takes the label that brings
+    the batch's output closest, until a sweep changes nothing."""
     y = torch.as_tensor(guess, dtype=torch.long).clone()
     with torch.no_grad():
         for _ in range(sweeps):
@@ -125,7 +134,7 @@ def exact_labels(seg, z: torch.Tensor, sent: torch.Tensor, guess: np.ndarray, cl
                 before, best, best_err = int(y[r]), int(y[r]), math.inf
                 for c in range(classes):
                     y[r] = c
-                    err = float((seg.run_head("G", (z, y)) - sent).square().sum())
+                    err = float((clip(seg.run_head("G", (z, y))) - sent).square().sum())
                     if err < best_err:
                         best, best_err = c, err
                 y[r] = best
@@ -135,13 +144,15 @@ def exact_labels(seg, z: torch.Tensor, sent: torch.Tensor, guess: np.ndarray, cl
     return y.numpy()
 
 
-def invert_images(seg, sent: torch.Tensor, y: torch.Tensor, image_shape: tuple, steps: int) -> torch.Tensor:
-    """The images whose D head output (known weights, labels given) is closest to ``sent``."""
+def invert_images(seg, sent: torch.Tensor, y: torch.Tensor, image_shape: tuple, steps: int,
+                  clip=lambda t: t) -> torch.Tensor:
+    """The images whose D head output (known weights, labels given; ``clip``: the seam's clipping
+    rule) is closest to ``sent``."""
     u = torch.zeros(len(y), *image_shape, requires_grad=True)
     opt = torch.optim.Adam([u], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        loss = (seg.run_head("D", (torch.tanh(u), y)) - sent).square().mean()
+        loss = (clip(seg.run_head("D", (torch.tanh(u), y))) - sent).square().mean()
         loss.backward()
         opt.step()
     return torch.tanh(u).detach()
@@ -155,7 +166,11 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def attack(model, data: list, arch, batch_size: int, seed: int, say=print) -> dict:
     """Every attack on the server's view of one epoch of a trained model (module docstring)."""
+    from huscf.split.noise import SeamNoise
+
     view = server_view(model, data, batch_size, arch.z_dim, seed)
+    noise = model.seam.noise  # the attacker knows the clipping rule, not the noise
+    clip = (lambda t: t) if noise is None else SeamNoise(0.0, noise.clip, seed)
     classes = arch.num_classes
     flat = lambda key: torch.cat([v[key].flatten(1) for v in view]).numpy()  # noqa: E731
     y = torch.cat([v["y"] for v in view]).numpy()
@@ -168,9 +183,10 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print) -> di
         s, e = v["batches"][0]
         rows = np.arange(offset + s, offset + e)
         guess = probe_predictions(g_all, y, rows, seed)
-        found = exact_labels(model.clients[i], v["z"][s:e], v["g"][s:e], guess, classes)
+        found = exact_labels(model.clients[i], v["z"][s:e], v["g"][s:e], guess, classes, clip=clip)
         exact.append(float((found == v["y"][s:e].numpy()).mean()))
-        x_hat = invert_images(model.clients[i], v["d_real"][s:e], v["y"][s:e], tuple(arch.image_shape), INVERT_STEPS)
+        x_hat = invert_images(model.clients[i], v["d_real"][s:e], v["y"][s:e], tuple(arch.image_shape), INVERT_STEPS,
+                              clip=clip)
         psnr.append(psnr_db(x_hat, v["x"][s:e]))
         offset += len(v["y"])
     say(f"  probes on {len(y)} rows (chance {1 / classes:.2f}): G head {probes['g']:.3f}, D head real "
@@ -186,7 +202,7 @@ def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=pr
     """Train the default run at ``cut`` with ``defence`` (resuming a finished run), evaluate it, attack it."""
     from huscf.config import build_config
     from huscf.metrics.evaluate import evaluate_run
-    from huscf.rundir import read_eval
+    from huscf.rundir import read_eval, read_rounds
     from huscf.rundir.records import EvalSettings
     from huscf.trainer import Trainer
 
@@ -212,17 +228,19 @@ def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=pr
     say(f"{cut} {list(CUTS[cut])}, defence {defence}: trained and evaluated in {seconds:.0f} s; TSTR accuracy "
         f"{tstr:.3f}, FID {fid:.1f} ({len(final)} generators)")
     leaks = attack(t.model, t.setup.data, t.setup.arch, cfg.train.batch_size, cfg.seed, say=say)
+    eps = read_rounds(run / "metrics.jsonl")[-1].seam_epsilon  # None: nothing noised
     return {"cut": ",".join(map(str, CUTS[cut])), "defence": defence, **leaks, "tstr_acc": tstr, "fid": fid,
-            "seconds": round(seconds, 1)}
+            "epsilon": eps, "seconds": round(seconds, 1)}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| cut | defence | label acc (G / D real / D fake) | exact labels | real vs fake | PSNR dB | "
-             "TSTR acc | FID |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "TSTR acc | FID | epsilon |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         views = f"{r['label_acc_g']:.3f} / {r['label_acc_d_real']:.3f} / {r['label_acc_d_fake']:.3f}"
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         lines.append(f"| {r['cut']} | {r['defence']} | {r['label_acc']:.3f} ({views}) | {r['exact_labels']:.3f} | "
-                     f"{r['real_fake_acc']:.3f} | {r['psnr_db']:.1f} | {r['tstr_acc']:.3f} | {r['fid']:.1f} |")
+                     f"{r['real_fake_acc']:.3f} | {r['psnr_db']:.1f} | {r['tstr_acc']:.3f} | {r['fid']:.1f} | {eps} |")
     return "\n".join(lines)
 
 

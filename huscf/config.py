@@ -181,6 +181,16 @@ class FederationConfig(_Section):
         return _auto_or_positive(v)
 
 
+class PrivacyConfig(_Section):
+    """Defences on what a client sends the server (split/noise.py, docs/security.md)."""
+
+    # clip every row a client sends to the L2 norm seam_clip * sqrt(elements) and add Gaussian noise
+    # of std seam_noise * that norm per element; 0: off. Its epsilon: split/noise.py
+    seam_noise: float = Field(0.0, ge=0)
+    seam_clip: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)  # the delta the run's epsilon is reported at
+
+
 class ComputeConfig(_Section):
     """Where and how the iteration runs (none of it changes the method; see docs/performance.md)."""
 
@@ -292,12 +302,20 @@ class RunConfig(_Section):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _cluster_bodies_need_a_server_body(self) -> "RunConfig":
         if self.federation.server_body == "per_cluster" and not get_method(self.method).split:
             raise ValueError(f"federation.server_body=per_cluster needs a split method; '{self.method}' has no "
                              f"server body")
+        return self
+
+    @model_validator(mode="after")
+    def _seam_noise_needs_a_seam(self) -> "RunConfig":
+        if self.privacy.seam_noise > 0 and not get_method(self.method).split:
+            raise ValueError(f"privacy.seam_noise noises what crosses the seam; '{self.method}' keeps whole "
+                             f"networks on the clients, so nothing crosses")
         return self
 
     @property

@@ -35,6 +35,7 @@ from huscf.metrics.label_probe import LabelProbe
 from huscf.metrics.scores import classifier_probs, generation_score
 from huscf.rundir import RoundRecord, RunDir, check_model_state
 from huscf.runsetup import ClientData, build_setup
+from huscf.split.noise import SeamNoise, epsilon, releases_per_record, seam_noise_seed
 from huscf.split.segments import SplitGAN
 
 
@@ -74,6 +75,8 @@ class Trainer:
         g, d = s.arch.generator(), s.arch.discriminator()
         self.method = get_method(cfg.method)
         self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cfg.cluster_bodies)
+        if cfg.privacy.seam_noise > 0:  # what a client sends is clipped and noised (split/noise.py)
+            self.model.seam.noise = SeamNoise(cfg.privacy.seam_noise, cfg.privacy.seam_clip, seam_noise_seed(cfg.seed))
         self.method.place(self.model)
         self.strategy = build_strategy(cfg)
         self.sizes = np.array([len(c) for c in s.data])
@@ -275,6 +278,7 @@ class Trainer:
             bytes_round_per_client=lat.round_bytes(iters, syncs + 1, cfg.train.local_epochs),
             train_seconds=round(train_seconds, 3),
             threads=threads,
+            seam_epsilon=self._seam_epsilon(r),
             events=self.engine.round_events(),
         )
         if cfg.output.eval_every and r % cfg.output.eval_every == 0:
@@ -290,6 +294,13 @@ class Trainer:
                              f"are kept: free space, then huscf train --resume {self.run.path}") from None
         self.run.save_checkpoint(r, {"round": r, "engine": self.engine.state_dict()}, cfg.output.keep_full_checkpoints)
         return row
+
+    def _seam_epsilon(self, r: int) -> float | None:
+        """With ``privacy.seam_noise``: the epsilon of every row sent in rounds 1..r (split/noise.py)."""
+        p = self.cfg.privacy
+        if p.seam_noise <= 0:
+            return None
+        return round(epsilon(p.seam_noise, releases_per_record(r, self.cfg.train.local_epochs), p.delta), 4)
 
     def _check_finite_weights(self, r: int) -> None:
         """After the round end every weight must be finite: otherwise one line naming the round,

@@ -256,7 +256,8 @@ class BatchedEngine(SimulationEngine):
             inputs = (xs, ys, z_d, stack(lambda i: fakes_in[i][0][1]),
                       stack(lambda i: fakes_in[i][1][0]).to(dtype=self.ex.dtype), stack(lambda i: fakes_in[i][1][1]))
         collect = collect_features and self.feature_depth is not None
-        if self.ex.cuda_graphs and m.seam.recorder is None:  # a seam recorder counts crossings in Python
+        # a seam recorder counts crossings in Python; seam noise draws from its own generator
+        if self.ex.cuda_graphs and m.seam.recorder is None and m.seam.noise is None:
             losses, seen = self._graphed(clients, inputs, collect)
         else:
             seen = {} if collect else None

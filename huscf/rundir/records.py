@@ -97,12 +97,14 @@ class RoundRecord:
     bytes_round_per_client: list[float] | None = None
     train_seconds: float | None = None
     threads: list[int] | None = None  # torch threads of each epoch (train.threads: auto follows the load)
+    # privacy.seam_noise: the epsilon (at privacy.delta) of what crossed, rounds 1..this (split/noise.py)
+    seam_epsilon: float | None = None
     # the engine's events of the round (Ray: failures, skipped_iterations, iterations_per_client,
     # dropped_clients), written as top-level keys
     events: dict = field(default_factory=dict)
     generation_score: dict[str, float] | None = None  # every output.eval_every rounds (omitted otherwise)
 
-    _OMIT_WHEN_NONE = ("ari_vs_groups", "generation_score", "threads")
+    _OMIT_WHEN_NONE = ("ari_vs_groups", "generation_score", "threads", "seam_epsilon")
 
     def to_json(self) -> dict:
         out: dict = {}

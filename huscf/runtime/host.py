@@ -23,6 +23,7 @@ from huscf.federation.secure import MaskingClient, SecurePlan
 from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, run_dtypes, unpack_state
 from huscf.runtime.spec import RunSpec, contracts, leaf
 from huscf.runsetup import load_client_data
+from huscf.split.noise import SeamNoise, seam_noise_seed
 from huscf.split.segments import NETS, ClientSegments
 
 
@@ -70,6 +71,9 @@ class ClientHost:
         self._tape: list[tuple] = []  # the iteration's seam crossings, for ``backward`` (``_cross``)
         self._fakes: dict = {}  # step 1's fakes, with their graph, from phase A to phase B
         self._masking: dict[int, MaskingClient] = {}  # secure aggregation: this round end's key pairs
+        privacy = self.cfg.privacy  # what each client sends is clipped and noised here (split/noise.py)
+        self.noise = (SeamNoise(privacy.seam_noise, privacy.seam_clip, seam_noise_seed(self.cfg.seed, index + 1))
+                      if privacy.seam_noise > 0 else None)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def pid(self) -> int:
@@ -145,6 +149,8 @@ class ClientHost:
         inputs: the reply as a leaf, or its head output where nothing crosses. The crossing is kept
         for ``backward``."""
         sent = [i for i in self.live if self.segs[i].sends(net)]
+        if self.noise is not None:  # noised before it leaves; the client back-propagates through the clipping
+            heads = {n: {i: self.noise(t) if i in sent else t for i, t in h.items()} for n, h in heads.items()}
         replies = self._send(self.server.forward, stage, "activation", net,
                              {i: {n: h[i] for n, h in heads.items()} for i in sent}, meta)
         leaves = {i: {n: leaf(r.tensor(n, self.device)) for n in heads} for i, r in replies.items()}

@@ -5,6 +5,8 @@ through ``Seam.cross``. In the simulation engine this is an identity autograd fu
 split model computes exactly what the unsplit model computes, and the matching gradients cross
 back through the same function on the backward pass. With a ``SeamRecorder`` attached, every
 crossing (both directions, forward and backward) is logged: the privacy test inspects it.
+With ``noise`` set (``privacy.seam_noise``, ``noise.SeamNoise``), what a client sends is clipped
+and noised before it crosses, so the recorder and the server see the noisy rows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from huscf.split.noise import SeamNoise
 
 
 @dataclass
@@ -67,13 +71,19 @@ class Seam:
 
     def __init__(self) -> None:
         self.recorder: SeamRecorder | None = None
+        self.noise: SeamNoise | None = None
 
     def cross(self, x: torch.Tensor, direction: str, client: int, net: str, block: int) -> torch.Tensor:
+        if self.noise is not None and direction == "client->server":
+            x = self.noise(x)
         return x if self.recorder is None else _Cross.apply(x, self.recorder, direction, [client], [...], net, block)
 
     def cross_rows(self, x: torch.Tensor, direction: str, clients: list[int], rows: list[int], net: str,
                    block: int) -> torch.Tensor:
         """``cross`` for the batched engine: row ``rows[k]`` of ``x`` is client ``clients[k]``'s tensor."""
+        if self.noise is not None and direction == "client->server" and rows:
+            index = torch.tensor(rows, device=x.device)
+            x = x.index_copy(0, index, self.noise(x.index_select(0, index), lead=2))
         if self.recorder is None or not rows:
             return x
         return _Cross.apply(x, self.recorder, direction, clients, rows, net, block)

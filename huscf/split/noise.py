@@ -1,0 +1,78 @@
+"""Clipping and Gaussian noise on what a client sends the server (``privacy.seam_noise``).
+
+Every activation a client sends across the seam is, row by row (one row per sample), clipped to
+the L2 norm ``C = seam_clip * sqrt(elements per row)`` and given Gaussian noise of standard
+deviation ``seam_noise * C`` per element, on the client, before it leaves. The server (its body,
+its clustering features, an attacker) sees only the noisy rows; the client back-propagates
+through the clipping, the noise being a constant. Applied where tensors leave a client: the
+one-process engines' ``Seam`` and the Ray client host.
+
+The privacy unit is one training record (an image and its label). A record is in one batch per
+local epoch, and each iteration sends at most ``RELEASES_PER_ITERATION`` rows computed from it
+(the G head on its label in steps 1 and 3, the D head on the real row and on the fake row of its
+label in step 2, and on the fake row again in step 3). Each release is a Gaussian mechanism with
+L2 sensitivity 2C (any two rows in the ball of radius C differ by at most 2C), so its noise
+multiplier is ``seam_noise / 2``; ``epsilon`` composes all of a run's releases of one record with
+Google's ``dp_accounting`` (privacy-loss distributions), without amplification by subsampling.
+
+What the epsilon does not cover: the weights. At each round end the server learns every client's
+head and tail (plain averaging) or each cluster's average of them (secure aggregation), neither
+clipped nor noised (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+RELEASES_PER_ITERATION = 5
+"""Rows computed from one record that a client sends in one iteration, at most (see above)."""
+
+
+@dataclass
+class SeamNoise:
+    """Per-row clipping to ``clip * sqrt(d)`` and N(0, (multiplier * clip * sqrt(d))^2) noise."""
+
+    multiplier: float
+    clip: float
+    seed: int
+    _generators: dict = field(default_factory=dict, repr=False)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:  # one stream per device, from the run's seed
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def __call__(self, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+        """``x`` with each row clipped and noised; a row is everything after the first ``lead``
+        dimensions (1: a client's batch; 2: the batched engine's clients x batch)."""
+        flat = x.flatten(lead)
+        norm = self.clip * math.sqrt(flat.shape[-1])
+        scale = (norm / flat.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        noise = torch.randn(flat.shape, generator=self._generator(x.device), device=x.device, dtype=torch.float32)
+        return (flat * scale.to(flat.dtype) + (noise * (self.multiplier * norm)).to(flat.dtype)).view_as(x)
+
+
+def seam_noise_seed(seed: int, stream: int = 0) -> int:
+    """The noise generator's seed: the run's ``seed``, kept apart from its other streams; ``stream``
+    tells processes apart (each Ray client host draws its own)."""
+    return (seed * 1_000_003 + 0x5EA + stream * 7_919) % 2**63
+
+
+def releases_per_record(rounds: int, local_epochs: int) -> int:
+    """How many rows computed from one record a client sends in a run, at most."""
+    return RELEASES_PER_ITERATION * rounds * local_epochs
+
+
+def epsilon(multiplier: float, releases: int, delta: float) -> float:
+    """The (epsilon, ``delta``)-DP guarantee of ``releases`` Gaussian releases of one record, each
+    with noise ``multiplier`` times its clip norm (``dp_accounting``'s PLD accountant)."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(multiplier / 2), releases)
+    accountant = PLDAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
