@@ -304,6 +304,21 @@ def test_secure_aggregation_on_ray_matches_the_simulation_and_no_client_sends_it
     assert not summarise(ray_dir)["violations"]
 
 
+def test_seam_noise_on_ray_noises_what_the_hosts_send_and_passes_the_guard(local_ray, tmp_path):
+    """The Ray client hosts clip and noise what they send (split/noise.py): the run differs from the
+    noise-free simulation that the plain Ray run matches (test above), its noisy activations pass
+    the privacy guard, and every round records its epsilon."""
+    noised = SMALL + ["privacy.seam_noise=1.0"]
+    Trainer.new(build_config({}, SMALL), tmp_path / "sim", quiet=True).fit()
+    Trainer.new(build_config({}, noised + ["runtime.engine=ray", "runtime.clients_per_actor=2"]), tmp_path / "ray",
+                quiet=True).fit()
+    plain, ray_rows = read_metrics(tmp_path / "sim"), read_metrics(tmp_path / "ray")
+    assert ray_rows[0]["loss_d"] != plain[0]["loss_d"]
+    assert [r["seam_epsilon"] for r in ray_rows] == [r["seam_epsilon"] for r in read_metrics(
+        Trainer.new(build_config({}, noised), tmp_path / "sim_noised", quiet=True).fit())]
+    assert not summarise(tmp_path / "ray")["violations"]
+
+
 def test_secure_per_cluster_bodies_on_ray_match_the_simulation(local_ray, tmp_path):
     cfg = SECURE + ["federation.strategy=clustered_kld", "federation.server_body=per_cluster",
                     "federation.clusters=2", "federation.warmup_rounds=0"]

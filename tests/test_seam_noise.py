@@ -1,0 +1,127 @@
+"""privacy.seam_noise: what a client sends is clipped and noised on every engine, the epsilon
+counts every release of a record, and the accountant's epsilon is a valid, tight bound."""
+
+import math
+
+import pytest
+import torch
+from conftest import read_metrics
+
+from huscf.config import build_config
+from huscf.errors import HuscfError
+from huscf.split.noise import RELEASES_PER_ITERATION, SeamNoise, epsilon, releases_per_record
+from huscf.split.seam import SeamRecorder
+from huscf.trainer import Trainer
+
+TINY = ["data.clients_per_domain=1", "model.width=0.125", "train.local_epochs=1", "train.max_iters_per_epoch=2",
+        "output.samples_every=0", "federation.warmup_rounds=1", "train.batch_size=8"]
+EPS32 = 2.0 ** -23
+
+
+def _norm_tolerance(d: int) -> float:
+    """Relative error of a float32 norm of ``d`` terms and of the scaling: a summation error of at
+    most d unit roundoffs, doubled for the division and the multiply."""
+    return 2 * d * EPS32
+
+
+def test_rows_outside_the_norm_end_on_it_and_rows_inside_are_kept():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5)
+    x[0] *= 1e-3  # well inside the norm
+    d, clip = 100, 0.5
+    out = SeamNoise(0.0, clip, seed=0)(x)
+    norm = clip * math.sqrt(d)
+    before, after = x.flatten(1).norm(dim=1), out.flatten(1).norm(dim=1)
+    inside = before <= norm
+    assert inside[0] and not inside[1:].all()
+    assert torch.equal(out[inside], x[inside])  # scale exactly 1, noise exactly 0
+    tol = _norm_tolerance(d)
+    assert torch.all((after[~inside] - norm).abs() <= tol * norm)
+    direction = (out[~inside].flatten(1) / after[~inside, None]) - (x[~inside].flatten(1) / before[~inside, None])
+    assert direction.abs().max() <= 4 * tol  # the same direction, shortened
+
+
+def test_the_noise_has_the_configured_scale_and_is_seeded():
+    rows, d, sigma, clip = 4000, 50, 0.3, 1.0
+    x = torch.zeros(rows, d)
+    out = SeamNoise(sigma, clip, seed=7)(x)
+    want, n = sigma * clip * math.sqrt(d), rows * d
+    # sampling error of a mean and a standard deviation of n normal draws, six standard errors
+    assert abs(float(out.mean())) <= 6 * want / math.sqrt(n)
+    assert abs(float(out.std()) / want - 1) <= 6 / math.sqrt(2 * n)
+    assert torch.equal(out, SeamNoise(sigma, clip, seed=7)(x))
+    assert not torch.equal(out, SeamNoise(sigma, clip, seed=8)(x))
+    # the batched engine's (clients, batch, ...) rows are the loop's rows, drawn in the same order
+    stacked = torch.randn(3, 5, 2, 4, 4)
+    torch.testing.assert_close(SeamNoise(sigma, 0.1, seed=1)(stacked, lead=2),
+                               SeamNoise(sigma, 0.1, seed=1)(stacked.flatten(0, 1)).view_as(stacked), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("clients", ["loop", "batched"])
+def test_every_engine_sends_only_clipped_rows_and_counts_its_releases(tmp_path, clients):
+    """With a tiny clip every activation a client sends has a tiny norm; the gradients the server
+    returns are not touched. With step 3 recomputing the fakes, a client sends exactly
+    RELEASES_PER_ITERATION rows per record per iteration, the count the epsilon is built on."""
+    clip, sigma = 1e-3, 1e-6
+    cfg = build_config({}, [*TINY, "train.rounds=1", f"privacy.seam_clip={clip}", f"privacy.seam_noise={sigma}",
+                            f"compute.clients={clients}", "compute.recompute_generator=true"])
+    t = Trainer(cfg, tmp_path, quiet=True)
+    t.model.seam.recorder = SeamRecorder(capture=True)
+    batch = {i: (d.x[:8], d.y[:8]) for i, d in enumerate(t.setup.data)}
+    t.engine.iteration(batch, torch.Generator().manual_seed(0))
+    sent = [c for c in t.model.seam.recorder.crossings if c.direction == "client->server" and c.kind == "activation"]
+    assert sent
+    for c in sent:
+        rows = c.tensor.flatten(1)
+        d = rows.shape[1]
+        # the clip, plus the noise: sigma * clip * sqrt(d) per element, at most 10 sigma on d elements
+        bound = clip * math.sqrt(d) * (1 + _norm_tolerance(d) + 10 * sigma * math.sqrt(d))
+        assert float(rows.norm(dim=1).max()) <= bound, (c.net, c.block)
+    grads = [c for c in t.model.seam.recorder.crossings if c.kind == "gradient" and c.direction == "server->client"]
+    assert grads and any(float(c.tensor.abs().max()) > 0 for c in grads)
+    per_client = {}
+    for c in sent:
+        per_client[c.client] = per_client.get(c.client, 0) + 1
+    assert set(per_client.values()) == {RELEASES_PER_ITERATION}, per_client
+
+
+def test_a_run_records_the_epsilon_of_each_round_and_a_plain_run_none(tmp_path):
+    sigma, delta = 0.5, 1e-5
+    Trainer.new(build_config({}, [*TINY, "train.rounds=2", f"privacy.seam_noise={sigma}"]), tmp_path / "noised",
+                quiet=True).fit()
+    rows = read_metrics(tmp_path / "noised")
+    want = [round(epsilon(sigma, releases_per_record(r, 1), delta), 4) for r in (1, 2)]
+    assert [r["seam_epsilon"] for r in rows] == want and want[0] < want[1]
+    Trainer.new(build_config({}, [*TINY, "train.rounds=1"]), tmp_path / "plain", quiet=True).fit()
+    assert "seam_epsilon" not in read_metrics(tmp_path / "plain")[0]
+
+
+def test_the_accountants_epsilon_is_a_valid_and_tight_bound():
+    """k Gaussian releases with noise multiplier z compose to one Gaussian mechanism with
+    mu = sqrt(k) / z, whose exact delta(epsilon) is known (Balle and Wang 2018). The accountant's
+    epsilon must meet delta there (a valid bound) and be at most 15% above the exact epsilon: the
+    Renyi-DP conversion to (epsilon, delta) is 2-10% loose for these compositions."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def exact_delta(eps: float, mu: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2))
+
+    delta = 1e-5
+    for sigma, k in ((1.0, 5), (4.0, 60), (20.0, 300), (0.1, 300)):
+        eps = epsilon(sigma, k, delta)
+        mu = math.sqrt(k) / (sigma / 2)  # sensitivity 2C: the multiplier is sigma / 2
+        exact = brentq(lambda e: exact_delta(e, mu) - delta, 0, mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / delta)))
+        assert exact_delta(eps, mu) <= delta and exact <= eps <= 1.15 * exact, (sigma, k, eps, exact)
+    assert epsilon(1.0, 10, delta) < epsilon(1.0, 20, delta) and epsilon(2.0, 10, delta) < epsilon(1.0, 10, delta)
+
+
+def test_bad_privacy_settings_are_one_line():
+    for overrides, message in ((["method=fedgan", "privacy.seam_noise=0.1"], "nothing crosses"),
+                               (["privacy.seam_noise=-1"], "privacy.seam_noise"),
+                               (["privacy.seam_clip=0"], "privacy.seam_clip"),
+                               (["privacy.delta=1"], "privacy.delta"),
+                               (["privacy.epsilon=3"], "unknown config key 'privacy.epsilon'")):
+        with pytest.raises(HuscfError, match=message) as err:
+            build_config({}, overrides)
+        assert "\n" not in str(err.value)
