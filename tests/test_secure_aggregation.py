@@ -181,6 +181,88 @@ def test_a_survivor_does_not_reveal_a_seed_that_would_open_its_own_copy():
     assert {o.index for o in opened} == shared
 
 
+def _own_word(m, plan, k, client):
+    """Client ``client``'s unmasked fixed-point word for sum ``k``: what no server should learn."""
+    s = plan.sums[k]
+    return encode(s.weights[s.members.index(client)] * block_vector(m.clients[client].nets[s.net][str(s.block)]),
+                  client, "")
+
+
+def _unmask(word, client, k, plan, seeds: dict[int, bytes]):
+    """``word`` of ``client`` with the pair masks of ``seeds`` (peer: per-sum seed) taken out."""
+    from huscf.federation.secure import _stream
+
+    for j, seed in seeds.items():
+        mask = _stream(seed, word.size)
+        word = word - mask if client < j else word + mask
+    return word
+
+
+class TestALyingServerOpensOneClientToday:
+    """Secure aggregation here holds against a server that follows the protocol only (issue 30,
+    item 3, docs/security.md "A server that lies"). Each test runs one of the three attacks of
+    the issue and checks that it recovers one client's exact weighted copy: the exposure the docs
+    state, pinned so that a change to it is seen. When the protocol of item 3 lands, each becomes
+    a test that the attack fails with a clear error."""
+
+    def _setup(self):
+        m = _model()
+        w = np.full(5, 0.2)
+        plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 3)
+        parties = {i: MaskingClient(i) for i in range(5)}
+        directory = {i: p.public_key() for i, p in parties.items()}
+        k = next(k for k, s in enumerate(plan.sums) if s.net == "D" and s.block == 0)  # every client's D head
+        return m, plan, parties, directory, k
+
+    def test_declaring_a_delivered_client_dropped(self):
+        m, plan, parties, directory, k = self._setup()
+        masked = {i: p.masked(plan, m.clients[i], directory) for i, p in parties.items()}  # client 0 delivered
+        revealed = {i: parties[i].reveal(plan, {0}, directory) for i in range(1, 5)}  # "client 0 dropped"
+        seeds = {i: bytes.fromhex(revealed[i][k][0]) for i in range(1, 5)}
+        np.testing.assert_array_equal(_unmask(masked[0][k], 0, k, plan, seeds), _own_word(m, plan, k, 0))
+
+    def test_handing_out_its_own_public_keys(self):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        from huscf.federation.secure import _sum_seed
+
+        m, plan, parties, directory, k = self._setup()
+        fake = {j: X25519PrivateKey.generate() for j in range(1, 5)}  # keys are not authenticated
+        told_0 = directory | {j: key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+                              for j, key in fake.items()}
+        word = parties[0].masked(plan, m.clients[0], told_0)[k]
+        victim = X25519PublicKey.from_public_bytes(bytes.fromhex(directory[0]))
+        seeds = {}
+        for j, key in fake.items():
+            secret = HKDF(hashes.SHA256(), 32, salt=None, info=f"huscf secure aggregation 0-{j}".encode()).derive(
+                key.exchange(victim))
+            seeds[j] = _sum_seed(secret, plan.round, k)
+        np.testing.assert_array_equal(_unmask(word, 0, k, plan, seeds), _own_word(m, plan, k, 0))
+
+    def test_a_plan_that_isolates_one_client(self):
+        from huscf.federation.secure import BlockSum, SecurePlan
+
+        m, plan, parties, directory, k = self._setup()
+        s = plan.sums[k]
+        # the same block twice: all five, and all but client 0; clients do not check the plan
+        lying = SecurePlan(plan.round, (s, BlockSum(s.net, s.block, s.members[1:], s.weights[1:], s.server_weights[1:])))
+        masked = {i: p.masked(lying, m.clients[i], directory) for i, p in parties.items()}
+        both = open_sums(lying, masked)
+        assert [o.index for o in both] == [0, 1]
+        # sum 0 opens 0.2 * (theta_0 + ... + theta_4), sum 1 0.2 * (theta_1 + ... + theta_4) / 0.8.
+        # Fixed point rounds each word by at most 2^-33: 5 (5 + 4 / 0.8) 2^-33 < 1e-8 on theta_0
+        theta_0 = 5 * (both[0].mean - 0.8 * both[1].mean)
+        np.testing.assert_allclose(theta_0, block_vector(m.clients[0].nets["D"]["0"]), rtol=0, atol=1e-8)
+        # or weights (1, 0, 0, 0, 0): the "average" is client 0's copy
+        alone = SecurePlan(plan.round, (BlockSum(s.net, s.block, s.members, (1.0, 0.0, 0.0, 0.0, 0.0),
+                                                 s.server_weights),))
+        opened = open_sums(alone, {i: p.masked(alone, m.clients[i], directory) for i, p in parties.items()})
+        np.testing.assert_allclose(opened[0].mean, block_vector(m.clients[0].nets["D"]["0"]), rtol=0, atol=2 ** -32)
+
+
 def test_methods_whose_server_reads_whole_models_are_refused_in_one_line():
     # HFL-GAN's edges run every client's generator (PFL-GAN averages no weights: nothing to hide)
     cfg = build_config({}, ["method=hflgan", "federation.secure_aggregation=true"])
