@@ -4,6 +4,7 @@ generation quality of the same run (issue 30, item 1).
 Run:  python benchmarks/bench_leakage.py                      # the default run at two cuts, about 10 min on 2 cores
       python benchmarks/bench_leakage.py --json leakage.json  # also the rows as JSON
       python benchmarks/bench_leakage.py --set train.rounds=2 --cuts shallow   # a quick look
+      python benchmarks/bench_leakage.py --defences noise0.1 noise1   # the seam-noise rows, about 15 min
 
 For each cut (``CUTS``: every client at the same [G head, G tail, D head, D tail]) and defence
 (``DEFENCES``: config overrides), one default ``huscf train`` run trains to the end; then the
@@ -248,7 +249,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_leakage_out", help="run directories (default ./bench_leakage_out)")
     ap.add_argument("--cuts", nargs="+", choices=list(CUTS), default=list(CUTS))
-    ap.add_argument("--defences", nargs="+", choices=list(DEFENCES), default=list(DEFENCES))
+    ap.add_argument("--defences", nargs="+", choices=list(DEFENCES), default=["none"],
+                    help="default: none (the defended rows run with --defences, each about 4-8 min a cut)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     args = ap.parse_args()
