@@ -248,7 +248,8 @@ class TestALyingServerOpensOneClientToday:
         m, plan, parties, directory, k = self._setup()
         s = plan.sums[k]
         # the same block twice: all five, and all but client 0; clients do not check the plan
-        lying = SecurePlan(plan.round, (s, BlockSum(s.net, s.block, s.members[1:], s.weights[1:], s.server_weights[1:])))
+        but_0 = BlockSum(s.net, s.block, s.members[1:], s.weights[1:], s.server_weights[1:])
+        lying = SecurePlan(plan.round, (s, but_0))
         masked = {i: p.masked(lying, m.clients[i], directory) for i, p in parties.items()}
         both = open_sums(lying, masked)
         assert [o.index for o in both] == [0, 1]
