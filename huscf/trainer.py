@@ -236,6 +236,8 @@ class Trainer:
                     planned = self.engine.iterations_per_epoch()  # with what the method gave
                     bar.total += planned - iters
                     iterations += planned
+                    if self.model.seam.noise is not None:  # its draws follow from (seed, round, epoch)
+                        self.model.seam.noise.at(r - 1, e)
                     per_epoch.append(self.engine.run_epoch(r - 1, e, tick, collect_features=e == epochs - 1))
                     merge_info(hooks, self.method.after_epoch(self.engine, cfg, r, e))
                 row = self._end_round(r, per_epoch, time.perf_counter() - t0, threads, iterations, len(syncs) - 1,

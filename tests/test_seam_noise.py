@@ -96,6 +96,19 @@ def test_a_run_records_the_epsilon_of_each_round_and_a_plain_run_none(tmp_path):
     assert "seam_epsilon" not in read_metrics(tmp_path / "plain")[0]
 
 
+def test_a_resumed_noised_run_draws_the_noise_of_the_uninterrupted_one(tmp_path):
+    noised = [*TINY, "privacy.seam_noise=0.5", "train.threads=1"]
+    full = Trainer.new(build_config({}, [*noised, "train.rounds=2"]), tmp_path / "full", quiet=True)
+    full.fit()
+    Trainer.new(build_config({}, [*noised, "train.rounds=1"]), tmp_path / "part", quiet=True).fit()
+    part = Trainer.resume(tmp_path / "part", ["train.rounds=2"], quiet=True)
+    part.fit()
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(part.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    same = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    assert same(read_metrics(tmp_path / "part")) == same(read_metrics(tmp_path / "full"))
+
+
 def test_the_accountants_epsilon_is_a_valid_and_tight_bound():
     """k Gaussian releases with noise multiplier z compose to one Gaussian mechanism with
     mu = sqrt(k) / z, whose exact delta(epsilon) is known (Balle and Wang 2018). The accountant's

@@ -87,6 +87,8 @@ class ClientHost:
         for this epoch (``Engine.give``), appended as the one-process engines append them."""
         r, e = msg.meta["round"], msg.meta["epoch"]
         self.wire.audit.round = r + 1
+        if self.noise is not None:
+            self.noise.at(r, e)
         self.epoch_data = dict(self.data)
         for m in given:
             x, y = self.data[m.client]

@@ -25,6 +25,7 @@ clipped nor noised (docs/security.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -41,11 +42,21 @@ class SeamNoise:
     multiplier: float
     clip: float
     seed: int
+    _epoch: tuple[int, int] = (0, 0)
     _generators: dict = field(default_factory=dict, repr=False)
 
+    def at(self, round_idx: int, epoch: int) -> None:
+        """Start the draws of one local epoch: they follow from (seed, round, epoch) alone, so a run
+        resumed from a checkpoint draws what the uninterrupted run drew."""
+        self._epoch = (round_idx, epoch)
+        self._generators.clear()
+
     def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:  # one stream per device, from the run's seed
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        if device not in self._generators:  # one stream per device and epoch
+            round_idx, epoch = self._epoch
+            key = hashlib.sha256(f"huscf seam noise {self.seed} {round_idx} {epoch}".encode()).digest()
+            seed = int.from_bytes(key[:8], "little") >> 1
+            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[device]
 
     def __call__(self, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
