@@ -17,10 +17,10 @@ plain containers; a crafted pickle is refused, never run) after their bytes are 
 their SHA-256 and the digest's signature verified with the user's signing key, kept outside the
 run directory (``signing.py``; ``DamagedCheckpoint`` otherwise). A checkpoint without a signature
 (a run from before signatures, a removed checksum file) loads only with ``allow_unsigned`` (the
-command line's ``--allow-unsigned``), and is never signed on load. Every file is written to a temporary name, synced
-and renamed, and a checkpoint's checksum file lists the old and the new digest while a checkpoint
-is rewritten (slimmed), so a kill at any moment leaves files that verify; a killed writer's
-temporary files are removed when the run resumes.
+command line's ``--allow-unsigned``), and is never signed on load. Every file is written to a
+temporary name, synced and renamed, and a checkpoint's checksum file lists the old and the new
+digest while a checkpoint is rewritten (slimmed), so a kill at any moment leaves files that
+verify; a killed writer's temporary files are removed when the run resumes.
 
 A round appends its metrics line, then writes its checkpoint. Resuming continues after the newest
 full checkpoint that verifies and recomputes the rounds after it; newer checkpoints that do not
