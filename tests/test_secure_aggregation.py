@@ -181,6 +181,39 @@ def test_a_survivor_does_not_reveal_a_seed_that_would_open_its_own_copy():
     assert {o.index for o in opened} == shared
 
 
+def test_a_sum_that_could_wrap_is_refused_before_masking():
+    """Weights sum to 1, so a sum of copies below 2^30 stays below 2^30, inside the fixed point's
+    2^31. Checking each weighted term alone let five terms of 2^29 (copies of 5 * 2^29) wrap."""
+    m = _model()
+    w = np.full(5, 0.2)
+    plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 0)
+    directory = {i: MaskingClient(i).public_key() for i in range(5)}
+    with torch.no_grad():
+        next(m.clients[0].nets["D"]["0"].parameters()).view(-1)[0] = 5 * 2.0 ** 29
+    with pytest.raises(HuscfError, match="client 0's D block 0 has values that are not finite or above 1e"):
+        MaskingClient(0).masked(plan, m.clients[0], directory)
+
+
+def test_masks_are_the_chacha20_keystream():
+    """RFC 8439, 2.4.2: the keystream of its key and nonce, block counter 1, begins with these
+    bytes. The masks are ChaCha20 (``cryptography``), keyed per pair, sum and round."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from huscf.federation.secure import _stream
+
+    key = bytes(range(32))
+    nonce = (1).to_bytes(4, "little") + bytes.fromhex("000000000000004a00000000")
+    plain = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, "
+             b"sunscreen would be it.")
+    cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(plain)
+    assert cipher[:16].hex() == "6e2e359a2568f98041ba0728dd0d6981"
+    words = _stream(key, 4)
+    assert words.dtype == np.uint64 and len(set(words.tolist())) == 4
+    np.testing.assert_array_equal(words, np.frombuffer(Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
+                                                       .encryptor().update(bytes(32)), dtype="<u8"))
+    assert not np.array_equal(_stream(bytes(32), 4), _stream(bytes(31) + b"\x01", 4))
+
+
 def _own_word(m, plan, k, client):
     """Client ``client``'s unmasked fixed-point word for sum ``k``: what no server should learn."""
     s = plan.sums[k]
@@ -247,14 +280,19 @@ class TestALyingServerOpensOneClientToday:
 
         m, plan, parties, directory, k = self._setup()
         s = plan.sums[k]
-        # the same block twice: all five, and all but client 0; clients do not check the plan
-        but_0 = BlockSum(s.net, s.block, s.members[1:], s.weights[1:], s.server_weights[1:])
+        # the same block twice: all five, and all but client 0. Clients check only that each sum's
+        # weights are a convex combination (the range argument): the unnormalised copy is refused
+        unnormalised = SecurePlan(plan.round, (s, BlockSum(s.net, s.block, s.members[1:], s.weights[1:],
+                                                           s.server_weights[1:])))
+        with pytest.raises(HuscfError, match="client 1 refuses the sum of D block 0: its weights .* not a convex"):
+            parties[1].masked(unnormalised, m.clients[1], directory)
+        but_0 = BlockSum(s.net, s.block, s.members[1:], (0.25,) * 4, s.server_weights[1:])
         lying = SecurePlan(plan.round, (s, but_0))
         masked = {i: p.masked(lying, m.clients[i], directory) for i, p in parties.items()}
         both = open_sums(lying, masked)
         assert [o.index for o in both] == [0, 1]
-        # sum 0 opens 0.2 * (theta_0 + ... + theta_4), sum 1 0.2 * (theta_1 + ... + theta_4) / 0.8.
-        # Fixed point rounds each word by at most 2^-33: 5 (5 + 4 / 0.8) 2^-33 < 1e-8 on theta_0
+        # sum 0 opens 0.2 * (theta_0 + ... + theta_4), sum 1 0.25 * (theta_1 + ... + theta_4).
+        # Fixed point rounds each word by at most 2^-33: 5 (5 + 0.8 * 4) 2^-33 < 1e-8 on theta_0
         theta_0 = 5 * (both[0].mean - 0.8 * both[1].mean)
         np.testing.assert_allclose(theta_0, block_vector(m.clients[0].nets["D"]["0"]), rtol=0, atol=1e-8)
         # or weights (1, 0, 0, 0, 0): the "average" is client 0's copy

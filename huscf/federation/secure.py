@@ -10,8 +10,12 @@ The SecAgg idea (Bonawitz et al., CCS 2017; Flower's SecAgg+), run at every roun
    renormalised over those holders). A sum needs two members: a lone holder's average is its own
    copy, so it keeps that copy and sends nothing.
 3. **Masking (client i).** For each sum it is in: x_i = round(c_i * theta_i * 2^32) as an integer
-   mod 2^64 (fixed point), plus, for every other member j, the stream PRG(SHA-256(s_ij, sum)) when
-   i < j and minus it when i > j. To anyone without the pair secrets the vector is uniform noise.
+   mod 2^64 (fixed point), plus, for every other member j, the ChaCha20 keystream (``cryptography``)
+   keyed with SHA-256(s_ij, round, sum) when i < j and minus it when i > j. To anyone without the
+   pair secrets the vector is uniform noise. Before masking, the client checks that the plan's
+   weights are in [0, 1] and sum to 1 and that every value of its copy is below 2^30: the opened
+   sum is then a convex combination of copies, below 2^30 too, inside the fixed point's 2^31, so
+   it cannot wrap (a check on each weighted term alone would let five terms of 2^29 wrap).
 4. **Opening (server).** The masks cancel in the sum over the members, leaving sum_i c_i theta_i
    exactly (in fixed point: 2^-33 per term, far below float32 rounding).
 5. **Dropouts.** A member that never delivers leaves its pair masks in the others' vectors. The
@@ -44,6 +48,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -52,7 +57,7 @@ from huscf.federation.strategies import Aggregation, RoundState
 from huscf.split.segments import NETS, SplitGAN
 
 SCALE = 2.0 ** 32  # fixed point: 32 fractional bits
-LIMIT = 2.0 ** 30  # |c_i * theta| above this cannot be summed without wrapping
+LIMIT = 2.0 ** 30  # |theta| below this: a convex combination of copies stays inside the fixed point's 2^31
 
 
 class SecureStrategy:
@@ -145,11 +150,16 @@ def load_block_vector(block: torch.nn.Module, vec: np.ndarray) -> None:
         v.copy_(torch.from_numpy(part).view_as(v))
 
 
+def check_range(x: np.ndarray, client: int, what: str) -> None:
+    """One line unless every value of ``x`` is finite and below ``LIMIT`` in magnitude."""
+    if not np.isfinite(x).all() or (x.size and np.abs(x).max() >= LIMIT):
+        raise HuscfError(f"client {client}'s {what} has values that are not finite or above {LIMIT:.0e}: "
+                         f"secure aggregation cannot sum them")
+
+
 def encode(x: np.ndarray, client: int, what: str) -> np.ndarray:
     """float64 -> fixed point in Z_{2^64} (uint64)."""
-    if not np.isfinite(x).all() or (x.size and np.abs(x).max() >= LIMIT):
-        raise HuscfError(f"client {client}'s weighted {what} has values that are not finite or above {LIMIT:.0e}: "
-                         f"secure aggregation cannot sum them")
+    check_range(x, client, what)
     return np.rint(x * SCALE).astype(np.int64).view(np.uint64)
 
 
@@ -157,9 +167,23 @@ def decode(total: np.ndarray) -> np.ndarray:
     return total.view(np.int64).astype(np.float64) / SCALE
 
 
+_NONCE = bytes(16)  # each seed keys one stream only (one pair, one sum, one round): a fixed nonce is safe
+
+
 def _stream(seed: bytes, size: int) -> np.ndarray:
-    """``size`` uniform 64-bit words from a 32-byte seed (PCG64)."""
-    return np.random.PCG64(int.from_bytes(seed, "little")).random_raw(size).astype(np.uint64)
+    """``size`` uniform 64-bit words: the ChaCha20 keystream under the 32-byte ``seed``."""
+    keystream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update(bytes(8 * size))
+    return np.frombuffer(keystream, dtype="<u8").astype(np.uint64)
+
+
+def _check_sum(s: "BlockSum", client: int) -> None:
+    """One line unless ``s``'s weights are a convex combination (each in [0, 1], summing to 1 up to
+    the float64 rounding of their normalisation), which keeps the opened sum inside the range."""
+    w = np.asarray(s.weights, dtype=np.float64)
+    if len(w) != len(s.members) or not (np.isfinite(w).all() and (w >= 0).all() and (w <= 1).all()) \
+            or abs(w.sum() - 1) > 4 * len(w) * 2.0 ** -53:
+        raise HuscfError(f"client {client} refuses the sum of {s.net} block {s.block}: its weights {list(s.weights)} "
+                         f"are not a convex combination (each in [0, 1], summing to 1)")
 
 
 def _sum_seed(secret: bytes, round_idx: int, index: int) -> bytes:
@@ -194,8 +218,10 @@ class MaskingClient:
         out = {}
         for k in plan.of(self.client):
             s = plan.sums[k]
-            c = s.weights[s.members.index(self.client)]
-            x = encode(c * block_vector(segments.nets[s.net][str(s.block)]), self.client, f"{s.net} block {s.block}")
+            _check_sum(s, self.client)
+            theta = block_vector(segments.nets[s.net][str(s.block)])
+            check_range(theta, self.client, f"{s.net} block {s.block}")  # the copy's own range: see step 3
+            x = encode(s.weights[s.members.index(self.client)] * theta, self.client, f"{s.net} block {s.block}")
             for j in s.members:
                 if j != self.client:
                     mask = _stream(_sum_seed(self._secret(j, directory), plan.round, k), x.size)
