@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from provenance import made_line  # noqa: E402
 
 from huscf.federation.averaging import apply_aggregation  # noqa: E402
 from huscf.federation.secure import plan_sums, secure_average  # noqa: E402
@@ -85,6 +87,7 @@ def main() -> None:
     print(f"bench_secagg: cGAN width {args.width}, {n} clients with random heterogeneous cuts, "
           f"{params / 1e6:.2f} M values in all copies, {args.repeats} repeats (median); torch threads "
           f"{torch.get_num_threads()}")
+    print(made_line())
     print(f"{'aggregation':<12} {'plain s':>9} {'secure s':>9} {'ratio':>6} {'1 dropped s':>12} {'ratio':>6} "
           f"{'sums':>5} {'max |secure - plain|':>21}")
     for name, agg in aggs.items():
