@@ -35,8 +35,9 @@ Integer buffers (BatchNorm's batch counter, unused with a momentum) are not aver
 
 The threat model (docs/security.md): an honest-but-curious server. Not implemented from SecAgg: the
 second (self) mask that keeps a member hidden when the server falsely declares it dropped and then
-receives its vector late, and the threshold secret sharing of keys (the survivors reveal per-sum
-seeds instead).
+receives its vector late, the threshold secret sharing of keys (the survivors reveal per-sum seeds
+instead), authenticated keys, and plan checks beyond the weights' range. A server that lies opens
+one client's copy (tests/test_secure_aggregation.py, ``TestALyingServerOpensOneClientToday``).
 """
 
 from __future__ import annotations
