@@ -374,8 +374,11 @@ class Trainer:
         if not self.method.split:
             return (f"no split: every client holds all of G and D; shares {self.method.shares}; simulated "
                     f"latency {s.latency.total_s:.3f} s per iteration")
+        p = self.cfg.privacy
+        noise = (f"; seam noise {p.seam_noise} x clip {p.seam_clip} (epsilon at delta {p.delta:g} in each round's "
+                 f"line; docs/security.md)" if p.seam_noise > 0 else "")
         return (f"cuts by {s.cut_method}: {len(distinct)} distinct (hg tg hd td) {distinct}; simulated latency "
-                f"{s.latency.total_s:.3f} s per iteration; clustering at D block {self.feature_depth}")
+                f"{s.latency.total_s:.3f} s per iteration; clustering at D block {self.feature_depth}{noise}")
 
     def _precision(self) -> str:
         """The precision and, when it needs one, why (auto's choice; bf16 emulated on this CPU)."""
@@ -399,6 +402,7 @@ class Trainer:
                 + (f"ARI(groups)={row.ari_vs_groups:.2f}  " if row.ari_vs_groups is not None else "")
                 + f"label-acc {acc}  "
                 + (f"sim-latency {row.latency_s_round:.1f} s  " if row.latency_s_round is not None else "")
+                + (f"seam epsilon {row.seam_epsilon:.4g}  " if row.seam_epsilon is not None else "")
                 + f"({row.train_seconds:.1f} s)"
                 + (f"\n  clustering: {row.federation['clustering_note']}" if row.federation.get("clustering_note")
                    else ""))

@@ -87,11 +87,15 @@ def test_every_engine_sends_only_clipped_rows_and_counts_its_releases(tmp_path, 
 
 def test_a_run_records_the_epsilon_of_each_round_and_a_plain_run_none(tmp_path):
     sigma, delta = 0.5, 1e-5
-    Trainer.new(build_config({}, [*TINY, "train.rounds=2", f"privacy.seam_noise={sigma}"]), tmp_path / "noised",
-                quiet=True).fit()
+    from huscf.rundir import RoundRecord
+
+    t = Trainer.new(build_config({}, [*TINY, "train.rounds=2", f"privacy.seam_noise={sigma}"]), tmp_path / "noised",
+                    quiet=True)
+    t.fit()
     rows = read_metrics(tmp_path / "noised")
     want = [round(epsilon(sigma, releases_per_record(r, 1), delta), 4) for r in (1, 2)]
     assert [r["seam_epsilon"] for r in rows] == want and want[0] < want[1]
+    assert f"seam epsilon {want[1]:.4g}" in t._summary(RoundRecord.from_json(rows[1]))  # the progress line
     Trainer.new(build_config({}, [*TINY, "train.rounds=1"]), tmp_path / "plain", quiet=True).fit()
     assert "seam_epsilon" not in read_metrics(tmp_path / "plain")[0]
 
