@@ -64,7 +64,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, quiet: bool = False):
         self.cfg, self.run, self.quiet = cfg, RunDir(run_dir), quiet
-        self.run.signing_key(create=True)  # a key that cannot be made or read is one line before any work
+        key = self.run.signing_key(create=True)  # a key that cannot be made or read is one line before any work
+        if key.made:
+            self._say(f"huscf: made the key that signs your checkpoints, {key.path} (keep it private; resume and "
+                      f"evaluate elsewhere need a copy: docs/security.md)")
         self.threads = ThreadPolicy(cfg.train.threads)
         # resolved first: a device that is not there fails before any data loads
         self.execution = Execution.from_config(cfg.compute, cfg.num_clients)

@@ -233,8 +233,9 @@ def test_the_signing_key_is_private_outside_the_run_and_made_once(tmp_path, monk
 
     key_path = tmp_path / "cfg" / "huscf" / "signing.key"
     made = SigningKey.load(key_path, create=True)
-    assert made is not None and oct(key_path.stat().st_mode & 0o777) == "0o600"
-    assert SigningKey.load(key_path).key_id == made.key_id  # made once, then read
+    assert made is not None and made.made and oct(key_path.stat().st_mode & 0o777) == "0o600"
+    again = SigningKey.load(key_path, create=True)
+    assert again.key_id == made.key_id and not again.made  # made once, then read
     assert SigningKey.load(tmp_path / "absent.key") is None
     key_path.chmod(0o644)
     with pytest.raises(HuscfError, match="can be read or written by other users.*chmod 600"):

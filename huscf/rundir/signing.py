@@ -49,6 +49,7 @@ class SigningKey:
                              f"(remove the file and huscf makes a new one)")
         self._secret, self.path = secret, path
         self.key_id = hashlib.sha256(b"huscf key id\n" + secret).hexdigest()[:16]
+        self.made = False  # whether this process made the key file (``load(create=True)``)
 
     @staticmethod
     def _message(name: str, digest: str) -> bytes:
@@ -69,19 +70,21 @@ class SigningKey:
         if run_dir is not None and _inside(path, Path(run_dir)):
             raise HuscfError(f"the signing key {path} is inside the run directory {run_dir}; keep it outside "
                              f"(set HUSCF_SIGNING_KEY), or whoever can change the run can sign what they change")
+        made = False
         if not path.exists():
             if not create:
                 return None
-            _create(path)
+            made = _create(path)
         if os.name == "posix" and path.stat().st_mode & 0o077:
             raise HuscfError(f"signing key {path} can be read or written by other users; make it the owner's "
                              f"only (chmod 600 {path})")
         try:
-            text = path.read_text(encoding="ascii").strip()
-            return cls(bytes.fromhex(text), path)
+            key = cls(bytes.fromhex(path.read_text(encoding="ascii").strip()), path)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             why = err.strerror if isinstance(err, OSError) else "not a hex-encoded key"
             raise HuscfError(f"cannot read the signing key {path}: {why}") from None
+        key.made = made
+        return key
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -92,10 +95,10 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _create(path: Path) -> None:
+def _create(path: Path) -> bool:
     """32 random bytes to ``path``, mode 0600, in one step: written to a private temporary file,
     then hard-linked to ``path``, which fails if another process made the key first (then its key,
-    complete by then, is the one used)."""
+    complete by then, is the one used). Whether this process made it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -105,8 +108,11 @@ def _create(path: Path) -> None:
                 f.write(secrets.token_hex(32) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
