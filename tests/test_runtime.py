@@ -306,8 +306,9 @@ def test_secure_aggregation_on_ray_matches_the_simulation_and_no_client_sends_it
 
 def test_seam_noise_on_ray_noises_what_the_hosts_send_and_passes_the_guard(local_ray, tmp_path):
     """The Ray client hosts clip and noise what they send (split/noise.py): the run differs from the
-    noise-free simulation that the plain Ray run matches (test above), its noisy activations pass
-    the privacy guard, and every round records its epsilon."""
+    noise-free simulation, which a plain Ray run matches (test_ray_engine_matches_simulation_and_
+    audit_is_clean), its noisy activations pass the privacy guard, and every round records its
+    epsilon."""
     noised = SMALL + ["privacy.seam_noise=1.0"]
     Trainer.new(build_config({}, SMALL), tmp_path / "sim", quiet=True).fit()
     Trainer.new(build_config({}, noised + ["runtime.engine=ray", "runtime.clients_per_actor=2"]), tmp_path / "ray",
