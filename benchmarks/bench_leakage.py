@@ -167,11 +167,9 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def attack(model, data: list, arch, batch_size: int, seed: int, say=print) -> dict:
     """Every attack on the server's view of one epoch of a trained model (module docstring)."""
-    from huscf.split.noise import SeamNoise
-
     view = server_view(model, data, batch_size, arch.z_dim, seed)
     noise = model.seam.noise  # the attacker knows the clipping rule, not the noise
-    clip = (lambda t: t) if noise is None else SeamNoise(0.0, noise.clip, seed)
+    clip = (lambda t: t) if noise is None else noise.clipped
     classes = arch.num_classes
     flat = lambda key: torch.cat([v[key].flatten(1) for v in view]).numpy()  # noqa: E731
     y = torch.cat([v["y"] for v in view]).numpy()

@@ -35,7 +35,7 @@ from huscf.metrics.label_probe import LabelProbe
 from huscf.metrics.scores import classifier_probs, generation_score
 from huscf.rundir import RoundRecord, RunDir, check_model_state
 from huscf.runsetup import ClientData, build_setup
-from huscf.split.noise import SeamNoise, epsilon, releases_per_record, seam_noise_seed
+from huscf.split.noise import SeamNoise, epsilon, releases_per_record
 from huscf.split.segments import SplitGAN
 
 
@@ -78,8 +78,7 @@ class Trainer:
         g, d = s.arch.generator(), s.arch.discriminator()
         self.method = get_method(cfg.method)
         self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cfg.cluster_bodies)
-        if cfg.privacy.seam_noise > 0:  # what a client sends is clipped and noised (split/noise.py)
-            self.model.seam.noise = SeamNoise(cfg.privacy.seam_noise, cfg.privacy.seam_clip, seam_noise_seed(cfg.seed))
+        self.model.seam.noise = SeamNoise.of(cfg.privacy, cfg.seed)  # what a client sends is noised (split/noise.py)
         self.method.place(self.model)
         self.strategy = build_strategy(cfg)
         self.sizes = np.array([len(c) for c in s.data])

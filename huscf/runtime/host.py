@@ -23,7 +23,7 @@ from huscf.federation.secure import MaskingClient, SecurePlan
 from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, run_dtypes, unpack_state
 from huscf.runtime.spec import RunSpec, contracts, leaf
 from huscf.runsetup import load_client_data
-from huscf.split.noise import SeamNoise, seam_noise_seed
+from huscf.split.noise import SeamNoise
 from huscf.split.segments import NETS, ClientSegments
 
 
@@ -71,9 +71,8 @@ class ClientHost:
         self._tape: list[tuple] = []  # the iteration's seam crossings, for ``backward`` (``_cross``)
         self._fakes: dict = {}  # step 1's fakes, with their graph, from phase A to phase B
         self._masking: dict[int, MaskingClient] = {}  # secure aggregation: this round end's key pairs
-        privacy = self.cfg.privacy  # what each client sends is clipped and noised here (split/noise.py)
-        self.noise = (SeamNoise(privacy.seam_noise, privacy.seam_clip, seam_noise_seed(self.cfg.seed, index + 1))
-                      if privacy.seam_noise > 0 else None)
+        # what each client sends is clipped and noised here (split/noise.py)
+        self.noise = SeamNoise.of(self.cfg.privacy, self.cfg.seed, stream=index + 1)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def pid(self) -> int:

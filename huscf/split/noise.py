@@ -59,20 +59,31 @@ class SeamNoise:
             self._generators[device] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[device]
 
+    @classmethod
+    def of(cls, privacy, seed: int, stream: int = 0) -> "SeamNoise | None":
+        """The noise of a run's ``privacy`` config section, None when ``seam_noise`` is 0. ``seed``:
+        the run's, kept apart from its other streams; ``stream`` tells processes apart (each Ray
+        client host draws its own)."""
+        if privacy.seam_noise <= 0:
+            return None
+        return cls(privacy.seam_noise, privacy.seam_clip, (seed * 1_000_003 + 0x5EA + stream * 7_919) % 2**63)
+
+    def _clipped(self, flat: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The rows of ``flat`` clipped to the norm, and the norm."""
+        norm = self.clip * math.sqrt(flat.shape[-1])
+        scale = (norm / flat.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return flat * scale.to(flat.dtype), norm
+
+    def clipped(self, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+        """``x`` with each row clipped, without noise: the rule an attacker who knows the config applies."""
+        return self._clipped(x.flatten(lead))[0].view_as(x)
+
     def __call__(self, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
         """``x`` with each row clipped and noised; a row is everything after the first ``lead``
         dimensions (1: a client's batch; 2: the batched engine's clients x batch)."""
-        flat = x.flatten(lead)
-        norm = self.clip * math.sqrt(flat.shape[-1])
-        scale = (norm / flat.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        flat, norm = self._clipped(x.flatten(lead))
         noise = torch.randn(flat.shape, generator=self._generator(x.device), device=x.device, dtype=torch.float32)
-        return (flat * scale.to(flat.dtype) + (noise * (self.multiplier * norm)).to(flat.dtype)).view_as(x)
-
-
-def seam_noise_seed(seed: int, stream: int = 0) -> int:
-    """The noise generator's seed: the run's ``seed``, kept apart from its other streams; ``stream``
-    tells processes apart (each Ray client host draws its own)."""
-    return (seed * 1_000_003 + 0x5EA + stream * 7_919) % 2**63
+        return (flat + (noise * (self.multiplier * norm)).to(flat.dtype)).view_as(x)
 
 
 def releases_per_record(rounds: int, local_epochs: int) -> int:
