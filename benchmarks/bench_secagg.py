@@ -9,15 +9,19 @@ cuts (seeded random valid cuts, as ``cuts.method=random``), every copy perturbed
 client's weights differ. Each repeat times, on fresh copies of the same model:
 
 * **plain**: ``apply_aggregation`` (the server reads every client's segment and averages);
-* **secure**: ``secure_average`` (every client makes a key pair, derives its pair secrets, masks
-  its weighted blocks; the server sums the masked words and writes the averages), with no dropout;
-* **secure, 1 dropped**: the same with one client that never delivers (the survivors reveal
-  their seeds with it, the server removes those masks).
+* **secure**: ``secure_average``, the protocol of ``federation/secagg.py`` in one process (every
+  client signs two fresh key pairs, checks its peers' signatures and the plan, Shamir-shares its
+  key and a self-mask seed per sum, seals the shares to its peers, masks its weighted blocks with
+  its self and pair masks, signs the survivor list and answers the unmasking; the server relays,
+  rebuilds the self masks and opens the sums), with no dropout;
+* **secure, 1 dropped**: the same with one client that shares its keys but never delivers its
+  words (the survivors reveal their shares of its key, the server removes its pair masks).
 
 Aggregations: one cluster (FedAvg weights) and two clusters (``--clusters``), the shape HuSCF-GAN's
 round ends take. Printed: the median seconds of each, **ratio = secure / plain**, and the bytes a
 client sends for aggregation in each mode (plain: its segment as float32; secure: 8-byte words per
-value of every block it shares a sum on, plus a 32-byte public key). The result also agrees with
+value of every block it shares a sum on, plus the protocol's keys, shares, signature and answers,
+counted as the JSON they travel in). The result also agrees with
 plain averaging (the largest difference over the client blocks is printed; 1e-7 is float rounding).
 """
 
@@ -38,7 +42,8 @@ import torch  # noqa: E402
 from provenance import made_line  # noqa: E402
 
 from huscf.federation.averaging import apply_aggregation  # noqa: E402
-from huscf.federation.secure import plan_sums, secure_average  # noqa: E402
+from huscf.federation.secagg import secure_average, secure_sums  # noqa: E402
+from huscf.federation.secure import Policy, plan_sums  # noqa: E402
 from huscf.federation.strategies import Aggregation  # noqa: E402
 from huscf.models import build_architecture  # noqa: E402
 from huscf.split.plan import all_cuts  # noqa: E402
@@ -105,13 +110,15 @@ def main() -> None:
         sums = len(plan_sums(base, agg, ids, 0).sums)
         print(f"{name:<12} {p:>9.4f} {s:>9.4f} {s / p:>6.1f} {d:>12.4f} {d / p:>6.1f} {sums:>5} {diff:>21.2e}")
     plan = plan_sums(base, aggs["1 cluster"], ids, 0)
+    sent: dict[int, int] = {}
+    secure_sums(copy.deepcopy(base), plan, Policy(), sent=sent)
     print("bytes one client sends for aggregation (1 cluster):")
     for i in ids:
         plain_b = 4 * sum(v.numel() for v in base.clients[i].state_dict().values() if v.is_floating_point())
-        secure_b = 32 + sum(8 * sum(v.numel() for v in base.clients[i].nets[s.net][str(s.block)].state_dict().values()
-                                    if v.is_floating_point()) for s in (plan.sums[k] for k in plan.of(i)))
-        print(f"  client {i} cuts {tuple(base.cuts[i])}: plain {plain_b / 1e3:.1f} kB, secure {secure_b / 1e3:.1f} kB "
-              f"(x{secure_b / plain_b:.2f})")
+        words = sum(8 * sum(v.numel() for v in base.clients[i].nets[s.net][str(s.block)].state_dict().values()
+                            if v.is_floating_point()) for s in (plan.sums[k] for k in plan.of(i)))
+        print(f"  client {i} cuts {tuple(base.cuts[i])}: plain {plain_b / 1e3:.1f} kB, secure {sent[i] / 1e3:.1f} kB "
+              f"(x{sent[i] / plain_b:.2f}; the protocol's steps besides the words: {(sent[i] - words) / 1e3:.1f} kB)")
 
 
 if __name__ == "__main__":

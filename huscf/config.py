@@ -170,6 +170,11 @@ class FederationConfig(_Section):
     # mask the client-side segments so that the server opens only each cluster's average, never
     # one client's weights (federation/secure.py, docs/security.md)
     secure_aggregation: bool = False
+    # what every client checks in the server's plan before masking (federation/secagg.py): members
+    # per sum (and survivors per opened sum), and a sum's largest weight over its smallest (the
+    # server raises smaller KLD weights to meet it; clients cannot check the weights themselves)
+    secure_min_members: int = Field(2, ge=2)
+    secure_max_weight_ratio: float = Field(100.0, ge=1)
     # per_cluster: after the warm-up, one copy of the server's middle blocks per cluster
     # (federation/bodies.py; max_clusters copies); shared: one body for every client; auto:
     # per_cluster for a split method (measured better: docs/results.md), else shared

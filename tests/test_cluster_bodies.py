@@ -15,7 +15,8 @@ from huscf.engines.execution import Execution
 from huscf.engines.simulation import SimulationEngine
 from huscf.errors import HuscfError
 from huscf.federation.bodies import apply_opened_per_cluster, apply_per_cluster, assign_slots
-from huscf.federation.secure import apply_opened, plan_sums, secure_sums
+from huscf.federation.secagg import secure_sums
+from huscf.federation.secure import Policy, apply_opened, plan_sums
 from huscf.federation.strategies import Aggregation
 from huscf.models import build_architecture
 from huscf.runsetup import ClientData
@@ -269,7 +270,7 @@ def test_secure_per_cluster_bodies_equal_the_plain_ones_when_every_sum_opens():
     plain, secure = _paired().double(), _paired().double()  # float64 (rule 1) + fixed point (rule 4)
     apply_per_cluster(plain, agg, list(range(6)))
     plan = plan_sums(secure, agg, list(range(6)), 0)
-    opened = secure_sums(secure, plan, list(range(6)))
+    opened = secure_sums(secure, plan, Policy())
     assert len(opened) == len(plan.sums) > 0
     apply_opened(secure, plan, opened, mix_server=False)
     record = apply_opened_per_cluster(secure, agg, list(range(6)), plan, opened)
@@ -289,7 +290,7 @@ def test_a_hidden_copy_has_its_body_stand_in_for_it():
     m = _paired().double()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     plan = plan_sums(m, agg, list(range(6)), 0)
-    opened = secure_sums(m, plan, list(range(6)), drop=frozenset({0}))
+    opened = secure_sums(m, plan, Policy(), drop=frozenset({0}))
     apply_opened(m, plan, opened, mix_server=False)
     apply_opened_per_cluster(m, agg, list(range(6)), plan, opened)
     slot0 = m.cluster_bodies[int(m.body_of[0])]

@@ -297,9 +297,11 @@ def test_secure_aggregation_on_ray_matches_the_simulation_and_no_client_sends_it
         assert b["federation"]["secure_aggregation"]["opened"] > 0
     rows = [json.loads(line) for line in (ray_dir / "audit.jsonl").read_text().splitlines()]
     from_clients = [r for r in rows if r["src"].startswith("client:")]
-    # to the server: cut layers, public keys and masked words; a client's weights go nowhere but
+    # to the server: cut layers, the secure aggregation's steps (signed keys, sealed shares, masked
+    # words, the signed survivor list, self-mask shares); a client's weights go nowhere but
     # its own checkpoint state (to the driver)
-    assert {r["kind"] for r in from_clients if r["dst"] == "server"} == {"activation", "gradient", "keys", "masked"}
+    assert {r["kind"] for r in from_clients if r["dst"] == "server"} == {"activation", "gradient", "keys", "shares",
+                                                                         "masked", "signed", "unmask"}
     assert {r["dtype"] for r in from_clients if r["kind"] == "masked" and r["name"] != "meta"} == {"uint64"}
     assert not summarise(ray_dir)["violations"]
 
@@ -554,20 +556,30 @@ def test_the_privacy_guard_checks_content_against_the_cuts_contract():
 
 
 def test_the_privacy_guard_admits_only_well_formed_secure_aggregation_messages():
-    from huscf.federation.secure import MaskingClient, plan_sums
+    from huscf.federation.secagg import Enrollment, SecAggClient
+    from huscf.federation.secure import Policy, plan_sums
     from huscf.federation.strategies import Aggregation
     from huscf.runtime.messages import PrivacyViolation, Wire
 
     model, segs, guard, arch = _contract_guard()
     w = Wire("host:0", guard)
-    parties = {i: MaskingClient(i) for i in (0, 1)}
-    directory = {i: p.public_key() for i, p in parties.items()}
     plan = plan_sums(model, Aggregation(np.zeros(2, dtype=int), np.full(2, 0.5), np.full(2, 0.5)), [0, 1], 0)
-    masked = parties[0].masked(plan, segs[0], directory)
+    enrolled = Enrollment.of([0, 1])
+    parties = {i: SecAggClient(i, enrolled.identities[i], enrolled.roster, 0, Policy()) for i in (0, 1)}
+    keys = {i: p.advertise() for i, p in parties.items()}
+    sealed = {i: p.share_keys(plan, keys) for i, p in parties.items()}
+    masked = parties[0].masked(segs[0], {1: sealed[1][0]})
+    parties[1].masked(segs[1], {0: sealed[0][1]})
     assert masked  # the G and D heads and tails both clients hold
-    w.pack("keys", "server", 0, meta={"public_key": directory[0]}, src="client:0")
+    sig = parties[0].sign_survivors([0, 1])
+    answer = parties[0].unmask({0: sig, 1: parties[1].sign_survivors([0, 1])})
+    shares = answer["masks"][1]
+    w.pack("keys", "server", 0, meta=keys[0], src="client:0")
+    w.pack("shares", "server", 0, meta={"to": 1, "sealed": sealed[0][1]}, src="client:0")
     w.pack("masked", "server", 0, {f"masked/{k}": v for k, v in masked.items()}, {"round": 0}, src="client:0")
-    w.pack("unmask", "server", 0, meta={"sum": 0, "seeds": {"1": "ab" * 32}}, src="client:0")
+    w.pack("signed", "server", 0, meta={"survivors": [0, 1], "sig": sig}, src="client:0")
+    w.pack("unmask", "server", 0, meta={"peer": 1, "masks": {str(k): h for k, h in shares.items()}}, src="client:0")
+    w.pack("unmask", "server", 0, meta={"peer": 1, "key": "ab" * 32}, src="client:0")
     k, v = next(iter(masked.items()))
     image_words = np.zeros(16 * 784, dtype=np.uint64)  # a batch of images in 64-bit words
     bad = [
@@ -577,30 +589,37 @@ def test_the_privacy_guard_admits_only_well_formed_secure_aggregation_messages()
         ("masked", {f"masked/{k}": image_words}, {"round": 0}, "none of its blocks"),
         ("masked", {f"masked/{k}": v}, {"round": 0, "labels": [1]}, "metadata key 'labels'"),
         ("weights", {"clients.0.nets.G.0.fc.bias": v[:4]}, {}, "integer array"),  # words only in 'masked'
-        ("keys", {}, {"public_key": "zz" * 32}, "public key"),
-        ("keys", {}, {"public_key": directory[0], "labels": [1, 2]}, "metadata key 'labels'"),
-        ("unmask", {}, {"sum": 0, "seeds": {"1": [1, 2, 3]}}, "one sum's seeds"),
-        ("unmask", {}, {"sum": 0, "seeds": {"labels": "ab" * 32}}, "one sum's seeds"),
+        ("keys", {}, keys[0] | {"s_pk": "zz" * 32}, "two 32-byte public keys"),
+        ("keys", {}, keys[0] | {"labels": [1, 2]}, "metadata key 'labels'"),
+        ("shares", {}, {"to": 1, "sealed": "a digit 7"}, "a sealed box"),
+        ("shares", {}, {"to": True, "sealed": sealed[0][1]}, "a sealed box"),
+        ("signed", {}, {"survivors": ["0"], "sig": sig}, "client ids"),
+        ("unmask", {}, {"peer": 1, "masks": {"0": [1, 2, 3]}}, "self-mask shares"),
+        ("unmask", {}, {"peer": 1, "masks": {"labels": "ab" * 16}}, "self-mask shares"),
+        ("unmask", {}, {"peer": 1, "key": "ab" * 32, "masks": {"0": "ab" * 16}}, "one peer's key share"),
     ]
     for kind, tensors, meta, why in bad:
         with pytest.raises(PrivacyViolation, match=why):
             w.pack(kind, "server", 0, tensors, meta, src="client:0")
 
 
-def test_the_server_refuses_masked_words_after_it_named_the_dropouts():
-    """Survivors reveal their seeds with the dropouts; a dropout's late vector would then open alone."""
-    from huscf.runtime.server import ServerNode
+def test_the_server_refuses_masked_words_after_it_named_the_survivors():
+    """A late delivery after the survivor list was signed would meet reveals made for a dropout."""
+    from huscf.federation.secagg import SecAggServer
+    from huscf.federation.secure import Policy, SecurePlan
     from huscf.runtime.messages import Wire
+    from huscf.runtime.server import ServerNode
 
     server = object.__new__(ServerNode)  # only its secure round-end state, no actor
-    server._secure = {"masked": {}}
+    server._secure = {"protocol": SecAggServer(SecurePlan(0, ()), Policy())}
+    server._secure["protocol"].route({0: {1: "ab"}, 1: {0: "cd"}})
     words = np.arange(4, dtype=np.uint64)
     on_time = Wire("host:0").pack("masked", "server", 0, {"masked/0": words}, {"round": 0}, src="client:0")
     late = Wire("host:1").pack("masked", "server", 1, {"masked/0": words}, {"round": 0}, src="client:1")
     server.receive_masked([on_time])
     assert server.delivered() == [0]
     server.receive_masked([late])
-    assert sorted(server._secure["masked"]) == [0]
+    assert sorted(server._secure["protocol"].words) == [0]
 
 
 def test_state_round_trips_through_messages_with_bf16():

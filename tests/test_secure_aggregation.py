@@ -10,8 +10,9 @@ from conftest import read_metrics
 from huscf.config import build_config
 from huscf.errors import HuscfError
 from huscf.federation.averaging import apply_aggregation
+from huscf.federation.secagg import Enrollment, SecAggClient, SecAggServer, secure_average
 from huscf.federation.secure import (
-    MaskingClient, block_vector, decode, encode, open_sums, plan_sums, secure_average,
+    BlockSum, Policy, SecurePlan, block_vector, decode, encode, mask_stream, pair_seed, plan_sums,
 )
 from huscf.federation.strategies import Aggregation
 from huscf.methods import build_strategy
@@ -115,27 +116,78 @@ def test_a_lone_holder_sends_nothing_and_keeps_its_copy():
                            before.server.nets["G"]["1"].state_dict()["0.weight"])  # held by 1 and 2: mixed
 
 
+class _Round:
+    """One secure round end of ``plan`` run step by step, every client honest, the server's side
+    in the test's hands: ``keys``, ``inbox`` (after ``share``), ``words`` (after ``mask``)."""
+
+    def __init__(self, m, plan, policy=Policy(), members=None):
+        self.m, self.plan, self.policy = m, plan, policy
+        self.members = members or sorted({i for s in plan.sums for i in s.members})
+        self.enrollment = Enrollment.of(self.members)
+        self.parties = {i: SecAggClient(i, self.enrollment.identities[i], self.enrollment.roster, plan.round, policy)
+                        for i in self.members}
+        self.keys = {i: p.advertise() for i, p in self.parties.items()}
+
+    def share(self, keys=None):
+        boxes = {i: p.share_keys(self.plan, keys or self.keys) for i, p in self.parties.items()}
+        self.inbox = {v: {u: b[v] for u, b in boxes.items() if v in b} for v in self.members}
+        return self
+
+    def mask(self):
+        self.words = {i: p.masked(self.m.clients[i], self.inbox[i]) for i, p in self.parties.items()}
+        return self
+
+    def sign(self, survivors):
+        return {i: self.parties[i].sign_survivors(survivors) for i in survivors}
+
+
+def _plan(m, n=5, round_idx=0, groups=None):
+    w = np.full(n, 1 / n)
+    return plan_sums(m, Aggregation(np.zeros(n, dtype=int) if groups is None else groups, w, w), list(range(n)),
+                     round_idx)
+
+
+def _head_sum(plan):
+    """The index of the sum of every client's D head."""
+    return next(k for k, s in enumerate(plan.sums) if s.net == "D" and s.block == 0)
+
+
+def _own_word(m, plan, k, client):
+    """Client ``client``'s unmasked fixed-point word for sum ``k``: what no server should learn."""
+    s = plan.sums[k]
+    return encode(s.weights[s.members.index(client)] * block_vector(m.clients[client].nets[s.net][str(s.block)]),
+                  client, "")
+
+
 def test_one_masked_vector_is_noise_and_the_masks_cancel_in_the_sum():
     m = _model()
-    w = np.full(5, 0.2)
-    plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 7)
-    parties = {i: MaskingClient(i) for i in range(5)}
-    directory = {i: p.public_key() for i, p in parties.items()}
-    masked = {i: p.masked(plan, m.clients[i], directory) for i, p in parties.items()}
-    k = next(k for k, s in enumerate(plan.sums) if s.net == "D" and s.block == 0)  # every client's D head
+    plan = _plan(m, round_idx=7)
+    r = _Round(m, plan).share().mask()
+    k = _head_sum(plan)
     s = plan.sums[k]
-    plain = {i: encode(s.weights[s.members.index(i)] * block_vector(m.clients[i].nets["D"]["0"]), i, "")
-             for i in s.members}
     for i in s.members:
-        x = masked[i][k]
-        assert (x != plain[i]).mean() > 0.99
+        x = r.words[i][k]
+        assert (x != _own_word(m, plan, k, i)).mean() > 0.99
         # fixed-point weights are small integers; the masked words spread over all of Z_{2^64}
-        assert np.abs(decode(plain[i])).max() < 1 and np.abs(decode(x)).max() > 1e8
-    total = sum(masked[i][k] for i in s.members[1:]) + masked[s.members[0]][k]
-    np.testing.assert_array_equal(total, sum(plain[i] for i in s.members[1:]) + plain[s.members[0]])
-    # a new key pair per round end: the same weights give different masked words
-    again = MaskingClient(0).masked(plan, m.clients[0], directory | {0: MaskingClient(0).public_key()})
-    assert (again[k] != masked[0][k]).mean() > 0.99
+        assert np.abs(decode(x)).max() > 1e8
+    # the pair masks cancel in the sum; what is left is the words plus every member's self mask
+    server = SecAggServer(plan, Policy())
+    server.advertised(r.keys)
+    server.route({i: {} for i in s.members})
+    for i in s.members:
+        server.receive_masked(i, r.words[i])
+    assert server.survivors() == list(s.members)
+    total = np.sum([r.words[i][k] for i in s.members], axis=0, dtype=np.uint64)
+    assert (total != np.sum([_own_word(m, plan, k, i) for i in s.members], axis=0, dtype=np.uint64)).mean() > 0.99
+    signatures = r.sign(server.u3)
+    opened = server.open({i: r.parties[i].unmask(signatures) for i in s.members})
+    assert {o.index for o in opened} == set(range(len(plan.sums)))
+    np.testing.assert_array_equal(np.rint(next(o for o in opened if o.index == k).mean * 2.0 ** 32),
+                                  np.rint(decode(np.sum([_own_word(m, plan, k, i) for i in s.members], axis=0,
+                                                        dtype=np.uint64)) * 2.0 ** 32))
+    # fresh keys and self masks per round end: the same weights give different masked words
+    again = _Round(m, plan).share().mask()
+    assert (again.words[0][k] != r.words[0][k]).mean() > 0.99
 
 
 def test_dropouts_leave_sums_the_survivors_can_open():
@@ -152,54 +204,74 @@ def test_dropouts_leave_sums_the_survivors_can_open():
     for k, v in _floats(m).items():
         if k.startswith("clients.2."):
             torch.testing.assert_close(v, _floats(before)[k], rtol=0, atol=0, msg=k)
-    assert record["opened"] > 0
-    # a sum whose only other member dropped stays closed: its survivor's copy is never opened
-    two = _model([Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)])
-    kept = _model([Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)])
-    w3 = np.full(3, 1 / 3)
-    record = secure_average(two, Aggregation(np.zeros(3, dtype=int), w3, w3), [0, 1, 2], 0, drop=frozenset({1}))
-    assert record["closed"]  # e.g. G block 1, held by clients 0 and 1 only
-    torch.testing.assert_close(two.clients[0].nets["G"]["1"].state_dict(), kept.clients[0].nets["G"]["1"].state_dict())
+    # a sum stays closed exactly when fewer than two of its members survive (G block 2: clients 2, 4)
+    closed_ok = {k for k, s in enumerate(plan_sums(before, agg, list(range(5)), 0).sums)
+                 if len(set(s.members) - {2}) < 2}
+    assert record["opened"] > 0 and set(record["closed"]) == closed_ok
+    # two of five drop (below the key threshold of 3 of 5): the sums of the three survivors open
+    m, plain = _model(), _model()
+    record = secure_average(m, agg, list(range(5)), 0, drop=frozenset({1, 3}))
+    apply_aggregation(plain, Aggregation(np.zeros(3, dtype=int), w[[0, 2, 4]] / w[[0, 2, 4]].sum(), w[[0, 2, 4]]),
+                      [0, 2, 4])
+    # every client's D head (3 of 5 survive; each self mask has 4 holders, 2 needed) opens ...
+    for i in (0, 2, 4):
+        assert_close64(block_vector(m.clients[i].nets["D"]["0"]), block_vector(plain.clients[i].nets["D"]["0"]),
+                       extra=FIXED, msg=f"client {i}")
+    # ... G block 1 (held by 1-4) keeps 2 and 4: a self mask of theirs has 3 holders, 2 needed, 1 left
+    sums = plan_sums(before, agg, list(range(5)), 0).sums
+    g1 = next(k for k, s in enumerate(sums) if (s.net, s.block) == ("G", 1))
+    assert sums[g1].members == (1, 2, 3, 4) and g1 in record["closed"]
+    # three of five drop: two survivors cannot rebuild the dropouts' keys, every sum stays closed
+    m = _model()
+    record = secure_average(m, agg, list(range(5)), 0, drop=frozenset({1, 2, 3}))
+    assert record["opened"] == 0
+    for k, v in _floats(m).items():
+        torch.testing.assert_close(v, _floats(before)[k], rtol=0, atol=0, msg=k)
 
 
-def test_a_survivor_does_not_reveal_a_seed_that_would_open_its_own_copy():
-    m = _model([Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)])
-    w = np.full(3, 1 / 3)
-    plan = plan_sums(m, Aggregation(np.zeros(3, dtype=int), w, w), [0, 1, 2], 0)
-    parties = {i: MaskingClient(i) for i in range(3)}
-    directory = {i: p.public_key() for i, p in parties.items()}
+def test_a_lone_survivor_keeps_its_copy_closed():
+    """Sum (0, 1) of G block 1 loses client 1: the survivors rebuild client 1's key, which removes
+    the pair mask, but client 0's self mask has no holder left but 1, so its copy stays closed."""
+    cuts = [Cuts(1, 0, 1, 0), Cuts(1, 0, 1, 0), Cuts(0, 0, 0, 0)]
+    m, kept = _model(cuts), _model(cuts)
+    plan = _plan(m, 3)
     only_two = {k for k, s in enumerate(plan.sums) if s.members == (0, 1)}
     shared = {k for k, s in enumerate(plan.sums) if s.members == (0, 1, 2)}
     assert only_two and shared
-    revealed = parties[0].reveal(plan, {1}, directory)
-    assert set(revealed) == shared and all(set(v) == {1} for v in revealed.values())
-    # the server cannot open a sum it was not given every seed for
-    masked = {i: parties[i].masked(plan, m.clients[i], directory) for i in (0, 2)}
-    opened = open_sums(plan, masked, {0: revealed})
-    assert {o.index for o in opened} == set()  # client 2 revealed nothing: every sum with 1 stays shut
-    opened = open_sums(plan, masked, {0: revealed, 2: parties[2].reveal(plan, {1}, directory)})
+    r = _Round(m, plan).share().mask()
+    server = SecAggServer(plan, Policy())
+    server.advertised(r.keys)
+    server.route({i: {} for i in range(3)})
+    for i in (0, 2):
+        server.receive_masked(i, r.words[i])
+    assert server.survivors() == [0, 2]
+    signatures = r.sign([0, 2])
+    answers = {i: r.parties[i].unmask(signatures) for i in (0, 2)}
+    assert set(answers[0]["keys"]) == {1} and set(answers[2]["keys"]) == {1}  # 1 dropped: its key share
+    assert all(k in shared for v in answers[2]["masks"].values() for k in v)  # no self-mask share of (0, 1)
+    opened = server.open(answers)
     assert {o.index for o in opened} == shared
+    record = secure_average(m, Aggregation(np.zeros(3, dtype=int), np.full(3, 1 / 3), np.full(3, 1 / 3)), [0, 1, 2],
+                            0, drop=frozenset({1}))
+    assert set(record["closed"]) == only_two
+    torch.testing.assert_close(m.clients[0].nets["G"]["1"].state_dict(), kept.clients[0].nets["G"]["1"].state_dict())
 
 
 def test_a_sum_that_could_wrap_is_refused_before_masking():
     """Weights sum to 1, so a sum of copies below 2^30 stays below 2^30, inside the fixed point's
     2^31. Checking each weighted term alone let five terms of 2^29 (copies of 5 * 2^29) wrap."""
     m = _model()
-    w = np.full(5, 0.2)
-    plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 0)
-    directory = {i: MaskingClient(i).public_key() for i in range(5)}
+    r = _Round(m, _plan(m)).share()
     with torch.no_grad():
         next(m.clients[0].nets["D"]["0"].parameters()).view(-1)[0] = 5 * 2.0 ** 29
     with pytest.raises(HuscfError, match="client 0's D block 0 has values that are not finite or above 1e"):
-        MaskingClient(0).masked(plan, m.clients[0], directory)
+        r.parties[0].masked(m.clients[0], r.inbox[0])
 
 
 def test_masks_are_the_chacha20_keystream():
     """RFC 8439, 2.4.2: the keystream of its key and nonce, block counter 1, begins with these
-    bytes. The masks are ChaCha20 (``cryptography``), keyed per pair, sum and round."""
+    bytes. The masks are ChaCha20 (``cryptography``), keyed per pair or client, sum and round."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
-    from huscf.federation.secure import _stream
 
     key = bytes(range(32))
     nonce = (1).to_bytes(4, "little") + bytes.fromhex("000000000000004a00000000")
@@ -207,99 +279,140 @@ def test_masks_are_the_chacha20_keystream():
              b"sunscreen would be it.")
     cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(plain)
     assert cipher[:16].hex() == "6e2e359a2568f98041ba0728dd0d6981"
-    words = _stream(key, 4)
+    words = mask_stream(key, 4)
     assert words.dtype == np.uint64 and len(set(words.tolist())) == 4
     np.testing.assert_array_equal(words, np.frombuffer(Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
                                                        .encryptor().update(bytes(32)), dtype="<u8"))
-    assert not np.array_equal(_stream(bytes(32), 4), _stream(bytes(31) + b"\x01", 4))
+    assert not np.array_equal(mask_stream(bytes(32), 4), mask_stream(bytes(31) + b"\x01", 4))
 
 
-def _own_word(m, plan, k, client):
-    """Client ``client``'s unmasked fixed-point word for sum ``k``: what no server should learn."""
-    s = plan.sums[k]
-    return encode(s.weights[s.members.index(client)] * block_vector(m.clients[client].nets[s.net][str(s.block)]),
-                  client, "")
+def test_shamir_shares_rebuild_a_secret_from_the_threshold_and_not_below():
+    from huscf.federation.secagg import _combine, _split, key_threshold, mask_threshold
+
+    assert [key_threshold(n) for n in (2, 3, 4, 5, 10)] == [2, 2, 3, 3, 6]
+    assert [mask_threshold(h) for h in (1, 2, 3, 4, 9)] == [1, 1, 2, 2, 5]
+    secret = bytes(range(32))
+    shares = dict(enumerate(_split(secret, 3, 5), start=1))
+    assert all(len(v) == 32 for v in shares.values())
+    assert _combine({i: shares[i] for i in (1, 3, 5)}, 3) == secret == _combine({i: shares[i] for i in (2, 4, 5)}, 3)
+    assert _combine(shares, 3) == secret  # more than the threshold: the first three are used
+    assert _combine({i: shares[i] for i in (1, 2)}, 3) != secret  # two of a 3-of-5: another polynomial
 
 
-def _unmask(word, client, k, plan, seeds: dict[int, bytes]):
-    """``word`` of ``client`` with the pair masks of ``seeds`` (peer: per-sum seed) taken out."""
-    from huscf.federation.secure import _stream
+class TestALyingServerIsRefused:
+    """Issue 30, item 3: the three ways a server that lies opened one client's copy (docs/security.md
+    "A server that lies"), each now refused in one line or left with nothing to open."""
 
-    for j, seed in seeds.items():
-        mask = _stream(seed, word.size)
-        word = word - mask if client < j else word + mask
-    return word
-
-
-class TestALyingServerOpensOneClientToday:
-    """Secure aggregation here holds against a server that follows the protocol only (issue 30,
-    item 3, docs/security.md "A server that lies"). Each test runs one of the three attacks of
-    the issue and checks that it recovers one client's exact weighted copy: the exposure the docs
-    state, pinned so that a change to it is seen. When the protocol of item 3 lands, each becomes
-    a test that the attack fails with a clear error."""
-
-    def _setup(self):
+    def _delivered(self):
         m = _model()
-        w = np.full(5, 0.2)
-        plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 3)
-        parties = {i: MaskingClient(i) for i in range(5)}
-        directory = {i: p.public_key() for i, p in parties.items()}
-        k = next(k for k, s in enumerate(plan.sums) if s.net == "D" and s.block == 0)  # every client's D head
-        return m, plan, parties, directory, k
+        plan = _plan(m, round_idx=3)
+        return m, plan, _Round(m, plan).share().mask(), _head_sum(plan)
 
     def test_declaring_a_delivered_client_dropped(self):
-        m, plan, parties, directory, k = self._setup()
-        masked = {i: p.masked(plan, m.clients[i], directory) for i, p in parties.items()}  # client 0 delivered
-        revealed = {i: parties[i].reveal(plan, {0}, directory) for i in range(1, 5)}  # "client 0 dropped"
-        seeds = {i: bytes.fromhex(revealed[i][k][0]) for i in range(1, 5)}
-        np.testing.assert_array_equal(_unmask(masked[0][k], 0, k, plan, seeds), _own_word(m, plan, k, 0))
+        m, plan, r, k = self._delivered()  # client 0 delivered; the server says it dropped
+        signatures = r.sign([1, 2, 3, 4])
+        answers = {i: r.parties[i].unmask(signatures) for i in range(1, 5)}
+        assert all(0 in a["keys"] and 0 not in a["masks"] for a in answers.values())
+        from huscf.federation.secagg import _agree, _combine
+
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        s_0 = X25519PrivateKey.from_private_bytes(_combine({i + 1: bytes.fromhex(answers[i]["keys"][0])
+                                                            for i in range(1, 5)}, 3))
+        word = r.words[0][k]
+        for j in range(1, 5):  # every pair mask of client 0 comes out ...
+            pair = _agree(s_0, r.keys[j]["s_pk"], "masks", 0, j)
+            word = word - mask_stream(pair_seed(pair, plan.round, k), word.size)
+        assert (word != _own_word(m, plan, k, 0)).mean() > 0.99  # ... its self mask stays
+        # and no client answers a second time, which could hand over client 0's self-mask shares
+        with pytest.raises(HuscfError, match="client 1 refuses to unmask in round 4: each step .* runs once"):
+            r.parties[1].unmask(signatures)
+        with pytest.raises(HuscfError, match="client 1 refuses to sign the survivors in round 4: each step"):
+            r.parties[1].sign_survivors([0, 1, 2, 3, 4])
+
+    def test_showing_clients_different_survivor_lists(self):
+        m, plan, r, k = self._delivered()
+        # clients 1 and 2 are told 0 dropped (they would reveal its key share), 3 and 4 that it
+        # survived (they would reveal its self-mask shares): neither list gets a majority of 5
+        told_dropped = {i: r.parties[i].sign_survivors([1, 2, 3, 4]) for i in (1, 2)}
+        told_alive = {i: r.parties[i].sign_survivors([0, 1, 2, 3, 4]) for i in (3, 4)}
+        with pytest.raises(HuscfError, match="client 1 refuses to unmask: 2 survivors signed .* needs 3"):
+            r.parties[1].unmask({i: told_dropped[i] for i in (1, 2)})
+        forged = {i: told_dropped[i] for i in (1, 2)} | {3: told_alive[3]}  # 3 signed another list
+        with pytest.raises(HuscfError, match="client 2 refuses the survivor list .* from client 3: the signature "
+                                             "does not verify"):
+            r.parties[2].unmask(forged)
 
     def test_handing_out_its_own_public_keys(self):
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-        from huscf.federation.secure import _sum_seed
+        from huscf.federation.secagg import _public
 
-        m, plan, parties, directory, k = self._setup()
-        fake = {j: X25519PrivateKey.generate() for j in range(1, 5)}  # keys are not authenticated
-        told_0 = directory | {j: key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-                              for j, key in fake.items()}
-        word = parties[0].masked(plan, m.clients[0], told_0)[k]
-        victim = X25519PublicKey.from_public_bytes(bytes.fromhex(directory[0]))
-        seeds = {}
-        for j, key in fake.items():
-            secret = HKDF(hashes.SHA256(), 32, salt=None, info=f"huscf secure aggregation 0-{j}".encode()).derive(
-                key.exchange(victim))
-            seeds[j] = _sum_seed(secret, plan.round, k)
-        np.testing.assert_array_equal(_unmask(word, 0, k, plan, seeds), _own_word(m, plan, k, 0))
+        m = _model()
+        plan = _plan(m, round_idx=3)
+        r = _Round(m, plan)
+        forged = dict(r.keys)
+        forged[1] = forged[1] | {"s_pk": _public(X25519PrivateKey.generate())}  # the server's own key for 1
+        with pytest.raises(HuscfError, match="client 0 refuses round keys from client 1: the signature does not "
+                                             "verify against its enrolled identity key"):
+            r.parties[0].share_keys(plan, forged)
+        from huscf.federation.secagg import Identity
+
+        server_identity = Identity(1)  # a key pair the server made, signing as client 1
+        c, s_pk = _public(X25519PrivateKey.generate()), _public(X25519PrivateKey.generate())
+        forged[1] = {"c_pk": c, "s_pk": s_pk, "sig": server_identity.sign("keys", 3, 1, c, s_pk)}
+        with pytest.raises(HuscfError, match="client 2 refuses round keys from client 1: the signature"):
+            r.parties[2].share_keys(plan, forged)
 
     def test_a_plan_that_isolates_one_client(self):
-        from huscf.federation.secure import BlockSum, SecurePlan
-
-        m, plan, parties, directory, k = self._setup()
+        m = _model()
+        plan = _plan(m, round_idx=3)
+        k = _head_sum(plan)
         s = plan.sums[k]
-        # the same block twice: all five, and all but client 0. Clients check only that each sum's
-        # weights are a convex combination (the range argument): the unnormalised copy is refused
-        unnormalised = SecurePlan(plan.round, (s, BlockSum(s.net, s.block, s.members[1:], s.weights[1:],
-                                                           s.server_weights[1:])))
-        with pytest.raises(HuscfError, match="client 1 refuses the sum of D block 0: its weights .* not a convex"):
-            parties[1].masked(unnormalised, m.clients[1], directory)
-        but_0 = BlockSum(s.net, s.block, s.members[1:], (0.25,) * 4, s.server_weights[1:])
-        lying = SecurePlan(plan.round, (s, but_0))
-        masked = {i: p.masked(lying, m.clients[i], directory) for i, p in parties.items()}
-        both = open_sums(lying, masked)
-        assert [o.index for o in both] == [0, 1]
-        # sum 0 opens 0.2 * (theta_0 + ... + theta_4), sum 1 0.25 * (theta_1 + ... + theta_4).
-        # Fixed point rounds each word by at most 2^-33: 5 (5 + 0.8 * 4) 2^-33 < 1e-8 on theta_0
-        theta_0 = 5 * (both[0].mean - 0.8 * both[1].mean)
-        np.testing.assert_allclose(theta_0, block_vector(m.clients[0].nets["D"]["0"]), rtol=0, atol=1e-8)
-        # or weights (1, 0, 0, 0, 0): the "average" is client 0's copy
+        # the same block twice: all five, and all but client 0 (their difference is client 0)
+        twice = SecurePlan(plan.round, (s, BlockSum(s.net, s.block, s.members[1:], (0.25,) * 4,
+                                                    s.server_weights[1:])))
+        with pytest.raises(HuscfError, match="client 1 refuses the sum of D block 0: it is in two sums of that block"):
+            _Round(m, twice).share()
+        # weights (1, 0, 0, 0, 0): the "average" is client 0's copy
         alone = SecurePlan(plan.round, (BlockSum(s.net, s.block, s.members, (1.0, 0.0, 0.0, 0.0, 0.0),
                                                  s.server_weights),))
-        opened = open_sums(alone, {i: p.masked(alone, m.clients[i], directory) for i, p in parties.items()})
-        np.testing.assert_allclose(opened[0].mean, block_vector(m.clients[0].nets["D"]["0"]), rtol=0, atol=2 ** -32)
+        with pytest.raises(HuscfError, match=r"client 0 refuses the sum of D block 0: its weights .* more than 100 "
+                                             r"times"):
+            _Round(m, alone).share()
+        # weights at the policy's bound pass; one client alone in a sum is refused
+        edge = SecurePlan(plan.round, (BlockSum(s.net, s.block, s.members[:2], (100 / 101, 1 / 101),
+                                                s.server_weights[:2]),))
+        _Round(m, edge).share()
+        single = SecurePlan(plan.round, (BlockSum(s.net, s.block, s.members[:1], (1.0,), s.server_weights[:1]),))
+        with pytest.raises(HuscfError, match="client 0 refuses the sum of D block 0: 1 members, it needs 2"):
+            _Round(m, single, members=[0, 1]).share()
+        with pytest.raises(HuscfError, match="client 0 refuses the sum of D block 0: 2 members, it needs 3"):
+            _Round(m, edge, Policy(min_members=3)).share()
+
+    def test_shares_altered_on_the_way_and_steps_out_of_order(self):
+        m = _model()
+        plan = _plan(m)
+        r = _Round(m, plan).share()
+        box = bytearray(bytes.fromhex(r.inbox[0][1]))
+        box[-1] ^= 1
+        with pytest.raises(HuscfError, match="client 0 cannot open the shares of client 1"):
+            r.parties[0].masked(m.clients[0], r.inbox[0] | {1: box.hex()})
+        with pytest.raises(HuscfError, match="client 1 refuses to advertise keys in round 1: each step"):
+            r.parties[1].advertise()
+
+
+def test_the_plan_keeps_weights_within_the_ratio_every_client_checks():
+    m = _model()
+    w = np.array([1.0, 1e-6, 0.5, 0.5, 0.5])
+    plan = plan_sums(m, Aggregation(np.zeros(5, dtype=int), w, w), list(range(5)), 0, Policy(max_weight_ratio=10))
+    for s in plan.sums:
+        ratio = max(s.weights) / min(s.weights)
+        assert (ratio == pytest.approx(10) if 1 in s.members else ratio == pytest.approx(1))
+        assert sum(s.weights) == pytest.approx(1)
+    _Round(m, plan, Policy(max_weight_ratio=10)).share()  # every client accepts it
+    with pytest.raises(HuscfError, match="min_members >= 2"):
+        Policy(min_members=1)
 
 
 def test_methods_whose_server_reads_whole_models_are_refused_in_one_line():

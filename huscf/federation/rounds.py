@@ -11,7 +11,8 @@ import torch
 from huscf.federation.averaging import apply_aggregation
 from huscf.federation.bodies import apply_opened_per_cluster, apply_per_cluster
 from huscf.federation.features import FeatureStats
-from huscf.federation.secure import OpenedSum, SecurePlan, SecureStrategy, apply_opened, plan_sums, secure_sums
+from huscf.federation.secagg import secure_sums
+from huscf.federation.secure import OpenedSum, SecurePlan, SecureStrategy, apply_opened, plan_sums
 from huscf.federation.strategies import Aggregation, RoundState
 from huscf.federation.synthetic import generator_samples
 from huscf.split.segments import SplitGAN
@@ -70,8 +71,8 @@ def federate(model: SplitGAN, strategy, sizes: np.ndarray, round_idx: int, seed:
     ids = list(range(n)) if clients is None else sorted(clients)
     agg = decide(model, strategy, sizes, round_idx, seed, features, ids)
     if isinstance(strategy, SecureStrategy):
-        plan = plan_sums(model, agg, ids, round_idx)
-        agg = apply_secure(model, agg, ids, plan, secure_sums(model, plan, ids))
+        plan = plan_sums(model, agg, ids, round_idx, strategy.policy)
+        agg = apply_secure(model, agg, ids, plan, secure_sums(model, plan, strategy.policy))
     elif per_cluster_round(model, agg):
         agg = with_info(agg, bodies=apply_per_cluster(model, agg, ids))
     else:

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from huscf.cuts.fleet import Fleet, RoundLatency
 from huscf.errors import HuscfError
-from huscf.federation.secure import secured
+from huscf.federation.secure import Policy, secured
 from huscf.federation.strategies import Strategy
 
 
@@ -114,4 +114,6 @@ def get_method(name: str) -> Method:
 def build_strategy(cfg) -> Strategy:
     """The round-end strategy of a validated ``RunConfig``: its method's, made secure when
     ``federation.secure_aggregation`` is on (one line of error for a method it cannot serve)."""
-    return secured(get_method(cfg.method).strategy(cfg), cfg.federation.secure_aggregation)
+    fed = cfg.federation
+    return secured(get_method(cfg.method).strategy(cfg), fed.secure_aggregation,
+                   Policy(fed.secure_min_members, fed.secure_max_weight_ratio))

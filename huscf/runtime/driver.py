@@ -27,6 +27,7 @@ from huscf.engines.execution import precision_dtype
 from huscf.engines.precision import choose_precision
 from huscf.engines.simulation import EpochLosses, check_given, epoch_iterations, epoch_noise
 from huscf.errors import HuscfError
+from huscf.federation.secagg import key_threshold
 from huscf.federation.strategies import Aggregation
 from huscf.methods import get_method
 from huscf.runtime.host import ClientHost
@@ -89,6 +90,7 @@ class RayEngine:
             num_cpus=0, resources=dict(rt.server_resources) or None, max_concurrency=1).remote(self.spec)
         self.hosts: dict[int, object] = {}  # group index -> actor handle, for the groups in the run
         self.dropped: set[int] = set()
+        self._roster: dict[int, str] = {}  # secure aggregation: every client's enrolled identity key
         for k in range(len(self.groups)):
             self.hosts[k] = self._start_host(k)
         self._check_sizes()
@@ -265,21 +267,31 @@ class RayEngine:
                                                          "use_features": use_features})
 
     def _secure_round_end(self, round_idx: int, seed: int, use_features: bool) -> Message:
-        """Secure aggregation (federation/secure.py): keys, the server's plan, masked sums straight
-        from the hosts to the server, the survivors' reveals for members that dropped, the opened
-        averages back. A host that fails on the way drops its clients from the sums they were in."""
+        """Secure aggregation (federation/secagg.py): the server's plan, then each step's answers
+        from the hosts relayed by the server (signed keys, sealed shares, the signed survivor list);
+        masked words and unmasking answers go from the hosts straight to the server; the opened
+        averages back. A host that fails on the way drops its clients from the steps after it."""
         where = (round_idx, -1, -1)
-        keys = self._gather({k: h.advertise_keys.remote() for k, h in self._live().items()}, where)
-        directory = {m.client: m.meta["public_key"] for msgs in keys.values() for m in msgs}
-        ctl = self._round_end_control(round_idx, seed, use_features, keyed=set(directory))
-        plan = self._call(self.server.plan_secure.remote(ctl), "aggregation")
-        for hook in self.before_masking:  # tests: a host that dies between the plan and its sums
+
+        def ask(call, *args) -> list[Message]:
+            answers = self._gather({k: getattr(h, call).remote(*args) for k, h in self._live().items()}, where)
+            return [m for msgs in answers.values() for m in msgs or []]
+
+        for k, h in self._live().items():  # the roster: identities enrolled by the driver, not the server
+            if any(i not in self._roster for i in self.groups[k]):
+                self._roster.update(self._call(h.enroll.remote(), "enrollment"))
+        plan = self._call(self.server.plan_secure.remote(self._round_end_control(round_idx, seed, use_features)),
+                          "aggregation")
+        keys = self._call(self.server.relay_keys.remote(ask("advertise_keys", plan, dict(self._roster))),
+                          "aggregation")
+        inbox = self._call(self.server.relay_shares.remote(ask("share_keys", keys)), "aggregation")
+        for hook in self.before_masking:  # tests: a host that dies between the shares and its sums
             hook(round_idx)
-        self._gather({k: h.push_masked.remote(plan, directory) for k, h in self._live().items()}, where)
-        members = {i for s in plan.meta["plan"]["sums"] for i in s[2]}
-        dropped = sorted(members - set(self._call(self.server.delivered.remote(), "aggregation")))
-        if dropped:
-            self._gather({k: h.reveal.remote(plan, dropped, directory) for k, h in self._live().items()}, where)
+        self._gather({k: h.push_masked.remote(inbox) for k, h in self._live().items()}, where)
+        survivors = self._call(self.server.delivered.remote(), "aggregation")
+        signatures = self._call(self.server.relay_signatures.remote(ask("sign_survivors", survivors)), "aggregation")
+        if len(signatures) >= key_threshold(len(keys)):  # else no honest client unmasks: every sum stays closed
+            self._gather({k: h.unmask.remote(signatures) for k, h in self._live().items()}, where)
         m = self._call(self.server.finish_secure.remote(), "aggregation")
         self._gather({k: h.pull_opened.remote() for k, h in self._live().items()}, where)
         return m
@@ -289,6 +301,8 @@ class RayEngine:
                          f"{self.cfg.method!r}): use runtime.engine=simulation")
 
     def _recover(self, k: int) -> None:
+        for i in self.groups[k]:  # a restarted host makes new identities: enrolled again
+            self._roster.pop(i, None)
         if self.cfg.runtime.on_failure == "drop":
             self.hosts.pop(k)
             self.dropped.update(self.groups[k])

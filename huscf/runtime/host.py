@@ -19,7 +19,8 @@ import torch
 from huscf.engines import objective
 from huscf.engines.objective import adam, check_finite
 from huscf.engines.simulation import keyed_rng
-from huscf.federation.secure import MaskingClient, SecurePlan
+from huscf.federation.secagg import Identity, SecAggClient
+from huscf.federation.secure import Policy, SecurePlan
 from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, run_dtypes, unpack_state
 from huscf.runtime.spec import RunSpec, contracts, leaf
 from huscf.runsetup import load_client_data
@@ -70,7 +71,8 @@ class ClientHost:
         self.live: list[int] = []  # the clients still in this iteration (deadlines drop some)
         self._tape: list[tuple] = []  # the iteration's seam crossings, for ``backward`` (``_cross``)
         self._fakes: dict = {}  # step 1's fakes, with their graph, from phase A to phase B
-        self._masking: dict[int, MaskingClient] = {}  # secure aggregation: this round end's key pairs
+        self._identities: dict[int, Identity] = {}  # secure aggregation: each client's identity key
+        self._secagg: dict[int, SecAggClient] = {}  # and its side of this round end
         # what each client sends is clipped and noised here (split/noise.py)
         self.noise = SeamNoise.of(self.cfg.privacy, self.cfg.seed, stream=index + 1)
 
@@ -230,35 +232,54 @@ class ClientHost:
             prefix = f"clients.{m.client}."
             self.segs[m.client].load_state_dict({k.removeprefix(prefix): v for k, v in m.tensors(self.device).items()})
 
-    # -- secure aggregation (federation/secure.py): keys, masked sums, reveals, opened averages --------
-    def advertise_keys(self) -> list[Message]:
-        """A fresh key pair per client for this round end; the public halves."""
-        self._masking = {i: MaskingClient(i) for i in self.ids}
-        return [self.wire.pack("keys", "server", i, meta={"public_key": p.public_key()}, src=f"client:{i}")
-                for i, p in self._masking.items()]
+    # -- secure aggregation (federation/secagg.py): each step's answers, one message per client --------
+    def enroll(self) -> dict[int, str]:
+        """The identity keys of this host's clients (made once per host start), for the roster."""
+        self._identities = self._identities or {i: Identity(i) for i in self.ids}
+        return {i: p.public() for i, p in self._identities.items()}
 
-    def push_masked(self, plan_msg: Message, directory: dict[int, str]) -> None:
-        """Each client's masked sums straight to the server (the driver never sees them)."""
+    def advertise_keys(self, plan_msg: Message, roster: dict[int, str]) -> list[Message]:
+        """Fresh signed keys of this host's members of the plan; ``roster``: the enrolled identities."""
+        self._plan = SecurePlan.from_meta(plan_msg.meta["plan"])
+        fed = self.cfg.federation
+        policy = Policy(fed.secure_min_members, fed.secure_max_weight_ratio)
+        members = {i for s in self._plan.sums for i in s.members}
+        self._secagg = {i: SecAggClient(i, self._identities[i], roster, self._plan.round, policy)
+                        for i in self.ids if i in members}
+        return [self._pack("keys", i, p.advertise()) for i, p in self._secagg.items()]
+
+    def _pack(self, kind: str, client: int, meta: dict, arrays: dict | None = None) -> Message:
+        return self.wire.pack(kind, "server", client, arrays or {}, meta, src=f"client:{client}")
+
+    def share_keys(self, keys: dict[int, dict[str, str]]) -> list[Message]:
+        return [self._pack("shares", i, {"to": v, "sealed": box})
+                for i, p in self._secagg.items() for v, box in p.share_keys(self._plan, keys).items()]
+
+    def push_masked(self, inbox: dict[int, dict[int, str]]) -> None:
+        """Each member's masked sums straight to the server (the driver never sees them)."""
         import ray
 
-        plan = SecurePlan.from_meta(plan_msg.meta["plan"])
-        msgs = []
-        for i in self.ids:
-            if plan.of(i):
-                words = self._masking[i].masked(plan, self.segs[i], directory)
-                msgs.append(self.wire.pack("masked", "server", i, {f"masked/{k}": v for k, v in words.items()},
-                                           {"round": plan.round}, src=f"client:{i}"))
+        msgs = [self._pack("masked", i, {"round": self._plan.round},
+                           {f"masked/{k}": v for k, v in p.masked(self.segs[i], inbox.get(i, {})).items()})
+                for i, p in self._secagg.items()]
         ray.get(self.server.receive_masked.remote(msgs))
 
-    def reveal(self, plan_msg: Message, dropped: list[int], directory: dict[int, str]) -> None:
-        """Each client's mask seeds with the members that dropped, one message per sum."""
+    def sign_survivors(self, survivors: list[int]) -> list[Message]:
+        signed = {i: self._secagg[i].sign_survivors(survivors) for i in survivors if i in self._secagg}
+        return [self._pack("signed", i, {"survivors": survivors, "sig": sig}) for i, sig in signed.items() if sig]
+
+    def unmask(self, signatures: dict[int, str]) -> None:
+        """Each signer's shares for its peers, one message per peer, straight to the server."""
         import ray
 
-        plan = SecurePlan.from_meta(plan_msg.meta["plan"])
-        msgs = [self.wire.pack("unmask", "server", i, meta={"sum": k, "seeds": {str(j): h for j, h in seeds.items()}},
-                               src=f"client:{i}")
-                for i in self.ids for k, seeds in self._masking[i].reveal(plan, set(dropped), directory).items()]
-        ray.get(self.server.receive_reveals.remote(msgs))
+        msgs = []
+        for i, p in self._secagg.items():
+            if i in signatures:
+                answer = p.unmask(signatures)
+                msgs += [self._pack("unmask", i, {"peer": v, "key": share}) for v, share in answer["keys"].items()]
+                msgs += [self._pack("unmask", i, {"peer": v, "masks": {str(k): h for k, h in shares.items()}})
+                         for v, shares in answer["masks"].items()]
+        ray.get(self.server.receive_answers.remote(msgs))
 
     def pull_opened(self) -> None:
         """The opened averages of the blocks this host's clients took part in."""

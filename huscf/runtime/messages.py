@@ -38,12 +38,15 @@ KINDS = {
     "control": "orchestration: round, epoch, iteration, client ids, cluster assignment (no tensors)",
     "given": "samples and labels a method hands a client for one epoch (Engine.give), driver -> client",
     # secure aggregation (federation/secure.py)
-    "keys": "a client's public key for one round end's pair secrets, client -> server (no tensors)",
-    "masked": "a client's weighted segment block masked with its pair masks, client -> server (uint64 words)",
-    "unmask": "a survivor's mask seeds with members that dropped out, for one sum, client -> server",
+    "keys": "a client's two public keys for one round end, signed with its identity key, client -> server",
+    "shares": "a client's key and self-mask shares for one peer, sealed to that peer, client -> server -> peer",
+    "masked": "a client's weighted segment blocks under its self and pair masks, client -> server (uint64 words)",
+    "signed": "a client's signature on the round end's survivor list, client -> server -> every survivor",
+    "unmask": "a survivor's share of one peer's key (the peer dropped) or self masks (it survived), client -> server",
 }
 # what a client may send; "control" is the driver's and the server's alone
-CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "keys", "masked", "unmask"})
+CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "keys", "shares", "masked", "signed",
+                          "unmask"})
 META_LIMIT = 4096  # bytes of JSON a client may attach to one message
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -235,19 +238,34 @@ class PrivacyGuard:
         elif m.kind == "weights":
             only(set())  # the arrays say everything: no metadata, so no free text
         elif m.kind == "keys":
-            only({"public_key"})
-            if not _is_hex(meta.get("public_key"), 64):
-                refuse("a public key other than 32 bytes of hex")
+            only({"c_pk", "s_pk", "sig"})
+            if not (_is_hex(meta.get("c_pk"), 64) and _is_hex(meta.get("s_pk"), 64) and _is_hex(meta.get("sig"), 128)):
+                refuse("keys other than two 32-byte public keys and a 64-byte signature, in hex")
+        elif m.kind == "shares":
+            only({"to", "sealed"})
+            sealed = meta.get("sealed")
+            if not (_is_id(meta.get("to")) and isinstance(sealed, str) and len(sealed) % 2 == 0
+                    and _is_hex(sealed, len(sealed)) and len(sealed) >= 2 * (12 + 16)):
+                refuse("shares other than one peer's id and a sealed box (nonce, ciphertext, tag) in hex")
         elif m.kind == "masked":
             only({"round"})
-            if not isinstance(meta.get("round"), int) or isinstance(meta.get("round"), bool):
+            if not _is_id(meta.get("round")):
                 refuse("masked-sum metadata other than the round")
+        elif m.kind == "signed":
+            only({"survivors", "sig"})
+            survivors = meta.get("survivors")
+            if not (isinstance(survivors, list) and all(_is_id(i) for i in survivors)
+                    and _is_hex(meta.get("sig"), 128)):
+                refuse("a signed survivor list other than client ids and a 64-byte signature in hex")
         elif m.kind == "unmask":
-            only({"sum", "seeds"})
-            seeds = meta.get("seeds")
-            if (not isinstance(meta.get("sum"), int) or not isinstance(seeds, dict)
-                    or not all(k.isdigit() and _is_hex(v, 64) for k, v in seeds.items())):
-                refuse("an unmask other than one sum's seeds (client id -> 32 bytes of hex)")
+            masks = meta.get("masks")
+            ok = _is_id(meta.get("peer")) and (
+                set(meta) == {"peer", "key"} and _is_hex(meta["key"], 64)
+                or set(meta) == {"peer", "masks"} and isinstance(masks, dict) and bool(masks)
+                and all(k.isdigit() and _is_hex(v, 32) for k, v in masks.items()))
+            if not ok:
+                refuse("an unmask other than one peer's key share (32 bytes) or self-mask shares (sum -> 16 bytes), "
+                       "in hex")
         elif m.kind == "state":
             only({"param_groups"})
             for net, groups in meta.get("param_groups", {}).items():
@@ -274,6 +292,10 @@ def run_dtypes(precision: str) -> tuple[str, ...]:
     """The float dtypes a run with ``compute.precision`` (resolved: fp32, bf16 or fp64) sends:
     its weights' dtype, and bf16 activations under bf16 autocast."""
     return {"fp64": ("float64",), "bf16": ("float32", "bfloat16")}.get(precision, ("float32",))
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _is_hex(v, length: int) -> bool:

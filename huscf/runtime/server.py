@@ -18,7 +18,8 @@ from huscf.engines.objective import adam
 from huscf.federation.bodies import carry_optimizer_state
 from huscf.federation.features import FeatureStats
 from huscf.federation.rounds import apply_secure, decide, federate
-from huscf.federation.secure import open_sums, plan_sums
+from huscf.federation.secagg import SecAggServer
+from huscf.federation.secure import plan_sums
 from huscf.methods import build_strategy
 from huscf.runtime.messages import Message, Wire, pack_state, unpack_state
 from huscf.runtime.spec import RunSpec, leaf
@@ -139,39 +140,54 @@ class ServerNode:
         carry_optimizer_state(self.model, self.opts, agg)
         return self._aggregation_message(agg)
 
-    # -- secure round end: plan, masked sums, reveals, open ---------------------------------------------
+    # -- secure round end (federation/secagg.py): plan, keys, shares, masked sums, survivors, answers -----
     def plan_secure(self, control: Message) -> Message:
         """The strategy's aggregation and the sums that secure aggregation will open."""
         meta = control.meta
         clients = self._round_clients(meta)
         agg = decide(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
                      self.features if meta["use_features"] else None, clients)
-        self._secure = {"clients": clients, "agg": agg, "plan": plan_sums(self.model, agg, clients, meta["round"]),
-                        "masked": {}, "revealed": {}, "opened": {}}
-        return self.wire.pack("control", "driver", None, meta={"plan": self._secure["plan"].to_meta()})
+        plan = plan_sums(self.model, agg, clients, meta["round"], self.strategy.policy)
+        self._secure = {"clients": clients, "agg": agg, "plan": plan, "answers": {}, "opened": {},
+                        "protocol": SecAggServer(plan, self.strategy.policy)}
+        return self.wire.pack("control", "driver", None, meta={"plan": plan.to_meta()})
+
+    def relay_keys(self, msgs: list[Message]) -> dict[int, dict[str, str]]:
+        return self._secure["protocol"].advertised({m.client: dict(m.meta) for m in msgs})
+
+    def relay_shares(self, msgs: list[Message]) -> dict[int, dict[int, str]]:
+        sealed: dict[int, dict[int, str]] = {}
+        for m in msgs:
+            sealed.setdefault(m.client, {})[m.meta["to"]] = m.meta["sealed"]
+        return self._secure["protocol"].route(sealed)
 
     def receive_masked(self, msgs: list[Message]) -> None:
-        if self._secure.get("frozen"):  # after the dropouts were named: a late vector is refused,
-            return  # else the survivors' reveals would open it alone (SecAgg's self-mask is not built)
+        """Masked words; once the survivors were named, a late delivery is dropped."""
         for m in msgs:
-            self._secure["masked"][m.client] = {int(k.removeprefix("masked/")): a for k, a in m.arrays.items()}
+            self._secure["protocol"].receive_masked(m.client, {int(k.removeprefix("masked/")): a
+                                                               for k, a in m.arrays.items()})
 
     def delivered(self) -> list[int]:
-        """Who delivered; from now on the set is frozen (members not in it are the dropouts)."""
-        self._secure["frozen"] = True
-        return sorted(self._secure["masked"])
+        """The survivors: who delivered; from now on the set is frozen."""
+        return self._secure["protocol"].survivors()
 
-    def receive_reveals(self, msgs: list[Message]) -> None:
+    def relay_signatures(self, msgs: list[Message]) -> dict[int, str]:
+        return {m.client: m.meta["sig"] for m in msgs if m.meta["survivors"] == self._secure["protocol"].u3}
+
+    def receive_answers(self, msgs: list[Message]) -> None:
         for m in msgs:
-            self._secure["revealed"].setdefault(m.client, {})[m.meta["sum"]] = {
-                int(j): h for j, h in m.meta["seeds"].items()}
+            answer = self._secure["answers"].setdefault(m.client, {"keys": {}, "masks": {}})
+            if "key" in m.meta:
+                answer["keys"][m.meta["peer"]] = m.meta["key"]
+            else:
+                answer["masks"][m.meta["peer"]] = {int(k): h for k, h in m.meta["masks"].items()}
 
     def finish_secure(self) -> Message:
         """Open the sums, write the averages (into the server's copies of the members' blocks, to be
         sent back) and make the server's body or bodies; the aggregation and its record for the driver."""
         st = self._secure
         plan, clients = st["plan"], st["clients"]
-        opened = open_sums(plan, st["masked"], st["revealed"])
+        opened = st["protocol"].open(st["answers"])
         agg = apply_secure(self.model, st["agg"], clients, plan, opened)
         carry_optimizer_state(self.model, self.opts, agg)
         for o in opened:
