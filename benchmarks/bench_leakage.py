@@ -5,6 +5,7 @@ Run:  python benchmarks/bench_leakage.py                      # the default run 
       python benchmarks/bench_leakage.py --json leakage.json  # also the rows as JSON
       python benchmarks/bench_leakage.py --set train.rounds=2 --cuts shallow   # a quick look
       python benchmarks/bench_leakage.py --defences noise0.1 noise1   # the seam-noise rows, about 15 min
+      python benchmarks/bench_leakage.py --defences hidden_ends       # heads and tails the server never learns
 
 For each cut (``CUTS``: every client at the same [G head, G tail, D head, D tail]) and defence
 (``DEFENCES``: config overrides), one default ``huscf train`` run trains to the end; then the
@@ -30,6 +31,11 @@ the fakes, each with its labels. The attacks:
   gradient descent on the input (Adam, ``INVERT_STEPS`` steps from a grey image, the labels given:
   the probe recovers them at ``label_acc``), PSNR against the real images (range [-1, 1]).
 * ``tstr_acc``, ``fid``: ``huscf evaluate`` of the run's last round (cluster generators).
+
+A defence that hides weights changes what the attacks know: with ``federation.hide_ends`` the server
+never learns a client's first or last block (federation/secagg.py), so the exact-label search and
+the inversion use what it does know, the blocks' initial weights (the run's seed is in the config
+it holds; ``known_segments``) with the middle blocks it averaged.
 
 A defence that changes what is sent changes the server's view with it: with ``privacy.seam_noise``
 (split/noise.py) every row above is clipped and noised as the client sends it, and the attacks
@@ -60,7 +66,9 @@ from provenance import made_line  # noqa: E402
 CUTS = {"shallow": (0, 0, 0, 0), "deep": (2, 0, 2, 0)}  # [G head, G tail, D head, D tail] for every client
 # name: config overrides. The noise levels were fixed before any run with them: a decade apart
 DEFENCES: dict[str, tuple[str, ...]] = {"none": (), "noise0.1": ("privacy.seam_noise=0.1",),
-                                        "noise1": ("privacy.seam_noise=1.0",)}
+                                        "noise1": ("privacy.seam_noise=1.0",),
+                                        "hidden_ends": ("federation.secure_aggregation=true",
+                                                        "federation.hide_ends=true")}
 EVAL = {"samples": 500, "tstr_samples": 1000, "tstr_min_steps": 100}
 INVERT_STEPS = 300
 ROWS_PER_CLIENT = 256  # the epoch's rows each client contributes to the probes (its whole share when smaller)
@@ -165,8 +173,25 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
-def attack(model, data: list, arch, batch_size: int, seed: int, say=print) -> dict:
-    """Every attack on the server's view of one epoch of a trained model (module docstring)."""
+def known_segments(model, initial) -> list:
+    """Each client's segment as a server under ``federation.hide_ends`` knows it: ``model``'s, with
+    every net's first and last block from ``initial`` (the run's model before training)."""
+    import copy
+
+    out = []
+    for seg, start in zip(model.clients, initial.clients):
+        seg = copy.deepcopy(seg)
+        for net, blocks in seg.nets.items():
+            for b in {"0", str(model.num_blocks[net] - 1)}:
+                blocks[b].load_state_dict(start.nets[net][b].state_dict())
+        out.append(seg)
+    return out
+
+
+def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known: list | None = None) -> dict:
+    """Every attack on the server's view of one epoch of a trained model (module docstring);
+    ``known``: the client segments the server knows (default: ``model``'s, which it averaged)."""
+    known = model.clients if known is None else known
     view = server_view(model, data, batch_size, arch.z_dim, seed)
     noise = model.seam.noise  # the attacker knows the clipping rule, not the noise
     clip = (lambda t: t) if noise is None else noise.clipped
@@ -182,9 +207,9 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print) -> di
         s, e = v["batches"][0]
         rows = np.arange(offset + s, offset + e)
         guess = probe_predictions(g_all, y, rows, seed)
-        found = exact_labels(model.clients[i], v["z"][s:e], v["g"][s:e], guess, classes, clip=clip)
+        found = exact_labels(known[i], v["z"][s:e], v["g"][s:e], guess, classes, clip=clip)
         exact.append(float((found == v["y"][s:e].numpy()).mean()))
-        x_hat = invert_images(model.clients[i], v["d_real"][s:e], v["y"][s:e], tuple(arch.image_shape), INVERT_STEPS,
+        x_hat = invert_images(known[i], v["d_real"][s:e], v["y"][s:e], tuple(arch.image_shape), INVERT_STEPS,
                               clip=clip)
         psnr.append(psnr_db(x_hat, v["x"][s:e]))
         offset += len(v["y"])
@@ -226,7 +251,13 @@ def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=pr
     fid = float(np.mean([f.fid for f in final]))
     say(f"{cut} {list(CUTS[cut])}, defence {defence}: trained and evaluated in {seconds:.0f} s; TSTR accuracy "
         f"{tstr:.3f}, FID {fid:.1f} ({len(final)} generators)")
-    leaks = attack(t.model, t.setup.data, t.setup.arch, cfg.train.batch_size, cfg.seed, say=say)
+    known = None
+    if cfg.federation.hide_ends:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the same config and seed, untrained: the initial weights
+            known = known_segments(t.model, Trainer.new(cfg, Path(tmp) / "initial", quiet=True).model)
+    leaks = attack(t.model, t.setup.data, t.setup.arch, cfg.train.batch_size, cfg.seed, say=say, known=known)
     eps = read_rounds(run / "metrics.jsonl")[-1].seam_epsilon  # None: nothing noised
     return {"cut": ",".join(map(str, CUTS[cut])), "defence": defence, **leaks, "tstr_acc": tstr, "fid": fid,
             "epsilon": eps, "seconds": round(seconds, 1)}

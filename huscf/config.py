@@ -175,10 +175,21 @@ class FederationConfig(_Section):
     # server raises smaller KLD weights to meet it; clients cannot check the weights themselves)
     secure_min_members: int = Field(2, ge=2)
     secure_max_weight_ratio: float = Field(100.0, ge=1)
+    # the first and last block of each net (no server holds them: the label embedding, the blocks
+    # next to the images and the loss) are averaged so that only the sum's clients can open the
+    # average; the server never learns a client's head or tail (needs secure_aggregation)
+    hide_ends: bool = False
     # per_cluster: after the warm-up, one copy of the server's middle blocks per cluster
     # (federation/bodies.py; max_clusters copies); shared: one body for every client; auto:
     # per_cluster for a split method (measured better: docs/results.md), else shared
     server_body: Literal["auto", "shared", "per_cluster"] = "auto"
+
+    @model_validator(mode="after")
+    def _hidden_ends_need_secure_aggregation(self) -> "FederationConfig":
+        if self.hide_ends and not self.secure_aggregation:
+            raise ValueError("federation.hide_ends hides the averages of secure aggregation's sums: set "
+                             "federation.secure_aggregation=true too")
+        return self
 
     @field_validator("clusters")
     @classmethod

@@ -87,3 +87,28 @@ def test_a_tiny_row_runs_resumes_and_has_the_issue_keys(tmp_path, monkeypatch):
     again = bench.run_row("shallow", "none", tmp_path, TINY, ev, say=lambda m: None)  # read back, not retrained
     same = [k for k in row if k not in ("seconds", "tstr_acc")]  # tstr_acc is NaN (no TSTR asked), never equal
     assert {k: again[k] for k in same} == {k: row[k] for k in same} and math.isnan(again["tstr_acc"])
+
+
+def test_under_hidden_ends_the_attacks_know_only_the_initial_ends(trainer, tmp_path):
+    """federation.hide_ends: the server knows each client's first and last blocks only as they
+    started (the seed is in the config), which a second untrained run of the config reproduces."""
+    import copy
+
+    again = Trainer(trainer.cfg, tmp_path / "again", quiet=True).model
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, trainer.model.state_dict()[k], rtol=0, atol=0, msg=k)
+    trained = copy.deepcopy(trainer.model)
+    with torch.no_grad():
+        for v in trained.state_dict().values():
+            if v.is_floating_point():
+                v.add_(1.0)
+    known = bench.known_segments(trained, again)
+    for i, seg in enumerate(known):
+        for net in ("G", "D"):
+            ends = {"0", str(trained.num_blocks[net] - 1)}
+            for b, block in seg.nets[net].items():
+                src = again if b in ends else trained
+                torch.testing.assert_close(block.state_dict(), src.clients[i].nets[net][b].state_dict(), rtol=0, atol=0)
+    # the trained model is left as it was
+    assert not torch.equal(next(iter(trained.clients[0].nets["D"]["0"].parameters())),
+                           next(iter(known[0].nets["D"]["0"].parameters())))

@@ -337,6 +337,28 @@ def test_secure_per_cluster_bodies_on_ray_match_the_simulation(local_ray, tmp_pa
     assert not summarise(tmp_path / "ray")["violations"]
 
 
+def test_hidden_ends_on_ray_match_the_simulation_and_reach_the_server_only_as_words(local_ray, tmp_path):
+    """federation.hide_ends: the heads' and tails' sums go to the server and back as masked words
+    only its members can read; the run is the simulation's."""
+    cfg = SECURE + ["federation.hide_ends=true"]
+    Trainer.new(build_config({}, cfg), tmp_path / "sim", quiet=True).fit()
+    Trainer.new(build_config({}, cfg + ["runtime.engine=ray", "runtime.clients_per_actor=2"]), tmp_path / "ray",
+                quiet=True).fit()
+    sim, ray_rows = read_metrics(tmp_path / "sim"), read_metrics(tmp_path / "ray")
+    _assert_rows_close64(sim, ray_rows)
+    for a, b in zip(sim, ray_rows):
+        assert b["federation"]["secure_aggregation"] == a["federation"]["secure_aggregation"]
+        assert b["federation"]["secure_aggregation"]["hidden"] == 4  # G and D, first and last block
+    rows = [json.loads(line) for line in (tmp_path / "ray" / "audit.jsonl").read_text().splitlines()]
+    back = [r for r in rows if r["src"] == "server" and r["dst"].startswith("client:") and r["name"] != "meta"]
+    assert {r["dtype"] for r in back if r["kind"] == "opened"} == {"uint64"}
+    assert any(r["kind"] == "opened" for r in back)
+    # the averages the server sends as weights are of middle blocks only (G 0-4 and D 0-4 here)
+    sent_blocks = {r["name"].split(".")[3:5][1] for r in back if r["kind"] == "weights"}
+    assert sent_blocks and not sent_blocks & {"0", "4"}
+    assert not summarise(tmp_path / "ray")["violations"]
+
+
 def test_a_client_that_dies_before_masking_leaves_sums_the_survivors_open(local_ray, tmp_path):
     cfg = build_config({}, SECURE + ["runtime.engine=ray", "runtime.clients_per_actor=1", "runtime.call_timeout_s=60"])
     t = Trainer.new(cfg, tmp_path / "run", quiet=True)

@@ -12,7 +12,7 @@ from huscf.errors import HuscfError
 from huscf.federation.averaging import apply_aggregation
 from huscf.federation.secagg import Enrollment, SecAggClient, SecAggServer, secure_average
 from huscf.federation.secure import (
-    BlockSum, Policy, SecurePlan, block_vector, decode, encode, mask_stream, pair_seed, plan_sums,
+    BlockSum, Policy, SecurePlan, apply_opened, block_vector, decode, encode, mask_stream, pair_seed, plan_sums,
 )
 from huscf.federation.strategies import Aggregation
 from huscf.methods import build_strategy
@@ -454,3 +454,56 @@ def test_training_with_secure_aggregation_matches_plain_fedavg(tmp_path, clients
     assert all(r["federation"]["secure_aggregation"]["opened"] > 0 for r in rows)
     assert "secure_aggregation" not in read_metrics(tmp_path / "plain")[0]["federation"]
 
+
+
+def test_hidden_ends_average_like_plain_and_the_server_opens_only_noise():
+    """federation.hide_ends: the first and last block of each net are opened by their sums'
+    members; the server's sum of them is noise, its copies untouched; the clients get the plain
+    average all the same."""
+    plain, m, before = _model(), _model(), _model()
+    w = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
+    agg = Aggregation(np.zeros(5, dtype=int), w, w)
+    apply_aggregation(plain, agg)
+    hide = Policy(hide_ends=True)
+    record = secure_average(m, agg, list(range(5)), 0, hide)
+    _assert_same_clients(plain, m)
+    plan = plan_sums(before, agg, list(range(5)), 0, hide)
+    ends = {k for k, s in enumerate(plan.sums) if s.block in (0, before.num_blocks[s.net] - 1)}
+    assert {k for k, s in enumerate(plan.sums) if s.hidden} == ends and len(ends) == 4  # G and D, head and tail
+    assert record["hidden"] == 4 and record["opened"] == record["sums"]
+    # what the server itself holds after opening: words for the ends, averages for the middle blocks
+    r = _Round(before, plan, hide).share().mask()
+    server = SecAggServer(plan, hide)
+    server.advertised(r.keys)
+    server.route({i: {} for i in range(5)})
+    for i in range(5):
+        server.receive_masked(i, r.words[i])
+    signatures = r.sign(server.survivors())
+    opened = server.open({i: r.parties[i].unmask(signatures) for i in range(5)})
+    for o in opened:
+        if o.index in ends:
+            assert o.mean is None and np.abs(decode(o.words)).max() > 1e8  # uniform words, not an average
+            s = plan.sums[o.index]
+            ours = block_vector(m.clients[2].nets[s.net][str(s.block)])  # what secure_average wrote
+            np.testing.assert_allclose(r.parties[2].open_hidden(o), ours, rtol=0, atol=2.0 ** -30)
+        else:
+            assert o.mean is not None
+    server_side = _model()  # the server's copies: apply_opened writes only what it could read
+    apply_opened(server_side, plan, opened)
+    for k in ends:
+        s = plan.sums[k]
+        for i in s.members:
+            np.testing.assert_array_equal(block_vector(server_side.clients[i].nets[s.net][str(s.block)]),
+                                          block_vector(before.clients[i].nets[s.net][str(s.block)]))
+    with pytest.raises(HuscfError, match="client 0 cannot open sum 1: it is not a hidden sum of its own"):
+        r.parties[0].open_hidden(next(o for o in opened if o.index not in ends))
+
+
+def test_with_hidden_ends_a_client_refuses_to_send_an_end_the_server_would_open():
+    m = _model()
+    plan = _plan(m)  # planned without hiding
+    r = _Round(m, plan, Policy(hide_ends=True)).share()
+    with pytest.raises(HuscfError, match="client 0 refuses to send [GD] block [04] in a sum the server opens"):
+        r.parties[0].masked(m.clients[0], r.inbox[0])
+    with pytest.raises(HuscfError, match="federation.hide_ends .* federation.secure_aggregation=true too"):
+        build_config({}, ["federation.hide_ends=true"])

@@ -26,6 +26,13 @@ per host start): the trusted enrollment SecAgg assumes. One round end, for the p
    that has ``min_members`` survivors, so a lone survivor's copy stays closed.
 5. The server rebuilds the dropped members' s keys and the survivors' self masks and opens the sums.
 
+**Hidden ends** (``federation.hide_ends``): the sums of each net's first and last block (which no
+server holds) are marked hidden in the plan. Their lowest member seals a fresh key to the others
+with its shares, and every member adds one more mask from it, which stays in the opened sum: the
+server sums words it cannot read and sends them back, and the members remove the masks
+(``open_hidden``). So the server never learns a head or a tail, not even averaged; a client asked
+to send an end in a sum the server would open refuses.
+
 Against the three ways a lying server opened one client's copy before: a delivered client
 declared dropped keeps its self mask (its key share alone opens nothing, and no honest client
 answers twice); keys the server hands out fail the identity signature; a plan with two sums of
@@ -38,6 +45,7 @@ garbage gets garbage; clients cannot check the KLD weights, so the ratio bound i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,8 +63,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from huscf.errors import HuscfError
 from huscf.federation.secure import (
-    OpenedSum, Policy, SecurePlan, apply_opened, block_vector, check_range, check_sum, decode, encode, mask_stream,
-    pair_seed, plan_sums, self_seed,
+    OpenedSum, Policy, SecurePlan, apply_opened, block_vector, check_range, check_sum, decode, encode, hiding_seed,
+    mask_stream, pair_seed, plan_sums, self_seed,
 )
 
 
@@ -138,6 +146,7 @@ class SecAggClient:
         self._c, self._s = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         self._step = 0
         self._self_seeds: dict[int, bytes] = {}  # sum -> b_uk
+        self._hiding_keys: dict[int, bytes] = {}  # hidden sum -> its members' shared key (made by its lowest id)
         self._pairs: dict[int, bytes] = {}
 
     def _next(self, step: int, what: str) -> None:
@@ -173,11 +182,15 @@ class SecAggClient:
             self._self_seeds[k] = os.urandom(16)
             mask_shares[k] = dict(zip(holders, _split(self._self_seeds[k], mask_threshold(len(holders)),
                                                       len(holders))))
+            if plan.sums[k].hidden and self.client == min(plan.sums[k].members):
+                self._hiding_keys[k] = os.urandom(32)
         sealed = {}
         for pos, v in enumerate(self.u1):
             if v != self.client:
                 payload = {"key": key_shares[pos].hex(),
-                           "masks": {str(k): sh[v].hex() for k, sh in mask_shares.items() if v in sh}}
+                           "masks": {str(k): sh[v].hex() for k, sh in mask_shares.items() if v in sh},
+                           "hiding": {str(k): h.hex() for k, h in self._hiding_keys.items()
+                                      if v in plan.sums[k].members}}
                 nonce = os.urandom(12)
                 sealed[v] = (nonce + ChaCha20Poly1305(self._seal_key(v)).encrypt(
                     nonce, json.dumps(payload).encode(), _canonical("shares", self.round, self.client, v))).hex()
@@ -213,20 +226,47 @@ class SecAggClient:
         out = {}
         for k in self.plan.of(self.client):
             s = self.plan.sums[k]
-            live = [j for j in s.members if j in self.u2]
-            if len(live) < self.policy.min_members:
-                continue
             what = f"{s.net} block {s.block}"
+            if self.policy.hide_ends and not s.hidden and s.block in (0, max(map(int, segments.nets[s.net]))):
+                raise HuscfError(f"client {self.client} refuses to send {what} in a sum the server opens: "
+                                 f"federation.hide_ends keeps the first and last blocks from the server")
+            live = [j for j in s.members if j in self.u2]
+            hiding = self._hiding_key(k) if s.hidden else None
+            if len(live) < self.policy.min_members or (s.hidden and hiding is None):
+                continue
             theta = block_vector(segments.nets[s.net][str(s.block)])
             check_range(theta, self.client, what)  # the copy's own range: see federation.secure, step 3
             x = encode(s.weights[s.members.index(self.client)] * theta, self.client, what)
             x = x + mask_stream(self_seed(self._self_seeds[k], self.round, k), x.size)  # wraps mod 2^64
+            if hiding is not None:  # stays in the opened sum: only the sum's members can remove it
+                x = x + mask_stream(hiding_seed(hiding, self.round, k, self.client), x.size)
             for j in live:
                 if j != self.client:
                     mask = mask_stream(pair_seed(self._pair(j), self.round, k), x.size)
                     x = x + mask if self.client < j else x - mask
             out[k] = x
         return out
+
+    def _hiding_key(self, k: int) -> bytes | None:
+        """Hidden sum ``k``'s shared key: made here, or sealed to us by its lowest member (None: it
+        shared nothing, so the sum cannot be opened by its members and is not sent)."""
+        if k in self._hiding_keys:
+            return self._hiding_keys[k]
+        box = self.held.get(min(self.plan.sums[k].members), {}).get("hiding", {}).get(str(k))
+        return None if box is None else bytes.fromhex(box)
+
+    def open_hidden(self, opened: OpenedSum) -> np.ndarray:
+        """The average of a hidden sum the server summed: its words less its members' hiding masks."""
+        s = self.plan.sums[opened.index]
+        key = self._hiding_key(opened.index) if s.hidden and self.client in opened.members else None
+        if key is None or opened.words is None:
+            raise HuscfError(f"client {self.client} cannot open sum {opened.index}: it is not a hidden sum of its own")
+        total = opened.words
+        for i in opened.members:
+            total = total - mask_stream(hiding_seed(key, self.round, opened.index, i), total.size)
+        mean = decode(total) / sum(s.weights[s.members.index(i)] for i in opened.members)
+        check_range(mean, self.client, f"the opened {s.net} block {s.block}")  # garbage from the server: refused
+        return mean
 
     def sign_survivors(self, survivors: list[int]) -> str | None:
         """This client's signature on the survivor list U3; None when too few survive to open anything."""
@@ -344,8 +384,9 @@ class SecAggServer:
                     total = total - mask if i < j else total + mask  # undo what i added for the pair (i, j)
             else:
                 w = np.asarray([s.weights[s.members.index(i)] for i in got])
-                opened.append(OpenedSum(k, tuple(got), decode(total) / w.sum(),
-                                        float(sum(s.server_weights[s.members.index(i)] for i in got))))
+                server_weight = float(sum(s.server_weights[s.members.index(i)] for i in got))
+                opened.append(OpenedSum(k, tuple(got), None, server_weight, words=total) if s.hidden else
+                              OpenedSum(k, tuple(got), decode(total) / w.sum(), server_weight))
         return opened
 
 
@@ -393,7 +434,10 @@ def secure_sums(model, plan: SecurePlan, policy: Policy, drop: frozenset[int] = 
     signatures = {i: sig for i, sig in signed.items() if sig is not None}
     if len(signatures) < key_threshold(len(keys)):
         return []
-    return server.open({i: count(i, parties[i].unmask(signatures)) for i in signatures})
+    opened = server.open({i: count(i, parties[i].unmask(signatures)) for i in signatures})
+    # a hidden sum's words go back to its members, who remove their hiding masks (each gets the same)
+    return [dataclasses.replace(o, mean=parties[o.members[0]].open_hidden(o)) if o.mean is None else o
+            for o in opened]
 
 
 def secure_average(model, agg, clients: list[int], round_idx: int, policy: Policy = Policy(),

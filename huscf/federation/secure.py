@@ -53,6 +53,8 @@ class Policy:
 
     min_members: int = 2  # a sum, and its survivors, must average at least this many clients
     max_weight_ratio: float = 100.0  # a sum's largest weight over its smallest
+    # the first and last block of each net (which no server holds) opened by the sum's members only
+    hide_ends: bool = False
 
     def __post_init__(self):
         if self.min_members < 2 or not self.max_weight_ratio >= 1:
@@ -91,6 +93,7 @@ class BlockSum:
     members: tuple[int, ...]  # client ids, ascending
     weights: tuple[float, ...]  # c_i, sum to 1 over the members
     server_weights: tuple[float, ...]  # each member's global weight in the server's copy (0: none)
+    hidden: bool = False  # opened by its members only (``Policy.hide_ends``): the server sums words it cannot read
 
 
 @dataclass(frozen=True)
@@ -104,12 +107,12 @@ class SecurePlan:
 
     def to_meta(self) -> dict:
         return {"round": self.round, "sums": [[s.net, s.block, list(s.members), list(s.weights),
-                                               list(s.server_weights)] for s in self.sums]}
+                                               list(s.server_weights), s.hidden] for s in self.sums]}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "SecurePlan":
-        return cls(int(meta["round"]), tuple(BlockSum(net, int(b), tuple(m), tuple(w), tuple(sw))
-                                             for net, b, m, w, sw in meta["sums"]))
+        return cls(int(meta["round"]), tuple(BlockSum(net, int(b), tuple(m), tuple(w), tuple(sw), bool(h))
+                                             for net, b, m, w, sw, h in meta["sums"]))
 
 
 def plan_sums(model: SplitGAN, agg: Aggregation, clients: list[int], round_idx: int,
@@ -133,7 +136,8 @@ def plan_sums(model: SplitGAN, agg: Aggregation, clients: list[int], round_idx: 
                     raise HuscfError(f"secure aggregation needs positive finite cluster weights, got {w.tolist()}")
                 w = np.maximum(w, w.max() / policy.max_weight_ratio)  # the bound every member checks
                 sums.append(BlockSum(net, b, tuple(int(clients[k]) for k in pos), tuple((w / w.sum()).tolist()),
-                                     tuple(float(gw[k]) if on_server else 0.0 for k in pos)))
+                                     tuple(float(gw[k]) if on_server else 0.0 for k in pos),
+                                     policy.hide_ends and b in (0, model.num_blocks[net] - 1)))
     return SecurePlan(round_idx, tuple(sums))
 
 
@@ -199,23 +203,33 @@ def self_seed(seed: bytes, round_idx: int, index: int) -> bytes:
                           + index.to_bytes(8, "little")).digest()
 
 
+def hiding_seed(key: bytes, round_idx: int, index: int, client: int) -> bytes:
+    """The key of ``client``'s hiding mask in hidden sum ``index``, from the sum's members' shared key."""
+    return hashlib.sha256(b"huscf hiding mask" + key + round_idx.to_bytes(8, "little") + index.to_bytes(8, "little")
+                          + client.to_bytes(8, "little")).digest()
+
+
 # -- the server ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OpenedSum:
     index: int
     members: tuple[int, ...]  # the survivors whose copies it averages
-    mean: np.ndarray  # their weighted average (weights renormalised over them)
+    mean: np.ndarray | None  # their weighted average (weights renormalised over them); None: hidden
     server_weight: float  # their summed global weight in the server's copy
+    words: np.ndarray | None = None  # a hidden sum: the average under its members' hiding masks
 
 
 def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum], mix_server: bool = True) -> dict:
     """Write each opened average into its survivors' copies (where the model holds them: the server
     of the Ray runtime holds stale copies it sends back) and, with ``mix_server``, mix the server
     body (without: the per-cluster bodies are made by ``bodies.apply_opened_per_cluster``);
-    returns the round's record: how many sums were planned and opened, and which stayed closed."""
+    returns the round's record: how many sums were planned, opened (and of those, hidden from the
+    server), and which stayed closed. A hidden sum (``mean`` None) is its members' to write."""
     means: dict[tuple[str, int], list[tuple[float, np.ndarray]]] = {}
     for o in opened:
         s = plan.sums[o.index]
+        if o.mean is None:
+            continue
         for i in o.members:
             load_block_vector(model.clients[i].nets[s.net][str(s.block)], o.mean)
         if o.server_weight > 0 and mix_server:
@@ -227,4 +241,5 @@ def apply_opened(model: SplitGAN, plan: SecurePlan, opened: list[OpenedSum], mix
             mixed = mixed + w * mean
         load_block_vector(body, mixed)
     closed = sorted(set(range(len(plan.sums))) - {o.index for o in opened})
-    return {"sums": len(plan.sums), "opened": len(opened), "closed": closed}
+    hidden = sum(plan.sums[o.index].hidden for o in opened)
+    return {"sums": len(plan.sums), "opened": len(opened), "closed": closed} | ({"hidden": hidden} if hidden else {})

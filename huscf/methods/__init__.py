@@ -4,6 +4,8 @@ the same config, partition, cGAN blocks and evaluation (``method:`` in the confi
 compare``). See docs/baselines.md."""
 
 from huscf.methods import builtin  # noqa: F401  (registers the shipped methods)
-from huscf.methods.base import Method, build_strategy, get_method, method_names, register, unregister
+from huscf.methods.base import (
+    Method, build_strategy, get_method, method_names, register, secure_policy, unregister,
+)
 
-__all__ = ["Method", "build_strategy", "get_method", "method_names", "register", "unregister"]
+__all__ = ["Method", "build_strategy", "get_method", "method_names", "register", "secure_policy", "unregister"]

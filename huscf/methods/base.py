@@ -114,6 +114,10 @@ def get_method(name: str) -> Method:
 def build_strategy(cfg) -> Strategy:
     """The round-end strategy of a validated ``RunConfig``: its method's, made secure when
     ``federation.secure_aggregation`` is on (one line of error for a method it cannot serve)."""
+    return secured(get_method(cfg.method).strategy(cfg), cfg.federation.secure_aggregation, secure_policy(cfg))
+
+
+def secure_policy(cfg) -> Policy:
+    """What every client checks in a secure round end's plan, from ``federation`` (federation/secagg.py)."""
     fed = cfg.federation
-    return secured(get_method(cfg.method).strategy(cfg), fed.secure_aggregation,
-                   Policy(fed.secure_min_members, fed.secure_max_weight_ratio))
+    return Policy(fed.secure_min_members, fed.secure_max_weight_ratio, fed.hide_ends)

@@ -20,7 +20,8 @@ from huscf.engines import objective
 from huscf.engines.objective import adam, check_finite
 from huscf.engines.simulation import keyed_rng
 from huscf.federation.secagg import Identity, SecAggClient
-from huscf.federation.secure import Policy, SecurePlan
+from huscf.federation.secure import OpenedSum, SecurePlan, load_block_vector
+from huscf.methods import secure_policy
 from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, run_dtypes, unpack_state
 from huscf.runtime.spec import RunSpec, contracts, leaf
 from huscf.runsetup import load_client_data
@@ -241,8 +242,7 @@ class ClientHost:
     def advertise_keys(self, plan_msg: Message, roster: dict[int, str]) -> list[Message]:
         """Fresh signed keys of this host's members of the plan; ``roster``: the enrolled identities."""
         self._plan = SecurePlan.from_meta(plan_msg.meta["plan"])
-        fed = self.cfg.federation
-        policy = Policy(fed.secure_min_members, fed.secure_max_weight_ratio)
+        policy = secure_policy(self.cfg)
         members = {i for s in self._plan.sums for i in s.members}
         self._secagg = {i: SecAggClient(i, self._identities[i], roster, self._plan.round, policy)
                         for i in self.ids if i in members}
@@ -286,6 +286,11 @@ class ClientHost:
         import ray
 
         for m in ray.get(self.server.send_opened.remote(self.ids)):
+            if m.kind == "opened":  # a hidden sum (federation.hide_ends): its words, less the hiding masks
+                o = OpenedSum(m.meta["sum"], tuple(m.meta["members"]), None, 0.0, words=m.arrays["words"])
+                s = self._plan.sums[o.index]
+                load_block_vector(self.segs[m.client].nets[s.net][str(s.block)], self._secagg[m.client].open_hidden(o))
+                continue
             prefix = f"clients.{m.client}."
             with torch.no_grad():
                 own = self.segs[m.client].state_dict()

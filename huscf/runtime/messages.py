@@ -43,6 +43,7 @@ KINDS = {
     "masked": "a client's weighted segment blocks under its self and pair masks, client -> server (uint64 words)",
     "signed": "a client's signature on the round end's survivor list, client -> server -> every survivor",
     "unmask": "a survivor's share of one peer's key (the peer dropped) or self masks (it survived), client -> server",
+    "opened": "a hidden sum's words under its members' hiding masks, server -> each member (federation.hide_ends)",
 }
 # what a client may send; "control" is the driver's and the server's alone
 CLIENT_KINDS = frozenset({"activation", "gradient", "weights", "state", "metric", "keys", "shares", "masked", "signed",

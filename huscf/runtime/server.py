@@ -148,7 +148,7 @@ class ServerNode:
         agg = decide(self.model, self.strategy, self.sizes, meta["round"], meta["seed"],
                      self.features if meta["use_features"] else None, clients)
         plan = plan_sums(self.model, agg, clients, meta["round"], self.strategy.policy)
-        self._secure = {"clients": clients, "agg": agg, "plan": plan, "answers": {}, "opened": {},
+        self._secure = {"clients": clients, "agg": agg, "plan": plan, "answers": {}, "opened": {}, "hidden": {},
                         "protocol": SecAggServer(plan, self.strategy.policy)}
         return self.wire.pack("control", "driver", None, meta={"plan": plan.to_meta()})
 
@@ -192,8 +192,9 @@ class ServerNode:
         carry_optimizer_state(self.model, self.opts, agg)
         for o in opened:
             s = plan.sums[o.index]
-            for i in o.members:
-                st["opened"].setdefault(i, []).append((s.net, s.block))
+            for i in o.members:  # a hidden sum goes back as its words: only its members can read them
+                st["hidden" if o.mean is None else "opened"].setdefault(i, []).append(o if o.mean is None else
+                                                                                      (s.net, s.block))
         if len(clients) != len(self.sizes):
             agg = agg.expand(clients, len(self.sizes))
         return self._aggregation_message(agg)
@@ -207,6 +208,9 @@ class ServerNode:
                        if v.is_floating_point()}
             if tensors:
                 out.append(self.wire.pack("weights", f"client:{i}", i, tensors))
+            out += [self.wire.pack("opened", f"client:{i}", i, {"words": o.words},
+                                   {"sum": o.index, "members": list(o.members)})
+                    for o in self._secure.get("hidden", {}).get(i, [])]
         return out
 
     def send_weights(self, clients: list[int]) -> list[Message]:
