@@ -38,9 +38,10 @@ the fakes, each with its labels. The attacks:
 * ``tstr_acc``, ``fid``: ``huscf evaluate`` of the run's last round (cluster generators).
 
 A defence that hides weights changes what the attacks know: with ``federation.hide_ends`` the server
-never learns a client's first or last block (federation/secagg.py), so the exact-label search and
-the inversion use what it does know, the blocks' initial weights (the run's seed is in the config
-it holds; ``known_segments``) with the middle blocks it averaged.
+never learns a client's first or last block (federation/secagg.py), not even as they started (they
+are drawn from a seed derived from the signing key), so the exact-label search and the inversion
+use the best it has: those blocks as the config's public seed would have made them, with the
+middle blocks it averaged (``known_segments``).
 
 A defence that changes what is sent changes the server's view with it: with ``privacy.seam_noise``
 (split/noise.py) every row above is clipped and noised as the client sends it, and the attacks
@@ -276,8 +277,11 @@ def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=pr
     if cfg.federation.hide_ends:
         import tempfile
 
-        with tempfile.TemporaryDirectory() as tmp:  # the same config and seed, untrained: the initial weights
-            known = known_segments(t.model, Trainer.new(cfg, Path(tmp) / "initial", quiet=True).model)
+        # the best the server knows: the ends as the config's public seed makes them (they started
+        # from a seed only the signing key gives, which it does not hold)
+        public = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"hide_ends": False})})
+        with tempfile.TemporaryDirectory() as tmp:
+            known = known_segments(t.model, Trainer.new(public, Path(tmp) / "initial", quiet=True).model)
     leaks = attack(t.model, t.setup.data, t.setup.arch, cfg.train.batch_size, cfg.seed, say=say, known=known)
     eps = read_rounds(run / "metrics.jsonl")[-1].seam_epsilon  # None: nothing noised
     return {"cut": ",".join(map(str, CUTS[cut])), "defence": defence, **leaks, "tstr_acc": tstr, "fid": fid,

@@ -78,6 +78,10 @@ class Trainer:
         g, d = s.arch.generator(), s.arch.discriminator()
         self.method = get_method(cfg.method)
         self.model = SplitGAN(g, d, s.cuts, cluster_bodies=cfg.cluster_bodies)
+        if cfg.federation.hide_ends:  # the ends start where the server cannot know them (docs/security.md)
+            with torch.random.fork_rng(devices=[]):  # the public stream goes on as without it
+                torch.manual_seed(key.derive_seed(f"hidden ends, seed {cfg.seed}"))
+                self.model.load_ends({"G": s.arch.generator(), "D": s.arch.discriminator()})
         self.model.seam.noise = SeamNoise.of(cfg.privacy, cfg.seed)  # what a client sends is noised (split/noise.py)
         self.method.place(self.model)
         self.strategy = build_strategy(cfg)

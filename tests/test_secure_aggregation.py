@@ -507,3 +507,28 @@ def test_with_hidden_ends_a_client_refuses_to_send_an_end_the_server_would_open(
         r.parties[0].masked(m.clients[0], r.inbox[0])
     with pytest.raises(HuscfError, match="federation.hide_ends .* federation.secure_aggregation=true too"):
         build_config({}, ["federation.hide_ends=true"])
+
+
+def test_hidden_ends_start_from_a_secret_the_server_does_not_hold(tmp_path, monkeypatch):
+    """federation.hide_ends draws every net's first and last block from a seed derived from the
+    signing key (kept off the run and the server): equal for every client, the middle blocks as the
+    public seed makes them, the same on this machine for the same config, other under another key."""
+    tiny = ["model.width=0.125", "data.clients_per_domain=2", "federation.secure_aggregation=true"]
+    public = Trainer(build_config({}, tiny), tmp_path / "public", quiet=True).model
+    hidden = Trainer(build_config({}, tiny + ["federation.hide_ends=true"]), tmp_path / "hidden", quiet=True).model
+    again = Trainer(build_config({}, tiny + ["federation.hide_ends=true"]), tmp_path / "again", quiet=True).model
+    for k, v in hidden.state_dict().items():
+        torch.testing.assert_close(v, again.state_dict()[k], rtol=0, atol=0, msg=k)
+        parts = k.split(".")
+        if parts[0] == "clients" and v.is_floating_point() and v.numel() > 1:
+            end = int(parts[4]) in (0, hidden.num_blocks[parts[3]] - 1)
+            start = public.state_dict()[k]
+            constant = bool((start == start.flatten()[0]).all())  # zero biases, running statistics: nothing drawn
+            assert (not torch.equal(v, start)) == (end and not constant), k  # every random tensor of the ends anew ...
+            if end:  # ... the same for every client
+                torch.testing.assert_close(v, hidden.state_dict()[k.replace(f"clients.{parts[1]}.", "clients.0.", 1)],
+                                           rtol=0, atol=0)
+    monkeypatch.setenv("HUSCF_SIGNING_KEY", str(tmp_path / "other.key"))
+    other = Trainer(build_config({}, tiny + ["federation.hide_ends=true"]), tmp_path / "other", quiet=True).model
+    assert not torch.equal(next(other.clients[0].nets["D"]["0"].parameters()),
+                           next(hidden.clients[0].nets["D"]["0"].parameters()))

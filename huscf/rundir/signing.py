@@ -12,6 +12,9 @@ is: ``$HUSCF_SIGNING_KEY`` if set, else ``$XDG_CONFIG_HOME/huscf/signing.key``, 
 ``~/.config/huscf/signing.key``. Copy it to the machine that resumes or evaluates a run, or pass
 ``--allow-unsigned`` there to load checkpoints no key vouches for.
 
+The same key also seeds what the server must not know (``derive_seed``, under its own context):
+with ``federation.hide_ends`` the clients' first and last blocks start from such a seed.
+
 What a signature binds: the checkpoint's file name (its round) and the SHA-256 of its bytes. It
 does not bind the run: a checkpoint of another run signed with the same key
 is accepted where it fits the model (``check_model_state`` checks names, shapes and values).
@@ -60,6 +63,13 @@ class SigningKey:
 
     def verify(self, name: str, digest: str, signature: str) -> bool:
         return hmac.compare_digest(self.sign(name, digest), str(signature))
+
+    def derive_seed(self, purpose: str) -> int:
+        """A 63-bit seed for ``purpose`` that only holders of this key can compute (HMAC-SHA256 of
+        the purpose, apart from every signature by its context): ``federation.hide_ends`` draws the
+        clients' first and last blocks from one, so the server cannot know them as they started."""
+        tag = hmac.new(self._secret, b"huscf derived seed v1\n" + purpose.encode(), hashlib.sha256).digest()
+        return int.from_bytes(tag[:8], "little") >> 1
 
     @classmethod
     def load(cls, path: Path | None = None, create: bool = False, run_dir: Path | None = None) -> "SigningKey | None":

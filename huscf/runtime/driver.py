@@ -95,6 +95,10 @@ class RayEngine:
             self.hosts[k] = self._start_host(k)
         self._check_sizes()
         self._last_state = self._collect_state()
+        if cfg.federation.hide_ends:  # the hosts start from the driver's secret ends, not the public seed's
+            state = dict(self._last_state)
+            state["model"] = state["model"] | {k: v for k, v in model.state_dict().items() if k.startswith("clients.")}
+            self.load_state_dict(state)
         self.after_iteration = []  # callables (round, epoch, t): monitoring and fault-injection tests
         self.before_masking = []  # callables (round): fault injection in a secure round end (tests)
         self._events = self._no_events()

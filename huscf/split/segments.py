@@ -102,6 +102,16 @@ class SplitGAN(nn.Module):
         """The shared body, then the cluster bodies."""
         return [self.server, *self.cluster_bodies]
 
+    @torch.no_grad()
+    def load_ends(self, nets: dict[str, BlockNet]) -> None:
+        """Every client's first and last block of each net from ``nets`` (a fresh G and D): the start
+        of ``federation.hide_ends``, where they are drawn from a secret seed the server does not
+        hold, so it cannot know the ends even as they started. Every client holds its ends."""
+        for net, fresh in nets.items():
+            for b in (0, self.num_blocks[net] - 1):
+                for seg in self.clients:
+                    seg.nets[net][str(b)].load_state_dict(fresh.blocks[b].state_dict())
+
     def server_requires_grad_(self, net: str, flag: bool) -> None:
         """Train (or freeze) ``net``'s blocks in every server body."""
         for body in self.server_bodies():
