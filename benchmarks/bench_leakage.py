@@ -22,11 +22,6 @@ the fakes, each with its labels. The attacks:
   rows; D head on fake rows), each also printed. Chance: 1 / classes.
 * ``real_fake_acc``: the same probe telling the D head's real rows from its fake rows (chance 0.5;
   the fake rows are the same batches' fakes, as sent).
-* ``real_fake_unsupervised``: what a server that is not told which rows are real (one shuffled
-  batch of real and fake rows, a defence issue 30 proposes) could still do: per client, 2-means
-  (scikit-learn) on its standardised D head rows, real and fake together, scored against the truth
-  under the better of the two matchings (chance 0.5). Measured on the rows as they are sent now,
-  in separate real and fake batches.
 * ``exact_labels``: the share of one batch's labels per client the server recovers exactly from
   the G head's output, knowing the head's weights and the noise (the noise follows from the run's
   seed, which is in the config the server holds): start from the probe's guesses, then change one
@@ -128,17 +123,6 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> float
     return float((clf.predict(features[test]) == labels[test]).mean())
 
 
-def two_means_accuracy(features: np.ndarray, truth: np.ndarray, seed: int) -> float:
-    """How well 2-means on standardised ``features`` splits them by the binary ``truth`` (the
-    better of the two matchings of clusters to classes)."""
-    from sklearn.cluster import KMeans
-    from sklearn.preprocessing import StandardScaler
-
-    found = KMeans(2, n_init=10, random_state=seed).fit_predict(StandardScaler().fit_transform(features))
-    hit = float((found == truth).mean())
-    return max(hit, 1.0 - hit)
-
-
 def probe_predictions(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
     """The probe's guesses for ``rows``, trained on the other rows (the server's first guess)."""
     rest = np.setdiff1d(np.arange(len(labels)), rows)
@@ -218,9 +202,6 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
     probes = {k: probe_accuracy(flat(k), y, seed) for k in ("g", "d_real", "d_fake")}
     d_all = np.concatenate([flat("d_real"), flat("d_fake")])
     real_fake = probe_accuracy(d_all, np.r_[np.ones(len(y)), np.zeros(len(y))].astype(int), seed)
-    unsupervised = float(np.mean([two_means_accuracy(
-        torch.cat([v["d_real"], v["d_fake"]]).flatten(1).numpy(),
-        np.r_[np.ones(len(v["y"])), np.zeros(len(v["y"]))].astype(int), seed) for v in view]))
     exact, psnr = [], []
     g_all, offset = flat("g"), 0
     for i, v in enumerate(view):
@@ -234,13 +215,11 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
         psnr.append(psnr_db(x_hat, v["x"][s:e]))
         offset += len(v["y"])
     say(f"  probes on {len(y)} rows (chance {1 / classes:.2f}): G head {probes['g']:.3f}, D head real "
-        f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; real vs fake {real_fake:.3f} (unsupervised "
-        f"{unsupervised:.3f}); exact labels "
+        f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; real vs fake {real_fake:.3f}; exact labels "
         f"{np.mean(exact):.3f} of a batch per client; PSNR {np.mean(psnr):.1f} dB "
         f"(per client {' '.join(f'{p:.1f}' for p in psnr)})")
     return {"label_acc": max(probes.values()), "label_acc_g": probes["g"], "label_acc_d_real": probes["d_real"],
-            "label_acc_d_fake": probes["d_fake"], "real_fake_acc": real_fake,
-            "real_fake_unsupervised": unsupervised, "exact_labels": float(np.mean(exact)),
+            "label_acc_d_fake": probes["d_fake"], "real_fake_acc": real_fake, "exact_labels": float(np.mean(exact)),
             "psnr_db": float(np.mean(psnr)), "rows": int(len(y))}
 
 
@@ -289,14 +268,13 @@ def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=pr
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| cut | defence | label acc (G / D real / D fake) | exact labels | real vs fake (unsupervised) | "
-             "PSNR dB | TSTR acc | FID | epsilon |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| cut | defence | label acc (G / D real / D fake) | exact labels | real vs fake | PSNR dB | "
+             "TSTR acc | FID | epsilon |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         views = f"{r['label_acc_g']:.3f} / {r['label_acc_d_real']:.3f} / {r['label_acc_d_fake']:.3f}"
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         lines.append(f"| {r['cut']} | {r['defence']} | {r['label_acc']:.3f} ({views}) | {r['exact_labels']:.3f} | "
-                     f"{r['real_fake_acc']:.3f} ({r['real_fake_unsupervised']:.3f}) | {r['psnr_db']:.1f} | "
-                     f"{r['tstr_acc']:.3f} | {r['fid']:.1f} | {eps} |")
+                     f"{r['real_fake_acc']:.3f} | {r['psnr_db']:.1f} | {r['tstr_acc']:.3f} | {r['fid']:.1f} | {eps} |")
     return "\n".join(lines)
 
 

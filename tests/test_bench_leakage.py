@@ -68,18 +68,6 @@ def test_the_probe_reads_separable_labels_and_not_random_ones():
     assert bench.probe_accuracy(rng.normal(size=(600, 10)), y, seed=0) < 0.25  # chance is 0.10
 
 
-def test_two_means_finds_two_separated_groups_and_not_one_blob():
-    rng = np.random.default_rng(0)
-    truth = np.r_[np.ones(300), np.zeros(300)].astype(int)
-    # means 4 apart in each of 8 coordinates (11.3 in all): a row falls on the wrong side with
-    # probability P(N(0, 1) > 5.7) ~ 1e-8
-    apart = rng.normal(size=(600, 8)) + truth[:, None] * 4.0
-    assert bench.two_means_accuracy(apart, truth, seed=0) > 0.97
-    assert bench.two_means_accuracy(apart, 1 - truth, seed=0) > 0.97  # either matching of clusters to classes
-    blob = rng.normal(size=(600, 8))  # clusters unrelated to the truth: 0.5 + |N(0, 0.02)|, 0.6 is 5 sigma
-    assert bench.two_means_accuracy(blob, truth, seed=0) < 0.6
-
-
 def test_psnr_of_known_errors():
     a = torch.zeros(3, 1, 4, 4)
     assert bench.psnr_db(a, a + 0.2) == pytest.approx(20.0, abs=1e-4)  # 10 log10(4 / 0.04)
