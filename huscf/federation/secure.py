@@ -49,7 +49,7 @@ LIMIT = 2.0 ** 30  # |theta| below this: a convex combination of copies stays in
 @dataclass(frozen=True)
 class Policy:
     """What every client checks in a plan before it masks anything, and the server's plan keeps
-    to (``federation.secure_min_members``, ``federation.secure_max_weight_ratio``)."""
+    to (``federation.secure_min_members``, ``secure_max_weight_ratio``, ``hide_ends``)."""
 
     min_members: int = 2  # a sum, and its survivors, must average at least this many clients
     max_weight_ratio: float = 100.0  # a sum's largest weight over its smallest
@@ -173,7 +173,7 @@ def decode(total: np.ndarray) -> np.ndarray:
     return total.view(np.int64).astype(np.float64) / SCALE
 
 
-_NONCE = bytes(16)  # each seed keys one stream only (one pair, one sum, one round): a fixed nonce is safe
+_NONCE = bytes(16)  # each seed keys one stream only (one pair or client, one sum, one round): a fixed nonce is safe
 
 
 def mask_stream(seed: bytes, size: int) -> np.ndarray:

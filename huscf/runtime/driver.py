@@ -262,11 +262,9 @@ class RayEngine:
         self.model.load_state_dict(self._last_state["model"])
         return agg
 
-    def _round_end_control(self, round_idx: int, seed: int, use_features: bool,
-                           keyed: set[int] | None = None) -> Message:
-        """The clients of the live hosts that trained this round (and, secure, published a key)."""
-        clients = sorted(i for k in self._live() for i in self.groups[k]
-                         if self._done[i] > 0 and (keyed is None or i in keyed))
+    def _round_end_control(self, round_idx: int, seed: int, use_features: bool) -> Message:
+        """The clients of the live hosts that trained this round."""
+        clients = sorted(i for k in self._live() for i in self.groups[k] if self._done[i] > 0)
         return self.wire.pack("control", "server", meta={"round": round_idx, "seed": seed, "clients": clients,
                                                          "use_features": use_features})
 
