@@ -14,6 +14,8 @@ client's weights differ. Each repeat times, on fresh copies of the same model:
   key and a self-mask seed per sum, seals the shares to its peers, masks its weighted blocks with
   its self and pair masks, signs the survivor list and answers the unmasking; the server relays,
   rebuilds the self masks and opens the sums), with no dropout;
+* **secure, hidden ends**: the same with ``federation.hide_ends`` (the first and last blocks'
+  sums under one more mask that only their members remove);
 * **secure, 1 dropped**: the same with one client that shares its keys but never delivers its
   words (the survivors reveal their shares of its key, the server removes its pair masks).
 
@@ -22,7 +24,8 @@ round ends take. Printed: the median seconds of each, **ratio = secure / plain**
 client sends for aggregation in each mode (plain: its segment as float32; secure: 8-byte words per
 value of every block it shares a sum on, plus the protocol's keys, shares, signature and answers,
 counted as the JSON they travel in). The result also agrees with
-plain averaging (the largest difference over the client blocks is printed; 1e-7 is float rounding).
+plain averaging (the largest difference over the client blocks, with and without hidden ends, is
+printed; 1e-7 is float rounding).
 """
 
 from __future__ import annotations
@@ -93,22 +96,25 @@ def main() -> None:
           f"{params / 1e6:.2f} M values in all copies, {args.repeats} repeats (median); torch threads "
           f"{torch.get_num_threads()}")
     print(made_line())
-    print(f"{'aggregation':<12} {'plain s':>9} {'secure s':>9} {'ratio':>6} {'1 dropped s':>12} {'ratio':>6} "
-          f"{'sums':>5} {'max |secure - plain|':>21}")
+    print(f"{'aggregation':<12} {'plain s':>9} {'secure s':>9} {'ratio':>6} {'hidden ends s':>14} {'ratio':>6} "
+          f"{'1 dropped s':>12} {'ratio':>6} {'sums':>5} {'max |secure - plain|':>21}")
     for name, agg in aggs.items():
-        plain_t, secure_t, drop_t = [], [], []
+        plain_t, secure_t, hidden_t, drop_t = [], [], [], []
         diff = 0.0
         for _ in range(args.repeats):
-            a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+            a, b, c, h = (copy.deepcopy(base) for _ in range(4))
             plain_t.append(_timed(apply_aggregation, a, agg))
             secure_t.append(_timed(secure_average, b, agg, ids, 0))
+            hidden_t.append(_timed(secure_average, h, agg, ids, 0, Policy(hide_ends=True)))
             drop_t.append(_timed(secure_average, c, agg, ids, 0, drop=frozenset({n - 1})))
-            sa, sb = a.state_dict(), b.state_dict()
-            diff = max(diff, max((sa[k] - sb[k]).abs().max().item() for k in sa
-                                 if k.startswith("clients.") and sa[k].is_floating_point()))
-        p, s, d = (statistics.median(t) for t in (plain_t, secure_t, drop_t))
+            sa = a.state_dict()
+            for other in (b.state_dict(), h.state_dict()):
+                diff = max(diff, max((sa[k] - other[k]).abs().max().item() for k in sa
+                                     if k.startswith("clients.") and sa[k].is_floating_point()))
+        p, s, hid, d = (statistics.median(t) for t in (plain_t, secure_t, hidden_t, drop_t))
         sums = len(plan_sums(base, agg, ids, 0).sums)
-        print(f"{name:<12} {p:>9.4f} {s:>9.4f} {s / p:>6.1f} {d:>12.4f} {d / p:>6.1f} {sums:>5} {diff:>21.2e}")
+        print(f"{name:<12} {p:>9.4f} {s:>9.4f} {s / p:>6.1f} {hid:>14.4f} {hid / p:>6.1f} {d:>12.4f} {d / p:>6.1f} "
+              f"{sums:>5} {diff:>21.2e}")
     plan = plan_sums(base, aggs["1 cluster"], ids, 0)
     sent: dict[int, int] = {}
     secure_sums(copy.deepcopy(base), plan, Policy(), sent=sent)
