@@ -532,3 +532,23 @@ def test_hidden_ends_start_from_a_secret_the_server_does_not_hold(tmp_path, monk
     other = Trainer(build_config({}, tiny + ["federation.hide_ends=true"]), tmp_path / "other", quiet=True).model
     assert not torch.equal(next(other.clients[0].nets["D"]["0"].parameters()),
                            next(hidden.clients[0].nets["D"]["0"].parameters()))
+
+
+def test_a_run_with_hidden_ends_resumes_exactly(tmp_path):
+    """The ends' secret start is drawn once; a resumed run takes them from its checkpoint and
+    trains on to what an uninterrupted run reaches (fresh protocol keys each round end change no
+    average)."""
+    tiny = ["output.keep_full_checkpoints=1", "data.clients_per_domain=2", "model.width=0.125", "train.rounds=3",
+            "federation.warmup_rounds=1", "train.local_epochs=1", "train.batch_size=32", "train.max_iters_per_epoch=2",
+            "output.samples_every=0", "federation.secure_aggregation=true", "federation.hide_ends=true",
+            "train.threads=1"]
+    full = Trainer.new(build_config({}, tiny), tmp_path / "full", quiet=True)
+    full.fit()
+    Trainer.new(build_config({}, tiny + ["train.rounds=2"]), tmp_path / "part", quiet=True).fit()
+    resumed = Trainer.resume(tmp_path / "part", ["train.rounds=3"], quiet=True)
+    assert resumed.start_round == 3
+    resumed.fit()
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert [r["federation"]["secure_aggregation"] for r in read_metrics(tmp_path / "part")] == \
+        [r["federation"]["secure_aggregation"] for r in read_metrics(tmp_path / "full")]
