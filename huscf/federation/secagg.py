@@ -340,27 +340,31 @@ class SecAggServer:
         self.u2 = set(sealed)
         return {v: {u: boxes[v] for u, boxes in sealed.items() if v in boxes} for v in self.u2}
 
-    def receive_masked(self, client: int, words: dict[int, np.ndarray]) -> bool:
+    def receive_masked(self, client: int, words: dict[int, np.ndarray]) -> None:
         """Keep ``client``'s words; after the survivors were named a late delivery is dropped."""
-        if self.u3 is not None or client not in self.u2:
-            return False
-        self.words[client] = words
-        return True
+        if self.u3 is None and client in self.u2:
+            self.words[client] = words
 
     def survivors(self) -> list[int]:
         self.u3 = sorted(self.words)
         return self.u3
+
+    def signatures(self, signed: dict[int, str | None]) -> dict[int, str]:
+        """The survivors' signatures on the survivor list to pass on, or none when fewer than
+        ``key_threshold`` signed: then no honest client unmasks, and every sum stays closed."""
+        kept = {i: sig for i, sig in signed.items() if sig is not None}
+        return kept if len(kept) >= key_threshold(len(self.keys)) else {}
 
     def open(self, answers: dict[int, dict[str, dict]]) -> list[OpenedSum]:
         """Rebuild the dropouts' keys and the survivors' self masks from ``answers`` and open every
         sum that has ``min_members`` survivors and enough shares; the others stay closed."""
         u1, survivors = sorted(self.keys), set(self.u3 or [])
         answers = {x: a for x, a in answers.items() if x in survivors}
-        dropped_keys = {}
+        dropped_keys, t_key = {}, key_threshold(len(u1))
         for v in self.u2 - survivors:
             shares = {u1.index(x) + 1: bytes.fromhex(a["keys"][v]) for x, a in answers.items() if v in a["keys"]}
-            if len(shares) >= key_threshold(len(u1)):
-                dropped_keys[v] = X25519PrivateKey.from_private_bytes(_combine(shares, key_threshold(len(u1))))
+            if len(shares) >= t_key:
+                dropped_keys[v] = X25519PrivateKey.from_private_bytes(_combine(shares, t_key))
         opened = []
         for k, s in enumerate(self.plan.sums):
             live = [j for j in s.members if j in self.u2]
@@ -417,10 +421,10 @@ def secure_sums(model, plan: SecurePlan, policy: Policy, drop: frozenset[int] = 
     parties = {i: SecAggClient(i, enrollment.identities[i], roster, plan.round, policy) for i in members}
     server = SecAggServer(plan, policy)
 
-    def count(i: int, out):
+    def count(i: int, out, size: int | None = None):
+        """``out`` as sent by ``i``; its bytes (``size``, else its JSON's) added to ``sent``."""
         if sent is not None and out is not None:
-            sent[i] = sent.get(i, 0) + (sum(8 * v.size for v in out.values()) if isinstance(out, dict) and out
-                                        and isinstance(next(iter(out.values())), np.ndarray) else len(json.dumps(out)))
+            sent[i] = sent.get(i, 0) + (len(json.dumps(out)) if size is None else size)
         return out
 
     keys = server.advertised({i: count(i, p.advertise()) for i, p in parties.items()})
@@ -428,11 +432,10 @@ def secure_sums(model, plan: SecurePlan, policy: Policy, drop: frozenset[int] = 
     for i, p in parties.items():
         words = p.masked(model.clients[i], inbox.get(i, {}))
         if i not in drop:
-            server.receive_masked(i, count(i, words))
+            server.receive_masked(i, count(i, words, sum(8 * v.size for v in words.values())))
     survivors = server.survivors()
-    signed = {i: count(i, parties[i].sign_survivors(survivors)) for i in survivors}
-    signatures = {i: sig for i, sig in signed.items() if sig is not None}
-    if len(signatures) < key_threshold(len(keys)):
+    signatures = server.signatures({i: count(i, parties[i].sign_survivors(survivors)) for i in survivors})
+    if not signatures:
         return []
     opened = server.open({i: count(i, parties[i].unmask(signatures)) for i in signatures})
     # a hidden sum's words go back to its members, who remove their hiding masks (each gets the same)

@@ -37,7 +37,7 @@ KINDS = {
     "metric": "scalar losses and counts, client -> driver",
     "control": "orchestration: round, epoch, iteration, client ids, cluster assignment (no tensors)",
     "given": "samples and labels a method hands a client for one epoch (Engine.give), driver -> client",
-    # secure aggregation (federation/secure.py)
+    # secure aggregation (federation/secagg.py)
     "keys": "a client's two public keys for one round end, signed with its identity key, client -> server",
     "shares": "a client's key and self-mask shares for one peer, sealed to that peer, client -> server -> peer",
     "masked": "a client's weighted segment blocks under its self and pair masks, client -> server (uint64 words)",

@@ -172,7 +172,8 @@ class ServerNode:
         return self._secure["protocol"].survivors()
 
     def relay_signatures(self, msgs: list[Message]) -> dict[int, str]:
-        return {m.client: m.meta["sig"] for m in msgs if m.meta["survivors"] == self._secure["protocol"].u3}
+        protocol = self._secure["protocol"]
+        return protocol.signatures({m.client: m.meta["sig"] for m in msgs if m.meta["survivors"] == protocol.u3})
 
     def receive_answers(self, msgs: list[Message]) -> None:
         for m in msgs:
