@@ -4,7 +4,7 @@ a round end takes at 80 clients.
 Run:  python benchmarks/bench_clustering.py                       # the default grids (~20 min, 2 cores)
       python benchmarks/bench_clustering.py --scenarios 4 7 --clients 3 5 --seeds 0 1 2
       python benchmarks/bench_clustering.py --timing-only            # only the round ends (80-1,000 clients)
-      python benchmarks/bench_clustering.py --scenarios              # only the two-clients-per-domain grid
+      python benchmarks/bench_clustering.py --scenarios              # only the two-clients-per-domain grid (~12 min)
 
 The grid's runs are independent: ``--jobs`` (default ``auto``: one per core) runs that many at once,
 each in its own process on its share of the cores (``--jobs 1``: one after the other, every core
@@ -19,8 +19,10 @@ each). The rows print in grid order whichever finishes first.
    silhouette, ``federation.cluster_on: means``) and the default rule with k fixed to the number of
    domains, so the three are compared on identical features. Then (``--no-two-clients-grid``: not)
    the two-clients-per-domain settings of issue 32 with their seeds fixed in ``TWO_CLIENT_SEEDS``:
-   scenario 5 and 7 highly non-IID (rows ``5h``, ``7h``) and scenario 7 non-IID; the summary's
-   "ARI>=0.9" column is the fraction of clustered rounds that found the domains.
+   scenario 5 and 7 highly non-IID (rows ``5h``, ``7h``) and scenario 7 non-IID, beside the
+   control ``2hx4`` (one highly non-IID domain of four clients: it must stay one cluster); the
+   summary's "ARI>=0.9" column is the fraction of clustered rounds that found the domains (for
+   the control: that kept one cluster), per block of seeds.
 2. The round end for fleets of ``--fleets`` clients (default 80, 250, 1,000; 4 synthetic
    label-skewed domains, width 0.25's activation shape): ``federate``'s time with the default rule
    (whose neighbour graph is bounded: ``clustering.QUERY_BUDGET`` / ``REFERENCE_BUDGET``), its k
@@ -114,13 +116,18 @@ def _timed_run(cell: tuple) -> tuple[list[dict], float]:
     return run_one(*cell), time.perf_counter() - start
 
 
-# Two clients per domain (issue 32): settings and seeds fixed on 2026-12-06 before any of these
-# seeds ran (the rule's thresholds were read off seeds 0-5, 100-105; 200-205 and 300-305 were held
-# out for earlier versions). The issue's reproduction: 5 rounds of 1 epoch (2 warm-up), <= 20
-# iterations, the first 1200 images per domain. Label: (scenario shown, config overrides).
-TWO_CLIENT_SETTINGS = {"5h": ("5", ("data.scenario=highly_noniid",)), "7": ("7", ()),
-                       "7h": ("7", ("data.scenario=highly_noniid",))}
-TWO_CLIENT_SEEDS = [400, 401, 402, 403, 404, 405]
+# Two clients per domain (issue 32). Settings and seeds 400-405 fixed on 2026-12-06 before any of
+# those seeds ran (the rule's thresholds were read off seeds 0-5, 100-105; 200-205 and 300-305 were
+# held out for earlier versions). The control "2hx4" (one domain of four clients, highly non-IID:
+# pairs of clients can miss the same classes, must stay one cluster) and seeds 500-505 were fixed
+# on 2026-12-07 before they ran, after the rule's changes of that day were chosen on seeds 0-5,
+# 100-105, 200-205, 300-305 and 400-405 (research/pair_rules2.py). The issue's reproduction: 5
+# rounds of 1 epoch (2 warm-up), <= 20 iterations, the first 1200 images per domain.
+# Label: (scenario, clients per domain, config overrides).
+TWO_CLIENT_SETTINGS = {"5h": ("5", 2, ("data.scenario=highly_noniid",)), "7": ("7", 2, ()),
+                       "7h": ("7", 2, ("data.scenario=highly_noniid",)),
+                       "2hx4": ("2", 4, ("data.scenario=highly_noniid",))}
+TWO_CLIENT_SEEDS = [400, 401, 402, 403, 404, 405, 500, 501, 502, 503, 504, 505]
 TWO_CLIENT_RUN = ("train.rounds=5", "federation.warmup_rounds=2", "train.max_iters_per_epoch=20",
                   "data.limit_per_domain=1200")
 
@@ -129,17 +136,20 @@ def grid(args) -> None:
     cells = [(scenario, clients, seed, ()) for scenario in args.scenarios for clients in args.clients
              for seed in args.seeds]
     labels = [c[0] for c in cells]
+    blocks = ["all"] * len(cells)  # the summary's seed column: the two-clients grid per block of seeds
     print("clustering grid: width 0.25, random cuts, batch 32, 1 epoch per round; true k = number of domains")
     if cells:
         print(f"scenarios {' '.join(args.scenarios)}, {' '.join(map(str, args.clients))} clients per domain: "
               f"{args.rounds} rounds ({args.warmup} FedAvg warm-up) x <= {args.iters} iterations, first "
               f"{args.limit} images per domain")
     if args.two_clients_grid:
-        for label, (scenario, extra) in TWO_CLIENT_SETTINGS.items():
-            cells += [(scenario, 2, seed, (*TWO_CLIENT_RUN, *extra)) for seed in TWO_CLIENT_SEEDS]
+        for label, (scenario, clients, extra) in TWO_CLIENT_SETTINGS.items():
+            cells += [(scenario, clients, seed, (*TWO_CLIENT_RUN, *extra)) for seed in TWO_CLIENT_SEEDS]
             labels += [label] * len(TWO_CLIENT_SEEDS)
-        print("two clients per domain: scenarios 5 and 7 highly non-IID ('5h', '7h') and 7 non-IID, seeds "
-              f"{TWO_CLIENT_SEEDS[0]}-{TWO_CLIENT_SEEDS[-1]}, {' '.join(TWO_CLIENT_RUN)}")
+            blocks += [f"{seed // 100}xx" for seed in TWO_CLIENT_SEEDS]
+        print("two clients per domain: scenarios 5 and 7 highly non-IID ('5h', '7h') and 7 non-IID; control "
+              "'2hx4': scenario 2 highly non-IID, one domain of 4 clients (true k = 1); seeds "
+              f"{' '.join(map(str, TWO_CLIENT_SEEDS))}, {' '.join(TWO_CLIENT_RUN)}")
     print(f"{'scen':>4} {'cpd':>3} {'seed':>4} {'round':>5} | {'k':>2} {'ARI':>5} {'eigenvalues':<34} | "
           f"{'means k':>7} {'ARI':>5} | {'fixed-k ARI':>11}")
     summary: dict[tuple[str, int], list[dict]] = {}
@@ -154,23 +164,24 @@ def grid(args) -> None:
         results = [done[k] for k in range(len(cells))]
     else:
         results = (_timed_run((*cell[:3], args, cell[3])) for cell in cells)
-    for scenario, (_, clients, seed, _), (rows, seconds) in zip(labels, cells, results):
+    for scenario, block, (_, clients, seed, _), (rows, seconds) in zip(labels, blocks, cells, results):
         for r in rows:
             eig = " ".join(f"{v:.2f}" for v in r["eig"][:6])
             print(f"{scenario:>4} {clients:>3} {seed:>4} {r['round']:>5} | {r['k']:>2} {r['ari']:5.2f} "
                   f"{eig:<34} | {r['k_means']:>7} {r['ari_means']:5.2f} | {r['ari_fixed']:11.2f}", flush=True)
-        summary.setdefault((scenario, clients), []).extend(rows)
+        summary.setdefault((scenario, clients, block), []).extend(rows)
         print(f"     ({seconds:.0f} s)", flush=True)
     print("\nsummary (every clustered round of every seed):")
-    print(f"{'scen':>4} {'cpd':>3} {'rounds':>6} | {'k found':<12} {'min ARI':>7} {'ARI>=0.9':>8} | {'means: k':<12} "
-          f"{'min ARI':>7} | {'fixed-k min ARI':>15} {'ARI>=0.9':>8}")
-    for (scenario, clients), rows in summary.items():
+    print(f"{'scen':>4} {'cpd':>3} {'seeds':>5} {'rounds':>6} | {'k found':<12} {'min ARI':>7} {'ARI>=0.9':>8} | "
+          f"{'means: k':<12} {'min ARI':>7} | {'fixed-k min ARI':>15} {'ARI>=0.9':>8}")
+    for (scenario, clients, block), rows in summary.items():
         ks = sorted({r["k"] for r in rows})
         kms = sorted({r["k_means"] for r in rows})
         good = sum(r["ari"] >= 0.9 for r in rows)
         good_fixed = sum(r["ari_fixed"] >= 0.9 for r in rows)
-        print(f"{scenario:>4} {clients:>3} {len(rows):>6} | {str(ks):<12} {min(r['ari'] for r in rows):7.2f} "
-              f"{f'{good}/{len(rows)}':>8} | {str(kms):<12} {min(r['ari_means'] for r in rows):7.2f} | "
+        print(f"{scenario:>4} {clients:>3} {block:>5} {len(rows):>6} | {str(ks):<12} "
+              f"{min(r['ari'] for r in rows):7.2f} {f'{good}/{len(rows)}':>8} | "
+              f"{str(kms):<12} {min(r['ari_means'] for r in rows):7.2f} | "
               f"{min(r['ari_fixed'] for r in rows):15.2f} {f'{good_fixed}/{len(rows)}':>8}")
 
 
@@ -274,7 +285,8 @@ def main() -> int:
     ap.add_argument("--exact-up-to", type=int, default=250,
                     help="also cluster with the exact neighbour graph up to this many clients (1000: ~3 min)")
     ap.add_argument("--two-clients-grid", action=argparse.BooleanOptionalAction, default=True,
-                    help="after the grid, the fixed two-clients-per-domain settings (18 runs, ~4 min on 2 cores)")
+                    help="after the grid, the fixed two-clients-per-domain settings and their one-domain "
+                         "control (48 runs, ~12 min on 2 cores)")
     ap.add_argument("--jobs", default="auto", help="grid runs at once (auto: one per core; 1: one after another)")
     args = ap.parse_args()
     print(made_line(), flush=True)

@@ -333,7 +333,15 @@ def test_a_merge_the_eigengap_makes_is_undone_by_cohesion_or_said_not_confident(
     assert fixed.k == 4 and _ari([0, 0, 1, 1, 2, 2, 3, 3], fixed.labels) == 1.0
     assert fixed.note.startswith("k = 4: the eigengap's k = 3 left a cluster below 2x")
     assert min(fixed.cohesion) >= MIN_COHESION == 2.0
-    unsure = spectral_clusters(_four_pairs(1.5, 1.1, 0.2))  # the weak pair is below 2x itself
+    # the weak pair keeps only 1.5x but votes for pair 3 even less (1.1): the split into 4 is
+    # separated (1.1 / sqrt(4.5 * 1.5) = 0.42), so it is taken although no cluster of 4 coheres
+    weak = spectral_clusters(_four_pairs(1.5, 1.1, 0.2))
+    assert weak.k == 4 and _ari([0, 0, 1, 1, 2, 2, 3, 3], weak.labels) == 1.0
+    assert weak.note.startswith("k = 4: the eigengap's k = 3 left a cluster below 2x chance's votes "
+                                "(cluster 2 keeps 1.73x); the 4 clusters are separated (0.42 < 0.55)")
+    # a weak pair that votes for pair 3 more than for itself (1.3 against 1.0): not separated
+    # (1.3 / sqrt(4.5 * 1.0) = 0.61), merged, and said
+    unsure = spectral_clusters(_four_pairs(1.0, 1.3, 0.2))
     assert unsure.k == 3 and unsure.note.startswith("not confident: k = 3 by the eigengap")
     clear = spectral_clusters(_four_pairs(2.5, 1.2, 0.2))  # the eigengap is right: nothing said
     assert clear.k == 4 and clear.note == ""
@@ -369,6 +377,21 @@ def test_groups_of_two_the_eigengap_counts_as_one_are_found_when_separated():
     assert res.note.startswith("not confident: k = 1 by the eigengap, but the second eigenvalue")
     assert separation(one, np.zeros(8, dtype=int)) is None  # one cluster: nothing to separate
     assert separation(one, np.array([0, 0, 0, 0, 1, 1, 1, 2])) is None  # a lone client: no cohesion
+
+
+def test_of_two_separated_finer_ks_the_larger_is_taken_not_the_larger_drop():
+    """Issue 32: a weak pair keeps an eigenvalue near 0, so the k that splits it off (4) has a
+    smaller drop than the k that leaves it merged (3); both splits are separated, and the larger
+    one is the domains (7h seed 100 in research/pair_rules2.py's exploration rounds)."""
+    from huscf.federation.clustering import MIN_GAP_SHARE, SEPARATION, separation, spectral_clusters
+
+    a = _four_pairs(2.0, 1.2, 0.5)
+    res = spectral_clusters(a)
+    drops = -np.diff(res.eigenvalues)
+    assert int(np.argmax(drops)) == 0 and drops[2] > drops[3] >= MIN_GAP_SHARE * drops[0]
+    assert separation(a, spectral_clusters(a, 3).labels) < SEPARATION  # 3 would have passed too
+    assert res.k == 4 and _ari([0, 0, 1, 1, 2, 2, 3, 3], res.labels) == 1.0
+    assert res.note.startswith("k = 4: the eigengap says 1, which under-counts groups of two clients")
 
 
 def test_the_strategy_records_the_clustering_note_for_the_metrics_and_progress_line():

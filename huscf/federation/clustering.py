@@ -229,14 +229,16 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     two clients keep lower eigenvalues (a client has no affinity with itself), so the eigengap
     under-counts them (issue 32). Three checks follow:
 
-    * k = 1: a larger k whose drop is at least ``MIN_GAP_SHARE`` of the largest and whose clusters
-      are separated (``separation`` < ``SEPARATION``) is taken. One domain, label-skewed or not,
-      is never split into separated clusters on real activations (0.64 and above, measured).
+    * k = 1: the largest k whose drop is at least ``MIN_GAP_SHARE`` of the largest and whose
+      clusters are separated (``separation`` < ``SEPARATION``) is taken. A split of one domain is
+      rarely separated: on real activations only where label skew gives two clients the same
+      missing classes and a client keeps few samples (issue 32; docs/results.md).
     * k > 1 and every cluster holds two or more clients who send each other at least
       ``MIN_COHESION`` times chance's votes: k stays, and where such a larger, separated k exists
       too, ``note`` says the clustering is not confident (a pair of two-client domains may be merged).
-    * k > 1 and a cluster fails that (a weak pair merged with another): the smallest larger k whose
-      clusters all pass is taken; where none does, k stays and ``note`` says it is not confident.
+    * k > 1 and a cluster fails that (a weak pair merged with another): the largest larger k whose
+      clusters are separated, whatever its drop; else the smallest larger k whose clusters all
+      cohere; where none does, k stays and ``note`` says it is not confident.
 
     k = 1 with a second eigenvalue above 0 and no separated split is flagged as not confident.
     """
@@ -263,12 +265,14 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     k_eig = 1 if kmax < 1 else int(np.argmax(gaps)) + 1
     labels = partition(k_eig)
 
-    def finer_separated() -> tuple[int, np.ndarray, float] | None:
-        """The larger k, by falling drop, whose drop is >= MIN_GAP_SHARE of the eigengap's and
-        whose clusters (all of two or more clients) are separated; None if there is none."""
-        for kk in sorted(range(k_eig + 1, kmax + 1), key=lambda kk: -gaps[kk - 1]):
-            if gaps[kk - 1] < MIN_GAP_SHARE * gaps[k_eig - 1]:
-                break
+    def finer_separated(min_share: float = MIN_GAP_SHARE) -> tuple[int, np.ndarray, float] | None:
+        """The largest k above the eigengap's whose drop is at least ``min_share`` of the
+        eigengap's and whose clusters (all of two or more clients) are separated; None if there
+        is none. The largest, not the one with the largest drop: a weak pair keeps a low
+        eigenvalue, so the k that separates it has a smaller drop than one that merges it."""
+        for kk in range(kmax, k_eig, -1):
+            if gaps[kk - 1] < min_share * gaps[k_eig - 1]:
+                continue
             other = partition(kk)
             sep = separation(w, other)
             if len(set(other.tolist())) == kk and sep is not None and sep < SEPARATION:
@@ -304,6 +308,15 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
             f"({finer[2]:.2f} < {SEPARATION:g}; {drop(finer[0])}): two domains of two clients each may "
             f"be merged (set federation.clusters if the number of domains is known)")
         return ClusterResult(labels, len(set(labels.tolist())), {}, top, found, note, separation(w, labels))
+    # a cluster keeps too little: a weak pair merged into another cluster. A larger k whose clusters
+    # are separated is taken first, whatever its drop (the weak pair's eigenvalue sits near 0)
+    finer = finer_separated(0.0)
+    if finer is not None:
+        kk, other, sep = finer
+        return ClusterResult(other, kk, {}, top, cohesion(w, other),
+                             f"k = {kk}: the eigengap's k = {k_eig} left a cluster below {MIN_COHESION:g}x "
+                             f"chance's votes ({_weakest(found)}); the {kk} clusters are separated "
+                             f"({sep:.2f} < {SEPARATION:g})", sep)
     for kk in range(k_eig + 1, kmax + 1):
         other = partition(kk)
         c = cohesion(w, other)
