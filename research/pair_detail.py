@@ -1,6 +1,6 @@
 """Issue 32 research: for saved rounds (``research/pair_states.py``), the current rule's view of each
 round: eigenvalues, the k it took and its note, and for the true partition (and the k-fixed one)
-the cohesion of every cluster and the separation.
+the cohesion of every cluster and the separation, and each client's share of votes per client.
 
 Run:  python research/pair_detail.py DIR [DIR ...] [--settings 7 7h] [--only-misses | --pairs]
 """
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from huscf.federation.clustering import cohesion, neighbour_affinity, separation, spectral_clusters  # noqa: E402
-from pair_rules import load  # noqa: E402
+from pair_rules import load, votes  # noqa: E402
 
 
 def pairs(args) -> int:
@@ -53,6 +53,42 @@ def pairs(args) -> int:
     return 0
 
 
+def ranges(args) -> int:
+    """Per setting: with several domains, the true partition's separation and its clusters'
+    cohesion; with one domain, the most separated of the spectral splits into k = 2..8 clusters
+    (every cluster of two or more clients) and that split's lowest cohesion. Counts: rounds."""
+    from collections import defaultdict
+    seps, cohs = defaultdict(list), defaultdict(list)
+    for d in args.dir:
+        for f in sorted(Path(d).glob("*.npz")):
+            setting = f.stem.split("_")[0]
+            if args.settings and setting not in args.settings:
+                continue
+            r = load(f)
+            truth = np.unique(r["domains"], return_inverse=True)[1]
+            a = neighbour_affinity(r["samples"], args.neighbours)
+            if truth.max() > 0:
+                seps[setting].append(separation(a, truth))
+                cohs[setting] += [c for c in cohesion(a, truth) if c is not None]
+                continue
+            best = None
+            for k in range(2, min(8, len(a) - 1) + 1):
+                lab = spectral_clusters(a, k).labels
+                s = separation(a, lab) if len(set(lab.tolist())) == k else None
+                if s is not None and (best is None or s < best[0]):
+                    best = (s, min(cohesion(a, lab)))
+            if best is not None:
+                seps[setting].append(best[0])
+                cohs[setting].append(best[1])
+    print("several domains: the true partition's separation, and its clusters' cohesion; one domain: the most "
+          "separated split into 2..8 clusters of two or more clients, and its lowest cohesion")
+    for setting in seps:
+        s, c = np.array(seps[setting]), np.array(cohs[setting])
+        print(f"{setting:<6} rounds {len(s):>3} | separation {s.min():.2f}-{s.max():.2f} (median {np.median(s):.2f}; "
+              f"{(s < 0.55).sum()} below 0.55) | cohesion {c.min():.2f}-{c.max():.2f} (median {np.median(c):.2f})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", nargs="+")
@@ -61,9 +97,13 @@ def main() -> int:
     ap.add_argument("--neighbours", type=int, default=10)
     ap.add_argument("--pairs", action="store_true",
                     help="instead: per domain of two clients, its members' affinity by round and by kept samples")
+    ap.add_argument("--ranges", action="store_true",
+                    help="instead: per setting, the ranges of the measures the rule's thresholds sit between")
     args = ap.parse_args()
     if args.pairs:
         return pairs(args)
+    if args.ranges:
+        return ranges(args)
     for f in sorted(f for d in args.dir for f in Path(d).glob("*.npz")):
         setting = f.stem.split("_")[0]
         if args.settings and setting not in args.settings:
@@ -83,6 +123,11 @@ def main() -> int:
         print(f"    truth: cohesion {' '.join('-' if v is None else f'{v:.2f}' for v in c_true)} "
               f"sep {separation(a, truth) or float('nan'):.2f} | fixed-k ARI "
               f"{adjusted_rand_score(truth, fx.labels):.2f} | note: {res.note[:150]}")
+        v, _ = votes(r["samples"], args.neighbours)
+        share = v / v.sum(1, keepdims=True)
+        for i, row in enumerate(share):
+            print(f"    client {i} ({r['domains'][i]}, {r['sizes'][i]} images) votes: "
+                  + " ".join(f"{x:.2f}" for x in row))
     return 0
 
 

@@ -394,6 +394,25 @@ def test_of_two_separated_finer_ks_the_larger_is_taken_not_the_larger_drop():
     assert res.note.startswith("k = 4: the eigengap says 1, which under-counts groups of two clients")
 
 
+def test_one_cluster_is_said_not_confident_when_two_pairs_barely_prefer_each_other():
+    """Issue 32: two domains of two clients whose members prefer each other only 1.4x as much as
+    the other domain's clients (as 5h at seeds 201, 403, 405 look): the pair's eigenvalue is
+    below 0, so the eigengap and the separation check both say one cluster, but the round says
+    it is not sure; clients that do not prefer anyone say nothing."""
+    from huscf.federation.clustering import NEAR_SEPARATION, SEPARATION, separation, spectral_clusters
+
+    a = np.ones((4, 4))
+    a[0, 1] = a[1, 0] = a[2, 3] = a[3, 2] = 1.4
+    np.fill_diagonal(a, 0)
+    sep = separation(a, np.array([0, 0, 1, 1]))
+    assert sep == pytest.approx(1 / 1.4) and SEPARATION < sep < NEAR_SEPARATION
+    res = spectral_clusters(a)
+    assert res.k == 1 and res.eigenvalues[1] < 0
+    assert res.note.startswith("not confident: k = 1, but a split into 2 clusters is nearly separated (0.71")
+    flat = np.ones((4, 4)) - np.eye(4)
+    assert spectral_clusters(flat).note == ""
+
+
 def test_the_strategy_records_the_clustering_note_for_the_metrics_and_progress_line():
     samples, _, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
     feats = means.reshape(len(means), 3, 10, 1)
