@@ -17,6 +17,7 @@ Two rules:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -236,9 +237,9 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     under-counts them (issue 32). Three checks follow:
 
     * k = 1: the largest k whose drop is at least ``MIN_GAP_SHARE`` of the largest and whose
-      clusters are separated (``separation`` < ``SEPARATION``) is taken. A split of one domain is
-      rarely separated: on real activations only where label skew gives two clients the same
-      missing classes and a client keeps few samples (issue 32; docs/results.md).
+      clusters are separated (``separation`` < ``SEPARATION``) is taken. One domain is rarely
+      split so: in 5 of 252 one-domain rounds on real activations (issue 32's exploration rounds,
+      docs/results.md), each label-skewed with a client that keeps only 32 samples.
     * k > 1 and every cluster holds two or more clients who send each other at least
       ``MIN_COHESION`` times chance's votes: k stays, and where such a larger, separated k exists
       too, ``note`` says the clustering is not confident (a pair of two-client domains may be merged).
@@ -258,6 +259,7 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     values, vectors = values[::-1], vectors[:, ::-1]
     top = tuple(round(float(v), 4) for v in values[:min(n, max_clusters + 1)])
 
+    @functools.cache
     def partition(kk: int) -> np.ndarray:
         if kk == 1:
             return np.zeros(n, dtype=int)
