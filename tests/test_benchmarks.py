@@ -62,8 +62,9 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
                       out, re.M)
     # one clustered round per seed, seed 0 first: k, ARI, the means rule's k and ARI, fixed-k ARI
     assert [r[0] for r in rows] == ["0", "1"], out
-    # the summary line: 2 clustered rounds, and how many of them reached ARI >= 0.9 (rule, fixed k)
-    assert re.search(r"^\s+4\s+3\s+2 \| \[[\d, ]+\]\s+[\d.-]+\s+[0-2]/2 \|.*\s[0-2]/2$", out, re.M), out
+    # the summary line: the main grid's seeds ("all"), 2 clustered rounds, and how many of them
+    # reached ARI >= 0.9 (rule, fixed k)
+    assert re.search(r"^\s+4\s+3\s+all\s+2 \| \[[\d, ]+\]\s+[\d.-]+\s+[0-2]/2 \|.*\s[0-2]/2$", out, re.M), out
     assert re.search(r"means rule \(baseline\) [\d.]+ s \| samples rule [\d.]+ s \| ratio [\d.]+x", out), out
     # the round end by fleet size: 300 clients keep fewer samples each; the exact graph only up to 80
     fleets = dict(re.findall(r"^\s+(80|300) \|\s+(\d+)\s+[\d.]+ \|\s+[\d.]+\s+\d+\s+[\d.-]+ \|", out, re.M))
