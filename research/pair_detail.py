@@ -126,7 +126,8 @@ def main() -> int:
         v, _ = votes(r["samples"], args.neighbours)
         share = v / v.sum(1, keepdims=True)
         for i, row in enumerate(share):
-            print(f"    client {i} ({r['domains'][i]}, {r['sizes'][i]} images) votes: "
+            print(f"    client {i} ({r['domains'][i]}, {r['sizes'][i]} images, missing classes "
+                  f"{r['excluded'][i] or 'none'}) votes: "
                   + " ".join(f"{x:.2f}" for x in row))
     return 0
 
