@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from huscf.federation.clustering import cohesion, neighbour_affinity, separation, spectral_clusters  # noqa: E402
-from pair_rules import load, votes  # noqa: E402
+from pair_rules import load, saved_rounds, votes  # noqa: E402
 
 
 def pairs(args) -> int:
@@ -27,18 +27,14 @@ def pairs(args) -> int:
     whether the smaller member keeps fewer than 128 samples."""
     from collections import defaultdict
     rows = defaultdict(list)
-    for d in args.dir:
-        for f in sorted(Path(d).glob("*.npz")):
-            setting, _, rnd = f.stem.split("_")
-            if args.settings and setting not in args.settings:
-                continue
-            r = load(f)
-            a = neighbour_affinity(r["samples"], args.neighbours)
-            for dom in dict.fromkeys(r["domains"].tolist()):
-                m = np.flatnonzero(r["domains"] == dom)
-                if len(m) == 2:
-                    kept = min(len(r["samples"][i]) for i in m)
-                    rows[setting, dom].append((a[m[0], m[1]], rnd, kept))
+    for f, setting, _, rnd in saved_rounds(args.dir, args.settings):
+        r = load(f)
+        a = neighbour_affinity(r["samples"], args.neighbours)
+        for dom in dict.fromkeys(r["domains"].tolist()):
+            m = np.flatnonzero(r["domains"] == dom)
+            if len(m) == 2:
+                kept = min(len(r["samples"][i]) for i in m)
+                rows[setting, dom].append((a[m[0], m[1]], rnd, kept))
     print(f"{'setting':<8} {'domain':<14} {'pairs':>5} {'min':>5} {'q10':>5} {'median':>6} | median by round"
           f"{'':<10} | median, smaller member keeps < 128 / >= 128 samples")
     for (setting, dom), v in rows.items():
@@ -59,27 +55,23 @@ def ranges(args) -> int:
     (every cluster of two or more clients) and that split's lowest cohesion. Counts: rounds."""
     from collections import defaultdict
     seps, cohs = defaultdict(list), defaultdict(list)
-    for d in args.dir:
-        for f in sorted(Path(d).glob("*.npz")):
-            setting = f.stem.split("_")[0]
-            if args.settings and setting not in args.settings:
-                continue
-            r = load(f)
-            truth = np.unique(r["domains"], return_inverse=True)[1]
-            a = neighbour_affinity(r["samples"], args.neighbours)
-            if truth.max() > 0:
-                seps[setting].append(separation(a, truth))
-                cohs[setting] += [c for c in cohesion(a, truth) if c is not None]
-                continue
-            best = None
-            for k in range(2, min(8, len(a) - 1) + 1):
-                lab = spectral_clusters(a, k).labels
-                s = separation(a, lab) if len(set(lab.tolist())) == k else None
-                if s is not None and (best is None or s < best[0]):
-                    best = (s, min(cohesion(a, lab)))
-            if best is not None:
-                seps[setting].append(best[0])
-                cohs[setting].append(best[1])
+    for f, setting, _, _ in saved_rounds(args.dir, args.settings):
+        r = load(f)
+        truth = np.unique(r["domains"], return_inverse=True)[1]
+        a = neighbour_affinity(r["samples"], args.neighbours)
+        if truth.max() > 0:
+            seps[setting].append(separation(a, truth))
+            cohs[setting] += [c for c in cohesion(a, truth) if c is not None]
+            continue
+        best = None
+        for k in range(2, min(8, len(a) - 1) + 1):
+            lab = spectral_clusters(a, k).labels
+            s = separation(a, lab) if len(set(lab.tolist())) == k else None
+            if s is not None and (best is None or s < best[0]):
+                best = (s, min(cohesion(a, lab)))
+        if best is not None:
+            seps[setting].append(best[0])
+            cohs[setting].append(best[1])
     print("several domains: the true partition's separation, and its clusters' cohesion; one domain: the most "
           "separated split into 2..8 clusters of two or more clients, and its lowest cohesion")
     for setting in seps:
@@ -104,10 +96,7 @@ def main() -> int:
         return pairs(args)
     if args.ranges:
         return ranges(args)
-    for f in sorted(f for d in args.dir for f in Path(d).glob("*.npz")):
-        setting = f.stem.split("_")[0]
-        if args.settings and setting not in args.settings:
-            continue
+    for f, *_ in saved_rounds(args.dir, args.settings):
         r = load(f)
         truth = np.unique(r["domains"], return_inverse=True)[1]
         kd = truth.max() + 1

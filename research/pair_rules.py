@@ -23,6 +23,23 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from huscf.federation.clustering import neighbour_affinity, spectral_clusters  # noqa: E402
 
 
+def saved_rounds(dirs, settings=None):
+    """(path, setting, seed, round) of every saved round in ``dirs`` (each folder's files in name
+    order), only those of ``settings`` when given. Load one with ``load``."""
+    for d in dirs:
+        for f in sorted(Path(d).glob("*.npz")):
+            setting, seed, rnd = f.stem.split("_")
+            if not settings or setting in settings:
+                yield f, setting, seed, rnd
+
+
+def found_domains(truth: np.ndarray, labels: np.ndarray) -> bool:
+    """Did a round's clusters find the domains: ARI >= 0.9, or one cluster for one domain."""
+    if truth.max() == 0:
+        return bool(labels.max() == 0)
+    return bool(adjusted_rand_score(truth, labels) >= 0.9)
+
+
 def load(path: Path) -> dict:
     z = np.load(path, allow_pickle=False)
     n = len(z["sizes"])
@@ -85,10 +102,11 @@ def degree_affinity(v, counts, iters=200):
     off the diagonal with E's row and column sums those of the votes (iterative proportional fitting)."""
     n = len(v)
     off = 1 - np.eye(n)
-    x, y = v.sum(1), np.maximum(v.sum(0), 1e-9)
+    rows, cols = v.sum(1), np.maximum(v.sum(0), 1e-9)
+    y = cols
     for _ in range(iters):
-        x = v.sum(1) / (off @ y)
-        y = np.maximum(v.sum(0), 1e-9) / (off.T @ x)
+        x = rows / (off @ y)
+        y = cols / (off.T @ x)
     e = np.outer(x, y) * off
     a = np.divide(v, e, out=np.zeros_like(v), where=e > 0)
     return (a + a.T) / 2
@@ -130,12 +148,10 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=None)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = ap.parse_args()
-    files = sorted(f for d in args.dirs for f in Path(d).glob("*.npz")
-                   if args.settings is None or f.stem.split("_")[0] in args.settings)
+
     found = defaultdict(lambda: defaultdict(list))
     ratios = defaultdict(lambda: defaultdict(list))
-    for f in files:
-        setting, seed, rnd = f.stem.split("_")
+    for f, setting, seed, rnd in saved_rounds(args.dirs, args.settings):
         if args.seeds is not None and int(seed) not in args.seeds:
             continue
         r = load(f)

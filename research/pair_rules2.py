@@ -18,14 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 import huscf.federation.clustering as cl  # noqa: E402
-from pair_rules import load  # noqa: E402
+from pair_rules import found_domains, load, saved_rounds  # noqa: E402
 
 
-def sample_votes(samples, neighbours=10, dims=20, seed=0):
-    """Per client, (m_i, n): each of its samples' votes (its nearest other-client samples' owners)."""
+def votes_by_k(samples, ks, dims=20, seed=0):
+    """For each number of neighbours in ``ks``: per client, (m_i, n), each of its samples' votes
+    (its nearest other-client samples' owners), from one distance matrix (PCA to ``dims`` fitted
+    on at most 4096 samples, seeded, as the package does); and each client's number of samples."""
     n = len(samples)
     counts = np.array([len(s) for s in samples])
     x = np.concatenate(samples).astype(np.float32)
@@ -35,11 +36,20 @@ def sample_votes(samples, neighbours=10, dims=20, seed=0):
     d = torch.cdist(z, z)
     own = torch.from_numpy(owner)
     d[own[:, None] == own[None, :]] = float("inf")
-    nearest = owner[d.topk(neighbours, largest=False).indices.numpy()]
-    per = np.zeros((len(x), n))
-    np.add.at(per, (np.repeat(np.arange(len(x)), neighbours), nearest.ravel()), 1)
+    order = d.topk(max(ks), largest=False).indices.numpy()
     bounds = np.cumsum([0, *counts])
-    return [per[bounds[i]:bounds[i + 1]] for i in range(n)], counts
+    out = {}
+    for k in ks:
+        per = np.zeros((len(x), n))
+        np.add.at(per, (np.repeat(np.arange(len(x)), k), owner[order[:, :k]].ravel()), 1)
+        out[k] = [per[bounds[i]:bounds[i + 1]] for i in range(n)]
+    return out, counts
+
+
+def sample_votes(samples, neighbours=10, dims=20, seed=0):
+    """Per client, (m_i, n): each of its samples' votes; and each client's number of samples."""
+    by_k, counts = votes_by_k(samples, (neighbours,), dims, seed)
+    return by_k[neighbours], counts
 
 
 def affinity(votes, counts):
@@ -113,20 +123,15 @@ def main() -> int:
     ap.add_argument("--settings", nargs="*", default=None)
     args = ap.parse_args()
     found = defaultdict(lambda: defaultdict(list))
-    for d in args.dirs:
-        for f in sorted(Path(d).glob("*.npz")):
-            setting, seed, rnd = f.stem.split("_")
-            if args.settings and setting not in args.settings:
-                continue
-            r = load(f)
-            truth = np.unique(r["domains"], return_inverse=True)[1]
-            votes, counts = sample_votes(r["samples"])
-            a = affinity(votes, counts)
-            for name in args.rules:
-                lab, _ = RULES[name](a, votes, counts)
-                k = len(set(lab.tolist()))
-                ok = k == 1 if truth.max() == 0 else adjusted_rand_score(truth, lab) >= 0.9
-                found[setting][name].append((ok, k, f"{seed}/{rnd}"))
+    for f, setting, seed, rnd in saved_rounds(args.dirs, args.settings):
+        r = load(f)
+        truth = np.unique(r["domains"], return_inverse=True)[1]
+        votes, counts = sample_votes(r["samples"])
+        a = affinity(votes, counts)
+        for name in args.rules:
+            lab, _ = RULES[name](a, votes, counts)
+            k = len(set(lab.tolist()))
+            found[setting][name].append((found_domains(truth, lab), k, f"{seed}/{rnd}"))
     for setting, per in found.items():
         print(f"setting {setting}")
         for name, rows in per.items():
