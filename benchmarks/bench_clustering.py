@@ -75,7 +75,8 @@ class _AlsoScore:
         self.name, self.uses_client_params = strategy.name, strategy.uses_client_params
         self.means = ClusteredKLD(clusters="auto", cluster_on="means", max_clusters=strategy.max_clusters,
                                   min_silhouette=strategy.min_silhouette)
-        self.fixed = ClusteredKLD(clusters=num_domains, cluster_on="samples", neighbours=strategy.neighbours)
+        self.fixed = ClusteredKLD(clusters=num_domains, cluster_on="samples", neighbours=strategy.neighbours,
+                                  components=strategy.components)
 
     def aggregate(self, state):
         agg = self.inner.aggregate(state)
@@ -122,7 +123,9 @@ def _timed_run(cell: tuple) -> tuple[list[dict], float]:
 # pairs of clients can miss the same classes, must stay one cluster) and seeds 500-505 were fixed
 # on 2026-12-07 before they ran, after the rule's changes of that day were chosen on seeds 0-5,
 # 100-105, 200-205, 300-305 and 400-405 (research/pair_rules2.py). The reproduction: 5
-# rounds of 1 epoch (2 warm-up), <= 20 iterations, the first 1200 images per domain.
+# rounds of 1 epoch (2 warm-up), <= 20 iterations, the first 1200 images per domain. Seeds 600-605
+# (``--two-clients-seeds``) were fixed on 2026-12-07 before they ran, to decide between the shipped
+# graph and 5 neighbours on 50 principal components (docs/results.md states the decision rule).
 # Label: (scenario, clients per domain, config overrides).
 TWO_CLIENT_SETTINGS = {"5h": ("5", 2, ("data.scenario=highly_noniid",)), "7": ("7", 2, ()),
                        "7h": ("7", 2, ("data.scenario=highly_noniid",)),
@@ -138,18 +141,20 @@ def grid(args) -> None:
     labels = [c[0] for c in cells]
     blocks = ["all"] * len(cells)  # the summary's seed column: the two-clients grid per block of seeds
     print("clustering grid: width 0.25, random cuts, batch 32, 1 epoch per round; true k = number of domains")
+    if args.set:
+        print(f"every run: {' '.join(args.set)}")
     if cells:
         print(f"scenarios {' '.join(args.scenarios)}, {' '.join(map(str, args.clients))} clients per domain: "
               f"{args.rounds} rounds ({args.warmup} FedAvg warm-up) x <= {args.iters} iterations, first "
               f"{args.limit} images per domain")
     if args.two_clients_grid:
         for label, (scenario, clients, extra) in TWO_CLIENT_SETTINGS.items():
-            cells += [(scenario, clients, seed, (*TWO_CLIENT_RUN, *extra)) for seed in TWO_CLIENT_SEEDS]
-            labels += [label] * len(TWO_CLIENT_SEEDS)
-            blocks += [f"{seed // 100}xx" for seed in TWO_CLIENT_SEEDS]
+            cells += [(scenario, clients, seed, (*TWO_CLIENT_RUN, *extra)) for seed in args.two_clients_seeds]
+            labels += [label] * len(args.two_clients_seeds)
+            blocks += [f"{seed // 100}xx" for seed in args.two_clients_seeds]
         print("two clients per domain: scenarios 5 and 7 highly non-IID ('5h', '7h') and 7 non-IID; control "
               "'2hx4': scenario 2 highly non-IID, one domain of 4 clients (true k = 1); seeds "
-              f"{' '.join(map(str, TWO_CLIENT_SEEDS))}, {' '.join(TWO_CLIENT_RUN)}")
+              f"{' '.join(map(str, args.two_clients_seeds))}, {' '.join(TWO_CLIENT_RUN)}")
     print(f"{'scen':>4} {'cpd':>3} {'seed':>4} {'round':>5} | {'k':>2} {'ARI':>5} {'eigenvalues':<34} | "
           f"{'means k':>7} {'ARI':>5} | {'fixed-k ARI':>11}")
     summary: dict[tuple[str, int], list[dict]] = {}
@@ -287,6 +292,8 @@ def main() -> int:
     ap.add_argument("--two-clients-grid", action=argparse.BooleanOptionalAction, default=True,
                     help="after the grid, the fixed two-clients-per-domain settings and their one-domain "
                          "control (48 runs, ~12 min on 2 cores)")
+    ap.add_argument("--two-clients-seeds", nargs="+", type=int, default=TWO_CLIENT_SEEDS,
+                    help="seeds of the two-clients grid (default: the blocks 400-405 and 500-505)")
     ap.add_argument("--jobs", default="auto", help="grid runs at once (auto: one per core; 1: one after another)")
     args = ap.parse_args()
     print(made_line(), flush=True)

@@ -165,6 +165,7 @@ class FederationConfig(_Section):
     # "means" = k-means on the whitened mean activation, k by silhouette (IID data only)
     cluster_on: Literal["samples", "means"] = "samples"
     neighbours: int = Field(10, ge=1, le=100)  # samples: nearest neighbours each sample votes with
+    components: int = Field(20, ge=1, le=256)  # samples: principal components the neighbours are found in
     min_silhouette: float = Field(0.35, ge=-1, le=1)  # means: below this, "auto" keeps one cluster
     kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"
     # mask the client-side segments so that the server opens only each cluster's average, never

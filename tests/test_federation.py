@@ -217,6 +217,26 @@ def test_strategy_clusters_on_samples_and_records_the_eigenvalues():
     assert old.info["rule"] == "means" and "silhouette" in old.info
 
 
+def test_the_neighbour_graph_settings_reach_the_graph_from_the_config(monkeypatch):
+    from huscf.config import FederationConfig
+    from huscf.federation import strategies
+
+    seen = []
+    real = strategies.neighbour_affinity
+    monkeypatch.setattr(strategies, "neighbour_affinity",
+                        lambda samples, neighbours, dims, seed: seen.append((neighbours, dims)) or
+                        real(samples, neighbours, dims, seed=seed))
+    samples, truth, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
+    feats = means.reshape(len(means), 3, 10, 1)
+    state = RoundState(3, np.full(8, 100), feats, noise.reshape(feats.shape), samples=samples)
+    strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, neighbours=5, components=7))
+    assert _ari(truth, strategy.aggregate(state).groups) == 1.0
+    assert seen == [(5, 7)]
+    assert ClusteredKLD.from_config(FederationConfig()).components == 20  # the default graph
+    with pytest.raises(ValueError):
+        FederationConfig(components=0)
+
+
 def test_kld_weights_stay_finite_when_every_member_has_a_huge_kld():
     sizes = np.array([100.0, 300.0, 50.0])
     kld = np.array([900.0, 901.0, 1200.0])  # alpha * KLD > 745: exp underflows to 0 for every member

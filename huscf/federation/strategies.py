@@ -89,10 +89,12 @@ class ClusteredKLD:
 
     def __init__(self, *, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,
-                 kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = 10):
+                 kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = 10,
+                 components: int = 20):
         self.alpha, self.warmup_rounds = alpha, warmup_rounds
         self.clusters, self.max_clusters, self.min_silhouette = clusters, max_clusters, min_silhouette
         self.kld_direction, self.cluster_on, self.neighbours = kld_direction, cluster_on, neighbours
+        self.components = components
 
     @classmethod
     def from_config(cls, fed) -> "ClusteredKLD":
@@ -102,7 +104,7 @@ class ClusteredKLD:
     def cluster(self, state: RoundState):
         """The clusters of this round's clients and what the rule scored, for the metrics."""
         if self.cluster_on == "samples" and state.samples is not None and len(state.samples) > 1:
-            affinity = neighbour_affinity(state.samples, self.neighbours, seed=state.seed)
+            affinity = neighbour_affinity(state.samples, self.neighbours, self.components, seed=state.seed)
             result = spectral_clusters(affinity, self.clusters, self.max_clusters, state.seed)
             scored = {"rule": "samples", "eigenvalues": list(result.eigenvalues)}
             if result.cohesion:
