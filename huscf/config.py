@@ -22,6 +22,7 @@ from huscf.cuts.search import cut_methods
 from huscf.data.partition import scenario_names
 from huscf.data.sources import known_domains
 from huscf.errors import HuscfError
+from huscf.federation.clustering import COMPONENTS, NEIGHBOURS
 from huscf.federation.strategies import STRATEGIES
 from huscf.methods import get_method, method_names
 from huscf.models.cgan import ARCHITECTURES
@@ -164,8 +165,8 @@ class FederationConfig(_Section):
     # between clients' per-sample activations, k by eigengap (finds domains under label skew);
     # "means" = k-means on the whitened mean activation, k by silhouette (IID data only)
     cluster_on: Literal["samples", "means"] = "samples"
-    neighbours: int = Field(10, ge=1, le=100)  # samples: nearest neighbours each sample votes with
-    components: int = Field(20, ge=1, le=256)  # samples: principal components the neighbours are found in
+    neighbours: int = Field(NEIGHBOURS, ge=1, le=100)  # samples: nearest neighbours each sample votes with
+    components: int = Field(COMPONENTS, ge=1, le=256)  # samples: principal components the neighbours are found in
     min_silhouette: float = Field(0.35, ge=-1, le=1)  # means: below this, "auto" keeps one cluster
     kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"
     # mask the client-side segments so that the server opens only each cluster's average, never

@@ -220,6 +220,7 @@ def test_strategy_clusters_on_samples_and_records_the_eigenvalues():
 def test_the_neighbour_graph_settings_reach_the_graph_from_the_config(monkeypatch):
     from huscf.config import FederationConfig
     from huscf.federation import strategies
+    from huscf.federation.clustering import COMPONENTS
 
     seen = []
     real = strategies.neighbour_affinity
@@ -232,7 +233,7 @@ def test_the_neighbour_graph_settings_reach_the_graph_from_the_config(monkeypatc
     strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, neighbours=5, components=7))
     assert _ari(truth, strategy.aggregate(state).groups) == 1.0
     assert seen == [(5, 7)]
-    assert ClusteredKLD.from_config(FederationConfig()).components == 20  # the default graph
+    assert ClusteredKLD.from_config(FederationConfig()).components == COMPONENTS  # the default graph
     with pytest.raises(ValueError):
         FederationConfig(components=0)
 

@@ -14,7 +14,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from huscf.federation.clustering import cluster_clients, neighbour_affinity, spectral_clusters, whiten
+from huscf.federation.clustering import (COMPONENTS, NEIGHBOURS, cluster_clients, neighbour_affinity,
+                                         spectral_clusters, whiten)
 from huscf.federation.weights import kld_scores, kld_weights, size_weights, spatial_distributions
 
 
@@ -89,8 +90,8 @@ class ClusteredKLD:
 
     def __init__(self, *, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,
-                 kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = 10,
-                 components: int = 20):
+                 kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = NEIGHBOURS,
+                 components: int = COMPONENTS):
         self.alpha, self.warmup_rounds = alpha, warmup_rounds
         self.clusters, self.max_clusters, self.min_silhouette = clusters, max_clusters, min_silhouette
         self.kld_direction, self.cluster_on, self.neighbours = kld_direction, cluster_on, neighbours
