@@ -29,7 +29,7 @@ def pairs(args) -> int:
     rows = defaultdict(list)
     for f, setting, _, rnd in saved_rounds(args.dir, args.settings):
         r = load(f)
-        a = neighbour_affinity(r["samples"], args.neighbours)
+        a = neighbour_affinity(r["samples"], args.neighbours, args.components)
         for dom in dict.fromkeys(r["domains"].tolist()):
             m = np.flatnonzero(r["domains"] == dom)
             if len(m) == 2:
@@ -58,7 +58,7 @@ def ranges(args) -> int:
     for f, setting, _, _ in saved_rounds(args.dir, args.settings):
         r = load(f)
         truth = np.unique(r["domains"], return_inverse=True)[1]
-        a = neighbour_affinity(r["samples"], args.neighbours)
+        a = neighbour_affinity(r["samples"], args.neighbours, args.components)
         if truth.max() > 0:
             seps[setting].append(separation(a, truth))
             cohs[setting] += [c for c in cohesion(a, truth) if c is not None]
@@ -86,7 +86,10 @@ def main() -> int:
     ap.add_argument("dir", nargs="+")
     ap.add_argument("--settings", nargs="*", default=None)
     ap.add_argument("--only-misses", action="store_true")
+    # the defaults are the graph of 2026-12-07 before 5 neighbours in 50 components became huscf's
+    # default: the kept outputs were made with them
     ap.add_argument("--neighbours", type=int, default=10)
+    ap.add_argument("--components", type=int, default=20)
     ap.add_argument("--pairs", action="store_true",
                     help="instead: per domain of two clients, its members' affinity by round and by kept samples")
     ap.add_argument("--ranges", action="store_true",
@@ -100,7 +103,7 @@ def main() -> int:
         r = load(f)
         truth = np.unique(r["domains"], return_inverse=True)[1]
         kd = truth.max() + 1
-        a = neighbour_affinity(r["samples"], args.neighbours)
+        a = neighbour_affinity(r["samples"], args.neighbours, args.components)
         res = spectral_clusters(a)
         ari = adjusted_rand_score(truth, res.labels) if kd > 1 else float(res.k == 1)
         if args.only_misses and ari >= 0.9:
@@ -112,7 +115,7 @@ def main() -> int:
         print(f"    truth: cohesion {' '.join('-' if v is None else f'{v:.2f}' for v in c_true)} "
               f"sep {separation(a, truth) or float('nan'):.2f} | fixed-k ARI "
               f"{adjusted_rand_score(truth, fx.labels):.2f} | note: {res.note[:150]}")
-        v, _ = votes(r["samples"], args.neighbours)
+        v, _ = votes(r["samples"], args.neighbours, args.components)
         share = v / v.sum(1, keepdims=True)
         for i, row in enumerate(share):
             print(f"    client {i} ({r['domains'][i]}, {r['sizes'][i]} images, missing classes "

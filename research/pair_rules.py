@@ -126,18 +126,28 @@ def per_client(samples: list[np.ndarray], how: str) -> list[np.ndarray]:
     return out
 
 
+# The graph these variants were compared against: 10 neighbours in 20 principal components, the
+# default of huscf until 2026-12-07 (``neighbour_affinity``'s defaults changed after; kept fixed here
+# so that docs/results_files/issue32_graph_variants.txt reruns as it was made).
+OLD = {"neighbours": 10, "dims": 20}
+
+
+def _old(samples, **change):
+    return neighbour_affinity(samples, **{**OLD, **change})
+
+
 VARIANTS = {
-    "center": lambda r: neighbour_affinity(per_client(r["samples"], "center")),
-    "scale": lambda r: neighbour_affinity(per_client(r["samples"], "scale")),
+    "center": lambda r: _old(per_client(r["samples"], "center")),
+    "scale": lambda r: _old(per_client(r["samples"], "scale")),
     "exact": lambda r: chance_affinity(*votes(r["samples"])),
     "degree": lambda r: degree_affinity(*votes(r["samples"])),
     "style_deg": lambda r: degree_affinity(*votes(style(r["samples"], r["shape"]))),
-    "now": lambda r: neighbour_affinity(r["samples"]),
-    "nb20": lambda r: neighbour_affinity(r["samples"], neighbours=20),
-    "nb5": lambda r: neighbour_affinity(r["samples"], neighbours=5),
-    "dims10": lambda r: neighbour_affinity(r["samples"], dims=10),
-    "dims50": lambda r: neighbour_affinity(r["samples"], dims=50),
-    "style": lambda r: neighbour_affinity(style(r["samples"], r["shape"])),
+    "now": lambda r: _old(r["samples"]),
+    "nb20": lambda r: _old(r["samples"], neighbours=20),
+    "nb5": lambda r: _old(r["samples"], neighbours=5),
+    "dims10": lambda r: _old(r["samples"], dims=10),
+    "dims50": lambda r: _old(r["samples"], dims=50),
+    "style": lambda r: _old(style(r["samples"], r["shape"])),
 }
 
 
