@@ -65,7 +65,9 @@ MIN_COHESION = 2.0
 # the two overlap: domains of two clients 0.05-1.31, the most separated split of one label-skewed
 # domain of four clients 0.31-0.97. A k that the eigengap under-counts (groups of two clients) is
 # taken when its drop ``lambda_k - lambda_(k+1)`` is at least MIN_GAP_SHARE of the largest drop and
-# its clusters are separated.
+# its clusters are separated. These thresholds were read on the graph of 10 neighbours in 20
+# components and kept with the default graph since (5 in 50, chosen on held-out seeds with them);
+# its ranges on the same rounds: docs/results_files/issue32_ranges_k5d50.txt.
 SEPARATION = 0.55
 MIN_GAP_SHARE = 0.5
 # k = 1 is flagged as not confident when some split is separated below this, though not below
