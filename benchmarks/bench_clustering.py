@@ -4,6 +4,7 @@ a round end takes at 80 clients.
 Run:  python benchmarks/bench_clustering.py                       # the default grids (~20 min, 2 cores)
       python benchmarks/bench_clustering.py --scenarios 4 7 --clients 3 5 --seeds 0 1 2
       python benchmarks/bench_clustering.py --timing-only            # only the round ends (80-1,000 clients)
+      python benchmarks/bench_clustering.py --timing-only --activations real   # ... on real images' activations
       python benchmarks/bench_clustering.py --scenarios              # only the two-clients-per-domain grid (~12 min)
 
 The grid's runs are independent: ``--jobs`` (default ``auto``: one per core) runs that many at once,
@@ -30,6 +31,9 @@ each). The rows print in grid order whichever finishes first.
    graph (every one of 256 samples per client votes and is voted for) on the same activations:
    its time, k, ARI, and its agreement (ARI) with the default's clusters. At 80 clients the
    samples rule is also timed against the means rule, in the same run on the same features.
+   ``--activations real``: the fleets' activations are real training images of the four
+   MNIST-family domains (2-4 classes per client) through the D of a short scenario-7 warm-up run
+   instead of synthetic ones (``_RealImages``).
 
 The data must be in $HUSCF_DATA (or --data-dir); a missing file is one line and exit 2.
 """
@@ -50,6 +54,7 @@ import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from huscf.config import load_config  # noqa: E402
+from huscf.data.sources import load_domain, to_tensor  # noqa: E402
 from huscf.engines.threads import plan_jobs, run_parallel  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
 from huscf.federation.clustering import neighbour_affinity, spectral_clusters  # noqa: E402
@@ -206,6 +211,40 @@ def _fleet(n: int, shape: tuple, seed: int = 0) -> tuple[list[torch.Tensor], np.
     return acts, truth
 
 
+class _RealImages:
+    """Real activations for the round-end timing (``--activations real``): the training images of
+    the four MNIST-family domains (scenario 7) through the D of a short scenario-7 run (width 0.25,
+    its 2 FedAvg warm-up rounds of <= 20 iterations, so every client holds the same D head, as at
+    the first clustered round). ``fleet`` deals n clients as ``_fleet`` does: client i of domain
+    i % 4, 2-4 of its 10 classes, 256 images of them, their activations after D block ``depth``
+    computed in batches of 32 (BatchNorm on each batch, as in training)."""
+
+    def __init__(self, args):
+        path = next(CONFIGS.glob("7_*.yaml"))
+        cfg = load_config(path, ["data.clients_per_domain=3", "data.limit_per_domain=1200", "model.width=0.25",
+                                 "train.rounds=2", "train.local_epochs=1", "train.max_iters_per_epoch=20",
+                                 "train.batch_size=32", "cuts.method=random", "seed=0", "output.samples_every=0",
+                                 "federation.warmup_rounds=2", "compute.device=cpu"], args.data_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Trainer.new(cfg, Path(tmp) / "run", quiet=True)
+            t.fit()
+            self.d = t.model.assemble(0, "D")
+        self.domains = [load_domain(name, "train", args.data_dir) for name in cfg.data.domains]
+
+    @torch.no_grad()
+    def fleet(self, n: int, depth: int, seed: int = 0) -> tuple[list[torch.Tensor], np.ndarray]:
+        rng = np.random.default_rng(seed)
+        truth = np.arange(n) % 4
+        acts = []
+        for i in range(n):
+            dom = self.domains[truth[i]]
+            held = rng.choice(10, size=rng.integers(2, 5), replace=False)
+            rows = rng.choice(np.flatnonzero(np.isin(dom.labels, held)), size=256, replace=False)
+            x, y = to_tensor(dom.images[rows]), torch.from_numpy(dom.labels[rows].astype(np.int64))
+            acts.append(torch.cat([self.d.run(0, depth + 1, (x[b:b + 32], y[b:b + 32])) for b in range(0, 256, 32)]))
+        return acts, truth
+
+
 def _features(acts: list[torch.Tensor], keep: int | None) -> FeatureStats:
     feats = FeatureStats(len(acts), keep=keep)
     for i, a in enumerate(acts):
@@ -221,7 +260,10 @@ def round_end_timing(args) -> None:
     on the same activations, and at 80 clients against the means rule."""
     torch.manual_seed(0)
     arch = build_architecture("cgan28", 0.25)
-    print(f"\nround end by fleet size (width 0.25, 4 synthetic domains, 2-4 of 10 classes per client, "
+    real = _RealImages(args) if args.activations == "real" else None
+    domains = ("the 4 MNIST-family domains' training images through a warm-up D" if real
+               else "4 synthetic domains")
+    print(f"\nround end by fleet size (width 0.25, {domains}, 2-4 of 10 classes per client, "
           f"median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to {args.exact_up_to} "
           f"clients):")
     print(f"{'clients':>7} | {'kept/client':>11} {'kept MB':>8} | {'round end s':>11} {'k':>2} {'ARI':>5} | "
@@ -234,7 +276,7 @@ def round_end_timing(args) -> None:
         with torch.no_grad():
             shape = d.run(0, depth + 1, arch.discriminator_inputs(2)).shape[1:]  # D's activation after `depth`
         model = SplitGAN(g, d, cuts)
-        acts, truth = _fleet(n, tuple(shape))
+        acts, truth = real.fleet(n, depth) if real else _fleet(n, tuple(shape))
         feats = _features(acts, None)  # the default: samples_to_keep(n) per client
         sizes = np.full(n, 750)
         strategy = ClusteredKLD(warmup_rounds=0)
@@ -250,8 +292,9 @@ def round_end_timing(args) -> None:
         if n <= args.exact_up_to:
             full = _features(acts, SAMPLES_PER_CLIENT).samples()
             start = time.perf_counter()
-            exact = spectral_clusters(neighbour_affinity(full, strategy.neighbours, seed=0, max_queries=2**62,
-                                                         max_references=2**62), "auto", strategy.max_clusters, 0)
+            exact = spectral_clusters(neighbour_affinity(full, strategy.neighbours, strategy.components, seed=0,
+                                                         max_queries=2**62, max_references=2**62),
+                                      "auto", strategy.max_clusters, 0)
             seconds = time.perf_counter() - start
             line += (f"{seconds:>13.2f} {exact.k:>2} {adjusted_rand_score(truth, exact.labels):5.2f} "
                      f"{adjusted_rand_score(exact.labels, agg.groups):5.2f}")
@@ -284,6 +327,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--activations", choices=("synthetic", "real"), default="synthetic",
+                    help="the round-end timing's fleets: synthetic label-skewed activations, or real images "
+                         "of the four MNIST-family domains through the D of a short warm-up run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every grid run, e.g. data.scenario=highly_noniid")
     ap.add_argument("--fleets", nargs="+", type=int, default=[80, 250, 1000], help="clients per round end timed")

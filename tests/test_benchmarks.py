@@ -73,6 +73,19 @@ def test_bench_clustering_prints_the_grid_and_the_round_end_ratio(shared_data_di
     assert re.search(r"^\s+300 \|.*\|\s+-\s+-\s+-\s+-$", out, re.M), out
 
 
+def test_bench_clustering_times_round_ends_on_real_activations(shared_data_dir):
+    out = _run(str(BENCH / "bench_clustering.py"), "--timing-only", "--activations", "real", "--fleets", "80",
+               "--exact-up-to", "80", "--repeats", "1", "--data-dir", str(shared_data_dir))
+    assert "MNIST-family domains' training images through a warm-up D" in out, out
+    # 80 clients: 256 kept each, the default rule's time, k and ARI, then the exact graph's and the agreement
+    row = re.search(r"^\s+80 \|\s+256\s+[\d.]+ \|\s+[\d.]+\s+(\d+)\s+([\d.-]+) \|\s+[\d.]+\s+(\d+)\s+([\d.-]+)"
+                    r"\s+([\d.-]+)$", out, re.M)
+    assert row, out
+    # 20 clients per domain of four distinct image sets: the bounded graph (80 > 64 clients) finds
+    # them (measured: k = 4, ARI 1.00, agreement 1.00) and agrees with the exact one
+    assert int(row[1]) == 4 and float(row[2]) >= 0.9 and float(row[5]) >= 0.9, out
+
+
 def test_bench_rounds_prints_each_run_and_its_ratio():
     tiny = ["data.clients_per_domain=2", "model.width=0.125", "train.local_epochs=1", "train.max_iters_per_epoch=3",
             "output.samples_every=0"]
