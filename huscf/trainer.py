@@ -62,8 +62,11 @@ def merge_info(into: dict, info: dict | None) -> None:
 class Trainer:
     """Runs (or resumes) one training run into a run directory."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, quiet: bool = False):
-        self.cfg, self.run, self.quiet = cfg, RunDir(run_dir), quiet
+    def __init__(self, cfg: RunConfig, run_dir: Path | RunDir, quiet: bool = False):
+        """``run_dir``: a path, or the ``RunDir`` that ``new``/``resume`` already checked (one
+        object per run directory, so what they set on it is what the run uses)."""
+        self.cfg, self.quiet = cfg, quiet
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         key = self.run.signing_key(create=True)  # a key that cannot be made or read is one line before any work
         if key.made:
             self._say(f"huscf: made the key that signs your checkpoints, {key.path} (keep it private; resume and "
@@ -126,7 +129,7 @@ class Trainer:
         rd = RunDir(run_dir)
         rd.check_new()
         rd.check_writable()
-        t = cls(cfg, run_dir, quiet)  # everything that can fail on bad input fails before we write
+        t = cls(cfg, rd, quiet)  # everything that can fail on bad input fails before we write
         rd.create()
         cfg.dump(rd.config)
         t._write_clients()
@@ -165,8 +168,7 @@ class Trainer:
             why = f" ({skipped[0]}{f', and {len(skipped) - 1} more' if len(skipped) > 1 else ''})" if skipped else ""
             raise HuscfError(f"cannot resume {run_dir}: {len(rows)} finished round(s) but no full checkpoint that "
                              f"verifies{why}; nothing was changed")
-        t = cls(cfg, run_dir, quiet)
-        t.run.allow_unsigned = allow_unsigned  # the older checkpoints it slims are loaded under the same rule
+        t = cls(cfg, rd, quiet)  # rd's allow_unsigned also rules the older checkpoints it slims
         if dropped is not None:
             t._say(f"huscf: the run's config.yaml names the Ray address {dropped!r}; a resumed run takes the address "
                    f"only from --address (or --set runtime.address=...), so it ignores that one")
