@@ -255,16 +255,17 @@ class SecAggClient:
         box = self.held.get(min(self.plan.sums[k].members), {}).get("hiding", {}).get(str(k))
         return None if box is None else bytes.fromhex(box)
 
-    def open_hidden(self, opened: OpenedSum) -> np.ndarray:
-        """The average of a hidden sum the server summed: its words less its members' hiding masks."""
-        s = self.plan.sums[opened.index]
-        key = self._hiding_key(opened.index) if s.hidden and self.client in opened.members else None
-        if key is None or opened.words is None:
-            raise HuscfError(f"client {self.client} cannot open sum {opened.index}: it is not a hidden sum of its own")
-        total = opened.words
-        for i in opened.members:
-            total = total - mask_stream(hiding_seed(key, self.round, opened.index, i), total.size)
-        mean = decode(total) / sum(s.weights[s.members.index(i)] for i in opened.members)
+    def open_hidden(self, index: int, members: tuple[int, ...], words: np.ndarray | None) -> np.ndarray:
+        """The average of hidden sum ``index`` that the server summed over ``members`` (the
+        survivors): its ``words`` less those members' hiding masks."""
+        s = self.plan.sums[index]
+        key = self._hiding_key(index) if s.hidden and self.client in members else None
+        if key is None or words is None:
+            raise HuscfError(f"client {self.client} cannot open sum {index}: it is not a hidden sum of its own")
+        total = words
+        for i in members:
+            total = total - mask_stream(hiding_seed(key, self.round, index, i), total.size)
+        mean = decode(total) / sum(s.weights[s.members.index(i)] for i in members)
         check_range(mean, self.client, f"the opened {s.net} block {s.block}")  # garbage from the server: refused
         return mean
 
@@ -439,7 +440,8 @@ def secure_sums(model, plan: SecurePlan, policy: Policy, drop: frozenset[int] = 
         return []
     opened = server.open({i: count(i, parties[i].unmask(signatures)) for i in signatures})
     # a hidden sum's words go back to its members, who remove their hiding masks (each gets the same)
-    return [dataclasses.replace(o, mean=parties[o.members[0]].open_hidden(o)) if o.mean is None else o
+    return [o if o.mean is not None
+            else dataclasses.replace(o, mean=parties[o.members[0]].open_hidden(o.index, o.members, o.words))
             for o in opened]
 
 

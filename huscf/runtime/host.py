@@ -20,7 +20,7 @@ from huscf.engines import objective
 from huscf.engines.objective import adam, check_finite
 from huscf.engines.simulation import keyed_rng
 from huscf.federation.secagg import Identity, SecAggClient
-from huscf.federation.secure import OpenedSum, SecurePlan, load_block_vector
+from huscf.federation.secure import SecurePlan, load_block_vector
 from huscf.methods import secure_policy
 from huscf.runtime.messages import Message, PrivacyGuard, Wire, pack_state, run_dtypes, unpack_state
 from huscf.runtime.spec import RunSpec, contracts, leaf
@@ -287,9 +287,10 @@ class ClientHost:
 
         for m in ray.get(self.server.send_opened.remote(self.ids)):
             if m.kind == "opened":  # a hidden sum (federation.hide_ends): its words, less the hiding masks
-                o = OpenedSum(m.meta["sum"], tuple(m.meta["members"]), None, 0.0, words=m.arrays["words"])
-                s = self._plan.sums[o.index]
-                load_block_vector(self.segs[m.client].nets[s.net][str(s.block)], self._secagg[m.client].open_hidden(o))
+                index, members = m.meta["sum"], tuple(m.meta["members"])
+                s = self._plan.sums[index]
+                mean = self._secagg[m.client].open_hidden(index, members, m.arrays["words"])
+                load_block_vector(self.segs[m.client].nets[s.net][str(s.block)], mean)
                 continue
             prefix = f"clients.{m.client}."
             with torch.no_grad():
