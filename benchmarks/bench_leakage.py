@@ -20,6 +20,9 @@ the fakes, each with its labels. The attacks:
 * ``label_acc``: a logistic regression (scikit-learn, standardised inputs) trained on a random half
   of the epoch's rows, tested on the other half; the best of three views (G head; D head on real
   rows; D head on fake rows), each also printed. Chance: 1 / classes.
+* ``label_acc_d_real_no_label``, ``label_acc_pixels`` (printed, not in ``label_acc``: not sent): the
+  same probe on the D head's rows of the real images with every label set to 0, and on the real
+  images' pixels: what a head without the label (a label kept out of what crosses) would leave.
 * ``real_fake_acc``: the same probe telling the D head's real rows from its fake rows (chance 0.5;
   the fake rows are the same batches' fakes, as sent).
 * ``exact_labels``: the share of one batch's labels per client the server recovers exactly from
@@ -79,7 +82,9 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
     """Per client, what its head sends in one epoch of ``batch_size`` batches (at most
     ``ROWS_PER_CLIENT`` rows): ``g`` (G head on z, y), ``d_real``, ``d_fake`` (D head), each as
     sent (through the model's seam noise, when the run has one), with ``y``, ``z`` and ``x`` (the
-    real rows) kept for scoring and one ``batches`` list of (start, end)."""
+    real rows) kept for scoring and one ``batches`` list of (start, end). Not sent, for the
+    question whether a head without the label would hide it: ``d_real_no_label``, the D head on
+    the real rows with every label set to 0 (its label plane then carries nothing)."""
     sent = model.seam.noise or (lambda t: t)
     out = []
     gen = torch.Generator().manual_seed(seed)
@@ -87,7 +92,7 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
         for i, d in enumerate(data):
             seg = model.clients[i]
             order = torch.randperm(len(d), generator=gen)[:ROWS_PER_CLIENT]
-            view = {k: [] for k in ("g", "d_real", "d_fake", "y", "z", "x")}
+            view = {k: [] for k in ("g", "d_real", "d_fake", "d_real_no_label", "y", "z", "x")}
             batches, start = [], 0
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
@@ -97,7 +102,9 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
                 z = torch.randn(len(idx), z_dim, generator=gen)
                 fake = model.generate(i, z, y)
                 for key, v in (("g", sent(seg.run_head("G", (z, y)))), ("d_real", sent(seg.run_head("D", (x, y)))),
-                               ("d_fake", sent(seg.run_head("D", (fake, y)))), ("y", y), ("z", z), ("x", x)):
+                               ("d_fake", sent(seg.run_head("D", (fake, y)))),
+                               ("d_real_no_label", sent(seg.run_head("D", (x, torch.zeros_like(y))))),
+                               ("y", y), ("z", z), ("x", x)):
                     view[key].append(v)
                 batches.append((start, start + len(idx)))
                 start += len(idx)
@@ -214,13 +221,18 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
                               clip=clip)
         psnr.append(psnr_db(x_hat, v["x"][s:e]))
         offset += len(v["y"])
+    # not what the server receives: what a D head without the label would leave, and the images
+    blind = {k: probe_accuracy(flat(k), y, seed) for k in ("d_real_no_label", "x")}
     say(f"  probes on {len(y)} rows (chance {1 / classes:.2f}): G head {probes['g']:.3f}, D head real "
         f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; real vs fake {real_fake:.3f}; exact labels "
         f"{np.mean(exact):.3f} of a batch per client; PSNR {np.mean(psnr):.1f} dB "
         f"(per client {' '.join(f'{p:.1f}' for p in psnr)})")
+    say(f"  not sent: D head real with no label {blind['d_real_no_label']:.3f}; the real images' pixels "
+        f"{blind['x']:.3f}")
     return {"label_acc": max(probes.values()), "label_acc_g": probes["g"], "label_acc_d_real": probes["d_real"],
             "label_acc_d_fake": probes["d_fake"], "real_fake_acc": real_fake, "exact_labels": float(np.mean(exact)),
-            "psnr_db": float(np.mean(psnr)), "rows": int(len(y))}
+            "psnr_db": float(np.mean(psnr)), "rows": int(len(y)),
+            "label_acc_d_real_no_label": blind["d_real_no_label"], "label_acc_pixels": blind["x"]}
 
 
 def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=print) -> dict:

@@ -84,6 +84,7 @@ def test_a_tiny_row_runs_resumes_and_has_the_issue_keys(tmp_path, monkeypatch):
     assert 0.0 <= row["label_acc"] <= 1.0 and row["label_acc"] == max(row[f"label_acc_{k}"] for k in
                                                                        ("g", "d_real", "d_fake"))
     assert row["exact_labels"] == 1.0  # the shallow cut gives every label away
+    assert all(0.0 <= row[f"label_acc_{k}"] <= 1.0 for k in ("d_real_no_label", "pixels"))
     again = bench.run_row("shallow", "none", tmp_path, TINY, ev, say=lambda m: None)  # read back, not retrained
     same = [k for k in row if k not in ("seconds", "tstr_acc")]  # tstr_acc is NaN (no TSTR asked), never equal
     assert {k: again[k] for k in same} == {k: row[k] for k in same} and math.isnan(again["tstr_acc"])
