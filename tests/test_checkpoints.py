@@ -133,6 +133,38 @@ def test_a_kill_while_a_checkpoint_is_rewritten_leaves_one_that_verifies(tmp_pat
     assert len(json.loads((rd.checkpoints / "round_0001.pt.json").read_text())["sha256"]) == 2
 
 
+@pytest.mark.parametrize("killed_at", ["data", "checksum"])
+def test_a_kill_while_a_new_checkpoint_is_written_leaves_the_round_or_none_never_an_unsigned_one(
+        tmp_path, monkeypatch, killed_at):
+    """A new round's checkpoint: a kill before its data file is renamed leaves no checkpoint (the
+    round before is resumed); a kill after it leaves one that verifies, signed (the order was once
+    data first, which a SIGKILL right after the data file left unsigned, and resume refused)."""
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rd.save_checkpoint(1, _state(1))
+    rd.flush()
+    path = rd.checkpoint_path(2)
+    real = rundir_files._write_atomic
+    writes = []
+
+    def killed(target, data):
+        writes.append(target)
+        if (killed_at == "data" and target == path) or (killed_at == "checksum" and target != path and path.exists()):
+            raise KeyboardInterrupt
+        real(target, data)
+
+    monkeypatch.setattr(rundir_files, "_write_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rd._atomic_save(_state(2), path, slim=False)
+    monkeypatch.setattr(rundir_files, "_write_atomic", real)
+    assert writes[0] == rd.checkpoints / "round_0002.pt.json"  # the signed digest goes first
+    if killed_at == "data":
+        assert not path.exists() and [r for r, _ in rd.list_checkpoints()] == [1]
+    else:
+        assert torch.equal(rd.load_model_state(2)["w"], torch.full((3,), 2.0))  # signed: verifies
+    assert rd.latest_checkpoint()[0][0] == (1 if killed_at == "data" else 2)
+
+
 def test_a_checksum_file_that_is_not_one_is_a_damaged_checkpoint(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()

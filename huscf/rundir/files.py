@@ -318,7 +318,11 @@ class RunDir:
     def _atomic_save(self, state: dict, path: Path, slim: bool) -> None:
         """Write ``state`` to ``path`` and its signed SHA-256 to ``path``.json so that a kill at any
         moment leaves a file that verifies (the old one or the new one): the checksum file first
-        lists both digests, then the data file is replaced, then the old digest is dropped."""
+        lists the new digest (beside the old one, when a signed file is replaced), then the data
+        file is written, then the old digest is dropped. A new file never exists without its
+        signed digest (a kill between the two used to leave a finished round that resume refused
+        as unsigned). Only an unsigned file that huscf did not write is replaced data first: its
+        checksum file must not claim a digest that the data still on disk does not have."""
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
@@ -331,6 +335,8 @@ class RunDir:
             meta = None
         if meta and meta["hmac_sha256"]:  # only signed digests are carried over
             _write_atomic(side, self._sidecar_bytes([*meta["sha256"], digest], [*meta["hmac_sha256"], signature], slim))
+        elif not path.exists():
+            _write_atomic(side, self._sidecar_bytes([digest], [signature], slim))
         _write_atomic(path, data)
         _write_atomic(side, self._sidecar_bytes([digest], [signature], slim))
 
