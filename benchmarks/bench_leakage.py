@@ -21,8 +21,9 @@ the fakes, each with its labels. The attacks:
   of the epoch's rows, tested on the other half; the best of three views (G head; D head on real
   rows; D head on fake rows), each also printed. Chance: 1 / classes.
 * ``label_acc_d_real_no_label``, ``label_acc_pixels`` (printed, not in ``label_acc``: not sent): the
-  same probe on the D head's rows of the real images with every label set to 0, and on the real
-  images' pixels: what a head without the label (a label kept out of what crosses) would leave.
+  same probe on the D head's rows of the real images with every label set to 0 (never noised), and
+  on the real images' pixels: what a head without the label (a label kept out of what crosses)
+  would leave.
 * ``real_fake_acc``: the same probe telling the D head's real rows from its fake rows (chance 0.5;
   the fake rows are the same batches' fakes, as sent).
 * ``exact_labels``: the share of one batch's labels per client the server recovers exactly from
@@ -84,7 +85,7 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
     sent (through the model's seam noise, when the run has one), with ``y``, ``z`` and ``x`` (the
     real rows) kept for scoring and one ``batches`` list of (start, end). Not sent, for the
     question whether a head without the label would hide it: ``d_real_no_label``, the D head on
-    the real rows with every label set to 0 (its label plane then carries nothing)."""
+    the real rows with every label set to 0 (its label plane then carries nothing), never noised."""
     sent = model.seam.noise or (lambda t: t)
     out = []
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +104,9 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
                 fake = model.generate(i, z, y)
                 for key, v in (("g", sent(seg.run_head("G", (z, y)))), ("d_real", sent(seg.run_head("D", (x, y)))),
                                ("d_fake", sent(seg.run_head("D", (fake, y)))),
-                               ("d_real_no_label", sent(seg.run_head("D", (x, torch.zeros_like(y))))),
+                               # as the head computes it, not noised: a draw here would move the seam
+                               # noise of every later row, and the rows above would not rerun as kept
+                               ("d_real_no_label", seg.run_head("D", (x, torch.zeros_like(y)))),
                                ("y", y), ("z", z), ("x", x)):
                     view[key].append(v)
                 batches.append((start, start + len(idx)))
