@@ -57,7 +57,7 @@ def ranges(args) -> int:
     seps, cohs = defaultdict(list), defaultdict(list)
     for f, setting, _, _ in saved_rounds(args.dir, args.settings):
         r = load(f)
-        truth = np.unique(r["domains"], return_inverse=True)[1]
+        truth = r["truth"]
         a = neighbour_affinity(r["samples"], args.neighbours, args.components)
         if truth.max() > 0:
             seps[setting].append(separation(a, truth))
@@ -101,7 +101,7 @@ def main() -> int:
         return ranges(args)
     for f, *_ in saved_rounds(args.dir, args.settings):
         r = load(f)
-        truth = np.unique(r["domains"], return_inverse=True)[1]
+        truth = r["truth"]
         kd = truth.max() + 1
         a = neighbour_affinity(r["samples"], args.neighbours, args.components)
         res = spectral_clusters(a)

@@ -33,7 +33,7 @@ def main() -> int:
     found = defaultdict(lambda: defaultdict(list))
     for f, setting, seed, rnd in saved_rounds(args.dirs, args.settings):
         r = load(f)
-        truth = np.unique(r["domains"], return_inverse=True)[1]
+        truth = r["truth"]
         graphs = {}
         for dims in (20, 50):
             by_k, counts = votes_by_k(r["samples"], (5, 10), dims)

@@ -37,7 +37,7 @@ def main() -> int:
     found = defaultdict(lambda: [0, 0])  # (setting, graph): found on the round alone, on the mean so far
     for f, setting, seed, _ in saved_rounds(args.dirs, args.settings):  # a run's rounds in order
         r = load(f)
-        truth = np.unique(r["domains"], return_inverse=True)[1]
+        truth = r["truth"]
         rounds[setting] += 1
         for graph, (neighbours, dims) in GRAPHS.items():
             a = neighbour_affinity(r["samples"], neighbours, dims, seed=0)

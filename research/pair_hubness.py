@@ -21,22 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
 
 from huscf.federation.clustering import spectral_clusters  # noqa: E402
 from pair_rules import found_domains, load, saved_rounds  # noqa: E402
-from pair_rules2 import affinity  # noqa: E402
+from pair_rules2 import affinity, pooled_components  # noqa: E402
 
 
 def graphs(samples, dims: int, neighbours: int, hub_k: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
     """The affinity (``pair_rules2.affinity``, the package's normalisation) of three rankings of
     each sample's other-client neighbours, in the pooled samples' ``dims`` principal components."""
     n = len(samples)
-    counts = np.array([len(s) for s in samples])
-    x = np.concatenate(samples).astype(np.float32)
-    owner = np.repeat(np.arange(n), counts)
-    rows = np.random.default_rng(seed).permutation(len(x))[:4096]
-    z = torch.from_numpy(PCA(dims, random_state=seed).fit(x[rows]).transform(x).astype(np.float32))
+    z, owner, counts = pooled_components(samples, dims, seed)
     own = torch.from_numpy(owner)
     same = own[:, None] == own[None, :]
     zn = torch.nn.functional.normalize(z, dim=1)
@@ -49,8 +44,8 @@ def graphs(samples, dims: int, neighbours: int, hub_k: int = 10, seed: int = 0) 
     out = {}
     for name, s in scores.items():
         top = owner[s.topk(neighbours).indices.numpy()]
-        per = np.zeros((len(x), n))
-        np.add.at(per, (np.repeat(np.arange(len(x)), neighbours), top.ravel()), 1)
+        per = np.zeros((len(z), n))
+        np.add.at(per, (np.repeat(np.arange(len(z)), neighbours), top.ravel()), 1)
         out[name] = affinity([per[bounds[i]:bounds[i + 1]] for i in range(n)], counts)
     return out
 
@@ -64,7 +59,7 @@ def main() -> int:
     rounds: dict[str, int] = defaultdict(int)
     for f, setting, _, _ in saved_rounds(args.dirs, args.settings):
         r = load(f)
-        truth = np.unique(r["domains"], return_inverse=True)[1]
+        truth = r["truth"]
         rounds[setting] += 1
         for (neighbours, dims) in ((5, 50), (10, 20)):
             for name, a in graphs(r["samples"], dims, neighbours).items():

@@ -44,6 +44,7 @@ def load(path: Path) -> dict:
     z = np.load(path, allow_pickle=False)
     n = len(z["sizes"])
     return {"samples": [z[f"s{i}"].astype(np.float32) for i in range(n)], "domains": z["domains"],
+            "truth": np.unique(z["domains"], return_inverse=True)[1],  # the domains as 0..k-1
             "shape": tuple(z["shape"]), "sizes": z["sizes"], "excluded": z["excluded"], "k_run": int(z["k"])}
 
 

@@ -23,16 +23,23 @@ import huscf.federation.clustering as cl  # noqa: E402
 from pair_rules import found_domains, load, saved_rounds  # noqa: E402
 
 
-def votes_by_k(samples, ks, dims=20, seed=0):
-    """For each number of neighbours in ``ks``: per client, (m_i, n), each of its samples' votes
-    (its nearest other-client samples' owners), from one distance matrix (PCA to ``dims`` fitted
-    on at most 4096 samples, seeded, as the package does); and each client's number of samples."""
-    n = len(samples)
+def pooled_components(samples, dims, seed=0):
+    """Every client's samples pooled and projected on ``dims`` principal components fitted on at
+    most 4096 of them (seeded, as the package does): (z, each row's owner, each client's count)."""
     counts = np.array([len(s) for s in samples])
     x = np.concatenate(samples).astype(np.float32)
-    owner = np.repeat(np.arange(n), counts)
+    owner = np.repeat(np.arange(len(samples)), counts)
     rows = np.random.default_rng(seed).permutation(len(x))[:4096]
     z = torch.from_numpy(PCA(dims, random_state=seed).fit(x[rows]).transform(x).astype(np.float32))
+    return z, owner, counts
+
+
+def votes_by_k(samples, ks, dims=20, seed=0):
+    """For each number of neighbours in ``ks``: per client, (m_i, n), each of its samples' votes
+    (its nearest other-client samples' owners), from one distance matrix (``pooled_components``);
+    and each client's number of samples."""
+    n = len(samples)
+    z, owner, counts = pooled_components(samples, dims, seed)
     d = torch.cdist(z, z)
     own = torch.from_numpy(owner)
     d[own[:, None] == own[None, :]] = float("inf")
@@ -40,8 +47,8 @@ def votes_by_k(samples, ks, dims=20, seed=0):
     bounds = np.cumsum([0, *counts])
     out = {}
     for k in ks:
-        per = np.zeros((len(x), n))
-        np.add.at(per, (np.repeat(np.arange(len(x)), k), owner[order[:, :k]].ravel()), 1)
+        per = np.zeros((len(z), n))
+        np.add.at(per, (np.repeat(np.arange(len(z)), k), owner[order[:, :k]].ravel()), 1)
         out[k] = [per[bounds[i]:bounds[i + 1]] for i in range(n)]
     return out, counts
 
@@ -125,7 +132,7 @@ def main() -> int:
     found = defaultdict(lambda: defaultdict(list))
     for f, setting, seed, rnd in saved_rounds(args.dirs, args.settings):
         r = load(f)
-        truth = np.unique(r["domains"], return_inverse=True)[1]
+        truth = r["truth"]
         votes, counts = sample_votes(r["samples"])
         a = affinity(votes, counts)
         for name in args.rules:

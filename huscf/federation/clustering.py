@@ -74,6 +74,7 @@ MIN_GAP_SHARE = 0.5
 # SEPARATION: the two-clients domains the rule misses have separation 0.53-0.74 (5h, seeds 201,
 # 403, 405; docs/results_files/issue32_pair_misses.txt); one IID domain's most separated split
 # 0.92-0.99, a label-skewed one's 0.31-0.97 (issue32_ranges.txt), so label skew is flagged too.
+# On the default graph since (5 in 50): 0.89-0.98 and 0.30-0.96 (issue32_ranges_k5d50.txt).
 NEAR_SEPARATION = 0.8
 
 
@@ -285,6 +286,12 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
     k_eig = 1 if kmax < 1 else int(np.argmax(gaps)) + 1
     labels = partition(k_eig)
 
+    def split_separation(kk: int) -> float | None:
+        """``partition(kk)``'s separation; None when k-means left fewer than kk clusters, or where
+        ``separation`` gives none (a cluster of one client)."""
+        other = partition(kk)
+        return separation(w, other) if len(set(other.tolist())) == kk else None
+
     def finer_separated(min_share: float = MIN_GAP_SHARE) -> tuple[int, np.ndarray, float] | None:
         """The largest k above the eigengap's whose drop is at least ``min_share`` of the
         eigengap's and whose clusters (all of two or more clients) are separated; None if there
@@ -293,10 +300,9 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
         for kk in range(kmax, k_eig, -1):
             if gaps[kk - 1] < min_share * gaps[k_eig - 1]:
                 continue
-            other = partition(kk)
-            sep = separation(w, other)
-            if len(set(other.tolist())) == kk and sep is not None and sep < SEPARATION:
-                return kk, other, sep
+            sep = split_separation(kk)
+            if sep is not None and sep < SEPARATION:
+                return kk, partition(kk), sep
         return None
 
     def nearly_separated() -> tuple[int, float] | None:
@@ -304,8 +310,7 @@ def spectral_clusters(affinity: np.ndarray, k: int | str = "auto", max_clusters:
         separation, when it is below NEAR_SEPARATION; whatever the drop."""
         best = None
         for kk in range(2, kmax + 1):
-            other = partition(kk)
-            sep = separation(w, other) if len(set(other.tolist())) == kk else None
+            sep = split_separation(kk)
             if sep is not None and sep < NEAR_SEPARATION and (best is None or sep < best[1]):
                 best = (kk, sep)
         return best
