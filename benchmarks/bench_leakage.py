@@ -15,17 +15,22 @@ knows every client's head exactly (the threat of issue 30: an honest-but-curious
 
 What the server receives, per client and batch: the G head's output on the batch's noise and
 labels (the fakes' labels are the real batch's), and the D head's output on the real batch and on
-the fakes, each with its labels. The attacks:
+the fakes, each with its labels; and the gradients the client returns for what the server sent
+its tails: the D tail's on the real rows and on the fakes (the discriminator step), on the fakes
+again and the G tail's (the generator step), computed with the run's losses and weights (through
+the seam, so noised as in training when the run noises). The attacks:
 
 * ``label_acc``: a logistic regression (scikit-learn, standardised inputs) trained on a random half
-  of the epoch's rows, tested on the other half; the best of three views (G head; D head on real
-  rows; D head on fake rows), each also printed. Chance: 1 / classes.
+  of the epoch's rows, tested on the other half; the best of seven views (G head; D head on real
+  rows; D head on fake rows; and the four returned gradients: ``grad_d_real``, ``grad_d_fake``,
+  ``grad_d_gen``, ``grad_g``), each also printed. Chance: 1 / classes.
 * ``label_acc_d_real_no_label``, ``label_acc_pixels`` (printed, not in ``label_acc``: not sent): the
   same probe on the D head's rows of the real images with every label set to 0 (never noised), and
   on the real images' pixels: what a head without the label (a label kept out of what crosses)
   would leave.
 * ``real_fake_acc``: the same probe telling the D head's real rows from its fake rows (chance 0.5;
-  the fake rows are the same batches' fakes, as sent).
+  the fake rows are the same batches' fakes, as sent), or the discriminator step's returned
+  gradients of the real rows from those of the fakes (``real_fake_acc_grad``), the better of the two.
 * ``exact_labels``: the share of one batch's labels per client the server recovers exactly from
   the G head's output, knowing the head's weights and the noise (the noise follows from the run's
   seed, which is in the config the server holds): start from the probe's guesses, then change one
@@ -35,6 +40,9 @@ the fakes, each with its labels. The attacks:
   gradient descent on the input (Adam, ``INVERT_STEPS`` steps from a grey image, the labels given:
   the probe recovers them at ``label_acc``), PSNR against the real images (range [-1, 1]).
 * ``tstr_acc``, ``fid``: ``huscf evaluate`` of the run's last round (cluster generators).
+
+Raw outputs without ``real_fake_acc_grad`` come from the first version, which probed the activations
+only: their ``label_acc`` and ``real_fake_acc`` are the activation views' best.
 
 A defence that hides weights changes what the attacks know: with ``federation.hide_ends`` the server
 never learns a client's first or last block (federation/secagg.py), not even as they started (they
@@ -68,6 +76,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from provenance import made_line  # noqa: E402
 
+from huscf.engines.objective import FAKE, REAL, bce  # noqa: E402
+from huscf.split.seam import SeamRecorder  # noqa: E402
+
 CUTS = {"shallow": (0, 0, 0, 0), "deep": (2, 0, 2, 0)}  # [G head, G tail, D head, D tail] for every client
 # name: config overrides. The noise levels were fixed before any run with them: a decade apart
 DEFENCES: dict[str, tuple[str, ...]] = {"none": (), "noise0.1": ("privacy.seam_noise=0.1",),
@@ -77,6 +88,28 @@ DEFENCES: dict[str, tuple[str, ...]] = {"none": (), "noise0.1": ("privacy.seam_n
 EVAL = {"samples": 500, "tstr_samples": 1000, "tstr_min_steps": 100}
 INVERT_STEPS = 300
 ROWS_PER_CLIENT = 256  # the epoch's rows each client contributes to the probes (its whole share when smaller)
+# in the order ``returned_gradients`` makes them
+GRADIENT_VIEWS = ("grad_d_real", "grad_d_fake", "grad_d_gen", "grad_g")
+
+
+def returned_gradients(model, i: int, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients client ``i`` returns the server for one batch, as the objective's steps 2 and 3
+    make them (engines/objective.py; the loss of each pass back-propagated alone, which for step 2's
+    sum of two losses gives the same gradients), taken from the seam as they cross (noised there
+    when the run noises). The weights are not stepped; their gradients are dropped."""
+    rec = model.seam.recorder = SeamRecorder(capture=True)
+    try:
+        with torch.enable_grad():
+            bce(model.discriminate(i, x, y), REAL).backward()
+            fake = model.generate(i, z, y)
+            bce(model.discriminate(i, fake.detach(), y), FAKE).backward()
+            bce(model.discriminate(i, fake, y), REAL).backward()  # the D tail's, then the G tail's
+    finally:
+        model.seam.recorder = None
+        model.zero_grad(set_to_none=True)
+    sent = [c.tensor for c in rec.crossings if c.kind == "gradient" and c.direction == "client->server"]
+    assert len(sent) == len(GRADIENT_VIEWS), f"client {i} returned {len(sent)} gradients"  # a cut without a seam
+    return dict(zip(GRADIENT_VIEWS, sent))
 
 
 def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> list[dict]:
@@ -85,7 +118,8 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
     sent (through the model's seam noise, when the run has one), with ``y``, ``z`` and ``x`` (the
     real rows) kept for scoring and one ``batches`` list of (start, end). Not sent, for the
     question whether a head without the label would hide it: ``d_real_no_label``, the D head on
-    the real rows with every label set to 0 (its label plane then carries nothing), never noised."""
+    the real rows with every label set to 0 (its label plane then carries nothing), never noised.
+    And the gradients it returns (``returned_gradients``: ``GRADIENT_VIEWS``)."""
     sent = model.seam.noise or (lambda t: t)
     out = []
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +127,7 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
         for i, d in enumerate(data):
             seg = model.clients[i]
             order = torch.randperm(len(d), generator=gen)[:ROWS_PER_CLIENT]
-            view = {k: [] for k in ("g", "d_real", "d_fake", "d_real_no_label", "y", "z", "x")}
+            view = {k: [] for k in ("g", "d_real", "d_fake", "d_real_no_label", "y", "z", "x", *GRADIENT_VIEWS)}
             batches, start = [], 0
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
@@ -108,6 +142,8 @@ def server_view(model, data: list, batch_size: int, z_dim: int, seed: int) -> li
                                # noise of every later row, and the rows above would not rerun as kept
                                ("d_real_no_label", seg.run_head("D", (x, torch.zeros_like(y)))),
                                ("y", y), ("z", z), ("x", x)):
+                    view[key].append(v)
+                for key, v in returned_gradients(model, i, x, y, z).items():
                     view[key].append(v)
                 batches.append((start, start + len(idx)))
                 start += len(idx)
@@ -209,9 +245,10 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
     classes = arch.num_classes
     flat = lambda key: torch.cat([v[key].flatten(1) for v in view]).numpy()  # noqa: E731
     y = torch.cat([v["y"] for v in view]).numpy()
-    probes = {k: probe_accuracy(flat(k), y, seed) for k in ("g", "d_real", "d_fake")}
-    d_all = np.concatenate([flat("d_real"), flat("d_fake")])
-    real_fake = probe_accuracy(d_all, np.r_[np.ones(len(y)), np.zeros(len(y))].astype(int), seed)
+    probes = {k: probe_accuracy(flat(k), y, seed) for k in ("g", "d_real", "d_fake", *GRADIENT_VIEWS)}
+    real_or_fake = np.r_[np.ones(len(y)), np.zeros(len(y))].astype(int)
+    real_fake = probe_accuracy(np.concatenate([flat("d_real"), flat("d_fake")]), real_or_fake, seed)
+    real_fake_grad = probe_accuracy(np.concatenate([flat("grad_d_real"), flat("grad_d_fake")]), real_or_fake, seed)
     exact, psnr = [], []
     g_all, offset = flat("g"), 0
     for i, v in enumerate(view):
@@ -227,13 +264,17 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
     # not what the server receives: what a D head without the label would leave, and the images
     blind = {k: probe_accuracy(flat(k), y, seed) for k in ("d_real_no_label", "x")}
     say(f"  probes on {len(y)} rows (chance {1 / classes:.2f}): G head {probes['g']:.3f}, D head real "
-        f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; real vs fake {real_fake:.3f}; exact labels "
+        f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; returned gradients: D real "
+        f"{probes['grad_d_real']:.3f}, D fake {probes['grad_d_fake']:.3f}, D in the G step {probes['grad_d_gen']:.3f}, "
+        f"G {probes['grad_g']:.3f}; real vs fake {real_fake:.3f} (gradients {real_fake_grad:.3f}); exact labels "
         f"{np.mean(exact):.3f} of a batch per client; PSNR {np.mean(psnr):.1f} dB "
         f"(per client {' '.join(f'{p:.1f}' for p in psnr)})")
     say(f"  not sent: D head real with no label {blind['d_real_no_label']:.3f}; the real images' pixels "
         f"{blind['x']:.3f}")
     return {"label_acc": max(probes.values()), "label_acc_g": probes["g"], "label_acc_d_real": probes["d_real"],
-            "label_acc_d_fake": probes["d_fake"], "real_fake_acc": real_fake, "exact_labels": float(np.mean(exact)),
+            "label_acc_d_fake": probes["d_fake"], **{f"label_acc_{k}": probes[k] for k in GRADIENT_VIEWS},
+            "real_fake_acc": max(real_fake, real_fake_grad), "real_fake_acc_activations": real_fake,
+            "real_fake_acc_grad": real_fake_grad, "exact_labels": float(np.mean(exact)),
             "psnr_db": float(np.mean(psnr)), "rows": int(len(y)),
             "label_acc_d_real_no_label": blind["d_real_no_label"], "label_acc_pixels": blind["x"]}
 
@@ -283,13 +324,18 @@ def run_row(cut: str, defence: str, out: Path, sets: list[str], ev: dict, say=pr
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| cut | defence | label acc (G / D real / D fake) | exact labels | real vs fake | PSNR dB | "
-             "TSTR acc | FID | epsilon |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| cut | defence | label acc (G / D real / D fake; gradients D real / D fake / D gen / G) | exact labels "
+             "| real vs fake (activations / gradients) | PSNR dB | TSTR acc | FID | epsilon |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        views = f"{r['label_acc_g']:.3f} / {r['label_acc_d_real']:.3f} / {r['label_acc_d_fake']:.3f}"
+        views = " / ".join(f"{r[f'label_acc_{k}']:.3f}" for k in ("g", "d_real", "d_fake"))
+        grads = " / ".join(f"{r[f'label_acc_{k}']:.3f}" for k in GRADIENT_VIEWS)
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        lines.append(f"| {r['cut']} | {r['defence']} | {r['label_acc']:.3f} ({views}) | {r['exact_labels']:.3f} | "
-                     f"{r['real_fake_acc']:.3f} | {r['psnr_db']:.1f} | {r['tstr_acc']:.3f} | {r['fid']:.1f} | {eps} |")
+        real_fake = f"{r['real_fake_acc_activations']:.3f} / {r['real_fake_acc_grad']:.3f}"
+        lines.append(f"| {r['cut']} | {r['defence']} | {r['label_acc']:.3f} ({views}; {grads}) "
+                     f"| {r['exact_labels']:.3f} "
+                     f"| {r['real_fake_acc']:.3f} ({real_fake}) | {r['psnr_db']:.1f} | {r['tstr_acc']:.3f} "
+                     f"| {r['fid']:.1f} | {eps} |")
     return "\n".join(lines)
 
 

@@ -202,10 +202,14 @@ class FederationConfig(_Section):
 class PrivacyConfig(_Section):
     """Defences on what a client sends the server (split/noise.py, docs/security.md)."""
 
-    # clip every row a client sends to the L2 norm seam_clip * sqrt(elements) and add Gaussian noise
-    # of std seam_noise * that norm per element; 0: off. Its epsilon: split/noise.py
+    # clip every activation row a client sends to the L2 norm seam_clip * sqrt(elements), and every
+    # gradient row it returns (of the batch's summed loss) to seam_grad_clip * sqrt(elements), and add
+    # Gaussian noise of std seam_noise * that norm per element; 0: off. Its epsilon: split/noise.py
     seam_noise: float = Field(0.0, ge=0)
     seam_clip: float = Field(1.0, gt=0)
+    # gradients are ~100 times smaller than activations: the default run's per-element RMS was
+    # 0.004-0.02 (split/noise.py), so 0.01 clips about half of the rows
+    seam_grad_clip: float = Field(0.01, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)  # the delta the run's epsilon is reported at
 
 

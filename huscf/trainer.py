@@ -35,7 +35,7 @@ from huscf.metrics.label_probe import LabelProbe
 from huscf.metrics.scores import classifier_probs, generation_score
 from huscf.rundir import RoundRecord, RunDir, check_model_state
 from huscf.runsetup import ClientData, build_setup
-from huscf.split.noise import SeamNoise, epsilon, releases_per_record
+from huscf.split.noise import SeamNoise, batches_per_epoch, epsilon, releases_per_record
 from huscf.split.segments import SplitGAN
 
 
@@ -306,11 +306,14 @@ class Trainer:
         return row
 
     def _seam_epsilon(self, r: int) -> float | None:
-        """With ``privacy.seam_noise``: the epsilon of every row sent in rounds 1..r (split/noise.py)."""
-        p = self.cfg.privacy
+        """With ``privacy.seam_noise``: the epsilon of everything sent in rounds 1..r (split/noise.py):
+        every release a batch, in as many batches per epoch as a record can be."""
+        p, e = self.cfg.privacy, self.engine
         if p.seam_noise <= 0:
             return None
-        return round(epsilon(p.seam_noise, releases_per_record(r, self.cfg.train.local_epochs), p.delta), 4)
+        batches = batches_per_epoch(e.iterations_per_epoch(), e.batches_per_client(), e.equal_steps)
+        releases = releases_per_record(r, self.cfg.train.local_epochs, batches)
+        return round(epsilon(p.seam_noise, releases, p.delta, self.cfg.train.batch_size), 4)
 
     def _check_finite_weights(self, r: int) -> None:
         """After the round end every weight must be finite: otherwise one line naming the round,

@@ -1,5 +1,6 @@
-"""benchmarks/bench_leakage.py: its view is what crosses the seam, its attacks work where they
-must (exact labels from known noise and weights, a separable probe, the PSNR formula), and one
+"""benchmarks/bench_leakage.py: its view is what crosses the seam (activations, and the gradients
+a client returns), its attacks work where they must (exact labels from known noise and weights, a
+separable probe, the PSNR formula), and one
 tiny row runs end to end, resumes, and carries the issue's JSON keys."""
 
 import importlib
@@ -46,6 +47,30 @@ def test_the_view_is_exactly_what_crosses_the_seam(trainer):
     assert v["g"].shape[0] == v["d_real"].shape[0] == v["d_fake"].shape[0] == len(v["y"])
 
 
+def test_the_returned_gradients_are_the_losses_gradients_at_the_seam(trainer):
+    """At cut [0,0,0,0] the D tail is one linear layer w on the server's output h, so the gradient a
+    client returns for a row is (sigmoid(logit) - target) w / B: checked for the real rows (target
+    1) and the fakes of the discriminator step (target 0), and the generator step's two exist."""
+    model, (x, y) = trainer.model, (trainer.setup.data[1].x[:16], trainer.setup.data[1].y[:16])
+    z = torch.randn(16, trainer.setup.arch.z_dim, generator=torch.Generator().manual_seed(5))
+    grads = bench.returned_gradients(model, 1, x, y, z)
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    linear = model.clients[1].nets["D"][str(model.num_blocks["D"] - 1)][1]
+    w = linear.weight.detach().view(-1)
+    with torch.no_grad():
+        fake = model.generate(1, z, y)
+        for key, inputs, target in (("grad_d_real", x, 1.0), ("grad_d_fake", fake, 0.0)):
+            logit = model.discriminate(1, inputs, y).view(-1)
+            want = (torch.sigmoid(logit) - target)[:, None] * w / len(y)
+            # float32: sigmoid and its difference from the target within 2 units of roundoff of 1,
+            # then one product and one division, each rounded once
+            eps = 2.0 ** -23
+            atol = 2 * eps * float(w.abs().max()) / 16
+            torch.testing.assert_close(grads[key].flatten(1), want, rtol=4 * eps, atol=atol)
+    assert grads["grad_d_gen"].shape == grads["grad_d_real"].shape and grads["grad_g"].dim() == 4
+    assert float(grads["grad_g"].abs().max()) > 0
+
+
 def test_known_noise_and_weights_give_the_exact_labels_from_wrong_guesses(trainer):
     model, arch = trainer.model, trainer.setup.arch
     gen = torch.Generator().manual_seed(0)
@@ -81,8 +106,9 @@ def test_a_tiny_row_runs_resumes_and_has_the_issue_keys(tmp_path, monkeypatch):
     row = bench.run_row("shallow", "none", tmp_path, TINY, ev, say=lambda m: None)
     assert {"cut", "defence", "label_acc", "real_fake_acc", "psnr_db", "tstr_acc", "fid"} <= set(row)
     assert row["cut"] == "0,0,0,0" and row["defence"] == "none" and math.isnan(row["tstr_acc"])
-    assert 0.0 <= row["label_acc"] <= 1.0 and row["label_acc"] == max(row[f"label_acc_{k}"] for k in
-                                                                       ("g", "d_real", "d_fake"))
+    views = ("g", "d_real", "d_fake", *bench.GRADIENT_VIEWS)
+    assert 0.0 <= row["label_acc"] <= 1.0 and row["label_acc"] == max(row[f"label_acc_{k}"] for k in views)
+    assert row["real_fake_acc"] == max(row["real_fake_acc_activations"], row["real_fake_acc_grad"])
     assert row["exact_labels"] == 1.0  # the shallow cut gives every label away
     assert all(0.0 <= row[f"label_acc_{k}"] <= 1.0 for k in ("d_real_no_label", "pixels"))
     again = bench.run_row("shallow", "none", tmp_path, TINY, ev, say=lambda m: None)  # read back, not retrained

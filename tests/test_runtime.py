@@ -322,6 +322,21 @@ def test_seam_noise_on_ray_noises_what_the_hosts_send_and_passes_the_guard(local
     assert not summarise(tmp_path / "ray")["violations"]
 
 
+def test_ray_hosts_clip_the_gradients_they_return_as_the_simulation_does(local_ray, tmp_path):
+    """The gradients a client returns are clipped on the Ray hosts as in one process: with noise far
+    below float64's rounding and a gradient clip that bites, the runs agree, and differ from a run
+    whose gradient clip never bites (so the clip is what they share)."""
+    quiet = SMALL + FP64 + ["privacy.seam_noise=1e-30"]
+    bites, loose = quiet + ["privacy.seam_grad_clip=1e-4"], quiet + ["privacy.seam_grad_clip=1e6"]
+    sim = read_metrics(Trainer.new(build_config({}, bites), tmp_path / "sim", quiet=True).fit())
+    ray_rows = read_metrics(Trainer.new(build_config({}, bites + ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
+                                        tmp_path / "ray", quiet=True).fit())
+    _assert_rows_close64(sim, ray_rows)
+    unclipped = read_metrics(Trainer.new(build_config({}, loose), tmp_path / "loose", quiet=True).fit())
+    with pytest.raises(AssertionError):
+        _assert_rows_close64(sim, unclipped)
+
+
 def test_secure_per_cluster_bodies_on_ray_match_the_simulation(local_ray, tmp_path):
     cfg = SECURE + ["federation.strategy=clustered_kld", "federation.server_body=per_cluster",
                     "federation.clusters=2", "federation.warmup_rounds=0"]

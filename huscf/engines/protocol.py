@@ -34,6 +34,10 @@ class Engine(Protocol):
     # them itself, possibly different for each step (MD-GAN: the server's batches and labels)
     fake_inputs: FakeInputs | None
 
+    def batches_per_client(self) -> list[int]:
+        """Each client's batches in one local epoch (at least 1: a client with fewer samples than a
+        batch trains on all of them)."""
+
     def iterations_per_epoch(self) -> int:
         """Iterations of one local epoch (the longest client's batches, capped by the config)."""
 

@@ -74,7 +74,7 @@ class ClientHost:
         self._fakes: dict = {}  # step 1's fakes, with their graph, from phase A to phase B
         self._identities: dict[int, Identity] = {}  # secure aggregation: each client's identity key
         self._secagg: dict[int, SecAggClient] = {}  # and its side of this round end
-        # what each client sends is clipped and noised here (split/noise.py)
+        # what each client sends, activations and gradients, is clipped and noised here (split/noise.py)
         self.noise = SeamNoise.of(self.cfg.privacy, self.cfg.seed, stream=index + 1)
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -165,6 +165,8 @@ class ClientHost:
         """A crossing backwards: the leaves' gradients to the server (its ``stage`` backward), the
         gradients it returns through the heads."""
         grads = {i: {n: leaf.grad for n, leaf in leaves[i].items()} for i in self.live if i in leaves}
+        if self.noise is not None:  # clipped and noised before it leaves, as the activations were
+            grads = {i: {n: self.noise.gradient(g) for n, g in gs.items()} for i, gs in grads.items()}
         for i, m in self._send(self.server.backward, stage, "gradient", net, grads).items():
             torch.autograd.backward([heads[n][i] for n in grads[i]], [m.tensor(n, self.device) for n in grads[i]])
 

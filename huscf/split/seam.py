@@ -6,7 +6,8 @@ split model computes exactly what the unsplit model computes, and the matching g
 back through the same function on the backward pass. With a ``SeamRecorder`` attached, every
 crossing (both directions, forward and backward) is logged: the privacy test inspects it.
 With ``noise`` set (``privacy.seam_noise``, ``noise.SeamNoise``), what a client sends is clipped
-and noised before it crosses, so the recorder and the server see the noisy rows.
+and noised before it crosses, so the recorder and the server see the noisy rows: its activations
+on the way in, and the gradients it returns for what the server sent it on the way back.
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ class _Cross(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+class _NoisedGradient(torch.autograd.Function):
+    """Identity whose backward clips and noises the gradient (``SeamNoise.gradient``), in the
+    rows ``rows`` only when given (the batched engine's stacks, ``lead`` 2)."""
+
+    @staticmethod
+    def forward(ctx, x, noise, lead, rows):
+        ctx.meta = (noise, lead, rows)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        noise, lead, rows = ctx.meta
+        if rows is None:
+            return noise.gradient(grad, lead), None, None, None
+        index = torch.tensor(rows, device=grad.device)
+        return grad.index_copy(0, index, noise.gradient(grad.index_select(0, index), lead)), None, None, None
+
+
 class Seam:
     """Moves tensors across the client/server boundary (identity in one process)."""
 
@@ -76,7 +95,12 @@ class Seam:
     def cross(self, x: torch.Tensor, direction: str, client: int, net: str, block: int) -> torch.Tensor:
         if self.noise is not None and direction == "client->server":
             x = self.noise(x)
-        return x if self.recorder is None else _Cross.apply(x, self.recorder, direction, [client], [...], net, block)
+        if self.recorder is not None:
+            x = _Cross.apply(x, self.recorder, direction, [client], [...], net, block)
+        if self.noise is not None and direction == "server->client" and x.requires_grad:
+            # applied after the recorder: its backward runs first, so the recorder logs the noised gradient
+            x = _NoisedGradient.apply(x, self.noise, 1, None)
+        return x
 
     def cross_rows(self, x: torch.Tensor, direction: str, clients: list[int], rows: list[int], net: str,
                    block: int) -> torch.Tensor:
@@ -84,6 +108,8 @@ class Seam:
         if self.noise is not None and direction == "client->server" and rows:
             index = torch.tensor(rows, device=x.device)
             x = x.index_copy(0, index, self.noise(x.index_select(0, index), lead=2))
-        if self.recorder is None or not rows:
-            return x
-        return _Cross.apply(x, self.recorder, direction, clients, rows, net, block)
+        if self.recorder is not None and rows:
+            x = _Cross.apply(x, self.recorder, direction, clients, rows, net, block)
+        if self.noise is not None and direction == "server->client" and rows and x.requires_grad:
+            x = _NoisedGradient.apply(x, self.noise, 2, list(rows))
+        return x
