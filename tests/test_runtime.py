@@ -436,6 +436,38 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
 
 
 # -- no Ray needed --------------------------------------------------------------------------------
+def test_the_watcher_finds_a_ray_process_it_first_saw_between_fork_and_exec():
+    """The cause of a killed-driver run that left two Ray agents behind: a child the watcher first
+    reads between fork and exec still has the driver's environment, without the mark; it must be
+    read again once it has exec'd (here a child that sleeps 1 s before its exec, then carries the
+    mark), or the whole tree below it is never tracked."""
+    import threading
+    import uuid
+
+    from huscf.runtime.reaper import MARK, Tracker, process_table
+
+    owner, started = uuid.uuid4().hex, []
+    spawn = threading.Thread(target=lambda: started.append(subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], env=os.environ | {MARK: owner},
+        preexec_fn=lambda: time.sleep(1.0))))  # noqa: PLW1509 (the window between fork and exec, made wide)
+    tracker = Tracker(os.getpid(), owner)
+    before = {pid for pid, (ppid, _) in process_table().items() if ppid == os.getpid()}
+    spawn.start()
+    try:
+        time.sleep(0.5)  # the child is forked and sleeping before its exec
+        in_window = {pid for pid, (ppid, _) in process_table().items() if ppid == os.getpid()} - before
+        first = {pid for pid, _ in tracker.scan()}
+        spawn.join()
+        child = started[0].pid
+        assert child in in_window and child not in first  # seen as the fork, without the mark
+        assert child in {pid for pid, _ in tracker.scan()}  # read again after its exec: tracked
+    finally:
+        spawn.join()
+        for proc in started:
+            proc.kill()
+            proc.wait()
+
+
 def test_plan_hosts_groups_clients():
     assert plan_hosts(8, 3, 16) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert plan_hosts(8, "auto", 2) == [[0, 1, 2, 3, 4, 5, 6, 7]]  # one client actor + the server on 2 CPUs

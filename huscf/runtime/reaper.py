@@ -73,20 +73,23 @@ def _carries(pid: int, owner: str) -> bool:
 class Tracker:
     """The processes of one owned Ray: the driver's children that carry the mark (GCS, raylet) and
     everything below them (agents, workers), remembered by (pid, start time). Ray's Python agents
-    retitle themselves over their environment, so the mark alone does not find them: the tree does."""
+    retitle themselves over their environment, so the mark alone does not find them: the tree does.
+
+    A child without the mark is read again at every scan: between its fork and its exec a child
+    still shows the driver's environment as it started (the mark is set later, with ``putenv``,
+    which ``/proc/PID/environ`` does not show), so one read in that window would lose the raylet
+    and every agent below it (a killed-driver test left two agents alive once in five CI runs)."""
 
     def __init__(self, driver: int, owner: str):
         self.driver, self.owner = driver, owner
         self.seen: set[tuple[int, str]] = set()
-        self._checked: dict[tuple[int, str], bool] = {}
+        self._marked: set[tuple[int, str]] = set()
 
     def scan(self) -> set[tuple[int, str]]:
         table = process_table()
         children = [(pid, start) for pid, (ppid, start) in table.items() if ppid == self.driver]
-        for proc in children:
-            if proc not in self._checked:  # a child's environment is read once
-                self._checked[proc] = _carries(proc[0], self.owner)
-        self.seen |= descendants([proc[0] for proc in children if self._checked[proc]], table)
+        self._marked |= {proc for proc in children if proc not in self._marked and _carries(proc[0], self.owner)}
+        self.seen |= descendants([proc[0] for proc in children if proc in self._marked], table)
         return self.seen
 
     def alive(self) -> list[int]:
