@@ -6,6 +6,7 @@ Run:  python benchmarks/bench_leakage.py                      # the default run 
       python benchmarks/bench_leakage.py --set train.rounds=2 --cuts shallow   # a quick look
       python benchmarks/bench_leakage.py --defences noise0.1 noise1   # the seam-noise rows, about 15 min
       python benchmarks/bench_leakage.py --defences hidden_ends       # heads and tails the server never learns
+      python benchmarks/bench_leakage.py --defences none labels_tail labels_tail_hidden   # labels out, about 25 min
 
 For each cut (``CUTS``: every client at the same [G head, G tail, D head, D tail]) and defence
 (``DEFENCES``: config overrides), one default ``huscf train`` run trains to the end; then the
@@ -50,6 +51,12 @@ are drawn from a seed derived from the signing key), so the exact-label search a
 use the best it has: those blocks as the config's public seed would have made them, with the
 middle blocks it averaged (``known_segments``).
 
+A defence that moves the label changes what is sent: with ``model.labels: tail`` (models/cgan.py)
+neither head takes the label, so the G head's rows are a function of the noise alone and the D
+head's of the image alone; the label enters the client's last block of each net, and the
+gradients the tails return depend on it there. The exact-label search then has nothing to match
+(every label gives the same head output): it keeps the probe's guesses.
+
 A defence that changes what is sent changes the server's view with it: with ``privacy.seam_noise``
 (split/noise.py) every row above is clipped and noised as the client sends it, and the attacks
 know the clipping rule (the exact-label search and the inversion compare clipped head outputs with
@@ -84,7 +91,11 @@ CUTS = {"shallow": (0, 0, 0, 0), "deep": (2, 0, 2, 0)}  # [G head, G tail, D hea
 DEFENCES: dict[str, tuple[str, ...]] = {"none": (), "noise0.1": ("privacy.seam_noise=0.1",),
                                         "noise1": ("privacy.seam_noise=1.0",),
                                         "hidden_ends": ("federation.secure_aggregation=true",
-                                                        "federation.hide_ends=true")}
+                                                        "federation.hide_ends=true"),
+                                        "labels_tail": ("model.labels=tail",),
+                                        "labels_tail_hidden": ("model.labels=tail",
+                                                               "federation.secure_aggregation=true",
+                                                               "federation.hide_ends=true")}
 EVAL = {"samples": 500, "tstr_samples": 1000, "tstr_min_steps": 100}
 INVERT_STEPS = 300
 ROWS_PER_CLIENT = 256  # the epoch's rows each client contributes to the probes (its whole share when smaller)

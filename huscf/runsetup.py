@@ -119,7 +119,7 @@ def _architecture(cfg: RunConfig, train: dict) -> Architecture:
                          f"'{first.name}' has {_image_kind(first.images.shape[1:])} "
                          f"{'spectrograms' if first.kind == 'spectrogram' else 'images'}"
                          + (f" (use {' or '.join(fits)})" if fits else ""))
-    return build_architecture(cfg.model.arch, cfg.model.width, num_classes, arch_shape)
+    return build_architecture(cfg.model.arch, cfg.model.width, num_classes, arch_shape, label_at=cfg.model.labels)
 
 
 def build_setup(cfg: RunConfig) -> Setup:

@@ -25,8 +25,8 @@ from numerics import BF16_TOL, assert_close64, assert_losses_close64
 B = 8
 
 
-def _setup(n=6, seed=0, cluster_bodies=0):
-    arch = build_architecture("cgan28", 0.125)
+def _setup(n=6, seed=0, cluster_bodies=0, label_at="head"):
+    arch = build_architecture("cgan28", 0.125, label_at=label_at)
     rng = random.Random(seed)
     cuts = [rng.choice(all_cuts(3, 3)) for _ in range(n)]
     assert len(set(cuts)) > 2, "the test needs heterogeneous cuts"
@@ -92,6 +92,23 @@ def test_execution_options_reproduce_the_per_client_loop(execution):
     assert_losses_close64(losses, ref_losses, "losses")
     assert_close64(feats, ref_feats, msg="features")
     _assert_outputs_close64(model, ref_model)
+
+
+@pytest.mark.parametrize("execution", [
+    Execution(batch_clients=True),
+    Execution(batch_clients=True, client_chunk=4, recompute_generator=True, fold_batch_norm=True),
+])
+def test_labels_in_the_tail_run_the_same_batched_as_in_the_loop(execution):
+    """``model.labels: tail``: the label rides beside the activation into the last block of every
+    client in a chunk (engines/batched.py), as the loop passes it (split/segments.py); the runs
+    train (the tail's per-class scales move off their zero start) and agree."""
+    setup = _setup(label_at="tail")
+    ref_losses, ref_model, ref_feats = _run(fp64(Execution()), model_and_data=setup)
+    losses, model, feats = _run(fp64(execution), model_and_data=setup)
+    assert_losses_close64(losses, ref_losses, "losses")
+    assert_close64(feats, ref_feats, msg="features")
+    _assert_outputs_close64(model, ref_model)
+    assert all(c.nets["G"]["4"].gamma.weight.abs().max() > 0 for c in model.clients)
 
 
 def test_generator_recompute_is_bit_exact_in_the_loop():

@@ -374,6 +374,17 @@ def test_hidden_ends_on_ray_match_the_simulation_and_reach_the_server_only_as_wo
     assert not summarise(tmp_path / "ray")["violations"]
 
 
+def test_labels_in_the_tail_on_ray_match_the_simulation_and_no_head_takes_the_label(local_ray, tmp_path):
+    """model.labels: tail: the Ray hosts hand each client's labels to its tails as one process does
+    (the runs agree), and the heads' outputs do not depend on the label: what crosses holds none."""
+    cfg = SMALL + FP64 + ["model.labels=tail"]
+    sim = read_metrics(Trainer.new(build_config({}, cfg), tmp_path / "sim", quiet=True).fit())
+    ray_rows = read_metrics(Trainer.new(build_config({}, cfg + ["runtime.engine=ray", "runtime.clients_per_actor=2"]),
+                                        tmp_path / "ray", quiet=True).fit())
+    _assert_rows_close64(sim, ray_rows)
+    assert not summarise(tmp_path / "ray")["violations"]
+
+
 def test_a_client_that_dies_before_masking_leaves_sums_the_survivors_open(local_ray, tmp_path):
     cfg = build_config({}, SECURE + ["runtime.engine=ray", "runtime.clients_per_actor=1", "runtime.call_timeout_s=60"])
     t = Trainer.new(cfg, tmp_path / "run", quiet=True)

@@ -119,6 +119,49 @@ def test_nothing_but_cut_activations_and_gradients_cross_the_seam(tmp_path):
         assert len(kinds) == 8  # both nets, both directions, activations and gradients
 
 
+@pytest.mark.parametrize("labels", ["head", "tail"])
+def test_labels_in_the_tail_keep_the_label_out_of_what_the_heads_send(tmp_path, labels):
+    """model.labels: tail: the generator head's and the discriminator head's rows of the real batch
+    do not change when the labels do (they carry none), where the default's do (the test can fail).
+    The fakes' D rows may: a fake is an image the generator made for its label."""
+    t = Trainer(_cfg("train.rounds=1", f"model.labels={labels}"), tmp_path, quiet=True)
+    seen = {}
+    for name, shift in (("y", 0), ("other", 3)):
+        t.model.seam.recorder = SeamRecorder(capture=True)
+        batch = {i: (d.x[:8], (d.y[:8] + shift) % 10) for i, d in enumerate(t.setup.data)}
+        with torch.no_grad():
+            for i, (x, y) in batch.items():
+                t.model.generate(i, torch.zeros(8, 100), y)
+                t.model.discriminate(i, x, y)
+        seen[name] = [c.tensor for c in t.model.seam.recorder.crossings if c.direction == "client->server"]
+    assert len(seen["y"]) == 2 * len(batch)  # G and D of every client
+    same = [torch.equal(a, b) for a, b in zip(seen["y"], seen["other"])]
+    assert all(same) if labels == "tail" else not any(same)
+
+
+def test_a_run_with_labels_in_the_tail_trains_resumes_and_samples_per_class(tmp_path):
+    """The tail-conditioned networks train through the trainer, resume exactly, and their samples
+    follow the label (the G tail's per-class scales moved off their zero start)."""
+    full = Trainer.new(_cfg("model.labels=tail"), tmp_path / "full", quiet=True)
+    full.fit()
+    part = Trainer.new(_cfg("model.labels=tail", "train.rounds=2"), tmp_path / "part", quiet=True)
+    part.fit()
+    (tmp_path / "part" / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text())
+    resumed = Trainer.resume(tmp_path / "part", quiet=True)
+    resumed.fit()
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    g = full.model.assemble(0, "G")
+    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(g(z, torch.zeros(4, dtype=torch.long)), g(z, torch.ones(4, dtype=torch.long)))
+
+
+def test_bad_label_place_is_one_line():
+    with pytest.raises(HuscfError, match="model.labels") as err:
+        build_config({}, ["model.labels=middle"])
+    assert "\n" not in str(err.value)
+
+
 def test_short_run_improves_label_accuracy(tmp_path):
     cfg = build_config({}, ["data.clients_per_domain=2", "model.width=0.25", "train.rounds=4",
                             "train.local_epochs=2", "train.batch_size=32", "federation.warmup_rounds=1",

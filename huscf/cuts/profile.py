@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from huscf.models.blocks import takes_label
 from huscf.models.cgan import Architecture
 
 
@@ -71,7 +72,8 @@ def profile_blocks(blocks: Sequence[nn.Module], inputs: tuple, input_grad: bool 
             out.backward(grad)
         bwd.append(int(counter.get_total_flops()))
         out_bytes.append(out.numel() * itemsize)
-        h = (out.detach(),)
+        # a tail block that takes the label (``model.labels: tail``) gets block 0's
+        h = (out.detach(), inputs[1]) if b + 2 == len(blocks) and takes_label(blocks[-1]) else (out.detach(),)
     return NetProfile(tuple(fwd), tuple(bwd), tuple(out_bytes))
 
 

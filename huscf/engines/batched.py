@@ -51,6 +51,7 @@ from huscf.engines.execution import Execution, for_loss
 from huscf.engines import objective
 from huscf.engines.objective import adam, check_finite
 from huscf.engines.simulation import SimulationEngine, draw_fake_inputs
+from huscf.models import takes_label
 from huscf.runsetup import ClientData
 from huscf.split.segments import NETS, SplitGAN
 
@@ -194,7 +195,9 @@ class BatchedEngine(SimulationEngine):
     def _net(self, net: str, clients: list[int], inputs: tuple, server_input: dict | None = None) -> torch.Tensor:
         """The U-shaped forward of ``net`` for a chunk of clients; rows of every tensor = clients."""
         m = self.model
-        h = inputs
+        h, last = inputs, m.num_blocks[net] - 1
+        # the label rides beside the activation into a tail block that takes it (``model.labels: tail``)
+        label = inputs[1] if takes_label(m.clients[clients[0]].nets[net][str(last)]) else None
         for b, plan in enumerate(self._plan(net, clients)):
             out = self._block(net, b, plan, h)
             if plan.to_server:
@@ -204,7 +207,7 @@ class BatchedEngine(SimulationEngine):
                     server_input.update({clients[k]: out[k].detach() for k in plan.to_server})
             if plan.back:
                 out = m.seam.cross_rows(out, "server->client", [clients[k] for k in plan.back], plan.back, net, b)
-            h = (out,)
+            h = (out,) if label is None or b + 1 < last else (out, label)
         return h[0]
 
     # -- optimisers: the banks' gradients, one step per net -------------------------------------

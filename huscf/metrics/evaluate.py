@@ -125,7 +125,8 @@ class RunEvaluator:
         self.test = {d: load_domain(d, "test", self.cfg.data.data_dir) for d in self.cfg.data.domains}
         num_classes = self.cfg.model.num_classes or max(t.num_classes for t in self.test.values())
         self.arch = build_architecture(self.cfg.model.arch, self.cfg.model.width, num_classes,
-                                       tuple(next(iter(self.test.values())).images.shape[1:]))
+                                       tuple(next(iter(self.test.values())).images.shape[1:]),
+                                       label_at=self.cfg.model.labels)
         # a per-cluster run's checkpoints hold its cluster bodies
         self.model = SplitGAN(self.arch.generator(), self.arch.discriminator(), cuts,
                               cluster_bodies=self.cfg.cluster_bodies)

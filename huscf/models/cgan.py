@@ -10,6 +10,13 @@ specs:
 * ``cgan28_rgb`` - ``cgan28`` for 28x28 colour images (BloodMNIST, DermaMNIST).
 * ``dcgan32`` - a 32x32 RGB conditional DCGAN with 4 middle blocks in G and in D.
 
+Where the label enters (``label_at``): ``"head"`` (the paper's, the default) embeds it in block
+0 of G and of D, which the server receives the output of. ``"tail"`` keeps it out of everything
+that crosses the seam: block 0 ignores it, the generator's tail block modulates its input per
+class (``LabelledGeneratorTail``: one scale and shift per channel and class, FiLM) and the
+discriminator's tail is a projection discriminator (``ProjectionTail``, Miyato and Koyama 2018).
+What that hides and what it costs is measured in ``docs/security.md``.
+
 The discriminator returns logits; training applies ``BCEWithLogits``, which equals the paper's
 sigmoid + BCE but is numerically safer.
 """
@@ -30,34 +37,74 @@ Conv = tuple[int, int, int, int]
 
 
 class GeneratorHead(nn.Module):
-    """Block g_0: label embedding + noise -> Linear -> BN -> ReLU -> (C, S, S)."""
+    """Block g_0: label embedding + noise -> Linear -> BN -> ReLU -> (C, S, S). Without
+    ``labelled`` (``label_at="tail"``) it takes the label and ignores it: noise only."""
 
-    def __init__(self, z_dim: int, num_classes: int, channels: int, size: int):
+    def __init__(self, z_dim: int, num_classes: int, channels: int, size: int, labelled: bool = True):
         super().__init__()
         self.channels, self.size = channels, size
         self.z_dim, self.num_classes = z_dim, num_classes  # the generator's input (``SplitGAN.latent``)
-        self.embed = nn.Embedding(num_classes, num_classes)
-        self.fc = nn.Linear(z_dim + num_classes, channels * size * size)
+        self.embed = nn.Embedding(num_classes, num_classes) if labelled else None
+        self.fc = nn.Linear(z_dim + (num_classes if labelled else 0), channels * size * size)
         self.bn = nn.BatchNorm1d(channels * size * size, track_running_stats=False)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.cat([z, self.embed(y)], dim=1))
+        h = self.fc(z if self.embed is None else torch.cat([z, self.embed(y)], dim=1))
         return torch.relu(self.bn(h)).view(-1, self.channels, self.size, self.size)
 
 
 class DiscriminatorHead(nn.Module):
-    """Block d_0: the label embedded as one extra image channel, concatenated, then a conv layer."""
+    """Block d_0: the label embedded as one extra image channel, concatenated, then a conv layer.
+    Without ``labelled`` (``label_at="tail"``) it takes the label and ignores it: the image only."""
 
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, conv: Conv):
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, conv: Conv, labelled: bool = True):
         super().__init__()
         c, h, w = image_shape
         self.hw = (h, w)
-        self.embed = nn.Embedding(num_classes, h * w)
-        self.conv = conv_block(c + 1, conv)
+        self.embed = nn.Embedding(num_classes, h * w) if labelled else None
+        self.conv = conv_block(c + (1 if labelled else 0), conv)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return self.conv(x)
         label_plane = self.embed(y).view(-1, 1, *self.hw)
         return self.conv(torch.cat([x, label_plane], dim=1))
+
+
+class LabelledGeneratorTail(nn.Module):
+    """Block g_{M+1} with ``label_at="tail"``: the input's channels scaled and shifted per class
+    (h * (1 + gamma_y) + beta_y, both starting at 0), then the image layer (transposed conv, tanh)."""
+
+    takes_label = True
+
+    def __init__(self, channels: int, num_classes: int, image_channels: int, kernel: int, padding: int):
+        super().__init__()
+        self.gamma = nn.Embedding(num_classes, channels)
+        self.beta = nn.Embedding(num_classes, channels)
+        nn.init.zeros_(self.gamma.weight)
+        nn.init.zeros_(self.beta.weight)
+        self.out = nn.ConvTranspose2d(channels, image_channels, kernel, 1, padding)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scale, shift = (1 + self.gamma(y))[:, :, None, None], self.beta(y)[:, :, None, None]
+        return torch.tanh(self.out(h * scale + shift))
+
+
+class ProjectionTail(nn.Module):
+    """Block d_{M+1} with ``label_at="tail"``: a projection discriminator's output (Miyato and
+    Koyama 2018), logit = w . f + e_y . f for the flattened features f and the label's embedding e_y."""
+
+    takes_label = True
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(features, 1)
+        self.embed = nn.Embedding(num_classes, features)
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        f = h.flatten(1)
+        return self.linear(f) + (self.embed(y) * f).sum(1, keepdim=True)
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -108,29 +155,35 @@ class Architecture:
     d_head: Conv
     d_middle: tuple[Conv, ...]
     width: float = 1.0
+    label_at: str = "head"  # "head" (the paper's) or "tail" (module docstring)
 
     def _w(self, c: int) -> int:
         return max(1, int(round(c * self.width)))
 
     def generator(self) -> BlockNet:
         c0, s0 = self.g_start
-        blocks: list[nn.Module] = [GeneratorHead(self.z_dim, self.num_classes, self._w(c0), s0)]
+        head = self.label_at == "head"
+        blocks: list[nn.Module] = [GeneratorHead(self.z_dim, self.num_classes, self._w(c0), s0, labelled=head)]
         cin = self._w(c0)
         for cout, *rest in self.g_middle:
             blocks.append(convt_block(cin, (self._w(cout), *rest)))
             cin = self._w(cout)
         k, p = self.g_out
-        blocks.append(nn.Sequential(nn.ConvTranspose2d(cin, self.image_shape[0], k, 1, p), nn.Tanh()))
+        blocks.append(nn.Sequential(nn.ConvTranspose2d(cin, self.image_shape[0], k, 1, p), nn.Tanh()) if head
+                      else LabelledGeneratorTail(cin, self.num_classes, self.image_shape[0], k, p))
         return BlockNet(blocks).apply(dcgan_init)
 
     def discriminator(self) -> BlockNet:
         cout, *rest = self.d_head
-        blocks: list[nn.Module] = [DiscriminatorHead(self.image_shape, self.num_classes, (self._w(cout), *rest))]
+        head = self.label_at == "head"
+        blocks: list[nn.Module] = [DiscriminatorHead(self.image_shape, self.num_classes, (self._w(cout), *rest),
+                                                     labelled=head)]
         size, cin = _conv_out(self.image_shape[1], *self.d_head[1:]), self._w(cout)
         for cout, k, s, p in self.d_middle:
             blocks.append(conv_block(cin, (self._w(cout), k, s, p)))
             size, cin = _conv_out(size, k, s, p), self._w(cout)
-        blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 1)))
+        blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 1)) if head
+                      else ProjectionTail(cin * size * size, self.num_classes))
         return BlockNet(blocks).apply(dcgan_init)
 
     def generator_inputs(self, batch: int, generator: torch.Generator | None = None):
@@ -163,11 +216,17 @@ ARCHITECTURES: dict[str, Architecture] = {
 ARCHITECTURES["cgan28_rgb"] = replace(ARCHITECTURES["cgan28"], name="cgan28_rgb", image_shape=(3, 28, 28))
 
 
+LABEL_PLACES = ("head", "tail")  # ``Architecture.label_at``
+
+
 def build_architecture(name: str, width: float = 1.0, num_classes: int | None = None,
-                       image_shape: tuple[int, int, int] | None = None) -> Architecture:
-    """Look up a shipped architecture and apply the width multiplier / label count."""
+                       image_shape: tuple[int, int, int] | None = None, label_at: str = "head") -> Architecture:
+    """Look up a shipped architecture and apply the width multiplier / label count / label place."""
     base = ARCHITECTURES[name]  # a KeyError for an unknown name
-    arch = replace(base, width=width, num_classes=base.num_classes if num_classes is None else num_classes)
+    if label_at not in LABEL_PLACES:
+        raise ValueError(f"label_at must be one of {LABEL_PLACES}, not {label_at!r}")
+    arch = replace(base, width=width, num_classes=base.num_classes if num_classes is None else num_classes,
+                   label_at=label_at)
     if image_shape is not None and tuple(image_shape) != arch.image_shape:
         raise ValueError(f"architecture {name} makes {arch.image_shape} images, the data has {tuple(image_shape)}")
     return arch

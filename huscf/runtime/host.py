@@ -177,7 +177,7 @@ class ClientHost:
             heads = {i: s[i].run_head("G", (self._z[i], self._batches[i][1])) for i in self.live}
         tails = self._cross("G", "g", {"h": heads})
         with self.ex.autocast():
-            return _PerClient({i: s[i].run_tail("G", tails[i]["h"]) for i in self.live})
+            return _PerClient({i: s[i].run_tail("G", tails[i]["h"], self._batches[i][1]) for i in self.live})
 
     def discriminate(self, group: str, fake: "_PerClient", *, real: bool):
         s = self.segs
@@ -191,7 +191,7 @@ class ClientHost:
         tails = self._cross("D", "d" if real else "dg", heads, {"collect": self._collect} if real else None)
         self._loss_rows = list(self.live)
         with self.ex.autocast():
-            outs = [_stacked([s[i].run_tail("D", tails[i][n]) for i in self.live]) for n in heads]
+            outs = [_stacked([s[i].run_tail("D", tails[i][n], self._batches[i][1]) for i in self.live]) for n in heads]
         return tuple(outs) if real else outs[0]
 
     def backward(self, group: str, loss: torch.Tensor, what: str, where: tuple) -> dict[int, float]:

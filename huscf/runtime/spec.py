@@ -12,6 +12,7 @@ import torch
 from huscf.config import RunConfig
 from huscf.engines.execution import Execution
 from huscf.methods import Method, method_names, register
+from huscf.models.blocks import run_tail_block
 from huscf.models.cgan import Architecture
 from huscf.runtime.messages import ClientContract
 from huscf.split.plan import Cuts
@@ -49,7 +50,7 @@ def _out_shapes(net: torch.nn.Module, inputs: tuple) -> list[tuple[int, ...]]:
     h = net.blocks[0](*inputs)
     shapes = [tuple(h.shape[1:])]
     for block in net.blocks[1:]:
-        h = block(h)
+        h = run_tail_block(block, h, inputs[1])  # a middle block never takes the label
         shapes.append(tuple(h.shape[1:]))
     return shapes
 

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from huscf.models.blocks import BlockNet
+from huscf.models.blocks import BlockNet, run_tail_block
 from huscf.split.plan import Cuts, SegmentRange, segment_ranges
 from huscf.split.seam import Seam
 
@@ -60,9 +60,11 @@ class ClientSegments(nn.Module):
         """Blocks 0..head of ``net`` on the client's own copies (block 0 takes the label)."""
         return _chain(self.nets[net], self.nets[net]["0"](*inputs), self.ranges[net].head[1:])
 
-    def run_tail(self, net: str, h: torch.Tensor) -> torch.Tensor:
-        """The tail blocks of ``net`` (those after the server's)."""
-        return _chain(self.nets[net], h, self.ranges[net].tail)
+    def run_tail(self, net: str, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The tail blocks of ``net`` (those after the server's); the last takes the label ``y``
+        when it takes one (``model.labels: tail``)."""
+        *rest, last = self.ranges[net].tail
+        return run_tail_block(self.nets[net][str(last)], _chain(self.nets[net], h, rest), y)
 
 
 class ServerBody(nn.Module):
@@ -153,7 +155,7 @@ class SplitGAN(nn.Module):
                 server_input.append(h.detach())
             h = self.body(client).run(net, h, r.server)
             h = self.seam.cross(h, "server->client", client, net, r.server[-1])
-        return seg.run_tail(net, h)
+        return seg.run_tail(net, h, inputs[1])
 
     def generate(self, client: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.forward_net("G", client, (z, y))
