@@ -32,6 +32,11 @@ the seam, so noised as in training when the run noises). The attacks:
 * ``real_fake_acc``: the same probe telling the D head's real rows from its fake rows (chance 0.5;
   the fake rows are the same batches' fakes, as sent), or the discriminator step's returned
   gradients of the real rows from those of the fakes (``real_fake_acc_grad``), the better of the two.
+* ``real_fake_acc_grad_unlabelled`` (printed and in the JSON, not in ``real_fake_acc``): what a
+  server with no labelled rows and no row order learns from the discriminator step's returned
+  gradients, real and fake pooled (what it would get if the client sent its real and fake rows as
+  one shuffled batch): each row's side of the rows' first (uncentred) singular direction, scored
+  under the better of the two namings (chance 0.5; ``unlabelled_split_accuracy``).
 * ``exact_labels``: the share of one batch's labels per client the server recovers exactly from
   the G head's output, knowing the head's weights and the noise (the noise follows from the run's
   seed, which is in the config the server holds): start from the probe's guesses, then change one
@@ -188,6 +193,17 @@ def probe_predictions(features: np.ndarray, labels: np.ndarray, rows: np.ndarray
     return clf.predict(features[rows])
 
 
+def unlabelled_split_accuracy(rows: np.ndarray, truth: np.ndarray) -> float:
+    """Split ``rows`` in two with no labels and no order: the sign of each row's projection on the
+    rows' first singular direction (uncentred: rows (sigmoid(logit) - target) w lie on one line
+    through 0, real on one side, fake on the other); the share of rows whose side matches ``truth``
+    (bool), under the better of the two ways to name the sides."""
+    _, _, vt = np.linalg.svd(rows.astype(np.float64), full_matrices=False)
+    side = rows @ vt[0] > 0
+    agree = float((side == truth.astype(bool)).mean())
+    return max(agree, 1.0 - agree)
+
+
 def exact_labels(seg, z: torch.Tensor, sent: torch.Tensor, guess: np.ndarray, classes: int,
                  sweeps: int = 4, clip=lambda t: t) -> np.ndarray:
     """Labels whose G head output, with the known noise and weights (and ``clip``, the seam's
@@ -259,7 +275,9 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
     probes = {k: probe_accuracy(flat(k), y, seed) for k in ("g", "d_real", "d_fake", *GRADIENT_VIEWS)}
     real_or_fake = np.r_[np.ones(len(y)), np.zeros(len(y))].astype(int)
     real_fake = probe_accuracy(np.concatenate([flat("d_real"), flat("d_fake")]), real_or_fake, seed)
-    real_fake_grad = probe_accuracy(np.concatenate([flat("grad_d_real"), flat("grad_d_fake")]), real_or_fake, seed)
+    d_step_grads = np.concatenate([flat("grad_d_real"), flat("grad_d_fake")])
+    real_fake_grad = probe_accuracy(d_step_grads, real_or_fake, seed)
+    real_fake_unlabelled = unlabelled_split_accuracy(d_step_grads, real_or_fake)
     exact, psnr = [], []
     g_all, offset = flat("g"), 0
     for i, v in enumerate(view):
@@ -277,7 +295,8 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
     say(f"  probes on {len(y)} rows (chance {1 / classes:.2f}): G head {probes['g']:.3f}, D head real "
         f"{probes['d_real']:.3f}, D head fake {probes['d_fake']:.3f}; returned gradients: D real "
         f"{probes['grad_d_real']:.3f}, D fake {probes['grad_d_fake']:.3f}, D in the G step {probes['grad_d_gen']:.3f}, "
-        f"G {probes['grad_g']:.3f}; real vs fake {real_fake:.3f} (gradients {real_fake_grad:.3f}); exact labels "
+        f"G {probes['grad_g']:.3f}; real vs fake {real_fake:.3f} (gradients {real_fake_grad:.3f}; gradients with "
+        f"no labelled rows and no order {real_fake_unlabelled:.3f}); exact labels "
         f"{np.mean(exact):.3f} of a batch per client; PSNR {np.mean(psnr):.1f} dB "
         f"(per client {' '.join(f'{p:.1f}' for p in psnr)})")
     say(f"  not sent: D head real with no label {blind['d_real_no_label']:.3f}; the real images' pixels "
@@ -285,7 +304,8 @@ def attack(model, data: list, arch, batch_size: int, seed: int, say=print, known
     return {"label_acc": max(probes.values()), "label_acc_g": probes["g"], "label_acc_d_real": probes["d_real"],
             "label_acc_d_fake": probes["d_fake"], **{f"label_acc_{k}": probes[k] for k in GRADIENT_VIEWS},
             "real_fake_acc": max(real_fake, real_fake_grad), "real_fake_acc_activations": real_fake,
-            "real_fake_acc_grad": real_fake_grad, "exact_labels": float(np.mean(exact)),
+            "real_fake_acc_grad": real_fake_grad, "real_fake_acc_grad_unlabelled": real_fake_unlabelled,
+            "exact_labels": float(np.mean(exact)),
             "psnr_db": float(np.mean(psnr)), "rows": int(len(y)),
             "label_acc_d_real_no_label": blind["d_real_no_label"], "label_acc_pixels": blind["x"]}
 

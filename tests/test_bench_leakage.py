@@ -115,6 +115,19 @@ def test_the_probe_reads_separable_labels_and_not_random_ones():
     assert bench.probe_accuracy(rng.normal(size=(600, 10)), y, seed=0) < 0.25  # chance is 0.10
 
 
+def test_the_unlabelled_split_finds_the_sign_and_nothing_in_noise():
+    """Rows c_i w with c_i < 0 for real and > 0 for fake (the linear tail's gradients) split exactly,
+    in any order and with the sides named either way; rows that are noise split at about chance
+    (4,000 rows: the agreement's sd is 0.008, so 0.5 + 0.05 is 6 sd above it)."""
+    rng = np.random.default_rng(1)
+    truth = rng.random(4000) < 0.5
+    c = np.where(truth, -1.0, 1.0) * rng.uniform(0.01, 1.0, 4000)
+    w = rng.normal(size=64)
+    assert bench.unlabelled_split_accuracy(c[:, None] * w, truth) == 1.0
+    assert bench.unlabelled_split_accuracy(-c[:, None] * w, truth) == 1.0
+    assert bench.unlabelled_split_accuracy(rng.normal(size=(4000, 64)), truth) < 0.55
+
+
 def test_psnr_of_known_errors():
     a = torch.zeros(3, 1, 4, 4)
     assert bench.psnr_db(a, a + 0.2) == pytest.approx(20.0, abs=1e-4)  # 10 log10(4 / 0.04)
