@@ -85,7 +85,7 @@ class ModelConfig(_Section):
     width: float = Field(0.25, gt=0, le=8)  # 1.0 = the paper's channel counts
     num_classes: int | None = Field(None, ge=2)  # label embeddings; None: the domains' largest class count
     # where the label enters: head (the paper's: block 0 of G and D, whose outputs cross to the server)
-    # or tail (only the client's last block of each: docs/security.md, "Labels out of what crosses")
+    # or tail (only the client's last block of each: docs/security.md, "Labels kept out of what crosses")
     labels: Literal["head", "tail"] = "head"
 
 
