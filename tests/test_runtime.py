@@ -376,7 +376,8 @@ def test_hidden_ends_on_ray_match_the_simulation_and_reach_the_server_only_as_wo
 
 def test_labels_in_the_tail_on_ray_match_the_simulation_and_no_head_takes_the_label(local_ray, tmp_path):
     """model.labels: tail: the Ray hosts hand each client's labels to its tails as one process does
-    (the runs agree), and the heads' outputs do not depend on the label: what crosses holds none."""
+    (the runs agree) and every message passes the guard (that the heads' rows carry no label is
+    test_training.py's)."""
     cfg = SMALL + FP64 + ["model.labels=tail"]
     sim = read_metrics(Trainer.new(build_config({}, cfg), tmp_path / "sim", quiet=True).fit())
     ray_rows = read_metrics(Trainer.new(build_config({}, cfg + ["runtime.engine=ray", "runtime.clients_per_actor=2"]),

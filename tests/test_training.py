@@ -140,8 +140,8 @@ def test_labels_in_the_tail_keep_the_label_out_of_what_the_heads_send(tmp_path, 
 
 
 def test_a_run_with_labels_in_the_tail_trains_resumes_and_samples_per_class(tmp_path):
-    """The tail-conditioned networks train through the trainer, resume exactly, and their samples
-    follow the label (the G tail's per-class scales moved off their zero start)."""
+    """The tail-conditioned networks train through the trainer and resume exactly, and their samples
+    depend on the label (the G tail's per-class scales moved off their zero start)."""
     full = Trainer.new(_cfg("model.labels=tail"), tmp_path / "full", quiet=True)
     full.fit()
     part = Trainer.new(_cfg("model.labels=tail", "train.rounds=2"), tmp_path / "part", quiet=True)
