@@ -12,6 +12,12 @@ Fixed before it ran (2026-12-07): steps t = 1, 2, 3 and 4; a graph is worth a he
 if it finds more rounds than the shipped one over 5h, 7 and 7h together and no fewer in any other
 setting (one-domain controls 1x4, 2x4, 2hx4, 2hx6; three clients per domain 5h3; 4).
 
+Held out (fixed on 2026-12-07 after the exploration rounds above, before these seeds ran): new
+rounds saved by ``pair_states.py`` for 5h, 7, 7h, 2hx4 and 5h3 at seeds 700-705; the walk of t = 2
+steps (the best on the exploration rounds: as many pairs found as t = 1 and the fewest one-domain
+splits) passes if it finds more rounds than the shipped graph over 5h, 7 and 7h together and no
+fewer in 2hx4 or 5h3.
+
 Run:  python research/pair_diffusion.py DIR [DIR ...] [--settings 5h 7 7h]
 """
 
