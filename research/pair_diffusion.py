@@ -57,16 +57,15 @@ def walk_affinities(samples: list[np.ndarray], steps=STEPS, seed: int = 0) -> di
     p = sparse.diags(1.0 / np.asarray(w.sum(1)).ravel()) @ w
     mass = np.eye(n)[owner]  # (m, n): where the walk stands, by owner
     bounds = np.cumsum([0, *counts])
-    chance = np.where(np.eye(n, dtype=bool), 0.0, counts[None, :].astype(float))
-    chance /= chance.sum(1, keepdims=True)
     out = {}
     for t in range(1, max(steps) + 1):
         mass = p @ mass
         if t in steps:
-            v = np.stack([mass[bounds[i]:bounds[i + 1]].mean(0) for i in range(n)])
-            np.fill_diagonal(v, 0.0)
-            a = np.divide(v / v.sum(1, keepdims=True), chance, out=np.zeros((n, n)), where=chance > 0)
-            out[t] = (a + a.T) / 2
+            # per client its samples' mass on every client, its own dropped: votes for ``affinity``
+            per = [mass[bounds[i]:bounds[i + 1]].copy() for i in range(n)]
+            for i, rows in enumerate(per):
+                rows[:, i] = 0.0
+            out[t] = affinity(per, counts)
     return out
 
 

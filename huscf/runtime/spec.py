@@ -12,7 +12,6 @@ import torch
 from huscf.config import RunConfig
 from huscf.engines.execution import Execution
 from huscf.methods import Method, method_names, register
-from huscf.models.blocks import run_tail_block
 from huscf.models.cgan import Architecture
 from huscf.runtime.messages import ClientContract
 from huscf.split.plan import Cuts
@@ -47,10 +46,9 @@ class RunSpec:
 def _out_shapes(net: torch.nn.Module, inputs: tuple) -> list[tuple[int, ...]]:
     """The per-sample output shape of every block of a block list, from one forward of 2 samples."""
     net = net.to("cpu").train()
-    h = net.blocks[0](*inputs)
-    shapes = [tuple(h.shape[1:])]
-    for block in net.blocks[1:]:
-        h = run_tail_block(block, h, inputs[1])  # a middle block never takes the label
+    h, shapes = inputs, []
+    for b in range(len(net.blocks)):
+        h = net.run(b, b + 1, h, inputs[1])  # the label for a tail block that takes it
         shapes.append(tuple(h.shape[1:]))
     return shapes
 

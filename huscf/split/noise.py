@@ -104,19 +104,25 @@ class SeamNoise:
                             dtype=torch.float32)
         return flat + (noise * (self.multiplier * norm)).to(flat.dtype)
 
+    def _summed_loss_rows(self, g: torch.Tensor, lead: int) -> tuple[torch.Tensor, float, int]:
+        """``g`` (the gradient of a batch's mean loss) as the summed loss's rows, each clipped to
+        ``grad_clip * sqrt(d)``; the norm; the batch's rows (dimension ``lead - 1``)."""
+        rows = g.shape[lead - 1]
+        flat, norm = self._clipped(g.flatten(lead) * rows, self.grad_clip)
+        return flat, norm, rows
+
     def clipped_gradient(self, g: torch.Tensor, lead: int = 1) -> torch.Tensor:
         """``g`` (the gradient of a batch's mean loss) with each row's summed-loss gradient clipped,
         without noise: what ``gradient`` sends, less the noise."""
-        rows = g.shape[lead - 1]
-        return (self._clipped(g.flatten(lead) * rows, self.grad_clip)[0] / rows).view_as(g)
+        flat, _, rows = self._summed_loss_rows(g, lead)
+        return (flat / rows).view_as(g)
 
     def gradient(self, g: torch.Tensor, lead: int = 1) -> torch.Tensor:
         """``g``, a gradient a client returns for the server's output (of the batch's mean loss),
         clipped and noised row by row as the gradient of the batch's summed loss: rows times ``g``,
         clipped to ``grad_clip * sqrt(d)``, noised, divided by the rows again. ``lead`` as in
         ``__call__``; the rows are dimension ``lead - 1`` (a client's batch)."""
-        rows = g.shape[lead - 1]
-        flat, norm = self._clipped(g.flatten(lead) * rows, self.grad_clip)
+        flat, norm, rows = self._summed_loss_rows(g, lead)
         return (self._noised(flat, norm) / rows).view_as(g)
 
 
