@@ -31,6 +31,9 @@ each). The rows print in grid order whichever finishes first.
    graph (every one of 256 samples per client votes and is voted for) on the same activations:
    its time, k, ARI, and its agreement (ARI) with the default's clusters. At 80 clients the
    samples rule is also timed against the means rule, in the same run on the same features.
+   ``--graph walk``: the grid runs and the round ends read the clients' affinity off a random
+   walk (``federation.graph: walk``; its exact graph has every kept sample as a node, its
+   bounded one ``clustering.QUERY_BUDGET`` nodes).
    ``--activations real``: the fleets' activations are real training images of the four
    MNIST-family domains (2-4 classes per client) through the D of a short scenario-7 warm-up run
    instead of synthetic ones (``_RealImages``).
@@ -57,7 +60,7 @@ from huscf.config import load_config  # noqa: E402
 from huscf.data.sources import load_domain, to_tensor  # noqa: E402
 from huscf.engines.threads import plan_jobs, run_parallel  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
-from huscf.federation.clustering import neighbour_affinity, spectral_clusters  # noqa: E402
+from huscf.federation.clustering import GRAPHS, neighbour_affinity, spectral_clusters, walk_affinity  # noqa: E402
 from huscf.federation.features import SAMPLES_PER_CLIENT, FeatureStats  # noqa: E402
 from huscf.federation.rounds import federate  # noqa: E402
 from huscf.federation.strategies import ClusteredKLD  # noqa: E402
@@ -81,7 +84,8 @@ class _AlsoScore:
         self.means = ClusteredKLD(clusters="auto", cluster_on="means", max_clusters=strategy.max_clusters,
                                   min_silhouette=strategy.min_silhouette)
         self.fixed = ClusteredKLD(clusters=num_domains, cluster_on="samples", neighbours=strategy.neighbours,
-                                  components=strategy.components)
+                                  components=strategy.components, graph=strategy.graph,
+                                  walk_steps=strategy.walk_steps)
 
     def aggregate(self, state):
         agg = self.inner.aggregate(state)
@@ -99,6 +103,7 @@ def run_one(scenario: str, clients: int, seed: int, args, overrides: tuple[str, 
         f"train.rounds={args.rounds}", "train.local_epochs=1", f"train.max_iters_per_epoch={args.iters}",
         "train.batch_size=32", "cuts.method=random", f"seed={seed}", "output.samples_every=0",
         f"federation.warmup_rounds={args.warmup}", "compute.device=cpu", *args.set, *overrides,
+        *([f"federation.graph={args.graph}"] if args.graph else []),
     ], args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         t = Trainer.new(cfg, Path(tmp) / "run", quiet=True)
@@ -132,6 +137,9 @@ def _timed_run(cell: tuple) -> tuple[list[dict], float]:
 # (``--two-clients-seeds``) were fixed on 2026-12-07 before they ran, to decide between the shipped
 # graph and 5 neighbours on 50 principal components (docs/results.md states the decision rule).
 # Label: (scenario, clients per domain, config overrides).
+# Seeds 800-805 (``--two-clients-seeds``) were fixed on 2026-12-07 before they ran, to decide whether
+# the random walk (``--graph walk``) becomes the default graph (docs/results.md, "The random walk in
+# the package", states the rule).
 TWO_CLIENT_SETTINGS = {"5h": ("5", 2, ("data.scenario=highly_noniid",)), "7": ("7", 2, ()),
                        "7h": ("7", 2, ("data.scenario=highly_noniid",)),
                        "2hx4": ("2", 4, ("data.scenario=highly_noniid",))}
@@ -263,8 +271,8 @@ def round_end_timing(args) -> None:
     real = _RealImages(args) if args.activations == "real" else None
     domains = ("the 4 MNIST-family domains' training images through a warm-up D" if real
                else "4 synthetic domains")
-    print(f"\nround end by fleet size (width 0.25, {domains}, 2-4 of 10 classes per client, "
-          f"median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to {args.exact_up_to} "
+    print(f"\nround end by fleet size ({args.graph or 'votes'} graph, width 0.25, {domains}, 2-4 of 10 classes "
+          f"per client, median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to {args.exact_up_to} "
           f"clients):")
     print(f"{'clients':>7} | {'kept/client':>11} {'kept MB':>8} | {'round end s':>11} {'k':>2} {'ARI':>5} | "
           f"{'exact graph s':>13} {'k':>2} {'ARI':>5} {'agree':>5}")
@@ -279,7 +287,7 @@ def round_end_timing(args) -> None:
         acts, truth = real.fleet(n, depth) if real else _fleet(n, tuple(shape))
         feats = _features(acts, None)  # the default: samples_to_keep(n) per client
         sizes = np.full(n, 750)
-        strategy = ClusteredKLD(warmup_rounds=0)
+        strategy = ClusteredKLD(warmup_rounds=0, graph=args.graph or "votes")
         runs, agg = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -292,9 +300,13 @@ def round_end_timing(args) -> None:
         if n <= args.exact_up_to:
             full = _features(acts, SAMPLES_PER_CLIENT).samples()
             start = time.perf_counter()
-            exact = spectral_clusters(neighbour_affinity(full, strategy.neighbours, strategy.components, seed=0,
-                                                         max_queries=2**62, max_references=2**62),
-                                      "auto", strategy.max_clusters, 0)
+            if strategy.graph == "walk":
+                graph = walk_affinity(full, strategy.neighbours, strategy.components, strategy.walk_steps, seed=0,
+                                      max_nodes=2**62)
+            else:
+                graph = neighbour_affinity(full, strategy.neighbours, strategy.components, seed=0,
+                                           max_queries=2**62, max_references=2**62)
+            exact = spectral_clusters(graph, "auto", strategy.max_clusters, 0)
             seconds = time.perf_counter() - start
             line += (f"{seconds:>13.2f} {exact.k:>2} {adjusted_rand_score(truth, exact.labels):5.2f} "
                      f"{adjusted_rand_score(exact.labels, agg.groups):5.2f}")
@@ -332,6 +344,9 @@ def main() -> int:
                          "of the four MNIST-family domains through the D of a short warm-up run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every grid run, e.g. data.scenario=highly_noniid")
+    ap.add_argument("--graph", choices=GRAPHS, default=None,
+                    help="the clients' affinity graph for the grid runs (federation.graph) and the round-end "
+                         "timing (default: the config's, votes)")
     ap.add_argument("--fleets", nargs="+", type=int, default=[80, 250, 1000], help="clients per round end timed")
     ap.add_argument("--exact-up-to", type=int, default=250,
                     help="also cluster with the exact neighbour graph up to this many clients (1000: ~3 min)")

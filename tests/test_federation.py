@@ -300,6 +300,150 @@ def test_a_bounded_neighbour_graph_finds_the_domains_the_exact_one_finds(seed):
     assert MIN_PER_CLIENT == 16
 
 
+# -- the random-walk graph (issue 32): federation.graph = walk --------------------------------------
+def _dense_walk_affinity(samples, neighbours, steps):
+    """The walk's affinity written out densely on the raw samples (no subsampling; PCA with every
+    component is a rotation, so it keeps the distances): each sample's nearest other samples,
+    links made two-way, a walk of ``steps`` uniform steps from each client's samples, its mass
+    on the other clients over chance. Also the smallest gap between a sample's k-th and (k+1)-th
+    nearest distances over that distance (how far the data is from a tie)."""
+    x = np.concatenate(samples).astype(np.float64)
+    owner = np.repeat(np.arange(len(samples)), [len(s) for s in samples])
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1)
+    ranked = np.take_along_axis(d, order, 1)
+    margin = ((ranked[:, neighbours] - ranked[:, neighbours - 1]) / ranked[:, neighbours]).min()
+    links = np.zeros_like(d)
+    links[np.repeat(np.arange(len(x)), neighbours), order[:, :neighbours].ravel()] = 1
+    links = np.maximum(links, links.T)
+    walk = links / links.sum(1, keepdims=True)
+    client = np.eye(len(samples))[owner]
+    votes = client.T @ np.linalg.matrix_power(walk, steps) @ client
+    np.fill_diagonal(votes, 0)
+    counts = client.sum(0)
+    chance = np.where(np.eye(len(samples), dtype=bool), 0, counts[None, :])
+    a = (votes / votes.sum(1, keepdims=True)) / np.where(chance > 0, chance / chance.sum(1, keepdims=True), 1)
+    return (a + a.T) / 2, margin
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_walk_affinity_is_the_dense_random_walk(steps):
+    from huscf.federation.clustering import walk_affinity
+
+    # the first draw whose 4th and 5th nearest distances are >= 1e-3 apart everywhere: the float32
+    # projection and ranking (errors ~1e-6 of a squared distance) cannot reorder those neighbours
+    rng = np.random.default_rng(steps)
+    for _ in range(100):
+        samples = [rng.normal(i % 2, 1.0, (20 + 7 * i, 6)).astype(np.float32) for i in range(5)]
+        reference, margin = _dense_walk_affinity(samples, 4, steps)
+        if margin >= 1e-3:
+            break
+    assert margin >= 1e-3
+    got = walk_affinity(samples, neighbours=4, steps=steps, max_nodes=10**9)
+    # float64 sums of at most a few hundred terms each: rounding ~1e-13 relative
+    assert np.allclose(got, reference, rtol=1e-9, atol=1e-12)
+    assert np.array_equal(walk_affinity(samples, neighbours=4, steps=steps), got)  # the default budget covers them
+
+
+def _domain_halves(domains=4, dim=12, per_client=120, gap=1.0, seed=0):
+    """Each domain a line (a continuum of classes) with two clients, one holding each half of it;
+    the lines run side by side ``gap`` x (1..domains) apart, closer than a half's far end is to
+    the other half: one-step votes of a half go mostly to other domains' halves beside it, but
+    a walk along its own samples reaches its domain's other half."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=dim)
+    u /= np.linalg.norm(u)
+    samples, truth = [], []
+    for d in range(domains):
+        off = rng.normal(size=dim)
+        off -= off @ u * u
+        off *= gap * (1 + d) / np.linalg.norm(off)
+        for half in (0, 1):
+            t = rng.uniform(5 * half, 5 * half + 5, per_client)
+            samples.append((off + t[:, None] * u + rng.normal(0, 0.1, (per_client, dim))).astype(np.float32))
+            truth.append(d)
+    return samples, np.array(truth)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_walk_pairs_the_halves_of_a_domain_that_one_step_votes_split(seed):
+    from huscf.federation.clustering import neighbour_affinity, spectral_clusters, walk_affinity
+
+    samples, truth = _domain_halves(seed=seed)
+    walk = spectral_clusters(walk_affinity(samples, seed=seed))
+    assert walk.k == 4 and _ari(truth, walk.labels) == 1.0, walk
+    votes = spectral_clusters(neighbour_affinity(samples, seed=seed))
+    assert _ari(truth, votes.labels) < 0.9  # the case the walk exists for
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_walk_finds_domains_under_label_skew_and_keeps_one_domain_whole(seed):
+    from huscf.federation.clustering import spectral_clusters, walk_affinity
+
+    samples, truth, _, _ = _skewed_domains(seed=seed)
+    res = spectral_clusters(walk_affinity(samples, seed=seed))
+    assert res.k == 3 and _ari(truth, res.labels) == 1.0, res
+    one, _, _, _ = _skewed_domains(domains=1, clients_per_domain=8, seed=seed)
+    assert spectral_clusters(walk_affinity(one, seed=seed)).k == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_bounded_walk_finds_the_domains_the_exact_one_finds(seed):
+    """80 clients walked from the minimum 16 of their 120 samples each: the same domains as the
+    walk on every sample; one label-skewed domain of 40 clients still one cluster."""
+    from huscf.federation.clustering import spectral_clusters, walk_affinity
+
+    samples, truth, _, _ = _skewed_domains(domains=4, clients_per_domain=20, seed=seed)
+    exact = spectral_clusters(walk_affinity(samples, seed=seed, max_nodes=10**9))
+    bounded = spectral_clusters(walk_affinity(samples, seed=seed, max_nodes=1))
+    assert exact.k == bounded.k == 4 and _ari(truth, exact.labels) == _ari(truth, bounded.labels) == 1.0
+    assert not np.array_equal(walk_affinity(samples, seed=seed, max_nodes=1),
+                              walk_affinity(samples, seed=seed, max_nodes=10**9))  # it did subsample
+    one, _, _, _ = _skewed_domains(domains=1, clients_per_domain=40, seed=seed)
+    assert spectral_clusters(walk_affinity(one, seed=seed, max_nodes=1)).k == 1
+
+
+def test_the_walk_rejects_bad_input_and_gives_an_isolated_client_no_affinity():
+    from huscf.federation.clustering import spectral_clusters, walk_affinity
+
+    samples, _, _, _ = _skewed_domains(domains=2, clients_per_domain=2, seed=3)
+    with pytest.raises(ValueError, match="two clients"):
+        walk_affinity(samples[:1])
+    with pytest.raises(ValueError, match="at least one sample"):
+        walk_affinity([samples[0], samples[1][:0]])
+    with pytest.raises(ValueError, match="one step"):
+        walk_affinity(samples, steps=0)
+    far = [*samples, samples[0] + 1e4]  # nobody's neighbour, and its neighbours are all its own
+    a = walk_affinity(far)
+    assert np.isfinite(a).all() and (a[-1] == 0).all() and (a[:, -1] == 0).all()
+    assert spectral_clusters(a).k >= 1
+
+
+def test_the_walk_is_chosen_in_the_config_and_named_in_the_round_metrics(monkeypatch):
+    from huscf.config import FederationConfig
+    from huscf.federation import strategies
+
+    seen = []
+    real = strategies.walk_affinity
+    monkeypatch.setattr(strategies, "walk_affinity",
+                        lambda samples, neighbours, dims, steps, seed: seen.append((neighbours, dims, steps)) or
+                        real(samples, neighbours, dims, steps, seed=seed))
+    samples, truth, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
+    feats = means.reshape(len(means), 3, 10, 1)
+    state = RoundState(3, np.full(8, 100), feats, noise.reshape(feats.shape), samples=samples)
+    strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, graph="walk", walk_steps=3))
+    agg = strategy.aggregate(state)
+    assert _ari(truth, agg.groups) == 1.0 and agg.info["graph"] == "walk"
+    assert seen == [(strategy.neighbours, strategy.components, 3)]
+    assert ClusteredKLD(warmup_rounds=0).aggregate(state).info["graph"] == "votes"  # the default
+    for bad in ({"graph": "diffusion"}, {"walk_steps": 0}):
+        with pytest.raises(ValueError):
+            FederationConfig(**bad)
+    with pytest.raises(ValueError, match="graph must be one of votes, walk"):
+        ClusteredKLD(graph="diffusion")
+
+
 def test_kept_samples_per_client_shrink_with_the_fleet_so_memory_grows_linearly():
     from huscf.federation.features import FeatureStats, samples_to_keep
 

@@ -11,6 +11,9 @@ Two rules:
   the *other* clients' samples fall in clients of the same domain, whichever classes each holds,
   so label skew does not move the graph the way it moves a mean; k is the eigengap of the graph,
   checked for clusters the eigengap merges or misses (``SEPARATION``, ``MIN_COHESION``).
+  ``walk_affinity`` (``federation.graph: walk``) reads the affinity off a random walk on the
+  graph of all samples instead, which reaches a domain's other client through a client's own
+  samples where one-step votes between a pair of clients are weak.
 * ``cluster_clients`` (``cluster_on: means``, and HFL-GAN's edges): k-means on one vector per
   client, k by silhouette. It separates domains on IID data, not under label skew.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import sparse
 from scipy.linalg import eigh
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
@@ -149,6 +153,57 @@ NEIGHBOURS = 5
 COMPONENTS = 50
 
 
+def _projected(samples: list[np.ndarray], budget: int, dims: int, seed: int, rng: np.random.Generator):
+    """The rows the graph is built on: per client all its samples or an even, seeded share of
+    ``budget`` (``_subsample``), pooled and projected on ``dims`` principal components fitted on
+    at most 4096 of them (seeded: the same axes, a fraction of the time; each client's rows are
+    projected where they lie, no copy of them all in one array). Returns (z, each row's client,
+    bounds: client i's rows are ``z[bounds[i]:bounds[i + 1]]``)."""
+    if any(len(s) == 0 for s in samples):
+        raise ValueError("every client needs at least one sample for the neighbour graph")
+    sets = [np.asarray(s, dtype=np.float32).reshape(len(s), -1) for s in samples]
+    if len(sets) < 2:
+        raise ValueError("the neighbour graph needs samples from at least two clients")
+    kept = [s if len(i) == len(s) else s[i] for s, i in zip(sets, _subsample([len(s) for s in sets], budget, rng))]
+    owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(kept)])
+    bounds = np.cumsum([0] + [len(s) for s in kept])
+    rows = np.random.default_rng(seed).permutation(bounds[-1])[:4096]
+    dims = max(1, min(dims, len(rows) - 1, sets[0].shape[1]))
+    pca = PCA(dims, random_state=seed).fit(np.stack([kept[owner[r]][r - bounds[owner[r]]] for r in rows]))
+    z = torch.from_numpy(np.concatenate([pca.transform(s) for s in kept]).astype(np.float32))
+    return z, owner, bounds
+
+
+def _nearest(zq: torch.Tensor, z: torch.Tensor, k: int, hide) -> np.ndarray:
+    """(len(zq), k): the rows of ``z`` nearest to each row of ``zq``, computed in blocks of query
+    rows (at most ~128 MB of distances at a time). ``hide(d, start, stop)`` sets to inf, in the
+    block ``d`` of query rows start:stop, the distances to rows that may not be neighbours."""
+    sq = z.square().sum(1)
+    out = np.empty((len(zq), k), dtype=np.int64)
+    step = max(64, min(2048, 2**25 // len(z)))
+    block = torch.empty(min(step, len(zq)), len(z))  # one buffer: no page faults per block
+    for start in range(0, len(zq), step):
+        stop = min(start + step, len(zq))
+        # |z_j|^2 - 2 z_i.z_j ranks the j by distance from z_i (|z_i|^2 is the same along a row)
+        d = torch.addmm(sq[None, :], zq[start:stop], z.T, alpha=-2, out=block[:stop - start])
+        hide(d, start, stop)
+        out[start:stop] = d.topk(k, largest=False).indices.numpy()
+    return out
+
+
+def _vote_affinity(votes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(A + A.T) / 2`` where ``A[i, j]`` is the share of client i's votes (``votes[i, j]``, none
+    for itself) that j received over the share chance gives j (its rows among the others');
+    a client with no votes has affinity 0 with everyone."""
+    n = len(votes)
+    chance = np.where(np.eye(n, dtype=bool), 0.0, np.asarray(counts, dtype=np.float64)[None, :])
+    chance /= chance.sum(1, keepdims=True)
+    total = votes.sum(1, keepdims=True)
+    share = np.divide(votes, total, out=np.zeros_like(votes, dtype=np.float64), where=total > 0)
+    a = np.divide(share, chance, out=np.zeros_like(share), where=chance > 0)
+    return (a + a.T) / 2
+
+
 def neighbour_affinity(samples: list[np.ndarray], neighbours: int = NEIGHBOURS, dims: int = COMPONENTS,
                        seed: int = 0, max_queries: int = QUERY_BUDGET,
                        max_references: int = REFERENCE_BUDGET) -> np.ndarray:
@@ -166,47 +221,73 @@ def neighbour_affinity(samples: list[np.ndarray], neighbours: int = NEIGHBOURS, 
     even, seeded share of ``max_queries`` and ``max_references`` per client (all of them while
     that share covers them), so time and memory grow linearly with the number of clients.
     """
-    n = len(samples)
-    sets = [np.asarray(s, dtype=np.float32).reshape(len(s), -1) for s in samples]
-    if any(len(s) == 0 for s in sets):
-        raise ValueError("every client needs at least one sample for the neighbour affinity")
     rng = np.random.default_rng(seed)
-    refs = [s if len(i) == len(s) else s[i] for s, i in zip(sets, _subsample([len(s) for s in sets],
-                                                                              max_references, rng))]
-    owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(refs)])
-    bounds = np.cumsum([0] + [len(s) for s in refs])  # client i's references are rows bounds[i]:bounds[i+1]
+    z, owner, bounds = _projected(samples, max_references, dims, seed, rng)
+    n, counts = len(bounds) - 1, np.diff(bounds)
     # a client's queries are among its references: rows of z
-    query_rows = [bounds[i] + q for i, q in enumerate(_subsample([len(s) for s in refs], max_queries, rng))]
+    query_rows = [bounds[i] + q for i, q in enumerate(_subsample(counts.tolist(), max_queries, rng))]
     q_owner = np.concatenate([np.full(len(q), i) for i, q in enumerate(query_rows)])
     q_bounds = np.cumsum([0] + [len(q) for q in query_rows])  # client i's are rows q_bounds[i]:q_bounds[i+1] of zq
-    k = min(neighbours, bounds[-1] - max(len(s) for s in refs))
-    if k < 1:
-        raise ValueError("the neighbour affinity needs samples from at least two clients")
-    # principal axes from at most 4096 of the samples (seeded): the same axes, a fraction of the
-    # time; each client's samples are projected where they lie (no copy of them all in one array)
-    rows = np.random.default_rng(seed).permutation(bounds[-1])[:4096]
-    dims = max(1, min(dims, len(rows) - 1, sets[0].shape[1]))
-    pca = PCA(dims, random_state=seed).fit(np.stack([refs[owner[r]][r - bounds[owner[r]]] for r in rows]))
-    z = torch.from_numpy(np.concatenate([pca.transform(s) for s in refs]).astype(np.float32))
+    k = min(neighbours, bounds[-1] - counts.max())  # >= 1: two clients or more (``_projected``)
     zq = z if len(q_owner) == len(owner) else z[torch.from_numpy(np.concatenate(query_rows))]  # all vote, or some
-    sq = z.square().sum(1)
-    votes = np.zeros((n, n))
-    step = max(64, min(2048, 2**25 // len(z)))  # query rows per block: at most ~128 MB of distances
-    block = torch.empty(min(step, len(zq)), len(z))  # one buffer: no page faults per block
-    for start in range(0, len(zq), step):
-        stop = min(start + step, len(zq))
-        # |z_j|^2 - 2 z_i.z_j ranks the j by distance from z_i (|z_i|^2 is the same along a row)
-        d = torch.addmm(sq[None, :], zq[start:stop], z.T, alpha=-2, out=block[:stop - start])
-        for i in range(q_owner[start], q_owner[stop - 1] + 1):  # only other clients' samples vote
+
+    def other_clients_only(d: torch.Tensor, start: int, stop: int) -> None:
+        for i in range(q_owner[start], q_owner[stop - 1] + 1):
             a, b = max(q_bounds[i], start), min(q_bounds[i + 1], stop)
             d[a - start:b - start, bounds[i]:bounds[i + 1]] = float("inf")
-        nearest = owner[d.topk(k, largest=False).indices.numpy()]
-        votes += np.bincount(np.repeat(q_owner[start:stop], k) * n + nearest.ravel(), minlength=n * n).reshape(n, n)
-    chance = np.where(np.eye(n, dtype=bool), 0.0, np.diff(bounds)[None, :].astype(np.float64))  # j's references
-    chance /= chance.sum(1, keepdims=True)
-    share = votes / votes.sum(1, keepdims=True)
-    a = np.divide(share, chance, out=np.zeros_like(share), where=chance > 0)
-    return (a + a.T) / 2
+
+    nearest = owner[_nearest(zq, z, k, other_clients_only)]
+    votes = np.bincount(np.repeat(q_owner, k) * n + nearest.ravel(), minlength=n * n).reshape(n, n)
+    return _vote_affinity(votes.astype(np.float64), counts)
+
+
+# How the clients' affinity is read off the sample graph: one step of votes between clients
+# (``neighbour_affinity``) or a random walk (``walk_affinity``) of WALK_STEPS steps by default
+# (the best of 1-4 on issue 32's exploration rounds: research/pair_diffusion.py).
+GRAPHS = ("votes", "walk")
+WALK_STEPS = 2
+
+
+def walk_affinity(samples: list[np.ndarray], neighbours: int = NEIGHBOURS, dims: int = COMPONENTS,
+                  steps: int = WALK_STEPS, seed: int = 0, max_nodes: int = QUERY_BUDGET) -> np.ndarray:
+    """(n, n) symmetric affinity between clients from a random walk on the graph of their samples.
+
+    The nodes are the clients' samples (pooled, ``dims`` principal components, as in
+    ``neighbour_affinity``); each links to its ``neighbours`` nearest samples among *all* the
+    others, its own client's included, and links are made two-way. A walk of ``steps`` steps
+    starts evenly on client i's samples, each step to a linked sample chosen uniformly; the mass
+    it ends with on client j's samples (j != i) are i's votes for j, normalised by chance as in
+    ``neighbour_affinity``. Through its own samples a walk can cross from the classes a client
+    holds to its domain's other clients where they hold other classes: a domain of two clients
+    with disjoint classes, whose one-step votes barely prefer each other, is reached in two steps
+    (docs/results.md, "A random walk on the sample graph"). ``steps=1`` is one-step votes on the
+    graph that includes a client's own samples.
+
+    Computed as ``C^T P^steps C`` with sparse matrices (C: each node's client, P: the walk's
+    transition matrix). Many clients: the nodes are an even, seeded share of ``max_nodes`` per
+    client (all of them while that share covers them), so time and memory grow linearly with
+    the number of clients.
+    """
+    if steps < 1:
+        raise ValueError(f"the random walk needs at least one step, got {steps}")
+    z, owner, bounds = _projected(samples, max_nodes, dims, seed, np.random.default_rng(seed))
+    n, m = len(bounds) - 1, len(z)
+    k = min(neighbours, m - 1)
+
+    def not_itself(d: torch.Tensor, start: int, stop: int) -> None:
+        d[torch.arange(stop - start), torch.arange(start, stop)] = float("inf")
+
+    nearest = _nearest(z, z, k, not_itself)
+    links = sparse.csr_matrix((np.ones(m * k), (np.repeat(np.arange(m), k), nearest.ravel())), shape=(m, m))
+    links = ((links + links.T) > 0).astype(np.float64)
+    walk = sparse.diags(1.0 / np.asarray(links.sum(1)).ravel()) @ links  # every node has >= k links
+    client = sparse.csr_matrix((np.ones(m), (np.arange(m), owner)), shape=(m, n))
+    mass = client.T.tocsr()  # (n, m): where client i's walk stands
+    for _ in range(steps):
+        mass = mass @ walk
+    votes = (mass @ client).toarray()
+    np.fill_diagonal(votes, 0.0)
+    return _vote_affinity(votes, np.diff(bounds))
 
 
 def cohesion(affinity: np.ndarray, labels: np.ndarray) -> tuple[float | None, ...]:

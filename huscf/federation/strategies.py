@@ -14,8 +14,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from huscf.federation.clustering import (COMPONENTS, NEIGHBOURS, cluster_clients, neighbour_affinity,
-                                         spectral_clusters, whiten)
+from huscf.federation.clustering import (COMPONENTS, GRAPHS, NEIGHBOURS, WALK_STEPS, cluster_clients,
+                                         neighbour_affinity, spectral_clusters, walk_affinity, whiten)
 from huscf.federation.weights import kld_scores, kld_weights, size_weights, spatial_distributions
 
 
@@ -83,6 +83,8 @@ class ClusteredKLD:
     per-sample activations (k by eigengap; robust to label skew). ``"means"``: k-means on the
     whitened mean activation (k by silhouette, ``min_silhouette``; the rule before, which label
     skew defeats). Without per-sample activations in the ``RoundState`` the means are used.
+    ``graph``: how the samples' graph gives the clients' affinity, ``"votes"``
+    (``neighbour_affinity``) or ``"walk"`` (``walk_affinity``, ``walk_steps`` steps).
     """
 
     name = "clustered_kld"
@@ -91,11 +93,13 @@ class ClusteredKLD:
     def __init__(self, *, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,
                  kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = NEIGHBOURS,
-                 components: int = COMPONENTS):
+                 components: int = COMPONENTS, graph: str = "votes", walk_steps: int = WALK_STEPS):
+        if graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
         self.alpha, self.warmup_rounds = alpha, warmup_rounds
         self.clusters, self.max_clusters, self.min_silhouette = clusters, max_clusters, min_silhouette
         self.kld_direction, self.cluster_on, self.neighbours = kld_direction, cluster_on, neighbours
-        self.components = components
+        self.components, self.graph, self.walk_steps = components, graph, walk_steps
 
     @classmethod
     def from_config(cls, fed) -> "ClusteredKLD":
@@ -105,9 +109,13 @@ class ClusteredKLD:
     def cluster(self, state: RoundState):
         """The clusters of this round's clients and what the rule scored, for the metrics."""
         if self.cluster_on == "samples" and state.samples is not None and len(state.samples) > 1:
-            affinity = neighbour_affinity(state.samples, self.neighbours, self.components, seed=state.seed)
+            if self.graph == "walk":
+                affinity = walk_affinity(state.samples, self.neighbours, self.components, self.walk_steps,
+                                         seed=state.seed)
+            else:
+                affinity = neighbour_affinity(state.samples, self.neighbours, self.components, seed=state.seed)
             result = spectral_clusters(affinity, self.clusters, self.max_clusters, state.seed)
-            scored = {"rule": "samples", "eigenvalues": list(result.eigenvalues)}
+            scored = {"rule": "samples", "graph": self.graph, "eigenvalues": list(result.eigenvalues)}
             if result.cohesion:
                 scored["cohesion"] = [None if v is None else round(v, 3) for v in result.cohesion]
             if result.separation is not None:
