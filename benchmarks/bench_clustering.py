@@ -60,7 +60,7 @@ from huscf.config import load_config  # noqa: E402
 from huscf.data.sources import load_domain, to_tensor  # noqa: E402
 from huscf.engines.threads import plan_jobs, run_parallel  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
-from huscf.federation.clustering import GRAPHS, neighbour_affinity, spectral_clusters, walk_affinity  # noqa: E402
+from huscf.federation.clustering import GRAPH, GRAPHS, neighbour_affinity, spectral_clusters, walk_affinity  # noqa: E402
 from huscf.federation.features import SAMPLES_PER_CLIENT, FeatureStats  # noqa: E402
 from huscf.federation.rounds import federate  # noqa: E402
 from huscf.federation.strategies import ClusteredKLD  # noqa: E402
@@ -271,7 +271,7 @@ def round_end_timing(args) -> None:
     real = _RealImages(args) if args.activations == "real" else None
     domains = ("the 4 MNIST-family domains' training images through a warm-up D" if real
                else "4 synthetic domains")
-    print(f"\nround end by fleet size ({args.graph or 'votes'} graph, width 0.25, {domains}, 2-4 of 10 classes "
+    print(f"\nround end by fleet size ({args.graph or GRAPH} graph, width 0.25, {domains}, 2-4 of 10 classes "
           f"per client, median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to {args.exact_up_to} "
           f"clients):")
     print(f"{'clients':>7} | {'kept/client':>11} {'kept MB':>8} | {'round end s':>11} {'k':>2} {'ARI':>5} | "
@@ -287,7 +287,7 @@ def round_end_timing(args) -> None:
         acts, truth = real.fleet(n, depth) if real else _fleet(n, tuple(shape))
         feats = _features(acts, None)  # the default: samples_to_keep(n) per client
         sizes = np.full(n, 750)
-        strategy = ClusteredKLD(warmup_rounds=0, graph=args.graph or "votes")
+        strategy = ClusteredKLD(warmup_rounds=0, graph=args.graph or GRAPH)
         runs, agg = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -346,7 +346,7 @@ def main() -> int:
                     help="a config override for every grid run, e.g. data.scenario=highly_noniid")
     ap.add_argument("--graph", choices=GRAPHS, default=None,
                     help="the clients' affinity graph for the grid runs (federation.graph) and the round-end "
-                         "timing (default: the config's, votes)")
+                         "timing (default: the config's, walk)")
     ap.add_argument("--fleets", nargs="+", type=int, default=[80, 250, 1000], help="clients per round end timed")
     ap.add_argument("--exact-up-to", type=int, default=250,
                     help="also cluster with the exact neighbour graph up to this many clients (1000: ~3 min)")

@@ -22,7 +22,7 @@ from huscf.cuts.search import cut_methods
 from huscf.data.partition import scenario_names
 from huscf.data.sources import known_domains
 from huscf.errors import HuscfError
-from huscf.federation.clustering import COMPONENTS, NEIGHBOURS, WALK_STEPS
+from huscf.federation.clustering import COMPONENTS, GRAPH, NEIGHBOURS, WALK_STEPS
 from huscf.federation.strategies import STRATEGIES
 from huscf.methods import get_method, method_names
 from huscf.models.cgan import ARCHITECTURES
@@ -170,10 +170,10 @@ class FederationConfig(_Section):
     cluster_on: Literal["samples", "means"] = "samples"
     neighbours: int = Field(NEIGHBOURS, ge=1, le=100)  # samples: nearest neighbours each sample votes with
     components: int = Field(COMPONENTS, ge=1, le=256)  # samples: principal components the neighbours are found in
-    # samples: how the clients' affinity is read off the sample graph (docs/method.md): "votes" = each
-    # sample's nearest other-client samples vote for their owners; "walk" = a random walk of
-    # walk_steps steps over the graph of all samples, own client's included (issue 32)
-    graph: Literal["votes", "walk"] = "votes"
+    # samples: how the clients' affinity is read off the sample graph (docs/method.md): "walk" = a
+    # random walk of walk_steps steps over the graph of all samples, own client's included (the
+    # default, issue 32); "votes" = each sample's nearest other-client samples vote for their owners
+    graph: Literal["votes", "walk"] = GRAPH
     walk_steps: int = Field(WALK_STEPS, ge=1, le=8)
     min_silhouette: float = Field(0.35, ge=-1, le=1)  # means: below this, "auto" keeps one cluster
     kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"

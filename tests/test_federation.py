@@ -230,9 +230,9 @@ def test_the_neighbour_graph_settings_reach_the_graph_from_the_config(monkeypatc
     samples, truth, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
     feats = means.reshape(len(means), 3, 10, 1)
     state = RoundState(3, np.full(8, 100), feats, noise.reshape(feats.shape), samples=samples)
-    strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, neighbours=5, components=7))
+    strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, neighbours=5, components=7, graph="votes"))
     assert _ari(truth, strategy.aggregate(state).groups) == 1.0
-    assert seen == [(5, 7)]
+    assert seen == [(5, 7)] and strategy.aggregate(state).info["graph"] == "votes"
     assert ClusteredKLD.from_config(FederationConfig()).components == COMPONENTS  # the default graph
     with pytest.raises(ValueError):
         FederationConfig(components=0)
@@ -432,11 +432,11 @@ def test_the_walk_is_chosen_in_the_config_and_named_in_the_round_metrics(monkeyp
     samples, truth, means, noise = _skewed_domains(domains=2, clients_per_domain=4, seed=5)
     feats = means.reshape(len(means), 3, 10, 1)
     state = RoundState(3, np.full(8, 100), feats, noise.reshape(feats.shape), samples=samples)
-    strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, graph="walk", walk_steps=3))
+    strategy = ClusteredKLD.from_config(FederationConfig(warmup_rounds=0, walk_steps=3))
     agg = strategy.aggregate(state)
     assert _ari(truth, agg.groups) == 1.0 and agg.info["graph"] == "walk"
     assert seen == [(strategy.neighbours, strategy.components, 3)]
-    assert ClusteredKLD(warmup_rounds=0).aggregate(state).info["graph"] == "votes"  # the default
+    assert ClusteredKLD(warmup_rounds=0).aggregate(state).info["graph"] == "walk"  # the default
     for bad in ({"graph": "diffusion"}, {"walk_steps": 0}):
         with pytest.raises(ValueError):
             FederationConfig(**bad)

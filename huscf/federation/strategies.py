@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from huscf.federation.clustering import (COMPONENTS, GRAPHS, NEIGHBOURS, WALK_STEPS, cluster_clients,
+from huscf.federation.clustering import (COMPONENTS, GRAPH, GRAPHS, NEIGHBOURS, WALK_STEPS, cluster_clients,
                                          neighbour_affinity, spectral_clusters, walk_affinity, whiten)
 from huscf.federation.weights import kld_scores, kld_weights, size_weights, spatial_distributions
 
@@ -83,8 +83,8 @@ class ClusteredKLD:
     per-sample activations (k by eigengap; robust to label skew). ``"means"``: k-means on the
     whitened mean activation (k by silhouette, ``min_silhouette``; the rule before, which label
     skew defeats). Without per-sample activations in the ``RoundState`` the means are used.
-    ``graph``: how the samples' graph gives the clients' affinity, ``"votes"``
-    (``neighbour_affinity``) or ``"walk"`` (``walk_affinity``, ``walk_steps`` steps).
+    ``graph``: how the samples' graph gives the clients' affinity, ``"walk"`` (``walk_affinity``,
+    ``walk_steps`` steps; the default) or ``"votes"`` (``neighbour_affinity``).
     """
 
     name = "clustered_kld"
@@ -93,7 +93,7 @@ class ClusteredKLD:
     def __init__(self, *, alpha: float = 1.0, warmup_rounds: int = 2, clusters: int | str = "auto",
                  max_clusters: int = 8, min_silhouette: float = 0.35,
                  kld_direction: str = "client_to_cluster", cluster_on: str = "samples", neighbours: int = NEIGHBOURS,
-                 components: int = COMPONENTS, graph: str = "votes", walk_steps: int = WALK_STEPS):
+                 components: int = COMPONENTS, graph: str = GRAPH, walk_steps: int = WALK_STEPS):
         if graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
         self.alpha, self.warmup_rounds = alpha, warmup_rounds
