@@ -272,8 +272,8 @@ def round_end_timing(args) -> None:
     domains = ("the 4 MNIST-family domains' training images through a warm-up D" if real
                else "4 synthetic domains")
     print(f"\nround end by fleet size ({args.graph or GRAPH} graph, width 0.25, {domains}, 2-4 of 10 classes "
-          f"per client, median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to {args.exact_up_to} "
-          f"clients):")
+          f"per client, median of {args.repeats}, {torch.get_num_threads()} threads; exact graph up to "
+          f"{args.exact_up_to} clients):")
     print(f"{'clients':>7} | {'kept/client':>11} {'kept MB':>8} | {'round end s':>11} {'k':>2} {'ARI':>5} | "
           f"{'exact graph s':>13} {'k':>2} {'ARI':>5} {'agree':>5}")
     for n in args.fleets:
