@@ -168,7 +168,7 @@ class FederationConfig(_Section):
     # between clients' per-sample activations, k by eigengap (finds domains under label skew);
     # "means" = k-means on the whitened mean activation, k by silhouette (IID data only)
     cluster_on: Literal["samples", "means"] = "samples"
-    neighbours: int = Field(NEIGHBOURS, ge=1, le=100)  # samples: nearest neighbours each sample votes with
+    neighbours: int = Field(NEIGHBOURS, ge=1, le=100)  # samples: each sample's nearest neighbours (votes or links)
     components: int = Field(COMPONENTS, ge=1, le=256)  # samples: principal components the neighbours are found in
     # samples: how the clients' affinity is read off the sample graph (docs/method.md): "walk" = a
     # random walk of walk_steps steps over the graph of all samples, own client's included (the
@@ -437,7 +437,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data_dir: st
 
 # keys whose default changed after run directories were written without them: (section, key) ->
 # the value those runs used (a run directory's config.yaml holds every key that existed then)
-_RUN_DIR_DEFAULTS = {("federation", "server_body"): "shared"}
+_RUN_DIR_DEFAULTS = {("federation", "server_body"): "shared", ("federation", "components"): 20,
+                     ("federation", "graph"): "votes"}
 
 
 def load_run_config(path: str | Path, overrides: list[str] = (), data_dir: str | None = None) -> RunConfig:

@@ -444,6 +444,23 @@ def test_the_walk_is_chosen_in_the_config_and_named_in_the_round_metrics(monkeyp
         ClusteredKLD(graph="diffusion")
 
 
+def test_a_run_directory_older_than_the_walk_resumes_with_the_graph_it_was_trained_with(tmp_path):
+    import yaml
+
+    from huscf.config import load_config, load_run_config
+
+    saved = load_config(None)
+    saved.dump(tmp_path / "now.yaml")
+    assert load_run_config(tmp_path / "now.yaml").federation.graph == "walk"  # a run of today keeps its own
+    raw = yaml.safe_load((tmp_path / "now.yaml").read_text())
+    for key in ("graph", "walk_steps", "components", "server_body"):
+        del raw["federation"][key]  # written before these keys existed
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+    old = load_run_config(tmp_path / "old.yaml").federation
+    assert (old.graph, old.components, old.server_body) == ("votes", 20, "shared")
+    assert load_config(tmp_path / "old.yaml").federation.graph == "walk"  # a new run takes today's default
+
+
 def test_kept_samples_per_client_shrink_with_the_fleet_so_memory_grows_linearly():
     from huscf.federation.features import FeatureStats, samples_to_keep
 
