@@ -136,10 +136,10 @@ def _timed_run(cell: tuple) -> tuple[list[dict], float]:
 # rounds of 1 epoch (2 warm-up), <= 20 iterations, the first 1200 images per domain. Seeds 600-605
 # (``--two-clients-seeds``) were fixed on 2026-12-07 before they ran, to decide between the shipped
 # graph and 5 neighbours on 50 principal components (docs/results.md states the decision rule).
-# Label: (scenario, clients per domain, config overrides).
 # Seeds 800-805 (``--two-clients-seeds``) were fixed on 2026-12-07 before they ran, to decide whether
 # the random walk (``--graph walk``) becomes the default graph (docs/results.md, "The random walk in
 # the package", states the rule).
+# Label: (scenario, clients per domain, config overrides).
 TWO_CLIENT_SETTINGS = {"5h": ("5", 2, ("data.scenario=highly_noniid",)), "7": ("7", 2, ()),
                        "7h": ("7", 2, ("data.scenario=highly_noniid",)),
                        "2hx4": ("2", 4, ("data.scenario=highly_noniid",))}
