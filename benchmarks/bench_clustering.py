@@ -60,7 +60,7 @@ from huscf.config import load_config  # noqa: E402
 from huscf.data.sources import load_domain, to_tensor  # noqa: E402
 from huscf.engines.threads import plan_jobs, run_parallel  # noqa: E402
 from huscf.errors import HuscfError  # noqa: E402
-from huscf.federation.clustering import GRAPH, GRAPHS, neighbour_affinity, spectral_clusters, walk_affinity  # noqa: E402
+from huscf.federation.clustering import GRAPH, GRAPHS, spectral_clusters  # noqa: E402
 from huscf.federation.features import SAMPLES_PER_CLIENT, FeatureStats  # noqa: E402
 from huscf.federation.rounds import federate  # noqa: E402
 from huscf.federation.strategies import ClusteredKLD  # noqa: E402
@@ -300,13 +300,7 @@ def round_end_timing(args) -> None:
         if n <= args.exact_up_to:
             full = _features(acts, SAMPLES_PER_CLIENT).samples()
             start = time.perf_counter()
-            if strategy.graph == "walk":
-                graph = walk_affinity(full, strategy.neighbours, strategy.components, strategy.walk_steps, seed=0,
-                                      max_nodes=2**62)
-            else:
-                graph = neighbour_affinity(full, strategy.neighbours, strategy.components, seed=0,
-                                           max_queries=2**62, max_references=2**62)
-            exact = spectral_clusters(graph, "auto", strategy.max_clusters, 0)
+            exact = spectral_clusters(strategy.affinity(full, 0, exact=True), "auto", strategy.max_clusters, 0)
             seconds = time.perf_counter() - start
             line += (f"{seconds:>13.2f} {exact.k:>2} {adjusted_rand_score(truth, exact.labels):5.2f} "
                      f"{adjusted_rand_score(exact.labels, agg.groups):5.2f}")

@@ -22,7 +22,7 @@ from huscf.cuts.search import cut_methods
 from huscf.data.partition import scenario_names
 from huscf.data.sources import known_domains
 from huscf.errors import HuscfError
-from huscf.federation.clustering import COMPONENTS, GRAPH, NEIGHBOURS, WALK_STEPS
+from huscf.federation.clustering import COMPONENTS, GRAPH, GRAPHS, NEIGHBOURS, WALK_STEPS
 from huscf.federation.strategies import STRATEGIES
 from huscf.methods import get_method, method_names
 from huscf.models.cgan import ARCHITECTURES
@@ -173,7 +173,7 @@ class FederationConfig(_Section):
     # samples: how the clients' affinity is read off the sample graph (docs/method.md): "walk" = a
     # random walk of walk_steps steps over the graph of all samples, own client's included (the
     # default, issue 32); "votes" = each sample's nearest other-client samples vote for their owners
-    graph: Literal["votes", "walk"] = GRAPH
+    graph: Literal[GRAPHS] = GRAPH  # type: ignore[valid-type]  # the names in clustering.GRAPHS
     walk_steps: int = Field(WALK_STEPS, ge=1, le=8)
     min_silhouette: float = Field(0.35, ge=-1, le=1)  # means: below this, "auto" keeps one cluster
     kld_direction: Literal["client_to_cluster", "cluster_to_client"] = "client_to_cluster"

@@ -106,15 +106,20 @@ class ClusteredKLD:
         """From a ``FederationConfig`` section (its keys of the same names)."""
         return cls(**{key: getattr(fed, key) for key in inspect.signature(cls).parameters})
 
+    def affinity(self, samples: list, seed: int, exact: bool = False) -> np.ndarray:
+        """The clients' (n, n) affinity from their per-sample activations, by ``graph``; ``exact``:
+        every sample in the graph, no work budgets (the benchmarks' reference)."""
+        if self.graph == "walk":
+            budget = {"max_nodes": 2**62} if exact else {}
+            return walk_affinity(samples, self.neighbours, self.components, self.walk_steps, seed=seed, **budget)
+        budget = {"max_queries": 2**62, "max_references": 2**62} if exact else {}
+        return neighbour_affinity(samples, self.neighbours, self.components, seed=seed, **budget)
+
     def cluster(self, state: RoundState):
         """The clusters of this round's clients and what the rule scored, for the metrics."""
         if self.cluster_on == "samples" and state.samples is not None and len(state.samples) > 1:
-            if self.graph == "walk":
-                affinity = walk_affinity(state.samples, self.neighbours, self.components, self.walk_steps,
-                                         seed=state.seed)
-            else:
-                affinity = neighbour_affinity(state.samples, self.neighbours, self.components, seed=state.seed)
-            result = spectral_clusters(affinity, self.clusters, self.max_clusters, state.seed)
+            result = spectral_clusters(self.affinity(state.samples, state.seed), self.clusters, self.max_clusters,
+                                       state.seed)
             scored = {"rule": "samples", "graph": self.graph, "eigenvalues": list(result.eigenvalues)}
             if result.cohesion:
                 scored["cohesion"] = [None if v is None else round(v, 3) for v in result.cohesion]
